@@ -1,0 +1,27 @@
+"""gn-convert: turn pretrained BatchNorm CNNs into working GroupNorm networks.
+
+The public API, one stage per module:
+
+- :func:`load_model`, :func:`list_models` (``gn_convert.models``)
+- :func:`plan`, :class:`GroupPlan` (``gn_convert.group_plan``)
+- :func:`convert` (``gn_convert.surgery``)
+- :func:`save`, :func:`load_converted` (``gn_convert.checkpoint``)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import GnConvertError  # noqa: E402
+from .group_plan import GroupPlan, LayerPlan, choose_groups, plan  # noqa: E402
+from .surgery import convert  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "GnConvertError",
+    "GroupPlan",
+    "LayerPlan",
+    "choose_groups",
+    "convert",
+    "plan",
+]
