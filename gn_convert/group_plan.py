@@ -21,7 +21,7 @@ import fnmatch
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -183,12 +183,13 @@ def _spatial_sizes(model: nn.Module, example_input: torch.Tensor | None) -> dict
     if example_input is None:
         return {}
     sizes: dict[str, int] = {}
-    hooks = [
-        module.register_forward_pre_hook(
-            lambda _m, args, name=name: sizes.setdefault(name, math.prod(args[0].shape[2:]))
-        )
-        for name, module, _ in batchnorm_layers(model)
-    ]
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            sizes.setdefault(name, math.prod(args[0].shape[2:]))
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name)) for name, module, _ in batchnorm_layers(model)]
     was_training = model.training
     try:
         model.eval()
@@ -240,6 +241,7 @@ def plan(
     include, exclude = list(include or []), list(exclude or [])
     if on_single not in ("error", "skip"):
         raise GroupPlanError(f"on_single must be 'error' or 'skip', got {on_single!r}")
+    choose_groups(max(group_size or 1, groups or 1), groups, group_size, policy)  # validate the request
     layers = batchnorm_layers(model)
     if not layers:
         if allow_no_bn:

@@ -1,0 +1,80 @@
+"""The ``gn-convert`` command: a thin layer over the Python API.
+
+``gn-convert MODEL [options]`` runs the whole pipeline on a torchvision model (the same as
+``gn-convert convert MODEL``); the other stages are subcommands whose names are not model
+names (``list``, ``export``, ...). Exit codes: 0 success, 1 a check failed or an unexpected
+error, 2 bad input (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from types import ModuleType
+from typing import Sequence
+
+from .. import __version__
+from ..errors import GnConvertError
+from . import listing, pipeline
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+#: subcommand name -> module with ``add_parser(subparsers)`` and ``run(args) -> int``
+COMMANDS: dict[str, ModuleType] = {"convert": pipeline, "list": listing}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, one subparser per command."""
+    parser = argparse.ArgumentParser(
+        prog="gn-convert",
+        description="Convert a pretrained BatchNorm CNN into a GroupNorm network that keeps its "
+        "function, export it to ONNX and check it. `gn-convert MODEL` is `gn-convert convert MODEL`.",
+    )
+    parser.add_argument("--version", action="version", version=f"gn-convert {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS.values():
+        module.add_parser(sub)
+    return parser
+
+
+def _with_default_command(argv: list[str]) -> list[str]:
+    """Insert ``convert`` when the first positional argument is not a command."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("-"):
+            if arg in ("-h", "--help", "--version"):
+                return argv
+            continue
+        return argv if arg in COMMANDS else [*argv[:i], "convert", *argv[i:]]
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gn-convert`` console script; returns the exit code."""
+    args_list = _with_default_command(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command].run(args)
+    except GnConvertError as err:
+        print(f"gn-convert: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("gn-convert: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # an unexpected failure: say so, with the traceback under -v
+        if args.verbose:
+            raise
+        print(f"gn-convert: internal error: {type(err).__name__}: {err} (rerun with -v for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

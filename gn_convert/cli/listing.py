@@ -1,0 +1,20 @@
+"""``gn-convert list``: the torchvision models that contain BatchNorm."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..models import list_models
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``list`` command."""
+    sub.add_parser("list", help="list the torchvision models gn-convert converts",
+                   description="List the torchvision classification models that contain BatchNorm.")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print one model name per line."""
+    for name in list_models():
+        print(name)
+    return 0
