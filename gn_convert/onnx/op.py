@@ -1,0 +1,190 @@
+"""The ``ai.gn_convert::GroupNorm`` operator: its schema and its ONNX function body.
+
+The op normalises ``X`` of shape ``(N, C, D1, ..., Dk)`` (rank >= 3) over groups of
+``C / num_groups`` channels and all spatial positions, per sample, then applies a
+per-channel affine::
+
+    Y = (X - mean_g) / sqrt(var_g + epsilon) * scale[c] + bias[c]
+
+Inputs ``X`` (float16, bfloat16 or float32), ``scale`` and ``bias`` (``C`` values, the same
+type as ``X``); attributes ``num_groups`` (required int, divides ``C``) and ``epsilon`` (float,
+default 1e-5); output ``Y`` of ``X``'s shape and type.
+
+The function body computes in float32 whatever the input type, and computes the variance in
+two passes (mean first, then the mean of squared deviations). The standard
+``GroupNormalization``-21 body uses ``E[x^2] - E[x]^2``, which cancels catastrophically for
+inputs with a large mean. The body's rank is static: its output has the rank of ``X`` (the
+reshape back uses ``Shape(X)``, whose length is the rank), which runtimes that need a known
+rank for the following Conv (OpenVINO) rely on.
+
+The op lives in our own domain and is deliberately not called ``GroupNormalization``:
+TensorRT's ONNX parser picks built-in importers by op type alone, ignoring the domain.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx.defs
+import onnx.parser
+from onnx.defs import OpSchema
+
+DOMAIN = "ai.gn_convert"
+OP_TYPE = "GroupNorm"
+DOMAIN_VERSION = 1
+DEFAULT_EPSILON = 1e-5
+MIN_OPSET = 18
+"""Lowest default-domain opset the body is written for (``ReduceMean`` takes axes as input)."""
+
+TYPES = ("tensor(float16)", "tensor(bfloat16)", "tensor(float)")
+
+_DOC = __doc__.split("\n\n", 2)[1]
+
+_BODY = """
+<domain: "{domain}", opset_import: ["" : {opset}]>
+{op_type} <num_groups, epsilon: float = {epsilon!r}> (X, scale, bias) => (Y)
+{{
+    x = Cast <to = 1> (X)
+    gamma = Cast <to = 1> (scale)
+    beta = Cast <to = 1> (bias)
+    groups = Constant <value_int: int = @num_groups> ()
+    zero_axis = Constant <value_ints = [0]> ()
+    groups_1d = Unsqueeze (groups, zero_axis)
+    keep_dim = Constant <value_ints = [0]> ()
+    rest = Constant <value_ints = [-1]> ()
+    grouped_shape = Concat <axis = 0> (keep_dim, groups_1d, rest)
+    xg = Reshape (x, grouped_shape)
+    reduce_axis = Constant <value_ints = [2]> ()
+    mean = ReduceMean <keepdims = 1> (xg, reduce_axis)
+    centered = Sub (xg, mean)
+    squared = Mul (centered, centered)
+    var = ReduceMean <keepdims = 1> (squared, reduce_axis)
+    eps = Constant <value_float: float = @epsilon> ()
+    var_eps = Add (var, eps)
+    std = Sqrt (var_eps)
+    normed = Div (centered, std)
+    batch_channels = Shape <start = 0, end = 2> (X)
+    channel_shape = Concat <axis = 0> (batch_channels, rest)
+    normed_nc = Reshape (normed, channel_shape)
+    one_axis = Constant <value_ints = [1]> ()
+    gamma_c = Unsqueeze (gamma, one_axis)
+    beta_c = Unsqueeze (beta, one_axis)
+    scaled = Mul (normed_nc, gamma_c)
+    shifted = Add (scaled, beta_c)
+    x_shape = Shape (X)
+    y = Reshape (shifted, x_shape)
+    Y = CastLike (y, X)
+}}
+"""
+
+
+def function_proto(opset: int) -> onnx.FunctionProto:
+    """Build the op's FunctionProto, authored at a given default-domain opset.
+
+    The opset must equal the default-domain opset of the model the function is attached to:
+    a mismatch fails ``onnx.checker.check_model(full_check=True)`` and makes
+    ``onnx.inliner.inline_local_functions`` skip the function silently.
+
+    Args:
+        opset: the model's default-domain (``ai.onnx``) opset, at least 18.
+
+    Returns:
+        A FunctionProto for ``ai.gn_convert::GroupNorm`` with ``epsilon`` defaulting to 1e-5.
+
+    Raises:
+        ValueError: if ``opset`` is below 18.
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"the GroupNorm function body needs opset >= {MIN_OPSET}, got {opset}")
+    text = _BODY.format(domain=DOMAIN, opset=opset, op_type=OP_TYPE, epsilon=DEFAULT_EPSILON)
+    function = onnx.parser.parse_function(text)
+    function.doc_string = _DOC
+    return function
+
+
+def _infer_output(ctx: onnx.shape_inference.InferenceContext) -> None:
+    """Type and shape inference: ``Y`` has ``X``'s type and shape; check ``num_groups``."""
+    x_type = ctx.get_input_type(0)
+    groups_attr = ctx.get_attribute("num_groups")
+    if groups_attr is None or groups_attr.i < 1:
+        raise onnx.shape_inference.InferenceError(f"{OP_TYPE}: num_groups must be a positive int")
+    shape = x_type.tensor_type.shape if x_type.tensor_type.HasField("shape") else None
+    if shape is not None:
+        if len(shape.dim) < 3:
+            raise onnx.shape_inference.InferenceError(f"{OP_TYPE}: X must have rank >= 3, got {len(shape.dim)}")
+        channels = shape.dim[1]
+        if channels.HasField("dim_value") and channels.dim_value % groups_attr.i:
+            raise onnx.shape_inference.InferenceError(
+                f"{OP_TYPE}: num_groups={groups_attr.i} does not divide C={channels.dim_value}"
+            )
+    ctx.set_output_type(0, x_type)
+
+
+def schema() -> OpSchema:
+    """Describe the op as an ``onnx.defs.OpSchema`` (with its type and shape inference).
+
+    Returns:
+        The schema of ``ai.gn_convert::GroupNorm`` version 1.
+    """
+    param = OpSchema.FormalParameter
+    op_schema = OpSchema(
+        OP_TYPE,
+        DOMAIN,
+        DOMAIN_VERSION,
+        _DOC,
+        inputs=[
+            param("X", "T", "input of shape (N, C, D1, ..., Dk), rank >= 3"),
+            param("scale", "T", "per-channel scale, shape (C,)"),
+            param("bias", "T", "per-channel bias, shape (C,)"),
+        ],
+        outputs=[param("Y", "T", "normalised output, the shape of X")],
+        type_constraints=[("T", list(TYPES), "input, scale, bias and output type")],
+        attributes=[
+            OpSchema.Attribute("num_groups", OpSchema.AttrType.INT, "number of groups; divides C"),
+            OpSchema.Attribute(
+                "epsilon",
+                onnx.helper.make_attribute("epsilon", DEFAULT_EPSILON),
+                "added to the variance before the square root",
+            ),
+        ],
+    )
+    op_schema.set_type_and_shape_inference_function(_infer_output)
+    return op_schema
+
+
+def register_schema() -> None:
+    """Register the op's schema in this process, once.
+
+    onnx's checker and shape inference, onnxscript and torch's exporter all look the schema
+    up. Calling this again (or re-importing the module) does nothing.
+    """
+    if onnx.defs.has(OP_TYPE, DOMAIN):
+        return
+    onnx.defs.register_schema(schema())
+
+
+def opset_import() -> onnx.OperatorSetIdProto:
+    """The ``opset_import`` entry a model using the op needs."""
+    return onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION)
+
+
+
+def is_groupnorm_node(node: onnx.NodeProto) -> bool:
+    """Whether a node is an ``ai.gn_convert::GroupNorm`` call."""
+    return node.domain == DOMAIN and node.op_type == OP_TYPE
+
+
+def groupnorm_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The custom GroupNorm nodes of a model's main graph, in graph order.
+
+    Args:
+        model: an exported model.
+
+    Returns:
+        The nodes themselves (editing them edits the model). Exported by
+        :func:`~gn_convert.onnx.export_onnx`, each node's ``name`` is the qualified torch module
+        name of its GroupNorm layer (``layer1.0.bn1``).
+    """
+    return [node for node in model.graph.node if is_groupnorm_node(node)]
+
+
+register_schema()
