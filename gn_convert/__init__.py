@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 from .errors import GnConvertError  # noqa: E402
 from .group_plan import GroupPlan, LayerPlan, choose_groups, plan  # noqa: E402
 from .surgery import convert  # noqa: E402
+from .models import list_models, load_model  # noqa: E402
+from .checkpoint import load_converted, save  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -23,5 +25,9 @@ __all__ = [
     "LayerPlan",
     "choose_groups",
     "convert",
+    "list_models",
+    "load_converted",
+    "load_model",
     "plan",
+    "save",
 ]
