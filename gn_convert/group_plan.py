@@ -259,7 +259,8 @@ def plan(
     for layer in result.fallbacks:
         log.info("group plan fallback at %s: %s", layer.name, layer.reason)
     for layer in result.untouched:
-        log.warning("%s left as BatchNorm (%s): %s", layer.name, layer.action, layer.reason)
+        level = logging.INFO if layer.action == "exclude" else logging.WARNING
+        log.log(level, "%s left as BatchNorm (%s): %s", layer.name, layer.action, layer.reason)
     return result
 
 

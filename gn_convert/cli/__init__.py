@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from types import ModuleType
 from typing import Sequence
@@ -68,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gn-convert: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`gn-convert list | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except Exception as err:  # an unexpected failure: say so, with the traceback under -v
         if args.verbose:
             raise

@@ -1,0 +1,7 @@
+"""``python -m gn_convert``: the same as the ``gn-convert`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

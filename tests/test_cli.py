@@ -1,0 +1,99 @@
+"""The gn-convert command: the main job, `list`, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gn_convert
+from gn_convert.cli import main
+
+
+def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_convert_writes_checkpoint_and_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "gn"
+    code, stdout, _ = _run(capsys, "mobilenet_v3_small", "--groups", "32", "--weights", "none", "--out", str(out))
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "mobilenet_v3_small" and report["weights"] == "none"
+    assert len(report["plan"]["layers"]) == 34
+    fallbacks = [layer for layer in report["plan"]["layers"] if layer["fallback"]]
+    assert len(fallbacks) == 22
+    assert {(layer["num_channels"], layer["num_groups"]) for layer in fallbacks} == {
+        (16, 16), (24, 24), (40, 20), (48, 24), (72, 24), (88, 22), (120, 30), (144, 24), (240, 30)}
+    assert "34 BatchNorm layers -> GroupNorm" in stdout
+    model = gn_convert.load_converted(out)
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == 34
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"garbage")
+    mismatched = tmp_path / "resnet18.pt"
+    torch.save(gn_convert.load_model("resnet18", "none").state_dict(), mismatched)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    return {
+        "unknown model": (["resnt50", "--weights", "none"], "unknown model 'resnt50'"),
+        "groups 0": (["resnet18", "--weights", "none", "--groups", "0"], "groups must be >= 1"),
+        "strict groups": (["resnet18", "--weights", "none", "--groups", "7", "--policy", "strict"],
+                          "7 groups do not divide 64"),
+        "corrupt weights": (["resnet18", "--weights", str(corrupt)], "corrupt"),
+        "mismatched weights": (["resnet34", "--weights", str(mismatched)], "does not fit the model: missing"),
+        "unwritable output": (["resnet18", "--weights", "none", "--out", str(a_file / "out")], "cannot write"),
+        "output is a file": (["resnet18", "--weights", "none", "--out", str(a_file)], "is not a folder"),
+        "no batchnorm": (["alexnet", "--weights", "none"], "no BatchNorm layer"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown model", "groups 0", "strict groups", "corrupt weights",
+                                  "mismatched weights", "unwritable output", "output is a file", "no batchnorm"])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    argv, expected = _bad_input_cases(tmp_path)[case]
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = _run(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.startswith("gn-convert:")]
+    assert code == 2
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_existing_output_needs_force(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = _run(capsys, "resnet18", "--weights", "none", "--out", str(out))
+    assert code == 2 and "--force" in err and (out / "keep.txt").read_text() == "mine"
+
+
+def test_console_script_lists_models_and_survives_a_closed_pipe() -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    listing = subprocess.run([sys.executable, "-m", "gn_convert", "list"], capture_output=True, text=True,
+                             env=env, timeout=300)
+    assert listing.returncode == 0
+    names = listing.stdout.split()
+    assert names == gn_convert.list_models()
+    head = subprocess.run(f"{sys.executable} -m gn_convert list | head -1", shell=True, capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert head.stdout.strip() == names[0] and "error" not in head.stderr
+
+
+def test_model_names_do_not_collide_with_commands() -> None:
+    from gn_convert.cli import COMMANDS
+
+    assert not set(COMMANDS) & set(gn_convert.list_models())

@@ -1,0 +1,105 @@
+"""The group plan: policies, fallbacks, refusals and patterns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gn_convert
+from gn_convert.errors import GroupPlanError, NoBatchNormError, UnsupportableLayerError
+from gn_convert.group_plan import choose_groups
+
+
+@pytest.mark.parametrize(
+    ("channels", "groups", "policy", "expected"),
+    [
+        (64, 32, "divisor", 32),
+        (24, 32, "divisor", 24),
+        (72, 32, "divisor", 24),
+        (72, 32, "gcd", 8),
+        (40, 32, "divisor", 20),
+        (40, 32, "gcd", 8),
+        (1152, 32, "divisor", 32),
+        (7, 32, "divisor", 7),
+        (7, 4, "divisor", 1),
+    ],
+)
+def test_choose_groups_policies(channels: int, groups: int, policy: str, expected: int) -> None:
+    num_groups, reason = choose_groups(channels, groups, policy=policy)
+    assert num_groups == expected
+    assert channels % num_groups == 0
+    assert bool(reason) == (channels % groups != 0)
+
+
+@pytest.mark.parametrize(("channels", "size", "policy", "expected"),
+                         [(64, 16, "divisor", 4), (72, 16, "divisor", 4), (72, 16, "gcd", 9), (40, 16, "divisor", 2)])
+def test_choose_groups_by_group_size(channels: int, size: int, policy: str, expected: int) -> None:
+    assert choose_groups(channels, None, group_size=size, policy=policy)[0] == expected
+
+
+@pytest.mark.parametrize("kwargs", [dict(groups=0), dict(groups=-3), dict(groups=None, group_size=0),
+                                    dict(groups=32, policy="largest")])
+def test_choose_groups_rejects_impossible_requests(kwargs: dict) -> None:
+    with pytest.raises(GroupPlanError):
+        choose_groups(64, **kwargs)
+
+
+def test_strict_policy_names_the_layer() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 24, 3), nn.BatchNorm2d(24))
+    with pytest.raises(GroupPlanError, match=r"layer 1: 32 groups do not divide 24"):
+        gn_convert.plan(model, 32, policy="strict")
+
+
+def test_mobilenet_plan_records_every_fallback() -> None:
+    model = gn_convert.load_model("mobilenet_v2", "none")
+    plan = gn_convert.plan(model, 32)
+    assert len(plan.layers) == 52
+    assert len(plan.fallbacks) == 7
+    assert {(layer.num_channels, layer.num_groups) for layer in plan.fallbacks} == {(16, 16), (24, 24), (144, 24)}
+    for layer in plan.converted:
+        assert layer.num_channels % layer.num_groups == 0
+        assert layer.fallback == (layer.num_groups != 32) == bool(layer.reason)
+
+
+def test_batchnorm1d_on_vectors_is_refused_or_skipped() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 2))
+    with pytest.raises(UnsupportableLayerError, match="single value"):
+        gn_convert.plan(model, 16)
+    plan = gn_convert.plan(model, 16, on_single="skip")
+    assert [layer.action for layer in plan.layers] == ["skip"]
+    assert gn_convert.plan(model, 4).layers[0].elements_per_group == 4
+
+
+def test_batchnorm1d_on_sequences_counts_positions() -> None:
+    model = nn.Sequential(nn.Conv1d(2, 16, 3), nn.BatchNorm1d(16))
+    plan = gn_convert.plan(model, 16, example_input=torch.zeros(1, 2, 10))
+    assert plan.layers[0].action == "convert"
+    assert plan.layers[0].elements_per_group == 8
+
+
+def test_include_and_exclude_patterns() -> None:
+    model = gn_convert.load_model("resnet18", "none")
+    plan = gn_convert.plan(model, 32, exclude=["layer4.*"], include=["layer*"])
+    actions = {layer.name: layer.action for layer in plan.layers}
+    assert actions["bn1"] == "exclude"
+    assert actions["layer4.0.bn1"] == "exclude"
+    assert actions["layer1.0.bn1"] == "convert"
+    assert len(plan.converted) == 14
+    converted = gn_convert.convert(model, plan=plan)
+    assert isinstance(converted.layer4[0].bn1, nn.BatchNorm2d)
+    assert isinstance(converted.layer1[0].bn1, nn.GroupNorm)
+
+
+def test_model_without_batchnorm_is_an_error_unless_allowed() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    with pytest.raises(NoBatchNormError, match="no BatchNorm"):
+        gn_convert.plan(model)
+    assert gn_convert.convert(model, allow_no_bn=True)[0].weight.equal(model[0].weight)
+
+
+def test_plan_round_trips_through_dict() -> None:
+    plan = gn_convert.plan(gn_convert.load_model("mobilenet_v3_small", "none"), 16, policy="gcd")
+    again = gn_convert.GroupPlan.from_dict(plan.to_dict())
+    assert again == plan
+    assert "fallbacks" in plan.summary()

@@ -1,0 +1,120 @@
+"""Model loading by name: weights DEFAULT / none / a local file, and the supported list."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+import gn_convert
+from gn_convert.errors import UnknownModelError, WeightsError, WeightsUnavailableError
+
+
+@pytest.fixture(scope="module")
+def resnet18_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return gn_convert.load_model("resnet18", "none").state_dict()
+
+
+def _same_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_untrained_model_loads_in_eval_mode() -> None:
+    model = gn_convert.load_model("resnet18", "none", num_classes=7)
+    assert not model.training and model.fc.out_features == 7
+
+
+@pytest.mark.parametrize("layout", ["plain", "checkpoint", "ddp", "safetensors"])
+def test_local_weights_file_loads(tmp_path: Path, resnet18_state: dict, layout: str) -> None:
+    path = tmp_path / ("w.safetensors" if layout == "safetensors" else "w.pt")
+    if layout == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in resnet18_state.items()}, str(path))
+    elif layout == "checkpoint":
+        torch.save({"epoch": 3, "state_dict": resnet18_state}, path)
+    elif layout == "ddp":
+        torch.save({f"module.{k}": v for k, v in resnet18_state.items()}, path)
+    else:
+        torch.save(resnet18_state, path)
+    assert _same_weights(gn_convert.load_model("resnet18", str(path)), resnet18_state)
+
+
+def test_mismatched_weights_name_the_offending_keys(tmp_path: Path, resnet18_state: dict) -> None:
+    path = tmp_path / "w.pt"
+    torch.save(resnet18_state, path)
+    with pytest.raises(WeightsError, match=r"does not fit the model: missing: layer1\.2\.conv1\.weight, .* \(\+93 more\)"):
+        gn_convert.load_model("resnet34", str(path))
+    with pytest.raises(WeightsError, match=r"shape mismatch: fc.weight \(1000, 512\) vs \(10, 512\)"):
+        gn_convert.load_model("resnet18", str(path), num_classes=10)
+
+
+def test_corrupt_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(WeightsError, match="corrupt"):
+        gn_convert.load_model("resnet18", str(path))
+
+
+class Payload:
+    """An arbitrary object: weights_only loading must refuse to unpickle it."""
+
+    def __reduce__(self):  # noqa: D105
+        return (print, ("this must never run",))
+
+
+def test_pickled_code_is_never_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": Payload()}, path)
+    with pytest.raises(WeightsError):
+        gn_convert.load_model("resnet18", str(path))
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_missing_file_and_unknown_weights_name() -> None:
+    with pytest.raises(WeightsError, match="not found"):
+        gn_convert.load_model("resnet18", "/nonexistent/w.pt")
+    with pytest.raises(WeightsError, match="IMAGENET1K_V1"):
+        gn_convert.load_model("resnet18", "IMAGENET9K")
+
+
+def test_unknown_model_suggests_close_names() -> None:
+    with pytest.raises(UnknownModelError, match="resnet50"):
+        gn_convert.load_model("resnt50", "none")
+
+
+def test_default_weights_offline_fail_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*_args, **_kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", offline)
+    with pytest.raises(WeightsUnavailableError) as info:
+        gn_convert.load_model("resnet18", "DEFAULT")
+    message = str(info.value)
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
+    assert "--weights none" in message and "\n" not in message
+
+
+def test_default_weights_come_from_torchvisions_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      resnet18_state: dict) -> None:
+    """A file in torch's hub cache is what DEFAULT loads, with no network."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(resnet18_state, cache / "resnet18-f37072fd.pth")
+    monkeypatch.setattr(torch.hub, "check_hash", False, raising=False)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("network was used"))
+    model = gn_convert.load_model("resnet18", "DEFAULT")
+    assert _same_weights(model, resnet18_state)
+
+
+def test_list_models_is_computed_from_torchvision() -> None:
+    names = gn_convert.list_models()
+    assert {"resnet50", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "googlenet", "vgg11_bn"} <= set(names)
+    assert not {"vgg11", "alexnet", "vit_b_16", "convnext_tiny", "swin_t", "squeezenet1_0"} & set(names)
+    assert names == sorted(names) and len(names) > 50
