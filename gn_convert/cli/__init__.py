@@ -17,12 +17,12 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import GnConvertError
-from . import listing, pipeline
+from . import deploy, listing, pipeline, serve
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 #: subcommand name -> module with ``add_parser(subparsers)`` and ``run(args) -> int``
-COMMANDS: dict[str, ModuleType] = {"convert": pipeline, "list": listing}
+COMMANDS: dict[str, ModuleType] = {"convert": pipeline, "list": listing, "deploy": deploy, "serve": serve}
 
 
 def build_parser() -> argparse.ArgumentParser:

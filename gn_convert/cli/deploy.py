@@ -1,0 +1,53 @@
+"""``gn-convert deploy MODEL.onnx --triton-repo DIR``: write a Triton model repository."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..deploy.labels import labels_beside, read_labels
+from ..deploy.triton_repo import INSTANCE_KINDS, write_triton_repo
+
+
+def add_repo_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    """The Triton repository options, shared with the main pipeline command."""
+    g = parser.add_argument_group("Triton model repository")
+    g.add_argument("--triton-repo", type=Path, required=required, metavar="DIR",
+                   help="write the model into this Triton model repository (DIR/NAME/config.pbtxt, "
+                   "DIR/NAME/1/model.onnx)")
+    g.add_argument("--name", help="model name in the repository (default: from the file or folder name)")
+    g.add_argument("--max-batch-size", type=int, default=8,
+                   help="largest batch Triton's dynamic batcher forms (default 8; 0: no batching)")
+    g.add_argument("--instance", choices=INSTANCE_KINDS, default="cpu",
+                   help="run the model instances on cpu (default) or gpu")
+    g.add_argument("--instances", type=int, default=1, help="model instances (default 1; per GPU for gpu)")
+    g.add_argument("--inlined", action="store_true",
+                   help="ship the model with the GroupNorm function inlined (backends without ONNX "
+                   "local functions, e.g. OpenVINO)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``deploy`` command."""
+    p = sub.add_parser(
+        "deploy", help="write a Triton model repository for an exported model",
+        description="Write MODEL.onnx into a Triton model repository (onnxruntime backend, "
+        "tensors read from the graph, dynamic batching), checked with Triton's own config schema.")
+    p.add_argument("onnx", type=Path, metavar="MODEL.onnx", help="the exported model")
+    add_repo_arguments(p, required=True)
+    p.add_argument("--labels", type=Path, metavar="FILE|CHECKPOINT",
+                   help="class names: a text file (one a line) or a gn-convert checkpoint folder "
+                   "(default: the checkpoint MODEL.onnx lies in, if it records them)")
+    p.add_argument("--force", action="store_true", help="replace the model if the repository has it")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the repository entry; returns the exit code."""
+    labels = read_labels(args.labels) if args.labels else labels_beside(args.onnx)
+    model_dir = write_triton_repo(
+        args.onnx, args.triton_repo, name=args.name, max_batch_size=args.max_batch_size,
+        instance=args.instance, instance_count=args.instances, inlined=args.inlined, labels=labels,
+        force=args.force)
+    print(f"wrote {model_dir} (config checked with Triton's model-config schema)")
+    print(f"serve it: docker run --rm -p 8000:8000 -p 8001:8001 -v {model_dir.parent}:/models "
+          "nvcr.io/nvidia/tritonserver:<YY.MM>-py3 tritonserver --model-repository=/models")
+    return 0

@@ -1,0 +1,51 @@
+"""``gn-convert serve MODEL.onnx``: serve a model over the Triton protocols on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from ..deploy.server import LOOPBACK, TritonModelServer, serve_until_signal
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``serve`` command."""
+    p = sub.add_parser(
+        "serve", help="serve an exported model with a local Triton server (HTTP and gRPC)",
+        description="Serve MODEL.onnx with a real Triton server (from nvidia-pytriton) running the "
+        "model in onnxruntime, over the Triton HTTP and gRPC protocols (KServe v2), until "
+        "Ctrl-C or SIGTERM.")
+    p.add_argument("onnx", type=Path, metavar="MODEL.onnx", help="the exported model")
+    p.add_argument("--host", default=LOOPBACK,
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (default: --port + 1)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default: --port + 2)")
+    p.add_argument("--name", help="model name (default: from the file or folder name)")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="largest batch the dynamic batcher forms (default 8; 0: no batching)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default 0: its choice)")
+    p.add_argument("--startup-timeout", type=float, default=120.0,
+                   help="seconds to wait for the server to be ready (default 120)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted; returns the exit code."""
+    server = TritonModelServer(
+        args.onnx, name=args.name, host=args.host, http_port=args.port, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port, max_batch_size=args.max_batch_size, threads=args.threads,
+        startup_timeout_s=args.startup_timeout)
+    if args.host not in (LOOPBACK, "localhost", "::1"):
+        print(f"gn-convert: warning: listening on {args.host}: anyone who reaches it can run the model",
+              file=sys.stderr)
+    print(f"starting Triton for {server.name} (log: {server.log_file}) ...", file=sys.stderr)
+    ended = serve_until_signal(server, on_ready=lambda: print(
+        f"serving {server.name}: http://{server.http_url}/v2/models/{server.name}  grpc {server.grpc_url}  "
+        f"(ready: http://{server.http_url}/v2/health/ready); Ctrl-C stops", flush=True))
+    if ended:
+        print(f"stopped on {signal.Signals(ended).name}", file=sys.stderr)
+        return 0
+    print("gn-convert: the server exited unexpectedly", file=sys.stderr)
+    return 1

@@ -1,0 +1,260 @@
+"""A Triton model repository for an exported ONNX model, checked against Triton's own schema.
+
+Layout written under the repository folder::
+
+    NAME/config.pbtxt     backend onnxruntime, tensors read from the graph, dynamic batching
+    NAME/1/model.onnx     the model (and its external-data files, if any)
+    NAME/labels.txt       class names, one a line (only when labels are given)
+
+The config is built as Triton's ``ModelConfig`` protobuf (``tritonclient`` ships it), written
+as text, and parsed back and checked before the model folder is renamed into place: a
+repository that is reported written is one Triton's config parser accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import onnx
+
+from ..atomic import staged_folder
+from .errors import DeployError
+from .extra import model_config_pb2
+from .onnx_io import ModelIO, read_model_io
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.pbtxt"
+MODEL_FILE = "model.onnx"
+LABELS_FILE = "labels.txt"
+VERSION = "1"
+INSTANCE_KINDS = ("cpu", "gpu")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def default_name(onnx_path: str | Path) -> str:
+    """The model name for ``onnx_path``: its stem, or its folder's name for a plain ``model.onnx``."""
+    path = Path(onnx_path).absolute()
+    stem = path.parent.name if path.stem == "model" and path.parent.name else path.stem
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "model"
+
+
+def _check_batching(io: ModelIO, max_batch_size: int, path: Path) -> None:
+    if max_batch_size < 0:
+        raise DeployError(f"--max-batch-size must be 0 (no batching) or more, not {max_batch_size}")
+    if max_batch_size == 0 or io.batch_dynamic():
+        return
+    fixed = [t.name for t in (*io.inputs, *io.outputs) if not t.shape or t.shape[0] is not None]
+    raise DeployError(f"{path} has a fixed batch dimension ({', '.join(fixed)}); export it with a "
+                      "dynamic batch, or pass --max-batch-size 0")
+
+
+def build_config(io: ModelIO, *, name: str, max_batch_size: int, instance: str = "cpu",
+                 instance_count: int = 1, queue_delay_us: int = 100,
+                 labels_output: str | None = None) -> Any:
+    """Triton's ``ModelConfig`` for an ONNX model served by the onnxruntime backend.
+
+    Args:
+        io: the model's inputs and outputs (:func:`read_model_io`).
+        name: the model name (the folder name in the repository).
+        max_batch_size: the largest batch Triton forms; 0 disables batching (dims then
+            include the batch dimension).
+        instance: ``cpu`` or ``gpu``: where the instances run (``KIND_CPU`` / ``KIND_GPU``).
+        instance_count: model instances (per GPU for ``gpu``).
+        queue_delay_us: how long dynamic batching waits to fill a batch, in microseconds.
+        labels_output: the output that carries :data:`LABELS_FILE`, or None.
+
+    Returns:
+        A ``tritonclient.grpc.model_config_pb2.ModelConfig``.
+    """
+    pb = model_config_pb2()
+    batched = max_batch_size > 0
+    config = pb.ModelConfig(name=name, backend="onnxruntime", max_batch_size=max_batch_size,
+                            default_model_filename=MODEL_FILE)
+    for spec in io.inputs:
+        config.input.add(name=spec.name, data_type=pb.DataType.Value(f"TYPE_{spec.datatype}"),
+                         dims=spec.dims(batched))
+    for spec in io.outputs:
+        out = config.output.add(name=spec.name, data_type=pb.DataType.Value(f"TYPE_{spec.datatype}"),
+                                dims=spec.dims(batched))
+        if spec.name == labels_output:
+            out.label_filename = LABELS_FILE
+    if batched:
+        config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    kind = pb.ModelInstanceGroup.Kind.Value(f"KIND_{instance.upper()}")
+    config.instance_group.add(kind=kind, count=instance_count)
+    return config
+
+
+def parse_config(text: str) -> Any:
+    """Parse ``config.pbtxt`` text with Triton's ``ModelConfig`` protobuf.
+
+    Raises:
+        DeployError: the text is not a valid Triton model config.
+    """
+    from google.protobuf import text_format
+
+    config = model_config_pb2().ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as err:
+        raise DeployError(f"the model config does not parse as Triton's ModelConfig: {err}") from None
+    return config
+
+
+def read_config(model_dir: str | Path) -> Any:
+    """Read and parse ``MODEL_DIR/config.pbtxt`` (a model folder of a Triton repository)."""
+    return parse_config((Path(model_dir) / CONFIG_FILE).read_text())
+
+
+def _labels_output(io: ModelIO, labels: Sequence[str], path: Path) -> str:
+    """The output the labels belong to: the single output whose last dimension they match."""
+    fits = [t for t in io.outputs if t.shape and t.shape[-1] == len(labels)]
+    if len(fits) != 1:
+        sizes = ", ".join(f"{t.name} {list(t.shape)}" for t in io.outputs)
+        raise DeployError(f"{len(labels)} labels fit no single output of {path} ({sizes}); "
+                          "pass the labels of this model")
+    return fits[0].name
+
+
+def _external_files(path: Path) -> list[Path]:
+    """The external-data files the ONNX model at ``path`` refers to."""
+    model = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            info = onnx.external_data_helper.ExternalDataInfo(tensor)
+            names.add(info.location)
+    return [path.parent / n for n in sorted(names)]
+
+
+def _write_model(onnx_path: Path, version_dir: Path, inlined: bool) -> None:
+    version_dir.mkdir()
+    if not inlined:
+        shutil.copy2(onnx_path, version_dir / MODEL_FILE)
+        for extra in _external_files(onnx_path):
+            shutil.copy2(extra, version_dir / extra.name)
+        return
+    from ..onnx.export import TARGET_KEY
+    from ..onnx.lower import inline_function
+
+    model = inline_function(onnx.load(str(onnx_path)))
+    for prop in model.metadata_props:
+        if prop.key == TARGET_KEY:
+            prop.value = "inlined"
+    large = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit, with room
+    onnx.save(model, str(version_dir / MODEL_FILE), save_as_external_data=large,
+              location=f"{MODEL_FILE}.data")
+
+
+def check_model_dir(model_dir: str | Path, expected: Any | None = None) -> Any:
+    """Parse a model folder's config with Triton's protobuf and check it against its files.
+
+    Checks: the config parses; it equals ``expected`` when given; inputs and outputs are named,
+    unique, with positive or -1 dims; the version folder holds the model file; a label file
+    has one line per class of its output.
+
+    Args:
+        model_dir: ``REPO/NAME``.
+        expected: the ``ModelConfig`` that was meant to be written, or None.
+
+    Returns:
+        The parsed ``ModelConfig``.
+
+    Raises:
+        DeployError: a check failed (the message names it).
+    """
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    if expected is not None and config != expected:
+        raise DeployError(f"{model_dir / CONFIG_FILE} does not read back as written; report this")
+    names = [t.name for t in (*config.input, *config.output)]
+    if not all(names) or len(set(names)) != len(names):
+        raise DeployError(f"{model_dir / CONFIG_FILE}: tensor names must be non-empty and unique: {names}")
+    for tensor in (*config.input, *config.output):
+        if any(d == 0 or d < -1 for d in tensor.dims):
+            raise DeployError(f"{model_dir / CONFIG_FILE}: {tensor.name} has invalid dims {list(tensor.dims)}")
+    if not (model_dir / VERSION / config.default_model_filename).is_file():
+        raise DeployError(f"{model_dir / VERSION} holds no {config.default_model_filename}")
+    for out in config.output:
+        if out.label_filename:
+            count = len((model_dir / out.label_filename).read_text().splitlines())
+            if list(out.dims)[-1:] != [count]:
+                raise DeployError(f"{out.label_filename} has {count} labels, {out.name} has dims {list(out.dims)}")
+    return config
+
+
+def write_triton_repo(
+    onnx_path: str | Path,
+    repo_dir: str | Path,
+    *,
+    name: str | None = None,
+    max_batch_size: int = 8,
+    instance: str = "cpu",
+    instance_count: int = 1,
+    queue_delay_us: int = 100,
+    inlined: bool = False,
+    labels: Sequence[str] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a Triton model repository entry ``REPO/NAME`` for an exported ONNX model.
+
+    The model folder is assembled under a temporary name, its config parsed back with
+    Triton's own ``ModelConfig`` protobuf and checked (:func:`check_model_dir`), and only then
+    renamed into place; other models in ``repo_dir`` are left alone.
+
+    Args:
+        onnx_path: the exported model (custom-op function form, inlined, or standard).
+        repo_dir: the repository folder (created if missing); mount it as ``/models``.
+        name: the model name; default :func:`default_name` of ``onnx_path``.
+        max_batch_size: the largest batch Triton forms (default 8); 0 disables batching.
+            A positive value needs a dynamic leading (batch) dimension on every tensor.
+        instance: ``cpu`` (default) or ``gpu``.
+        instance_count: model instances (default 1; per GPU for ``gpu``).
+        queue_delay_us: dynamic batching's wait to fill a batch, in microseconds (default 100).
+        inlined: ship the model with the GroupNorm function inlined into standard ops (for
+            backends without ONNX local functions, such as OpenVINO); default False ships the
+            file as given (onnxruntime inlines the function at load).
+        labels: class names for the classifier output (written as ``labels.txt``), or None.
+        force: replace an existing ``REPO/NAME``.
+
+    Returns:
+        The model folder ``REPO/NAME``.
+
+    Raises:
+        DeployError: bad options, a model Triton cannot serve, or a config that fails its check.
+        ServeExtraMissingError: ``tritonclient`` is not installed.
+        OutputError: the repository cannot be written, or ``REPO/NAME`` exists without ``force``.
+    """
+    onnx_path = Path(onnx_path)
+    name = name or default_name(onnx_path)
+    if not NAME_PATTERN.match(name):
+        raise DeployError(f"model name {name!r} must use only letters, digits, '_', '.' and '-'")
+    if instance not in INSTANCE_KINDS:
+        raise DeployError(f"instance must be one of {', '.join(INSTANCE_KINDS)}, not {instance!r}")
+    if instance_count < 1:
+        raise DeployError(f"instance count must be at least 1, not {instance_count}")
+    if (Path(repo_dir) / name).exists() and not force:
+        raise DeployError(f"{Path(repo_dir) / name} exists; pass --force to replace it or choose another --name")
+    io = read_model_io(onnx_path)
+    _check_batching(io, max_batch_size, onnx_path)
+    labels_output = _labels_output(io, labels, onnx_path) if labels else None
+    config = build_config(io, name=name, max_batch_size=max_batch_size, instance=instance,
+                          instance_count=instance_count, queue_delay_us=queue_delay_us,
+                          labels_output=labels_output)
+    from google.protobuf import text_format
+
+    with staged_folder(Path(repo_dir) / name, force) as tmp:
+        _write_model(onnx_path, tmp / VERSION, inlined)
+        if labels:
+            (tmp / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels))
+        (tmp / CONFIG_FILE).write_text(text_format.MessageToString(config))
+        check_model_dir(tmp, expected=config)
+    model_dir = Path(repo_dir).absolute() / name
+    log.info("wrote Triton model %s (%d inputs, %d outputs, max_batch_size %d, %s)", model_dir,
+             len(io.inputs), len(io.outputs), max_batch_size, instance)
+    return model_dir
