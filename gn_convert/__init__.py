@@ -6,6 +6,7 @@ The public API, one stage per module:
 - :func:`plan`, :class:`GroupPlan` (``gn_convert.group_plan``)
 - :func:`convert` (``gn_convert.surgery``)
 - :func:`save`, :func:`load_converted` (``gn_convert.checkpoint``)
+- :func:`export_onnx`, :class:`ExportReport` (``gn_convert.onnx``; imported on first use)
 """
 
 from __future__ import annotations
@@ -30,4 +31,17 @@ __all__ = [
     "load_model",
     "plan",
     "save",
+    "export_onnx",
+    "ExportReport",
 ]
+
+#: public names imported on first use (onnx, onnxscript and torch.onnx take about a second)
+_LAZY = {"export_onnx": ".onnx", "ExportReport": ".onnx"}
+
+
+def __getattr__(name: str):  # noqa: ANN202 (PEP 562 module attribute)
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

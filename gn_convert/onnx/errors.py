@@ -10,3 +10,7 @@ class ExportError(GnConvertError):
 
     The message is one line that says what is wrong and what to do.
     """
+
+
+class OnnxFileError(GnConvertError):
+    """A file given as an ONNX model is missing, unreadable or not ONNX."""

@@ -12,10 +12,14 @@ node of the main graph:
 
 from __future__ import annotations
 
+import logging
+
 import onnx
 import onnx.inliner
 
-from .op import DEFAULT_EPSILON, DOMAIN, OP_TYPE, function_proto, groupnorm_nodes, opset_import
+from .op import DEFAULT_EPSILON, DOMAIN, OP_TYPE, function_proto, groupnorm_nodes, is_groupnorm_node, opset_import
+
+log = logging.getLogger(__name__)
 
 STANDARD_OPSET = 21
 """The only opset whose ``GroupNormalization`` takes per-channel scale and bias."""
@@ -91,7 +95,34 @@ def inline_function(model: onnx.ModelProto) -> onnx.ModelProto:
     if groupnorm_nodes(inlined):
         raise ValueError("the GroupNorm function was not inlined (function opset differs from the model's)")
     _drop_custom_domain(inlined)
+    _name_inlined_nodes(source, inlined)
     return inlined
+
+
+def _name_inlined_nodes(source: onnx.ModelProto, inlined: onnx.ModelProto) -> None:
+    """Name each inlined body node ``<layer>/<body value>`` (``layer1.0.bn1/mean``).
+
+    onnx's inliner leaves the nodes it creates unnamed. It replaces each call by the body's
+    nodes, in order, so the calls of ``source`` line up with runs of ``inlined``; when they do
+    not (another function was inlined too), the nodes keep empty names.
+    """
+    body = [node.output[0] for node in function_proto(model_opset(source)).node]
+    if any(node.domain not in ("", "ai.onnx", DOMAIN) for node in source.graph.node):
+        return
+    names: list[tuple[int, str]] = []
+    position = 0
+    for node in source.graph.node:
+        if not is_groupnorm_node(node):
+            position += 1
+            continue
+        last = position + len(body) - 1
+        if last >= len(inlined.graph.node) or inlined.graph.node[last].output[0] != node.output[0]:
+            log.debug("inlined nodes do not line up with the calls; leaving them unnamed")
+            return
+        names.extend((position + k, f"{node.name}/{value}") for k, value in enumerate(body))
+        position += len(body)
+    for index, name in names:
+        inlined.graph.node[index].name = name
 
 
 def to_standard(model: onnx.ModelProto) -> onnx.ModelProto:
