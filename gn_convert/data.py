@@ -443,16 +443,18 @@ class SyntheticImages(Dataset):
         return torch.randn(self.shape, generator=gen), index % self.num_classes
 
 
-def digits(size: int = 32, heldout: int = 397, seed: int = 0) -> DataSplit:
+def digits(size: int = 32, heldout: int = 397, seed: int = 0, channels: int = 1) -> DataSplit:
     """scikit-learn's 1,797 labelled 8x8 digits, upscaled and standardised, split seeded.
 
-    Real data that ships inside a package, for studies and tests: 1 channel, values
-    standardised with the training part's mean and std, bilinear upscaling to ``size``.
+    Real data that ships inside a package, for studies and tests: values standardised with
+    the training part's mean and std, bilinear upscaling to ``size``. Both parts are
+    ``TensorDataset(images, labels)``.
 
     Args:
         size: output side in pixels.
         heldout: number of held-out digits (the rest train).
         seed: seed of the split.
+        channels: 1 (default), or 3 to repeat the grey channel for RGB models.
 
     Raises:
         DataError: scikit-learn is not installed.
@@ -469,7 +471,7 @@ def digits(size: int = 32, heldout: int = 397, seed: int = 0) -> DataSplit:
                                                  align_corners=False)
     train_idx, held_idx = split_indices(len(labels), heldout, seed)
     mean, std = images[train_idx].mean(), images[train_idx].std()
-    images = (images - mean) / std
+    images = ((images - mean) / std).repeat(1, channels, 1, 1).contiguous()
     tensors = torch.utils.data.TensorDataset
     return DataSplit(tensors(images[train_idx], labels[train_idx]),
                      tensors(images[held_idx], labels[held_idx]), True,
