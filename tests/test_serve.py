@@ -1,0 +1,181 @@
+"""A real Triton server (nvidia-pytriton's tritonserver) serving our exported model.
+
+One server is started per module on free loopback ports, with a bounded start-up time, and is
+always stopped by the fixture's finaliser, pass or fail. Outputs are compared with a local
+onnxruntime session of the same file on the same inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from gn_convert.photos import photo_crops
+from gn_convert.deploy import DeployError, TritonModelServer, find_free_port
+from onnx_models import SIZE, exported
+
+try:
+    import pytriton.triton  # noqa: F401
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+except ImportError as err:
+    pytest.skip(f"the serve extra is not installed ({err.name}); pip install 'gn-convert[serve]'",
+                allow_module_level=True)
+
+STARTUP_TIMEOUT_S = 60.0
+CLIENTS = {"http": httpclient, "grpc": grpcclient}
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return exported("resnet18").path
+
+
+@pytest.fixture(scope="module")
+def local(model_path: Path) -> Any:
+    """The reference: a local onnxruntime session of the same file."""
+    return ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def server(model_path: Path) -> Iterator[TritonModelServer]:
+    server = TritonModelServer(model_path, name="resnet18", http_port=find_free_port(),
+                               grpc_port=find_free_port(), metrics_port=find_free_port(),
+                               max_batch_size=8, startup_timeout_s=STARTUP_TIMEOUT_S)
+    try:
+        yield server.start()
+    finally:
+        server.close()
+
+
+@contextlib.contextmanager
+def client(server: TritonModelServer, protocol: str) -> Iterator[Any]:
+    module = CLIENTS[protocol]
+    c = module.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
+    try:
+        yield c
+    finally:
+        c.close()  # an open HTTP connection would hold the server's shutdown for its exit timeout
+
+
+def infer(c: Any, protocol: str, x: np.ndarray, name: str = "input", datatype: str = "FP32") -> np.ndarray:
+    tensor = CLIENTS[protocol].InferInput(name, list(x.shape), datatype)
+    tensor.set_data_from_numpy(x)
+    return c.infer("resnet18", [tensor]).as_numpy("output")
+
+
+def reference(local: Any, x: np.ndarray) -> np.ndarray:
+    return local.run(None, {"input": x})[0]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_outputs_equal_local_onnxruntime(server, local, protocol: str) -> None:
+    crops = photo_crops(3, SIZE, seed=11).numpy()
+    with client(server, protocol) as c:
+        assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("resnet18")
+        for x in (crops[:1], crops[1:2], crops):  # batch 1, and a batch of 3 in one request
+            served = infer(c, protocol, x)
+            assert served.shape == (len(x), 1000)
+            np.testing.assert_array_equal(served, reference(local, x))
+
+
+def test_model_config_reports_dynamic_batching(server) -> None:
+    with client(server, "http") as c:
+        config = c.get_model_config("resnet18")
+    assert config["max_batch_size"] == 8 and "dynamic_batching" in config
+    assert [(t["name"], t["data_type"], t["dims"]) for t in config["input"]] == [
+        ("input", "TYPE_FP32", [3, SIZE, SIZE])]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("case, message", [
+    ("shape", "unexpected shape for input 'input'"),
+    ("dtype", "data-type is 'FP64', but model 'resnet18' expects 'FP32'"),
+    ("name", "unexpected inference input 'pixels'"),
+])
+def test_bad_request_gets_clear_error_and_server_keeps_serving(server, local, protocol: str, case: str,
+                                                              message: str) -> None:
+    x = photo_crops(1, SIZE, seed=12).numpy()
+    bad = {"shape": (np.zeros((1, 3, 32, 32), np.float32), "input", "FP32"),
+           "dtype": (x.astype(np.float64), "input", "FP64"),
+           "name": (x, "pixels", "FP32")}[case]
+    with client(server, protocol) as c:
+        with pytest.raises(InferenceServerException, match=re.escape(message)):
+            infer(c, protocol, bad[0], name=bad[1], datatype=bad[2])
+        np.testing.assert_array_equal(infer(c, protocol, x), reference(local, x))
+        assert c.is_server_ready()
+
+
+def test_concurrent_clients_every_response_matches_its_request(server, local) -> None:
+    threads, per_thread = 4, 6
+    inputs = photo_crops(threads * per_thread, SIZE, seed=13).numpy()
+    expected = [reference(local, inputs[i:i + 1]) for i in range(len(inputs))]
+
+    def worker(t: int) -> list[tuple[int, np.ndarray]]:
+        protocol = "http" if t % 2 == 0 else "grpc"
+        with client(server, protocol) as c:
+            return [(i, infer(c, protocol, inputs[i:i + 1])) for i in range(t, len(inputs), threads)]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        results = [r for batch in pool.map(worker, range(threads)) for r in batch]
+    seconds = time.perf_counter() - start
+    assert sorted(i for i, _ in results) == list(range(len(inputs)))
+    for i, served in results:  # batched with others by the server, still its own answer
+        np.testing.assert_allclose(served, expected[i], rtol=0, atol=1e-5)
+        assert served.argmax() == expected[i].argmax()
+    print(f"{len(results)} requests from {threads} clients in {seconds:.2f} s "
+          f"({len(results) / seconds:.1f} requests/s)")
+
+
+def test_unloadable_model_is_refused_before_start(tmp_path: Path) -> None:
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x07")  # a ModelProto with only ir_version
+    with pytest.raises(DeployError, match="no graph inputs|cannot"):
+        TritonModelServer(tmp_path / "junk.onnx")
+
+
+def test_cli_serve_stops_gracefully_on_sigterm(model_path: Path, tmp_path: Path) -> None:
+    port = find_free_port()
+    cmd = [sys.executable, "-c", "import sys; from gn_convert.cli import main; sys.exit(main())",
+           "serve", str(model_path), "--name", "cli-model", "--port", str(port),
+           "--grpc-port", str(find_free_port()), "--metrics-port", str(find_free_port()),
+           "--startup-timeout", str(STARTUP_TIMEOUT_S)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()  # printed once the model is ready
+        assert line.startswith("serving cli-model:"), proc.stderr.read() if proc.poll() is not None else line
+        with contextlib.closing(httpclient.InferenceServerClient(f"127.0.0.1:{port}")) as c:
+            assert c.is_model_ready("cli-model")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "stopped on SIGTERM" in err
+        with pytest.raises(Exception):
+            with contextlib.closing(httpclient.InferenceServerClient(f"127.0.0.1:{port}")) as c:
+                c.is_server_live()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_stop_ends_the_server_and_frees_its_ports(server) -> None:
+    """Runs last in this module: stops the shared server (the finaliser then finds it stopped)."""
+    server.stop()
+    assert not server.is_alive() and not server.is_ready()
+    with pytest.raises(Exception):
+        with client(server, "http") as c:
+            c.is_server_live()
