@@ -1,0 +1,108 @@
+"""``gn-convert export`` and the ONNX stage of ``gn-convert MODEL``: outputs, and bad input
+answered with one line, exit status 2 and no file left behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import gn_convert
+from gn_convert.cli import main
+from gn_convert.onnx import read_model
+from gn_convert.onnx.op import groupnorm_nodes
+from onnx_models import SIZE, converted, crops
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint folder of the converted resnet18 (as `gn-convert MODEL` writes it)."""
+    folder = tmp_path_factory.mktemp("ckpt") / "gn-resnet18"
+    model = converted("resnet18")
+    plan = gn_convert.plan(model_for_plan(), groups=32)
+    gn_convert.save(model, folder, plan=plan, architecture="resnet18", source_weights="none",
+                    extra={"input_size": [SIZE, SIZE]})
+    return folder
+
+
+def model_for_plan() -> torch.nn.Module:
+    from conftest import nontrivial_model
+
+    return nontrivial_model("resnet18", SIZE)
+
+
+def run_ort(path: Path, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("gn-convert: error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def test_export_checkpoint_matches_the_checkpoint_model(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(checkpoint), "-o", str(out)]) == 0
+    assert f"wrote {out} (function, 20 GroupNorm nodes" in capsys.readouterr().out
+    model = gn_convert.load_converted(checkpoint)
+    onnx_model = read_model(out)
+    dims = [d.dim_value for d in onnx_model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    assert dims == [3, SIZE, SIZE]  # the checkpoint's recorded input size
+    props = {p.key: p.value for p in onnx_model.metadata_props}
+    assert props["source_architecture"] == "resnet18" and props["source_weights"] == "none"
+    assert len(groupnorm_nodes(onnx_model)) == 20
+    x = crops()
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(run_ort(out, x) - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_export_model_name_as_baseline_keeps_no_custom_node(tmp_path: Path) -> None:
+    out = tmp_path / "bn.onnx"
+    assert main(["export", "resnet18", "--weights", "none", "--baseline", "--input-shape", "1,3,32,32",
+                 "--target", "inlined", "-o", str(out)]) == 0
+    onnx_model = read_model(out)
+    assert not groupnorm_nodes(onnx_model) and len(onnx_model.graph.node) > 20
+
+
+def _unconverted_checkpoint(checkpoint: Path, tmp_path: Path) -> Path:
+    """A checkpoint whose plan converts nothing: loading it gives the BatchNorm model."""
+    folder = tmp_path / "bn-ckpt"
+    folder.mkdir()
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["plan"]["layers"] = []
+    (folder / "config.json").write_text(json.dumps(config))
+    state = gn_convert.models.build_model("resnet18").state_dict()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("case", ["missing-checkpoint", "unwritable-path", "still-batchnorm", "bad-shape",
+                                  "unknown-model"])
+def test_bad_input_one_line_exit_2_no_file(case: str, checkpoint: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out" / "m.onnx"
+    source, extra, expect = str(checkpoint), [], ""
+    if case == "missing-checkpoint":
+        source, expect = str(tmp_path / "no-such-ckpt"), "checkpoint folder"
+    elif case == "unwritable-path":
+        (tmp_path / "out").write_text("a file, not a folder")
+        expect = "cannot write"
+    elif case == "still-batchnorm":
+        source, expect = str(_unconverted_checkpoint(checkpoint, tmp_path)), "BatchNorm layers"
+    elif case == "bad-shape":
+        extra, expect = ["--input-shape", "1,3"], "--input-shape"
+    else:
+        source, expect = "resnet_does_not_exist", "unknown model"
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["export", source, "-o", str(out), *extra]) == 2
+    assert expect in one_error_line(capsys)
+    assert sorted(tmp_path.rglob("*")) == before
