@@ -91,7 +91,7 @@ class StudyConfig:
     groups: int = 8
     heldout: int = 897
     pretrain_epochs: float = 6.0
-    finetune_epochs: float = 3.0
+    finetune_epochs: float = 6.0
     scratch_epochs: float = 6.0
     lr_pretrain: float = 0.1
     lr_finetune: float = 0.05

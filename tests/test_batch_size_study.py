@@ -1,0 +1,99 @@
+"""The batch-size study's fast mode (``scripts/batch_size_study.py --fast``): one seed, short
+schedules, real digits. It asserts what held on every one of seeds 0-4 when measured (see
+the numbers in each test), not the paper's headline, which did not reproduce at this scale."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "batch_size_study.py"
+
+
+def _load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("batch_size_study", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def study() -> ModuleType:
+    pytest.importorskip("sklearn", reason="the study trains on scikit-learn's digits")
+    return _load_script()
+
+
+@pytest.fixture(scope="module")
+def fast_runs(study: ModuleType) -> list:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return study.run_study(study.StudyConfig.fast(seed=0))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _error(runs: list, regime: str, norm: str, batch_size: int) -> float:
+    (run,) = [r for r in runs if (r.regime, r.norm, r.batch_size) == (regime, norm, batch_size)]
+    return run.error
+
+
+def test_fast_study_runs_every_regime_norm_and_batch_once(study: ModuleType, fast_runs: list) -> None:
+    keys = sorted((r.regime, r.norm, r.batch_size) for r in fast_runs)
+    expected = sorted((g, n, b) for g in study.REGIMES for n in study.NORMS for b in (2, 4, 8, 16, 32))
+    assert keys == expected
+    assert all((r.error_precise_bn is None) == (r.norm == "GN") for r in fast_runs)
+
+
+def test_finetuned_models_learn_the_new_digits_at_every_batch_size(fast_runs: list) -> None:
+    # Chance is 80% error (5 classes). Seeds 0-4 measured: at most 11.2% (GN, batch 32, whose
+    # 14 steps are the fewest), at most 6.9% at batch 2.
+    finetuned = [r for r in fast_runs if r.regime == "finetune"]
+    assert max(r.error for r in finetuned) < 15.0
+    assert max(r.error for r in finetuned if r.batch_size == 2) < 8.0
+
+
+def test_converted_model_finetuned_at_batch_2_matches_bn_at_batch_2(fast_runs: list) -> None:
+    # GN minus BN at batch 2, seeds 0-4: -2.5, -2.3, -2.0, +0.2, -0.7 points.
+    gn, bn = _error(fast_runs, "finetune", "GN", 2), _error(fast_runs, "finetune", "BN", 2)
+    assert gn <= bn + 1.5
+
+
+def test_converted_model_finetuned_at_batch_2_beats_bn_at_batch_32(fast_runs: list) -> None:
+    # Same samples seen. Seeds 0-4: GN at batch 2 2.1-4.6%, BN at batch 32 7.5-10.5%; the gap
+    # was at least 3.3 points. (Part of it is the short schedule: batch 32 gets 14 steps.)
+    gn_small = _error(fast_runs, "finetune", "GN", 2)
+    bn_large = _error(fast_runs, "finetune", "BN", 32)
+    assert gn_small < bn_large - 1.0
+
+
+def test_bn_from_scratch_at_batch_2_is_not_worse_than_at_batch_32(fast_runs: list) -> None:
+    # The paper's BN degradation at 2 images a batch did not appear on digits: BN from scratch
+    # at batch 2 vs 32, seeds 0-4: 3.0/2.5, 1.4/2.5, 1.8/2.7, 1.4/2.5, 3.0/2.7 (%).
+    assert _error(fast_runs, "scratch", "BN", 2) <= _error(fast_runs, "scratch", "BN", 32) + 1.5
+
+
+def test_outputs_are_written_and_agree_with_the_runs(study: ModuleType, fast_runs: list, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib (the `study` extra)")
+    summary = study.summarize(fast_runs)
+    study.write_json(tmp_path / "s.json", study.StudyConfig.fast(seed=0), fast_runs, summary)
+    study.plot(summary, tmp_path / "s.png")
+    document = json.loads((tmp_path / "s.json").read_text())
+    assert len(document["runs"]) == len(fast_runs) == 20
+    row = next(r for r in document["summary"] if (r["regime"], r["norm"], r["batch_size"]) == ("finetune", "GN", 2))
+    assert row["error_mean"] == pytest.approx(_error(fast_runs, "finetune", "GN", 2))
+    assert document["spread_across_batches"]["finetune/BN"] == pytest.approx(
+        study.spread_across_batches(summary, "finetune", "BN"))
+    png = (tmp_path / "s.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.png"]  # no temporary left
+    assert "| finetune | GN |" in study.table(summary)
