@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from gn_convert.cli import deploy as deploy_cli
 from gn_convert.cli import main
+from gn_convert.cli.stages import Stages
 from gn_convert.deploy import DeployError, ServeExtraMissingError, labels_beside, read_model_io, write_triton_repo
 from gn_convert.errors import OutputError
 from onnx_models import MODELS, SIZE, crops, exported
@@ -173,3 +177,30 @@ def test_unwritable_repository_is_an_output_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(OutputError):
         write_triton_repo(_tiny_onnx(tmp_path / "tiny.onnx", "n"), tmp_path / "file" / "repo")
+
+
+def _pipeline_args(repo: Path, **overrides) -> argparse.Namespace:
+    values = dict(triton_repo=repo, triton_name=None, triton_instance="cpu", force=False, no_onnx=False)
+    return argparse.Namespace(**{**values, **overrides})
+
+
+@needs_serve
+def test_pipeline_stage_writes_model_with_the_weights_categories(tmp_path: Path) -> None:
+    staged = tmp_path / ".gn-resnet18.partial"
+    staged.mkdir()
+    shutil.copy(exported("resnet18").path, staged / "model.onnx")
+    out = tmp_path / "gn-resnet18"
+    args = _pipeline_args(tmp_path / "repo")
+    deploy_cli.check_pipeline_arguments(args, out)
+    categories = [f"class {i}" for i in range(1000)]
+    fields = deploy_cli.pipeline_stage(args, staged, out, categories, Stages(quiet=True))
+    model_dir = tmp_path / "repo" / "gn-resnet18"
+    assert fields == {"triton": {"model_dir": str(model_dir), "name": "gn-resnet18", "instance": "cpu",
+                                 "labels": True}}
+    assert (model_dir / "labels.txt").read_text().splitlines() == categories
+    assert [t.name for t in parsed(model_dir).input] == ["input"]
+    with pytest.raises(DeployError, match="exists; pass --force"):
+        deploy_cli.check_pipeline_arguments(args, out)
+    with pytest.raises(DeployError, match="drop --no-onnx"):
+        deploy_cli.check_pipeline_arguments(_pipeline_args(tmp_path / "r2", no_onnx=True), out)
+    assert deploy_cli.pipeline_stage(_pipeline_args(None), staged, out, None, Stages(quiet=True)) == {}

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -145,6 +146,21 @@ def test_unloadable_model_is_refused_before_start(tmp_path: Path) -> None:
     (tmp_path / "junk.onnx").write_bytes(b"\x08\x07")  # a ModelProto with only ir_version
     with pytest.raises(DeployError, match="no graph inputs|cannot"):
         TritonModelServer(tmp_path / "junk.onnx")
+
+
+def test_port_in_use_is_refused_before_start(model_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = TritonModelServer(model_path, http_port=find_free_port(), grpc_port=port,
+                                   metrics_port=find_free_port())
+        try:
+            with pytest.raises(DeployError, match=f"cannot listen on 127.0.0.1:{port} for gRPC"):
+                server.start()
+            assert not server.is_alive()
+        finally:
+            server.close()
 
 
 def test_cli_serve_stops_gracefully_on_sigterm(model_path: Path, tmp_path: Path) -> None:

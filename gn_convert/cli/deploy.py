@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..deploy.errors import DeployError
+from ..deploy.extra import model_config_pb2
 from ..deploy.labels import labels_beside, read_labels
-from ..deploy.triton_repo import INSTANCE_KINDS, write_triton_repo
+from ..deploy.triton_repo import INSTANCE_KINDS, default_name, write_triton_repo
+from .stages import Stages
 
 
-def add_repo_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
-    """The Triton repository options, shared with the main pipeline command."""
+def add_repo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The Triton repository options of the ``deploy`` command."""
     g = parser.add_argument_group("Triton model repository")
-    g.add_argument("--triton-repo", type=Path, required=required, metavar="DIR",
+    g.add_argument("--triton-repo", type=Path, required=True, metavar="DIR",
                    help="write the model into this Triton model repository (DIR/NAME/config.pbtxt, "
                    "DIR/NAME/1/model.onnx)")
     g.add_argument("--name", help="model name in the repository (default: from the file or folder name)")
@@ -33,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Write MODEL.onnx into a Triton model repository (onnxruntime backend, "
         "tensors read from the graph, dynamic batching), checked with Triton's own config schema.")
     p.add_argument("onnx", type=Path, metavar="MODEL.onnx", help="the exported model")
-    add_repo_arguments(p, required=True)
+    add_repo_arguments(p)
     p.add_argument("--labels", type=Path, metavar="FILE|CHECKPOINT",
                    help="class names: a text file (one a line) or a gn-convert checkpoint folder "
                    "(default: the checkpoint MODEL.onnx lies in, if it records them)")
@@ -51,3 +54,59 @@ def run(args: argparse.Namespace) -> int:
     print(f"serve it: docker run --rm -p 8000:8000 -p 8001:8001 -v {model_dir.parent}:/models "
           "nvcr.io/nvidia/tritonserver:<YY.MM>-py3 tritonserver --model-repository=/models")
     return 0
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """The Triton options of the main ``gn-convert MODEL`` command."""
+    g = parser.add_argument_group("Triton model repository")
+    g.add_argument("--triton-repo", type=Path, metavar="DIR",
+                   help="also write model.onnx into this Triton model repository (see `gn-convert deploy -h`)")
+    g.add_argument("--triton-name", help="model name in the repository (default: the output folder's name)")
+    g.add_argument("--triton-instance", choices=INSTANCE_KINDS, default="cpu",
+                   help="run the Triton model instances on cpu (default) or gpu")
+
+
+def _triton_name(args: argparse.Namespace, out: Path) -> str:
+    return args.triton_name or default_name(out / "model.onnx")
+
+
+def check_pipeline_arguments(args: argparse.Namespace, out: Path) -> None:
+    """Fail before any work when ``--triton-repo`` cannot be honoured.
+
+    Raises:
+        DeployError: ``--no-onnx`` was given, or the repository already has the model (without
+            ``--force``).
+        ServeExtraMissingError: ``tritonclient`` is not installed.
+    """
+    if getattr(args, "triton_repo", None) is None:
+        return
+    if getattr(args, "no_onnx", False):
+        raise DeployError("--triton-repo needs model.onnx; drop --no-onnx")
+    model_config_pb2()
+    target = args.triton_repo / _triton_name(args, out)
+    if target.exists() and not args.force:
+        raise DeployError(f"{target} exists; pass --force to replace it or choose another --triton-name")
+
+
+def pipeline_stage(args: argparse.Namespace, folder: Path, out: Path, categories: list[str] | None,
+                   stages: Stages) -> dict[str, object]:
+    """Write the pipeline's ``model.onnx`` into ``--triton-repo`` (nothing without it).
+
+    Args:
+        args: the main command's parsed options.
+        folder: the (staged) output folder holding ``model.onnx``.
+        out: the final output folder (its name is the default model name).
+        categories: the source weights' class names, for ``labels.txt``, or None.
+        stages: the command's stage timer.
+
+    Returns:
+        The fields for ``report.json`` (``triton``), empty without ``--triton-repo``.
+    """
+    if getattr(args, "triton_repo", None) is None:
+        return {}
+    name = _triton_name(args, out)
+    with stages("triton", f"writing Triton model {name} into {args.triton_repo}"):
+        model_dir = write_triton_repo(folder / "model.onnx", args.triton_repo, name=name,
+                                      instance=args.triton_instance, labels=categories, force=args.force)
+    return {"triton": {"model_dir": str(model_dir), "name": name, "instance": args.triton_instance,
+                       "labels": bool(categories)}}

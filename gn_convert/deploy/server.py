@@ -37,11 +37,33 @@ LOOPBACK = "127.0.0.1"
 LOG_TAIL_LINES = 15
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def find_free_port(host: str = LOOPBACK) -> int:
     """A TCP port on ``host`` that nothing listens on at the time of the call."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """Fail with one line when one of ``ports`` (purpose -> port) cannot be bound on ``host``.
+
+    Raises:
+        DeployError: a port is in use, repeated, or the address is not this machine's.
+    """
+    if len(set(ports.values())) != len(ports):
+        raise DeployError(f"the server needs distinct ports, got {ports}")
+    for purpose, port in ports.items():
+        with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no conflict
+            try:
+                sock.bind((host, port))
+            except OSError as err:
+                raise DeployError(f"cannot listen on {host}:{port} for {purpose} ({err.strerror or err}); "
+                                  "choose another port (--port, --grpc-port, --metrics-port)") from None
 
 
 @contextlib.contextmanager
@@ -129,7 +151,8 @@ class TritonModelServer:
         providers: onnxruntime execution providers (default CPU).
         startup_timeout_s: seconds :meth:`start` waits for the server and model to be ready.
         exit_timeout_s: seconds :meth:`stop` lets in-flight requests finish.
-        log_file: where the server's own log goes (default a temporary file, removed at stop).
+        log_file: where the server's own log goes (default a temporary file, removed by
+            :meth:`close`).
 
     Raises:
         DeployError: a bad option, or a model onnxruntime cannot load.
@@ -234,11 +257,14 @@ class TritonModelServer:
             The server itself.
 
         Raises:
+            DeployError: a port is in use.
             ServerError: the server did not become ready in time, or exited (the message holds
                 the end of its log); it is stopped again before raising.
         """
         if self._triton is not None:
             raise ServerError("the server is already started; stop it first")
+        check_ports_free(self.host, {"HTTP": self.http_port, "gRPC": self.grpc_port,
+                                     "metrics": self.metrics_port})
         started = time.monotonic()
         self._failure = []
         self._stop_requested = threading.Event()
