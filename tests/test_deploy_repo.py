@@ -133,6 +133,24 @@ def test_fixed_batch_model_is_refused_unless_batching_is_off(tmp_path: Path) -> 
     assert list(config.input[0].dims) == [1, 4] and config.name == "tiny"
 
 
+@needs_serve
+def test_external_data_is_copied_with_the_model(tmp_path: Path) -> None:
+    weight = onnx.numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(4, 4), "w")
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "ext", [x], [y], [weight])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, location="ext.bin", size_threshold=0)
+    model_dir = write_triton_repo(tmp_path / "ext.onnx", tmp_path / "repo")
+    assert (model_dir / "1" / "ext.bin").read_bytes() == (tmp_path / "ext.bin").read_bytes()
+    inputs = np.ones((2, 4), np.float32)
+    np.testing.assert_array_equal(run_model(model_dir / "1" / "model.onnx", inputs), inputs @ np.arange(16.0).reshape(4, 4))
+    (tmp_path / "ext.bin").unlink()
+    with pytest.raises(DeployError, match="which is missing"):
+        write_triton_repo(tmp_path / "ext.onnx", tmp_path / "repo", name="again")
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["ext"]
+
+
 def test_model_io_reads_names_types_and_symbolic_dims(tmp_path: Path) -> None:
     io = read_model_io(_tiny_onnx(tmp_path / "tiny.onnx", "n"))
     assert [(t.name, t.datatype, t.shape) for t in (*io.inputs, *io.outputs)] == [

@@ -121,34 +121,35 @@ def _labels_output(io: ModelIO, labels: Sequence[str], path: Path) -> str:
     return fits[0].name
 
 
-def _external_files(path: Path) -> list[Path]:
-    """The external-data files the ONNX model at ``path`` refers to."""
+def _external_files(path: Path) -> list[str]:
+    """The external-data files (relative locations) the ONNX model at ``path`` refers to."""
     model = onnx.load(str(path), load_external_data=False)
-    names = set()
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if onnx.external_data_helper.uses_external_data(tensor):
-            info = onnx.external_data_helper.ExternalDataInfo(tensor)
-            names.add(info.location)
-    return [path.parent / n for n in sorted(names)]
+    tensors = [*model.graph.initializer,
+               *(a.t for node in model.graph.node for a in node.attribute if a.HasField("t"))]
+    helper = onnx.external_data_helper
+    return sorted({helper.ExternalDataInfo(t).location for t in tensors if helper.uses_external_data(t)})
 
 
 def _write_model(onnx_path: Path, version_dir: Path, inlined: bool) -> None:
-    version_dir.mkdir()
-    if not inlined:
-        shutil.copy2(onnx_path, version_dir / MODEL_FILE)
-        for extra in _external_files(onnx_path):
-            shutil.copy2(extra, version_dir / extra.name)
-        return
-    from ..onnx.export import TARGET_KEY
-    from ..onnx.lower import inline_function
+    """Copy the model (and its external data) into ``version_dir``, or write its inlined form."""
+    from ..onnx.export import TARGET_KEY, lower_onnx
 
-    model = inline_function(onnx.load(str(onnx_path)))
-    for prop in model.metadata_props:
-        if prop.key == TARGET_KEY:
-            prop.value = "inlined"
-    large = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit, with room
-    onnx.save(model, str(version_dir / MODEL_FILE), save_as_external_data=large,
-              location=f"{MODEL_FILE}.data")
+    version_dir.mkdir()
+    target = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    if inlined and target.get(TARGET_KEY) != "inlined":
+        lower_onnx(onnx_path, version_dir / MODEL_FILE, "inlined")
+        return
+    shutil.copy2(onnx_path, version_dir / MODEL_FILE)
+    for location in _external_files(onnx_path):
+        source, dest = onnx_path.parent / location, version_dir / location
+        if Path(location).is_absolute() or ".." in Path(location).parts:
+            raise DeployError(f"{onnx_path} refers to weights outside its folder ({location}); "
+                              "save it with its external data beside it")
+        if not source.is_file():
+            raise DeployError(f"{onnx_path} keeps weights in {source}, which is missing; "
+                              "copy it beside the model")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, dest)
 
 
 def check_model_dir(model_dir: str | Path, expected: Any | None = None) -> Any:
