@@ -188,6 +188,21 @@ def test_cli_serve_stops_gracefully_on_sigterm(model_path: Path, tmp_path: Path)
             proc.wait()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="no CUDAExecutionProvider here (needs a CUDA GPU and onnxruntime-gpu)")
+def test_served_on_cuda_matches_a_local_cuda_session(model_path: Path) -> None:
+    providers = ["CUDAExecutionProvider"]
+    local_cuda = ort.InferenceSession(str(model_path), providers=providers)
+    x = photo_crops(2, SIZE, seed=14).numpy()
+    with TritonModelServer(model_path, name="resnet18", http_port=find_free_port(), grpc_port=find_free_port(),
+                           metrics_port=find_free_port(), providers=providers,
+                           startup_timeout_s=STARTUP_TIMEOUT_S) as cuda_server:
+        assert cuda_server.uses_gpu
+        with client(cuda_server, "grpc") as c:
+            np.testing.assert_allclose(infer(c, "grpc", x), local_cuda.run(None, {"input": x})[0], rtol=0, atol=1e-5)
+
+
 def test_stop_ends_the_server_and_frees_its_ports(server) -> None:
     """Runs last in this module: stops the shared server (the finaliser then finds it stopped)."""
     server.stop()

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force)
     print(f"wrote {model_dir} (config checked with Triton's model-config schema)")
     print(f"serve it: docker run --rm -p 8000:8000 -p 8001:8001 -v {model_dir.parent}:/models "
-          "nvcr.io/nvidia/tritonserver:<YY.MM>-py3 tritonserver --model-repository=/models")
+          "nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models")
     return 0
 
 
