@@ -7,6 +7,7 @@ The public API, one stage per module:
 - :func:`convert` (``gn_convert.surgery``)
 - :func:`save`, :func:`load_converted` (``gn_convert.checkpoint``)
 - :func:`export_onnx`, :class:`ExportReport` (``gn_convert.onnx``; imported on first use)
+- :func:`check_parity`, :class:`ParityReport` (``gn_convert.parity``; imported on first use)
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ __all__ = [
     "save",
     "export_onnx",
     "ExportReport",
+    "check_parity",
+    "ParityReport",
 ]
 
 #: public names imported on first use (onnx, onnxscript and torch.onnx take about a second)
-_LAZY = {"export_onnx": ".onnx", "ExportReport": ".onnx"}
+_LAZY = {"export_onnx": ".onnx", "ExportReport": ".onnx", "check_parity": ".parity", "ParityReport": ".parity"}
 
 
 def __getattr__(name: str):  # noqa: ANN202 (PEP 562 module attribute)

@@ -106,3 +106,47 @@ def test_bad_input_one_line_exit_2_no_file(case: str, checkpoint: Path, tmp_path
     assert main(["export", source, "-o", str(out), *extra]) == 2
     assert expect in one_error_line(capsys)
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_parity_command_exit_codes_and_json(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    from onnx_models import exported
+
+    good, report_file = exported("resnet18").path, tmp_path / "parity.json"
+    assert main(["parity", str(good), "--checkpoint", str(checkpoint), "--levels", "all", "--batch", "2",
+                 "--json", str(report_file)]) == 0
+    assert "parity PASSED" in capsys.readouterr().out
+    data = json.loads(report_file.read_text())
+    assert data["passed"] is True and len(data["rows"]) == 6 and data["invariance"][0]["max_rel"] <= 1e-5
+    # a tolerance no float32 run can meet: the check runs and fails (exit 1), naming a layer
+    assert main(["parity", str(good), "--checkpoint", str(checkpoint), "--levels", "all", "--batch", "2",
+                 "--max-rel", "1e-12"]) == 1
+    assert "first GroupNorm layer above 1e-12: bn1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["not-onnx", "mismatched", "missing-checkpoint"])
+def test_parity_command_bad_input_one_line_exit_2(case: str, checkpoint: Path, tmp_path: Path, capsys) -> None:
+    from onnx_models import exported
+
+    onnx_file, ckpt, expect = exported("resnet18").path, checkpoint, ""
+    if case == "not-onnx":
+        onnx_file, expect = tmp_path / "x.onnx", "not a readable ONNX model"
+        onnx_file.write_text("hello")
+    elif case == "mismatched":
+        onnx_file, expect = exported("mobilenet_v3_small").path, "does not match"
+    else:
+        ckpt, expect = tmp_path / "nope", "not a gn-convert checkpoint"
+    json_file = tmp_path / "out.json"
+    assert main(["parity", str(onnx_file), "--checkpoint", str(ckpt), "--json", str(json_file)]) == 2
+    assert expect in one_error_line(capsys)
+    assert not json_file.exists()
+
+
+def test_main_command_writes_model_onnx_and_parity_into_report(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "gn-resnet18"
+    assert main(["resnet18", "--weights", "none", "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.onnx", "model.safetensors", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnx"]["counts"]["custom"] == 20 and report["onnx"]["input_shape"] == [1, 3, 224, 224]
+    assert report["parity"]["passed"] is True and report["parity"]["onnx_path"] == "model.onnx"
+    assert {r["batch"] for r in report["parity"]["rows"]} == {1, 2}
+    assert "parity passed on onnxruntime CPU" in capsys.readouterr().err

@@ -21,7 +21,8 @@ from ..surgery import convert
 from .pipeline import add_plan_arguments, plan_kwargs
 from .stages import Stages
 
-TARGETS = ("function", "inlined", "standard")  # gn_convert.onnx.TARGETS, without importing onnx for --help
+TARGETS = ("function", "inlined", "standard")
+PIPELINE_PARITY_BATCH = 2  # gn_convert.onnx.TARGETS, without importing onnx for --help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -144,6 +145,9 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-onnx", action="store_true", help="do not write model.onnx (nor check its parity)")
     g.add_argument("--onnx-target", choices=TARGETS, default="function",
                    help="form of model.onnx (default function; see `gn-convert export -h`)")
+    g.add_argument("--no-parity", action="store_true", help="do not check model.onnx against the model")
+    g.add_argument("--parity-batch", type=int, default=PIPELINE_PARITY_BATCH,
+                   help=f"larger batch of the parity check (default {PIPELINE_PARITY_BATCH})")
 
 
 def pipeline_stage(args: argparse.Namespace, converted: nn.Module, folder: Path, input_size: tuple[int, ...],
@@ -160,7 +164,8 @@ def pipeline_stage(args: argparse.Namespace, converted: nn.Module, folder: Path,
         stages: the command's stage timer.
 
     Returns:
-        The fields for ``report.json`` (``onnx``), empty with ``--no-onnx``.
+        The fields for ``report.json``: ``onnx`` (the export) and ``parity`` (the CPU parity
+        report; ``parity.passed`` is the verdict); empty with ``--no-onnx``.
     """
     if getattr(args, "no_onnx", False):
         return {}
@@ -172,4 +177,23 @@ def pipeline_stage(args: argparse.Namespace, converted: nn.Module, folder: Path,
                              allow_batchnorm=keeps_batchnorm, metadata=metadata)
     data = report.to_dict()
     data.update(path="model.onnx", files=[Path(p).name for p in data["files"]])
-    return {"onnx": data}
+    if getattr(args, "no_parity", False):
+        return {"onnx": data}
+    from ..parity import check_parity
+
+    with stages("parity", "checking parity on onnxruntime CPU"):
+        parity = check_parity(converted, report.path, batch=getattr(args, "parity_batch", PIPELINE_PARITY_BATCH))
+    result = parity.to_dict()
+    result["onnx_path"] = "model.onnx"
+    worst = max((row.metrics.max_rel for row in parity.rows), default=float("nan"))
+    print(f"parity {'passed' if parity.passed else 'FAILED'} on onnxruntime CPU "
+          f"({len(parity.rows)} comparisons, worst max_rel {worst:.1e})", file=sys.stderr)
+    for line in parity.failures():
+        print(f"  {line}", file=sys.stderr)
+    return {"onnx": data, "parity": result}
+
+
+def parity_failed(fields: dict[str, object]) -> bool:
+    """Whether :func:`pipeline_stage` ran a parity check that failed."""
+    parity = fields.get("parity")
+    return isinstance(parity, dict) and parity.get("passed") is False

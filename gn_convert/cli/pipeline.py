@@ -22,6 +22,7 @@ from ..group_plan import POLICIES, plan
 from ..initialize import INITS
 from ..models import load_model, resolve_source
 from ..surgery import convert
+from . import export as onnx_cli
 from .stages import Stages
 
 SHOWN_FALLBACKS = 5
@@ -64,6 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("safetensors", "pt"), default="safetensors",
                    help="weights file format (default safetensors)")
     add_plan_arguments(p)
+    onnx_cli.add_pipeline_arguments(p)
 
 
 def plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,12 +106,16 @@ def run(args: argparse.Namespace) -> int:
             save(converted, tmp, plan=layer_plan, architecture=args.model, model_kwargs=kwargs,
                  source_weights=source.weights, weights_format=args.format,
                  extra={"input_size": list(source.input_size), "categories": source.categories})
+        onnx_fields = onnx_cli.pipeline_stage(
+            args, converted, tmp, source.input_size, keeps_batchnorm=bool(layer_plan.untouched), stages=stages,
+            metadata={"source_architecture": args.model, "source_weights": source.weights, "group_plan": layer_plan.summary()})
         report = {
             "model": args.model,
             "weights": source.weights,
             "init": args.init,
             "summary": layer_plan.summary(),
             "plan": layer_plan.to_dict(),
+            **onnx_fields,
             "timings_s": stages.timings,
             "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -121,4 +127,4 @@ def run(args: argparse.Namespace) -> int:
     if len(layer_plan.fallbacks) > SHOWN_FALLBACKS:
         print(f"  ... {len(layer_plan.fallbacks) - SHOWN_FALLBACKS} more fallbacks in report.json")
     print(f"wrote {out} in {stages.total():.1f} s")
-    return 0
+    return 1 if onnx_cli.parity_failed(onnx_fields) else 0

@@ -1,0 +1,212 @@
+"""``check_parity``: does the ONNX model compute what the PyTorch model computes?"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ..onnx.reading import groupnorm_layers, read_model
+from .errors import ParityError
+from .inputs import InputSet, image_set, random_sets
+from .localise import layer_values, localise
+from .metrics import compare
+from .providers import LEVELS, availability, parse_providers, session
+from .report import InvarianceResult, ParityReport, ParityRow
+from .tolerances import HARD_INPUT_FACTOR, Tolerance, tolerance_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 8
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+
+def _sample_shape(onnx_model: onnx.ModelProto, input_shape: Sequence[int] | None) -> tuple[tuple[int, ...], int | None]:
+    """The per-sample input shape (C, ...) and the static batch size (None when dynamic)."""
+    if len(onnx_model.graph.input) != 1:
+        raise ParityError(f"the ONNX model has {len(onnx_model.graph.input)} inputs; parity checks one-input models")
+    dims = _dims(onnx_model.graph.input[0])
+    if input_shape is None:
+        recorded = {p.key: p.value for p in onnx_model.metadata_props}.get("gn_convert.input_shape", "")
+        input_shape = tuple(int(d) for d in recorded.split(",") if d) or None
+    given = list(input_shape) if input_shape is not None else [None] * len(dims)
+    if len(given) != len(dims):
+        raise ParityError(f"input shape {tuple(given)} has rank {len(given)}, the ONNX input has rank {len(dims)}")
+    sample = []
+    for axis, (static, wanted) in enumerate(zip(dims[1:], given[1:]), start=1):
+        if static is None and wanted is None:
+            raise ParityError(f"the ONNX input's axis {axis} is dynamic; pass input_shape=(N, C, ...) / --input-shape")
+        sample.append(int(static if static is not None else wanted))
+    return tuple(sample), dims[0]
+
+
+def _dtype(onnx_model: onnx.ModelProto) -> str:
+    elem = onnx_model.graph.input[0].type.tensor_type.elem_type
+    return {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}.get(
+        elem, onnx.helper.tensor_dtype_to_np_dtype(elem).name)
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _reference(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    with torch.no_grad():
+        out = model(x.to(device))
+    if not isinstance(out, torch.Tensor):
+        raise ParityError(f"the PyTorch model returns {type(out).__name__}, not one tensor; parity needs one output")
+    return out.detach().float().cpu().numpy()
+
+
+def _check_match(model: nn.Module, onnx_model: onnx.ModelProto, sample: tuple[int, ...]) -> None:
+    """Refuse an ONNX file that is not an export of this model (inputs, outputs, layers)."""
+    try:
+        out = _reference(model, torch.zeros(1, *sample))
+    except ParityError:
+        raise
+    except Exception as exc:  # the model rejects the ONNX model's input shape
+        raise ParityError(f"the ONNX model does not match the PyTorch model: its input (N, {', '.join(map(str, sample))}) "
+                          f"fails in PyTorch ({type(exc).__name__})") from None
+    if len(onnx_model.graph.output) != 1:
+        raise ParityError(f"the ONNX model has {len(onnx_model.graph.output)} outputs, the PyTorch model one")
+    dims = _dims(onnx_model.graph.output[0])
+    if len(dims) != out.ndim or any(d is not None and d != s for d, s in zip(dims[1:], out.shape[1:])):
+        raise ParityError(f"the ONNX model does not match the PyTorch model: output {dims} vs {list(out.shape)}")
+    names = {name for name, _ in model.named_modules()}
+    matched = layer_values(onnx_model, names)
+    missing = [layer for layer, _ in groupnorm_layers(onnx_model)
+               if layer.split("#")[0] not in names and not layer.startswith("node_")]
+    if missing:
+        raise ParityError(f"the ONNX model does not match the PyTorch model: it has GroupNorm layer {missing[0]}, "
+                          f"which the PyTorch model lacks ({len(matched)} layers match)")
+
+
+def _batches(static: int | None, batch: int) -> list[int]:
+    return [static] if static is not None else sorted({1, batch})
+
+
+def check_parity(
+    model: nn.Module,
+    onnx_path: str | Path,
+    *,
+    providers: Sequence[str] | str = ("cpu",),
+    levels: Sequence[str] = ("off", "all"),
+    batch: int = DEFAULT_BATCH,
+    images: str | Path | None = None,
+    input_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    tolerances: dict[tuple[str, str], Tolerance] | None = None,
+    localise_failures: bool = True,
+) -> ParityReport:
+    """Compare an ONNX model under onnxruntime with the PyTorch model it was exported from.
+
+    Every requested provider runs with graph optimisations off and fully on, on seeded random
+    inputs, inputs with a large mean and with a large scale, and images from ``images``, at
+    batch 1 and ``batch`` (one file; a static-batch file runs at its own batch). The GroupNorm
+    invariant (a sample's output does not depend on its batch) is checked on the ONNX model.
+    When a provider fails, the first GroupNorm layer above tolerance is named.
+
+    Args:
+        model: the PyTorch model (run in eval mode, float32; its modes are restored).
+        onnx_path: the exported file (any target: function, inlined, standard).
+        providers: short names (``cpu``, ``cuda``, ``tensorrt``) or ``"cpu,cuda"``; absent ones
+            are reported as skipped, with the reason.
+        levels: onnxruntime optimisation levels, ``off`` and/or ``all``.
+        batch: the larger batch size (default 8).
+        images: a folder of images for one more input set.
+        input_shape: ``(N, C, ...)`` for ONNX inputs with dynamic axes besides the batch
+            (default: the shape the exporter recorded).
+        seed: seed of the random inputs.
+        tolerances: ``(provider, dtype) -> Tolerance`` overriding the defaults
+            (:data:`gn_convert.parity.DEFAULT_TOLERANCES`).
+        localise_failures: name the first failing GroupNorm layer of each failing run.
+
+    Returns:
+        The :class:`ParityReport`; ``report.passed`` is the verdict.
+
+    Raises:
+        OnnxFileError: ``onnx_path`` is not a readable ONNX file.
+        ParityError: the file does not match the model, or an option is invalid.
+    """
+    names = parse_providers(providers)
+    if not set(levels) <= set(LEVELS) or not levels:
+        raise ParityError(f"optimisation levels must be among {', '.join(LEVELS)}")
+    if batch < 2:
+        raise ParityError(f"batch must be at least 2 (got {batch}); batch 1 always runs")
+    onnx_model = read_model(onnx_path)
+    sample, static = _sample_shape(onnx_model, input_shape)
+    report = ParityReport(str(onnx_path), _dtype(onnx_model), sample)
+    with _eval(model):
+        _check_match(model, onnx_model, sample)
+        largest = max(_batches(static, batch))
+        sets = random_sets((largest, *sample), largest, seed)
+        if images is not None:
+            sets.append(image_set(images, (largest, *sample), largest))
+        refs = {s.name: _reference(model, s.data) for s in sets}
+        for name in names:
+            found = availability(name)
+            if not found.available:
+                report.skipped[name] = found.reason
+                continue
+            tolerance = tolerance_for(name, report.dtype, tolerances)
+            for level in levels:
+                _run_provider(report, model, onnx_model, Path(onnx_path), name, level, tolerance, sets, refs,
+                              _batches(static, batch), localise_failures)
+    log.info("parity %s: %d comparisons, %d skipped", "passed" if report.passed else "FAILED",
+             len(report.rows), len(report.skipped))
+    return report
+
+
+def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.ModelProto, path: Path, name: str,
+                  level: str, tolerance: Tolerance, sets: list[InputSet], refs: dict[str, np.ndarray],
+                  batches: list[int], localise_failures: bool) -> None:
+    """All comparisons and the invariant check of one provider at one optimisation level."""
+    try:
+        sess = session(path, name, level)
+    except RuntimeError as exc:
+        report.skipped[f"{name}/{level}"] = str(exc).strip().splitlines()[0] if str(exc).strip() else "failed to start"
+        return
+    feed_type = np.float16 if report.dtype == "float16" else np.float32
+    input_name = sess.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        return sess.run(None, {input_name: x.numpy().astype(feed_type)})[0]
+
+    first_failure: torch.Tensor | None = None
+    first_tol = tolerance
+    for inputs in sets:
+        tol = tolerance.scaled(HARD_INPUT_FACTOR) if inputs.hard else tolerance
+        for size in batches:
+            x = inputs.data[:size]
+            row = ParityRow(name, level, inputs.name, len(x), compare(refs[inputs.name][:size], run(x)), tol)
+            report.rows.append(row)
+            if not row.passed and first_failure is None:
+                first_failure, first_tol = x, tol
+    random = sets[0].data[: max(batches)]
+    if len(random) > 1:
+        together = run(random)
+        alone = np.concatenate([run(random[i:i + 1]) for i in range(len(random))])
+        scale = max(float(np.abs(together).max()), 1e-30)
+        change = float(np.abs(together.astype(np.float64) - alone).max() / scale)
+        report.invariance.append(InvarianceResult(name, level, len(random), change, tolerance.invariance_rel))
+    if first_failure is not None and localise_failures:
+        report.localisation[f"{name}/{level}"] = localise(model, onnx_model, first_failure, name, level,
+                                                          first_tol.max_rel)

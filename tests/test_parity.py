@@ -1,0 +1,154 @@
+"""check_parity: passing models pass, a corrupted layer fails and is named, samples that
+interact are caught, absent providers are reported, mismatched files are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from gn_convert.onnx import OnnxFileError, export_onnx, read_model
+from gn_convert.onnx.op import groupnorm_nodes
+from gn_convert.parity import ParityError, check_parity, compare
+from onnx_models import MODELS, SIZE, converted, exported
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_converted_model_passes_on_cpu_at_both_levels(name: str) -> None:
+    report = check_parity(converted(name), exported(name).path)
+    assert report.passed, report.table()
+    assert {(r.level, r.inputs, r.batch) for r in report.rows} == {
+        (level, inputs, batch) for level in ("off", "all") for inputs in ("random", "large-mean", "large-scale")
+        for batch in (1, 8)}
+    assert max(r.metrics.max_rel for r in report.rows if r.inputs == "random") < 1e-4
+    assert min(r.metrics.top1 for r in report.rows) == 1.0
+    assert [i.max_rel <= 1e-5 for i in report.invariance] == [True, True]
+    assert not report.localisation and not report.failures()
+
+
+@pytest.mark.parametrize("target", ["inlined", "standard"])
+def test_lowered_targets_pass(target: str) -> None:
+    report = check_parity(converted("resnet18"), exported("resnet18", target).path, levels=("all",), batch=4)
+    assert report.passed, report.table()
+
+
+def _corrupt(source: Path, scale_of: str, dest: Path) -> None:
+    """Copy ``source`` with one channel of a GroupNorm layer's scale multiplied by 1.5."""
+    function_model = read_model(exported("resnet18").path)
+    scale_name = next(n.input[1] for n in groupnorm_nodes(function_model) if n.name == scale_of)
+    model = read_model(source)
+    tensor = next(t for t in model.graph.initializer if t.name == scale_name)
+    values = onnx.numpy_helper.to_array(tensor).copy()
+    values[3] *= 1.5
+    tensor.CopyFrom(onnx.numpy_helper.from_array(values, scale_name))
+    onnx.save(model, str(dest))
+
+
+@pytest.mark.parametrize("target", ["function", "inlined"])
+def test_corrupted_groupnorm_scale_fails_and_names_the_layer(tmp_path: Path, target: str) -> None:
+    bad = tmp_path / "corrupt.onnx"
+    _corrupt(exported("resnet18", target).path, "layer2.0.bn1", bad)
+    report = check_parity(converted("resnet18"), bad, levels=("all",), batch=4)
+    assert not report.passed
+    assert all(not r.passed for r in report.rows if r.inputs == "random")
+    found = report.localisation["cpu/all"]
+    assert found.first_failing == "layer2.0.bn1"
+    errors = {e.layer: e.max_rel for e in found.layers}
+    assert errors["layer1.1.bn2"] < 1e-4 < errors["layer2.0.bn1"]
+    assert "first GroupNorm layer above 1e-04: layer2.0.bn1" in report.table()
+
+
+class _BatchCentered(nn.Module):
+    """Samples interact: each output subtracts the batch mean (BatchNorm in training semantics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.GroupNorm(2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.conv(x))
+        return (y - y.mean(dim=0, keepdim=True)).flatten(1)
+
+
+def test_batch_independence_catches_samples_that_interact(tmp_path: Path) -> None:
+    model = _BatchCentered().eval()
+    path = export_onnx(model, tmp_path / "c.onnx", input_shape=(1, 3, 10, 10)).path
+    report = check_parity(model, path, levels=("all",), batch=4)
+    assert not report.passed
+    assert [i.passed for i in report.invariance] == [False]
+    assert report.invariance[0].max_rel > 0.1
+
+
+def test_groupnorm_model_is_batch_independent(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(1)).eval()
+    path = export_onnx(model, tmp_path / "g.onnx", input_shape=(1, 3, 10, 10)).path
+    report = check_parity(model, path, levels=("off",), batch=4)
+    assert report.passed and report.invariance[0].max_rel <= 1e-6
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA is present: the provider runs instead of being skipped")
+def test_absent_providers_are_reported_with_the_reason() -> None:
+    report = check_parity(converted("resnet18"), exported("resnet18").path, providers="cpu,cuda,tensorrt",
+                          levels=("all",), batch=2)
+    assert set(report.skipped) == {"cuda", "tensorrt"}
+    assert "onnxruntime-gpu" in report.skipped["cuda"]
+    assert report.passed and {r.provider for r in report.rows} == {"cpu"}
+
+
+def test_image_folder_adds_an_input_set(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from conftest import photo_crops
+
+    for i, crop in enumerate(photo_crops(3, 80, seed=5)):
+        pixels = ((crop - crop.min()) / (crop.max() - crop.min()) * 255).byte().permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+    report = check_parity(converted("resnet18"), exported("resnet18").path, levels=("all",), batch=2, images=tmp_path)
+    rows = [r for r in report.rows if r.inputs == "images"]
+    assert [r.batch for r in rows] == [1, 2] and all(r.passed for r in rows)
+
+
+def test_mismatched_and_invalid_files_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ParityError, match="GroupNorm layer features"):
+        check_parity(converted("resnet18"), exported("mobilenet_v3_small").path)
+    other = nn.Sequential(nn.Conv2d(5, 4, 3), nn.GroupNorm(2, 4)).eval()
+    with pytest.raises(ParityError, match="fails in PyTorch"):
+        check_parity(other, exported("resnet18").path)
+    (tmp_path / "x.onnx").write_bytes(b"not an onnx file at all")
+    with pytest.raises(OnnxFileError, match="not a readable ONNX model"):
+        check_parity(converted("resnet18"), tmp_path / "x.onnx")
+    with pytest.raises(ParityError, match="unknown provider"):
+        check_parity(converted("resnet18"), exported("resnet18").path, providers="gpu")
+
+
+def test_compare_metrics_on_known_outputs() -> None:
+    ref = np.array([[1.0, 5.0, 3.0, 2.0, 4.0, 0.0], [6.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
+    out = ref.copy()
+    out[1, 0] = 0.0  # sample 1: class 0 drops out of the top-1 and top-5
+    m = compare(ref, out)
+    assert m.max_abs == 6.0 and m.max_rel == 1.0
+    assert m.top1 == 0.5 and m.top5 == pytest.approx((1.0 + 0.8) / 2)
+    assert m.cosine == pytest.approx(float(ref[1] @ out[1] / np.linalg.norm(ref[1]) / np.linalg.norm(out[1])))
+    assert compare(ref, out * np.nan).max_rel == float("inf")
+
+
+@pytest.mark.cuda
+def test_fp16_export_parity_on_cuda(tmp_path: Path) -> None:
+    if not HAS_CUDA:
+        pytest.skip("no CUDAExecutionProvider (install onnxruntime-gpu on a machine with an NVIDIA GPU)")
+    model = converted("resnet18")
+    for fp16 in (False, True):
+        path = export_onnx(model, tmp_path / f"m{int(fp16)}.onnx", input_shape=(1, 3, SIZE, SIZE), fp16=fp16).path
+        report = check_parity(model, path, providers="cuda")
+        print(report.table())
+        if "cuda" in report.skipped or "cuda/all" in report.skipped:
+            pytest.skip(f"CUDA provider could not start: {report.skipped}")
+        assert report.passed, report.table()
