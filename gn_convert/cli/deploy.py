@@ -11,6 +11,9 @@ from ..deploy.labels import labels_beside, read_labels
 from ..deploy.triton_repo import INSTANCE_KINDS, default_name, write_triton_repo
 from .stages import Stages
 
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+"""Triton 2.51, the server version nvidia-pytriton 0.7 ships (what `gn-convert serve` runs)."""
+
 
 def add_repo_arguments(parser: argparse.ArgumentParser) -> None:
     """The Triton repository options of the ``deploy`` command."""
@@ -51,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
         instance=args.instance, instance_count=args.instances, inlined=args.inlined, labels=labels,
         force=args.force)
     print(f"wrote {model_dir} (config checked with Triton's model-config schema)")
-    print(f"serve it: docker run --rm -p 8000:8000 -p 8001:8001 -v {model_dir.parent}:/models "
-          "nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models")
+    gpus = "--gpus=all " if args.instance == "gpu" else ""
+    print(f"serve it: docker run --rm {gpus}-p 8000:8000 -p 8001:8001 -p 8002:8002 -v {model_dir.parent}:/models "
+          f"{TRITON_IMAGE} tritonserver --model-repository=/models")
     return 0
 
 
