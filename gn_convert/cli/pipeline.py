@@ -22,6 +22,7 @@ from ..group_plan import POLICIES, plan
 from ..initialize import INITS
 from ..models import load_model, resolve_source
 from ..surgery import convert
+from . import deploy as deploy_cli
 from . import export as onnx_cli
 from .stages import Stages
 
@@ -66,6 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="weights file format (default safetensors)")
     add_plan_arguments(p)
     onnx_cli.add_pipeline_arguments(p)
+    deploy_cli.add_pipeline_arguments(p)
 
 
 def plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -91,6 +93,7 @@ def versions() -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     """Run the pipeline; returns the exit code."""
     out = check_output_folder(args.out or Path(f"gn-{args.model}"), args.force)
+    deploy_cli.check_pipeline_arguments(args, out)
     source = resolve_source(args.model, args.weights)
     stages = Stages()
     with stages("load", f"loading {args.model} (weights: {source.weights})"):
@@ -109,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         onnx_fields = onnx_cli.pipeline_stage(
             args, converted, tmp, source.input_size, keeps_batchnorm=bool(layer_plan.untouched), stages=stages,
             metadata={"source_architecture": args.model, "source_weights": source.weights, "group_plan": layer_plan.summary()})
+        triton_fields = deploy_cli.pipeline_stage(args, tmp, out, source.categories, stages)
         report = {
             "model": args.model,
             "weights": source.weights,
@@ -116,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
             "summary": layer_plan.summary(),
             "plan": layer_plan.to_dict(),
             **onnx_fields,
+            **triton_fields,
             "timings_s": stages.timings,
             "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
