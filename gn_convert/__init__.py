@@ -8,6 +8,7 @@ The public API, one stage per module:
 - :func:`save`, :func:`load_converted` (``gn_convert.checkpoint``)
 - :func:`export_onnx`, :class:`ExportReport` (``gn_convert.onnx``; imported on first use)
 - :func:`check_parity`, :class:`ParityReport` (``gn_convert.parity``; imported on first use)
+- :func:`write_triton_repo`, :class:`TritonModelServer` (``gn_convert.deploy``; imported on first use)
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ __all__ = [
     "ExportReport",
     "check_parity",
     "ParityReport",
+    "write_triton_repo",
+    "TritonModelServer",
 ]
 
 #: public names imported on first use (onnx, onnxscript and torch.onnx take about a second)
-_LAZY = {"export_onnx": ".onnx", "ExportReport": ".onnx", "check_parity": ".parity", "ParityReport": ".parity"}
+_LAZY = {"export_onnx": ".onnx", "ExportReport": ".onnx", "check_parity": ".parity", "ParityReport": ".parity",
+         "write_triton_repo": ".deploy", "TritonModelServer": ".deploy"}
 
 
 def __getattr__(name: str):  # noqa: ANN202 (PEP 562 module attribute)
