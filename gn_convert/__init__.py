@@ -6,6 +6,7 @@ The public API, one stage per module:
 - :func:`plan`, :class:`GroupPlan` (``gn_convert.group_plan``)
 - :func:`convert` (``gn_convert.surgery``)
 - :func:`save`, :func:`load_converted` (``gn_convert.checkpoint``)
+- :func:`calibrate` (``gn_convert.calibrate``), :func:`distill` (``gn_convert.finetune``)
 - :func:`export_onnx`, :class:`ExportReport` (``gn_convert.onnx``; imported on first use)
 - :func:`check_parity`, :class:`ParityReport` (``gn_convert.parity``; imported on first use)
 - :func:`write_triton_repo`, :class:`TritonModelServer` (``gn_convert.deploy``; imported on first use)
@@ -20,14 +21,19 @@ from .group_plan import GroupPlan, LayerPlan, choose_groups, plan  # noqa: E402
 from .surgery import convert  # noqa: E402
 from .models import list_models, load_model  # noqa: E402
 from .checkpoint import load_converted, save  # noqa: E402
+from .calibrate import calibrate  # noqa: E402  (the function shadows the module attribute)
+from .finetune import DistillResult, distill  # noqa: E402
 
 __all__ = [
     "__version__",
+    "DistillResult",
     "GnConvertError",
     "GroupPlan",
     "LayerPlan",
+    "calibrate",
     "choose_groups",
     "convert",
+    "distill",
     "list_models",
     "load_converted",
     "load_model",

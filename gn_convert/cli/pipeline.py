@@ -22,6 +22,7 @@ from ..group_plan import POLICIES, plan
 from ..initialize import INITS
 from ..models import load_model, resolve_source
 from ..surgery import convert
+from .finetune import add_distill_arguments, run_fidelity
 from . import deploy as deploy_cli
 from . import export as onnx_cli
 from .stages import Stages
@@ -68,6 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_plan_arguments(p)
     onnx_cli.add_pipeline_arguments(p)
     deploy_cli.add_pipeline_arguments(p)
+    add_distill_arguments(p, steps_flag="--finetune-steps", default_steps=0)
 
 
 def plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         layer_plan = plan(model, example_input=example, **plan_kwargs(args))
     with stages("convert", f"converting ({layer_plan.summary()})"):
         converted = convert(model, plan=layer_plan, init=args.init)
+    fidelity = run_fidelity(args, converted, model, args.model, stages)
     with staged_folder(out, args.force) as tmp:
         with stages("save", f"saving to {out}"):
             kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
@@ -119,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             "init": args.init,
             "summary": layer_plan.summary(),
             "plan": layer_plan.to_dict(),
+            **fidelity,
             **onnx_fields,
             **triton_fields,
             "timings_s": stages.timings,
