@@ -16,7 +16,8 @@ import pytest
 from gn_convert.cli import deploy as deploy_cli
 from gn_convert.cli import main
 from gn_convert.cli.stages import Stages
-from gn_convert.deploy import DeployError, ServeExtraMissingError, labels_beside, read_model_io, write_triton_repo
+from gn_convert.deploy import (DeployError, ServeExtraMissingError, TritonModelServer, labels_beside, read_model_io,
+                               write_triton_repo)
 from gn_convert.errors import OutputError
 from onnx_models import MODELS, SIZE, crops, exported
 
@@ -168,6 +169,16 @@ def test_missing_serve_extra_is_one_clear_error(tmp_path: Path, monkeypatch) -> 
     with pytest.raises(ServeExtraMissingError, match=r"pip install 'gn-convert\[serve\]'"):
         write_triton_repo(_tiny_onnx(tmp_path / "tiny.onnx", "n"), tmp_path / "repo")
     assert not (tmp_path / "repo" / "tiny").exists()
+
+
+def test_missing_serve_extra_stops_serve_with_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "pytriton.triton", None)
+    with pytest.raises(ServeExtraMissingError, match=r"serving a model needs the serve extra"):
+        TritonModelServer(_tiny_onnx(tmp_path / "tiny.onnx", "n"))
+    assert main(["serve", str(tmp_path / "tiny.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["gn-convert: error: serving a model needs the serve extra (pytriton.triton is not "
+                   "installed); run: pip install 'gn-convert[serve]'"]
 
 
 def test_categories_are_found_in_the_checkpoint_beside_the_model(tmp_path: Path) -> None:
