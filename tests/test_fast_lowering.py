@@ -1,0 +1,119 @@
+"""The fast lowering (InstanceNormalization form) and the CUDA contrib lowering of our op.
+
+Parity is against torch on the converted test models (``onnx_models``) and, for single
+nodes, against float64 torch with the helpers of ``test_onnx_op``. The contrib lowering has
+no CPU kernel: its structure is checked here, its numbers only where onnxruntime-gpu runs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import onnx_models as om
+from gn_convert.onnx.errors import ExportError
+from gn_convert.onnx.fast_lowering import MS_DOMAIN, lower_fast, to_fast, to_ms_groupnorm
+from gn_convert.onnx.op import DOMAIN
+from gn_convert.onnx.reading import read_model
+from test_onnx_op import FP16_BOUND, FP32_MEAN1000_BOUND, LEVELS, _inputs, _model, relative_error
+
+PARITY_BOUND = 1e-4
+"""Max abs error against torch on photo crops (measured about 6e-6 on resnet18, as the function form)."""
+
+
+def _ops(model: onnx.ModelProto) -> Counter:
+    return Counter((node.domain, node.op_type) for node in model.graph.node)
+
+
+@pytest.fixture(scope="module", params=om.MODELS)
+def lowered(request: pytest.FixtureRequest) -> tuple[str, onnx.ModelProto, int]:
+    name = request.param
+    function = read_model(om.exported(name).path)
+    calls = sum(1 for node in function.graph.node if node.domain == DOMAIN)
+    return name, to_fast(function), calls
+
+
+def test_fast_form_has_no_custom_node_and_one_instance_norm_per_call(lowered) -> None:
+    name, model, calls = lowered
+    ops = _ops(model)
+    assert ops[("", "InstanceNormalization")] == calls > 0
+    assert not any(domain == DOMAIN for domain, _ in ops)
+    assert not model.functions and all(entry.domain != DOMAIN for entry in model.opset_import)
+    # the affine is one BatchNormalization per call whose groups hold several channels
+    assert ops[("", "BatchNormalization")] <= calls
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_fast_form_matches_torch_within_1e4(lowered) -> None:
+    name, model, _ = lowered
+    x = om.crops()
+    ref = om.converted(name)(x).detach().numpy()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    err = float(np.abs(got - ref).max())
+    assert err < PARITY_BOUND, f"{name}: max abs error {err:.2e} against torch"
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=str)
+@pytest.mark.parametrize("shape,groups", [((2, 64, 8, 8), 8), ((2, 16, 5, 7), 16), ((2, 6, 17), 3)],
+                         ids=["G<C", "G=C", "rank3"])
+def test_fast_form_keeps_two_pass_robustness_at_mean_1000(shape: tuple[int, ...], groups: int, level: str) -> None:
+    """InstanceNormalization's kernel subtracts the mean before squaring, as our body does."""
+    eps = 1e-5
+    model = to_fast(_model(shape, groups, eps, onnx.TensorProto.FLOAT))
+    err = relative_error(_inputs(shape, 1000.0, np.float32), groups, eps, model, LEVELS[level])
+    assert err < FP32_MEAN1000_BOUND, f"relative error {err:.2e} at mean 1000"
+
+
+def test_fast_form_instance_norm_only_when_groups_equal_channels() -> None:
+    model = to_fast(_model((2, 16, 5, 7), 16, 1e-5, onnx.TensorProto.FLOAT))
+    assert _ops(model) == Counter({("", "InstanceNormalization"): 1})
+
+
+@pytest.mark.parametrize("mean", [0.0, 1000.0], ids=["mean0", "mean1000"])
+def test_fast_form_fp16_computes_in_fp32(mean: float) -> None:
+    shape, groups, eps = (2, 8, 6, 6), 4, 1e-5
+    model = to_fast(_model(shape, groups, eps, onnx.TensorProto.FLOAT16))
+    err = relative_error(_inputs(shape, mean, np.float16), groups, eps, model, LEVELS["opt-all"])
+    assert err < FP16_BOUND, f"relative error {err:.2e}"
+
+
+def test_lower_fast_writes_a_checked_file_and_refuses_a_file_without_calls(tmp_path) -> None:
+    out = lower_fast(om.exported("resnet18").path, tmp_path / "fast.onnx")
+    assert {p.key: p.value for p in read_model(out).metadata_props}["gn_convert.target"] == "fast"
+    with pytest.raises(ExportError, match="no ai.gn_convert::GroupNorm"):
+        lower_fast(out, tmp_path / "again.onnx")
+
+
+def test_ms_groupnorm_form_is_nhwc_contrib_op_between_transposes() -> None:
+    function = read_model(om.exported("resnet18").path)
+    calls = sum(1 for node in function.graph.node if node.domain == DOMAIN)
+    model = to_ms_groupnorm(function)
+    ops = _ops(model)
+    assert ops[(MS_DOMAIN, "GroupNorm")] == calls
+    assert ops[("", "Transpose")] == 2 * calls
+    node = next(n for n in model.graph.node if n.domain == MS_DOMAIN)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["channels_last"] == 1 and attrs["activation"] == 0 and attrs["groups"] == 32
+    assert any(entry.domain == MS_DOMAIN for entry in model.opset_import)
+
+
+def test_ms_groupnorm_falls_back_to_fast_form_for_rank_3() -> None:
+    model = to_ms_groupnorm(_model((2, 6, 17), 3, 1e-5, onnx.TensorProto.FLOAT))
+    assert _ops(model)[("", "InstanceNormalization")] == 1
+    assert not any(domain == MS_DOMAIN for domain, _ in _ops(model))
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="com.microsoft.GroupNorm has a CUDA kernel only; onnxruntime-gpu is not installed here")
+def test_ms_groupnorm_matches_torch_on_cuda() -> None:
+    x = om.crops()
+    ref = om.converted("resnet18")(x).detach().numpy()
+    model = to_ms_groupnorm(read_model(om.exported("resnet18").path))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    assert float(np.abs(got - ref).max()) < 1e-3
