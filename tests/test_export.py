@@ -227,3 +227,25 @@ def test_default_input_shape_comes_from_the_first_convolution(tmp_path) -> None:
     model = nn.Sequential(nn.Conv2d(5, 4, 3), nn.GroupNorm(2, 4))
     report = export_onnx(model, tmp_path / "m.onnx")
     assert report.input_shape == (1, 5, 224, 224)
+
+
+def test_check_onnx_rejects_groups_that_do_not_divide_channels(tmp_path) -> None:
+    import onnx.helper as oh
+
+    from gn_convert.onnx.lower import attach_function
+    from gn_convert.onnx.op import OP_TYPE, opset_import
+    from gn_convert.onnx.verify import check_onnx
+
+    weights = [onnx.numpy_helper.from_array(np.ones(7, np.float32) * 0.5, n) for n in ("scale", "bias")]
+    weights.append(onnx.numpy_helper.from_array(np.ones((7, 7, 1, 1), np.float32), "w"))  # 196 B
+    weights.append(onnx.numpy_helper.from_array(np.ones(300, np.float32), "unused_large"))  # detached
+    graph = oh.make_graph(
+        [oh.make_node("Conv", ["X", "w"], ["c"]),
+         oh.make_node(OP_TYPE, ["c", "scale", "bias"], ["Y"], domain=DOMAIN, num_groups=3)],
+        "g", [oh.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1, 7, 4, 4])],
+        [oh.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, 7, 4, 4])], weights)
+    model = attach_function(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21), opset_import()]))
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    with pytest.raises(ExportError, match="does not divide C=7"):
+        check_onnx(tmp_path / "bad.onnx", model)
+    assert len(model.graph.initializer[3].raw_data) == 1200  # weights restored after the check

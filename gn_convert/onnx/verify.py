@@ -2,7 +2,8 @@
 
 - ``onnx.checker.check_model(path, full_check=True)`` (by path, so that models with external
   data are checked too);
-- strict type and shape inference, with data propagation;
+- strict type and shape inference, with data propagation (on the graph with its large
+  weights' bytes taken out: inference reads only their types and shapes);
 - node counts: no ``BatchNormalization`` left unless allowed; for the ``function`` form one
   custom node per exported GroupNorm call and the function attached; for the ``inlined`` and
   ``standard`` forms no custom node and no function of ours left, and for ``standard`` one
@@ -19,6 +20,7 @@ import onnx.checker
 import onnx.shape_inference
 
 from .errors import ExportError
+from .external import weights_detached
 from .op import DOMAIN, groupnorm_nodes
 
 
@@ -64,8 +66,9 @@ def check_onnx(path: Path, model: onnx.ModelProto) -> None:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the exported model fails onnx's checker: {_first_line(exc)}; please report it") from exc
-    try:
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    try:  # on the graph without its large weights: shape inference needs only their types and shapes
+        with weights_detached(model):
+            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         raise ExportError(f"the exported model fails shape inference: {_first_line(exc)}; please report it") from exc
 
