@@ -1,0 +1,398 @@
+"""Latency benchmarks: ONNX models (and torch modules) timed interleaved in one process.
+
+Timings on a shared machine drift by 2x between runs, so a latency is only meaningful as a
+ratio against a baseline measured in the same process, at the same time. This module runs
+every variant once per round, in a rotated order, for a number of rounds, and reports each
+variant's median latency and its ratio to the baseline's median (the BatchNorm original,
+whose norms onnxruntime folds into the convolutions).
+
+- :func:`ort_session`: an onnxruntime session on the CPU or CUDA provider, thread count set.
+- :func:`session_variant`, :func:`torch_variant`: the things that are timed.
+- :func:`run_bench`: the interleaved timing over batch sizes; returns a :class:`BenchResult`
+  whose :meth:`~BenchResult.table` is the table the CLI and the script print.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import GnConvertError
+
+log = logging.getLogger(__name__)
+
+PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+DEFAULT_SPATIAL = 224
+"""Spatial size used when a model's input has symbolic spatial dimensions."""
+
+Call = Callable[[], object]
+"""One inference on inputs bound beforehand (nothing else is timed)."""
+Prepare = Callable[[np.ndarray], Call]
+"""Bind an input batch (copy it to the device, cast it) and return the timed call."""
+
+
+class BenchError(GnConvertError):
+    """A benchmark cannot run: a bad model file, an unknown provider, a bad batch list."""
+
+
+class ProviderUnavailableError(BenchError):
+    """The requested execution provider (or device) is not present on this machine."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One thing to time.
+
+    Attributes:
+        name: the row label (``bn``, ``function``, ``torch-eager``, ...).
+        prepare: binds an input batch and returns the call that is timed.
+        note: a short description printed under the table.
+    """
+
+    name: str
+    prepare: Prepare
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The timings of one variant at one batch size.
+
+    Attributes:
+        variant: the variant's name.
+        batch: images per call.
+        median_ms: median latency of one call, milliseconds.
+        q1_ms: first quartile, milliseconds.
+        q3_ms: third quartile, milliseconds.
+        min_ms: fastest call, milliseconds (the least disturbed by other processes).
+        ratio: ``median_ms`` over the baseline's median at the same batch (None without one).
+        samples: how many timed calls the median is over.
+    """
+
+    variant: str
+    batch: int
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    min_ms: float
+    ratio: float | None
+    samples: int
+
+
+@dataclass
+class BenchResult:
+    """Everything one benchmark run measured, and the conditions it ran under.
+
+    Attributes:
+        measurements: one per variant and batch size.
+        baseline: the variant the ratios are against (None: no ratios).
+        threads: intra-op threads of every session (and of torch).
+        provider: ``cpu`` or ``cuda``.
+        runtime: the onnxruntime version.
+        input_shape: one sample's shape (C, H, W).
+        rounds: timed rounds (each runs every variant once).
+        notes: variant name -> description.
+    """
+
+    measurements: list[Measurement]
+    baseline: str | None
+    threads: int
+    provider: str
+    runtime: str
+    input_shape: tuple[int, ...]
+    rounds: int
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def get(self, variant: str, batch: int) -> Measurement:
+        """The measurement of one variant at one batch size (KeyError if absent)."""
+        for m in self.measurements:
+            if m.variant == variant and m.batch == batch:
+                return m
+        raise KeyError((variant, batch))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        data = asdict(self)
+        data["input_shape"] = list(self.input_shape)
+        return data
+
+    def table(self) -> str:
+        """The result as a fixed-width text table: one row per variant, ms and ratio per batch."""
+        batches = sorted({m.batch for m in self.measurements})
+        variants = list(dict.fromkeys(m.variant for m in self.measurements))
+        width = max(len("variant"), *(len(v) for v in variants))
+        head = f"{'variant':<{width}}" + "".join(f"  {'b' + str(b) + ' ms':>10} {'ratio':>6}" for b in batches)
+        lines = [self.header(), head, "-" * len(head)]
+        for variant in variants:
+            cells = []
+            for batch in batches:
+                try:
+                    m = self.get(variant, batch)
+                except KeyError:
+                    cells.append(f"  {'-':>10} {'-':>6}")
+                    continue
+                ratio = f"{m.ratio:.2f}x" if m.ratio is not None else "-"
+                cells.append(f"  {m.median_ms:>10.1f} {ratio:>6}")
+            lines.append(f"{variant:<{width}}" + "".join(cells))
+        lines += [f"  {name}: {note}" for name, note in self.notes.items() if note]
+        return "\n".join(lines)
+
+    def header(self) -> str:
+        """One line on the conditions: runtime, provider, threads, input, rounds, baseline."""
+        shape = "x".join(map(str, self.input_shape))
+        base = f"ratio = median / median of {self.baseline}" if self.baseline else "no baseline"
+        return (f"onnxruntime {self.runtime}, {PROVIDERS.get(self.provider, self.provider)}, "
+                f"{self.threads} intra-op threads, input Nx{shape}, median of {self.rounds} "
+                f"interleaved rounds; {base}")
+
+
+def parse_batches(text: str) -> list[int]:
+    """Parse a batch list such as ``1,8``.
+
+    Raises:
+        BenchError: when an entry is not a positive integer.
+    """
+    try:
+        batches = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise BenchError(f"batch list {text!r} is not a comma-separated list of positive integers, such as 1,8")
+    return list(dict.fromkeys(batches))
+
+
+def check_provider(provider: str) -> str:
+    """Return onnxruntime's provider name for ``cpu`` or ``cuda``.
+
+    Raises:
+        BenchError: for an unknown name.
+        ProviderUnavailableError: when this onnxruntime build lacks the provider.
+    """
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise BenchError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    name = PROVIDERS[provider]
+    if name not in ort.get_available_providers():
+        raise ProviderUnavailableError(
+            f"{name} is not available in this onnxruntime build ({ort.__version__}, providers: "
+            f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a machine with a GPU")
+    return name
+
+
+def ort_session(path: str | Path, *, threads: int, provider: str = "cpu",
+                disabled_optimizers: Sequence[str] = (), custom_ops_library: str | Path | None = None,
+                spinning: bool = False) -> Any:
+    """Open an onnxruntime session for timing.
+
+    Args:
+        path: the ``.onnx`` file (its external data beside it).
+        threads: intra-op threads (inter-op execution is sequential).
+        provider: ``cpu`` or ``cuda`` (CUDA sessions fall back to the CPU for unsupported ops).
+        disabled_optimizers: names of onnxruntime graph transformers to switch off
+            (``NchwcTransformer``), for experiments.
+        custom_ops_library: a shared library registered with ``register_custom_ops_library``.
+        spinning: let idle pool threads spin (onnxruntime's default). Off by default here: the
+            threads of one session keep spinning after its run and steal the cores from the
+            next session timed, which biases interleaved measurements.
+
+    Returns:
+        An ``onnxruntime.InferenceSession`` with all graph optimisations enabled.
+
+    Raises:
+        BenchError: the file is missing or onnxruntime cannot load it.
+        ProviderUnavailableError: the provider is not present.
+    """
+    import onnxruntime as ort
+
+    providers = [check_provider(provider)] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"ONNX file {path} not found")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if custom_ops_library is not None:
+        options.register_custom_ops_library(str(custom_ops_library))
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers,
+                                    disabled_optimizers=list(disabled_optimizers) or None)
+    except Exception as exc:  # onnxruntime raises several private types; the message matters
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise BenchError(f"onnxruntime cannot load {path}: {first}") from None
+
+
+def session_input_shape(session: Any, fallback: Sequence[int] | None = None) -> tuple[int, ...]:
+    """One sample's shape (C, H, W, ...) from a session's first input.
+
+    Symbolic dimensions other than the batch take ``fallback``'s value, or 224.
+
+    Raises:
+        BenchError: when the input has rank below 3.
+    """
+    dims = session.get_inputs()[0].shape
+    if len(dims) < 3:
+        raise BenchError(f"the model's input has rank {len(dims)}; bench needs (N, C, H, ...) images")
+    shape = []
+    for k, dim in enumerate(dims[1:]):
+        if isinstance(dim, int) and dim > 0:
+            shape.append(dim)
+        elif fallback is not None and len(fallback) == len(dims) - 1:
+            shape.append(int(fallback[k]))
+        else:
+            shape.append(DEFAULT_SPATIAL)
+    return tuple(shape)
+
+
+def session_variant(name: str, session: Any, note: str = "") -> Variant:
+    """A variant that runs an onnxruntime session.
+
+    On the CPU provider the input is passed as a numpy array (no copy is timed beyond
+    onnxruntime's own). On CUDA the input is copied to the device once and the output is
+    bound on the device, so only the model runs in the timed call. Inputs are cast to the
+    session's input type (float16 models get float16 inputs).
+    """
+    def prepare(batch: np.ndarray) -> Call:
+        inp = session.get_inputs()[0]
+        data = batch.astype(np.float16 if inp.type == "tensor(float16)" else np.float32)
+        if "CUDAExecutionProvider" not in session.get_providers():
+            feeds = {inp.name: data}
+            return lambda: session.run(None, feeds)
+        import onnxruntime as ort
+
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(inp.name, ort.OrtValue.ortvalue_from_numpy(data, "cuda", 0))
+        for out in session.get_outputs():
+            binding.bind_output(out.name, "cuda")
+
+        def call() -> None:
+            session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+        return call
+
+    return Variant(name, prepare, note)
+
+
+def torch_variant(name: str, model: Any, *, threads: int, device: str = "cpu", fp16: bool = False,
+                  note: str = "") -> Variant:
+    """A variant that runs a torch module eagerly (a reference, not a deployment path).
+
+    Args:
+        name: the row label.
+        model: an ``nn.Module``; it is put in eval mode (and moved to ``device``).
+        threads: torch's intra-op threads (``torch.set_num_threads``).
+        device: ``cpu`` or ``cuda``.
+        fp16: run in half precision.
+        note: description under the table.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    model = model.eval().to(device=device, dtype=torch.float16 if fp16 else torch.float32)
+
+    def prepare(batch: np.ndarray) -> Call:
+        x = torch.from_numpy(batch).to(device=device, dtype=torch.float16 if fp16 else torch.float32)
+
+        def call() -> object:
+            with torch.inference_mode():
+                out = model(x)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            return out
+        return call
+
+    return Variant(name, prepare, note)
+
+
+def time_interleaved(calls: Mapping[str, Call], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time each call once per round, rotating the order every round.
+
+    Rotation puts every variant at every position equally often, so a slow phase of the
+    machine (another process, a frequency change) is shared out instead of hitting one variant.
+
+    Args:
+        calls: name -> the timed call.
+        rounds: timed rounds.
+        warmup: untimed rounds first (memory arenas, caches, CUDA kernels).
+
+    Returns:
+        name -> seconds of each timed call, in round order.
+    """
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            calls[name]()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def summarize(name: str, batch: int, seconds: Sequence[float], baseline_median: float | None) -> Measurement:
+    """Median, quartiles and ratio (to ``baseline_median`` seconds) of one variant's timings."""
+    ms = sorted(s * 1e3 for s in seconds)
+    median = statistics.median(ms)
+    q1, q3 = (statistics.quantiles(ms, n=4)[0::2] if len(ms) > 1 else (median, median))
+    ratio = median / (baseline_median * 1e3) if baseline_median else None
+    return Measurement(name, batch, round(median, 3), round(q1, 3), round(q3, 3), round(ms[0], 3),
+                       round(ratio, 4) if ratio is not None else None, len(ms))
+
+
+def run_bench(variants: Sequence[Variant], input_shape: Sequence[int], *, batches: Sequence[int] = (1, 8),
+              rounds: int = 10, warmup: int = 2, baseline: str | None = None, threads: int = 1,
+              provider: str = "cpu", seed: int = 0) -> BenchResult:
+    """Time every variant interleaved, per batch size, and compute ratios to the baseline.
+
+    Args:
+        variants: what to time (names unique).
+        input_shape: one sample's shape (C, H, W); inputs are seeded uniform [0, 1) floats.
+        batches: batch sizes, each timed separately.
+        rounds: timed rounds per batch size.
+        warmup: untimed rounds per batch size.
+        baseline: the variant ratios are against (None: no ratios).
+        threads: the thread count the sessions were made with (recorded, not applied).
+        provider: ``cpu`` or ``cuda`` (recorded).
+        seed: input seed.
+
+    Returns:
+        The :class:`BenchResult`.
+
+    Raises:
+        BenchError: duplicate names, an unknown baseline, or fewer than one round.
+    """
+    import onnxruntime as ort
+
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise BenchError(f"variant names must be unique: {names}")
+    if baseline is not None and baseline not in names:
+        raise BenchError(f"baseline {baseline!r} is not one of the variants {names}")
+    if rounds < 1:
+        raise BenchError(f"need at least one round, got {rounds}")
+    gen = np.random.default_rng(seed)
+    measurements: list[Measurement] = []
+    for batch in batches:
+        data = gen.random((batch, *input_shape), dtype=np.float32)
+        calls = {v.name: v.prepare(data) for v in variants}
+        seconds = time_interleaved(calls, rounds, warmup)
+        base = statistics.median(seconds[baseline]) if baseline else None
+        for name in names:
+            measurements.append(summarize(name, batch, seconds[name], base))
+        log.info("batch %d: %s", batch, ", ".join(f"{m.variant} {m.median_ms:.1f} ms"
+                                                 for m in measurements if m.batch == batch))
+    return BenchResult(measurements, baseline, threads, provider, ort.__version__, tuple(input_shape), rounds,
+                       {v.name: v.note for v in variants})

@@ -1,0 +1,68 @@
+"""``gn-convert bench``: latency of an exported model against its BatchNorm original.
+
+Every model is timed interleaved with the others in one process (a ratio measured that way
+survives the 2x drift of a shared machine; absolute milliseconds do not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ..atomic import atomic_file
+from ..bench import ort_session, parse_batches, run_bench, session_input_shape, session_variant
+from ..onnx.reading import read_model
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``bench`` command."""
+    p = sub.add_parser(
+        "bench", help="time an ONNX model under onnxruntime against its BatchNorm original",
+        description="Median latency of MODEL (and of --baseline, --fast) under onnxruntime, timed "
+        "interleaved in one process, with ratios to the baseline. Compare ratios, not milliseconds.")
+    p.add_argument("model", type=Path, metavar="MODEL.onnx", help="the model to time (gn-convert export's output)")
+    p.add_argument("--baseline", type=Path, metavar="BN.onnx",
+                   help="the BatchNorm original exported to ONNX; ratios are against it")
+    p.add_argument("--fast", action="store_true",
+                   help="also time MODEL lowered by the fast InstanceNormalization pass (function-form MODEL)")
+    p.add_argument("--batch", default="1,8", metavar="B[,B...]", help="batch sizes (default 1,8)")
+    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4), metavar="N",
+                   help="onnxruntime intra-op threads (default: CPU count, at most 4)")
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds per batch size (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch size (default 2)")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider (default cpu)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the measurements as JSON")
+
+
+def _input_fallback(path: Path) -> tuple[int, ...] | None:
+    """The sample shape recorded by the exporter (``gn_convert.input_shape``), if any."""
+    props = {p.key: p.value for p in read_model(path, load_external_data=False).metadata_props}
+    dims = [int(d) for d in props.get("gn_convert.input_shape", "").split(",") if d.strip()]
+    return tuple(dims[1:]) if len(dims) >= 3 else None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Time the models and print the table; 0 on success."""
+    batches = parse_batches(args.batch)
+    threads = max(1, args.threads)
+    fallback = _input_fallback(args.model)
+    with tempfile.TemporaryDirectory(prefix="gn-convert-bench-") as tmp:
+        paths = {"baseline": args.baseline} if args.baseline else {}
+        paths["model"] = args.model
+        if args.fast:
+            from ..onnx.fast_lowering import lower_fast
+
+            paths["fast"] = lower_fast(args.model, Path(tmp) / "fast.onnx")
+        sessions = {name: ort_session(path, threads=threads, provider=args.provider) for name, path in paths.items()}
+        variants = [session_variant(name, s, note=str(paths[name])) for name, s in sessions.items()]
+        shape = session_input_shape(sessions["model"], fallback)
+        result = run_bench(variants, shape, batches=batches, rounds=args.rounds, warmup=args.warmup,
+                           baseline="baseline" if args.baseline else None, threads=threads, provider=args.provider)
+    print(result.table())
+    if args.json:
+        with atomic_file(args.json) as out:
+            out.write_text(json.dumps(result.to_dict(), indent=2))
+    return 0

@@ -1,0 +1,189 @@
+"""Latency of converted GroupNorm models under onnxruntime, against their BatchNorm originals.
+
+For each model (untrained torchvision weights: latency does not depend on the values), this
+exports the BatchNorm original and its GroupNorm conversion in every form, then times all of
+them interleaved in one process (``gn_convert.bench``), at each batch size, and prints the
+median latency and the ratio to the BatchNorm original.
+
+Variants (CPU):
+
+- ``bn``: the BatchNorm original (``export_onnx(allow_batchnorm=True)``, i.e.
+  ``torch.onnx.export``); onnxruntime folds each BN into its convolution.
+- ``torch-default``: the GN model exported by plain ``torch.onnx.export`` (opset 20:
+  Reshape -> InstanceNormalization -> Reshape -> Mul -> Add).
+- ``function``, ``inlined``, ``standard``: gn-convert's export targets.
+- ``fast``: the function file lowered by ``gn_convert.onnx.fast_lowering.to_fast``.
+- ``torch-eager``: the GN model in torch, as a reference.
+
+With ``--provider cuda`` (onnxruntime-gpu and a GPU), the models are exported in float16 and
+``ms-groupnorm`` (``to_ms_groupnorm``: com.microsoft.GroupNorm, NHWC) is added; without a
+GPU the run prints why it is skipped and exits 0.
+
+Usage::
+
+    python scripts/bench_latency.py                                 # resnet50, batch 1 and 8
+    python scripts/bench_latency.py --models resnet50,resnet18,mobilenet_v3_large,efficientnet_b0
+    python scripts/bench_latency.py --provider cuda --rounds 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads must not spin while others are timed
+import torch  # noqa: E402
+from torch import nn
+
+import gn_convert
+from gn_convert.atomic import atomic_file
+from gn_convert.bench import (ProviderUnavailableError, Variant, check_provider, ort_session, parse_batches,
+                              run_bench, session_variant, torch_variant)
+from gn_convert.models import build_model
+from gn_convert.onnx import export_onnx, lower_onnx
+from gn_convert.onnx.fast_lowering import to_fast, to_ms_groupnorm
+from gn_convert.onnx.reading import read_model
+from gn_convert.onnx.export import write_model
+
+MODELS = ("resnet50",)
+ALL_MODELS = ("resnet50", "resnet18", "mobilenet_v3_large", "efficientnet_b0")
+CPU_VARIANTS = ("bn", "torch-default", "function", "inlined", "standard", "fast", "torch-eager")
+CUDA_VARIANTS = ("bn", "torch-default", "function", "fast", "ms-groupnorm", "torch-eager")
+NOTES = {
+    "bn": "BatchNorm original, BN folded into the convolutions by onnxruntime",
+    "torch-default": "GN model, plain torch.onnx.export (Reshape-InstanceNormalization-Reshape-Mul-Add)",
+    "function": "gn-convert export, target function (our op, two-pass body inlined by onnxruntime)",
+    "inlined": "gn-convert export, target inlined",
+    "standard": "gn-convert export, target standard (GroupNormalization-21, one-pass variance)",
+    "fast": "function file lowered by fast_lowering.to_fast (InstanceNormalization + BatchNormalization affine)",
+    "ms-groupnorm": "function file lowered to com.microsoft.GroupNorm (CUDA, NHWC, one-pass variance)",
+    "torch-eager": "GN model in torch eager mode (reference)",
+}
+
+
+def _export_torch_default(model: nn.Module, path: Path, shape: tuple[int, ...], fp16: bool) -> None:
+    """torch's own export of the GN model (no custom translation), dynamic batch, opset 20."""
+    source = model.half() if fp16 else model
+    example = torch.randn(2, *shape[1:], dtype=torch.float16 if fp16 else torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(source, (example,), dynamo=True, opset_version=20, optimize=True,
+                                    dynamic_shapes=({0: "batch"},), input_names=["input"],
+                                    output_names=["output"], verbose=False)
+    program.save(str(path))
+    if fp16:
+        model.float()
+
+
+def _write_lowered(source: Path, path: Path, lowering) -> None:
+    write_model(lowering(read_model(source)), path, "inlined", calls=0, allow_batchnorm=True)
+
+
+def export_variants(name: str, folder: Path, *, groups: int, size: int, fp16: bool,
+                    wanted: list[str]) -> tuple[dict[str, Path], nn.Module]:
+    """Export every ONNX variant of one model into ``folder`` (reused when already there)."""
+    torch.manual_seed(0)
+    bn = build_model(name).eval()
+    gn = gn_convert.convert(bn, groups).eval()
+    shape = (1, 3, size, size)
+    paths = {v: folder / f"{name}.{v}.{'fp16' if fp16 else 'fp32'}.onnx" for v in wanted if v != "torch-eager"}
+    steps = {
+        "bn": lambda p: export_onnx(bn, p, input_shape=shape, allow_batchnorm=True, fp16=fp16),
+        "function": lambda p: export_onnx(gn, p, input_shape=shape, fp16=fp16),
+        "torch-default": lambda p: _export_torch_default(gn, p, shape, fp16),
+    }
+    function_file = paths.get("function", folder / f"{name}.function.{'fp16' if fp16 else 'fp32'}.onnx")
+    order = ["bn", "torch-default", "function"] + [v for v in paths if v not in ("bn", "torch-default", "function")]
+    for variant in order:
+        if variant not in paths and variant != "function":
+            continue
+        path = paths.get(variant, function_file)
+        if path.exists():
+            continue
+        start = time.perf_counter()
+        if variant in steps:
+            steps[variant](path)
+        elif variant in ("inlined", "standard"):
+            lower_onnx(function_file, path, variant)
+        elif variant == "fast":
+            _write_lowered(function_file, path, to_fast)
+        elif variant == "ms-groupnorm":
+            _write_lowered(function_file, path, to_ms_groupnorm)
+        print(f"  exported {path.name} in {time.perf_counter() - start:.0f} s", flush=True)
+    return paths, gn
+
+
+def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict:
+    """Export and time one model; print its table; return the result as a dict."""
+    fp16 = args.provider == "cuda"
+    wanted = [v for v in args.variants.split(",") if v]
+    print(f"{name}: exporting ({', '.join(wanted)})", flush=True)
+    paths, gn = export_variants(name, folder, groups=args.groups, size=args.size, fp16=fp16, wanted=wanted)
+    variants: list[Variant] = []
+    for variant in wanted:
+        if variant == "torch-eager":
+            variants.append(torch_variant(variant, gn, threads=args.threads, device="cuda" if fp16 else "cpu",
+                                          fp16=fp16, note=NOTES[variant]))
+            continue
+        session = ort_session(paths[variant], threads=args.threads, provider=args.provider)
+        variants.append(session_variant(variant, session, note=NOTES.get(variant, "")))
+    result = run_bench(variants, (3, args.size, args.size), batches=parse_batches(args.batch), rounds=args.rounds,
+                       warmup=args.warmup, baseline="bn" if "bn" in wanted else None, threads=args.threads,
+                       provider=args.provider)
+    print(f"\n## {name} (G={args.groups}, {'float16' if fp16 else 'float32'})\n{result.table()}\n", flush=True)
+    return {"model": name, **result.to_dict()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The script's options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (all: {','.join(ALL_MODELS)})")
+    p.add_argument("--variants", default=None, help=f"comma-separated, default CPU: {','.join(CPU_VARIANTS)}; "
+                   f"CUDA: {','.join(CUDA_VARIANTS)}")
+    p.add_argument("--batch", default="1,8", help="batch sizes (default 1,8)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads of onnxruntime and torch (default 2)")
+    p.add_argument("--rounds", type=int, default=10, help="timed interleaved rounds per batch (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch (default 2)")
+    p.add_argument("--groups", type=int, default=32, help="GroupNorm groups of the conversion (default 32)")
+    p.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--workdir", type=Path, help="keep (and reuse) the exported files here")
+    p.add_argument("--json", type=Path, help="write all results to this JSON file")
+    args = p.parse_args(argv)
+    if args.variants is None:
+        args.variants = ",".join(CUDA_VARIANTS if args.provider == "cuda" else CPU_VARIANTS)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; 0 on success or on a skipped CUDA run."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        check_provider(args.provider)
+        if args.provider == "cuda" and not torch.cuda.is_available():
+            raise ProviderUnavailableError("torch sees no CUDA device")
+    except ProviderUnavailableError as exc:
+        print(f"skipped: {exc}")
+        return 0
+    results = []
+    with tempfile.TemporaryDirectory(prefix="gn-convert-bench-") as tmp:
+        folder = args.workdir or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in [m for m in args.models.split(",") if m]:
+            results.append(bench_model(name, args, folder))
+    if args.json:
+        with atomic_file(args.json) as out:
+            out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The latency harness (``gn_convert.bench``) and ``gn-convert bench``.
+
+No timing is asserted: the harness's order, statistics and ratios are checked with fake
+calls, and the CLI runs two tiny rounds on the 64x64 test exports.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import onnx_models as om
+from gn_convert.bench import (BenchError, Variant, parse_batches, run_bench, session_input_shape, ort_session,
+                              summarize, time_interleaved)
+from gn_convert.cli import main
+
+
+def test_interleaving_puts_every_variant_at_every_position() -> None:
+    order: list[str] = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    seconds = time_interleaved(calls, rounds=3, warmup=1)
+    assert order[:3] == ["a", "b", "c"]  # the warm-up round
+    rounds = [order[3 + 3 * r: 6 + 3 * r] for r in range(3)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert {name: len(s) for name, s in seconds.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_summary_is_median_quartiles_and_ratio_to_baseline_median() -> None:
+    m = summarize("gn", 8, [0.004, 0.001, 0.002, 0.003, 0.100], baseline_median=0.002)
+    assert (m.median_ms, m.samples, m.batch) == (3.0, 5, 8)
+    assert m.q1_ms <= m.median_ms <= m.q3_ms
+    assert m.ratio == pytest.approx(1.5)
+    assert summarize("x", 1, [0.001], None).ratio is None
+
+
+def _fake(name: str, shapes: list[tuple[int, ...]]) -> Variant:
+    def prepare(batch: np.ndarray):
+        shapes.append(batch.shape)
+        return lambda: None
+    return Variant(name, prepare, note=f"fake {name}")
+
+
+def test_run_bench_measures_each_variant_per_batch_with_baseline_ratio_one() -> None:
+    shapes: list[tuple[int, ...]] = []
+    result = run_bench([_fake("bn", shapes), _fake("gn", shapes)], (3, 8, 8), batches=[1, 4], rounds=3,
+                       warmup=0, baseline="bn", threads=2)
+    assert shapes == [(1, 3, 8, 8), (1, 3, 8, 8), (4, 3, 8, 8), (4, 3, 8, 8)]
+    assert len(result.measurements) == 4
+    assert result.get("bn", 1).ratio == result.get("bn", 4).ratio == 1.0
+    table = result.table()
+    assert "2 intra-op threads" in table and f"onnxruntime {ort.__version__}" in table
+    assert "b1 ms" in table and "b4 ms" in table and "fake gn" in table
+    json.dumps(result.to_dict())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"baseline": "missing"}, "baseline"), ({"rounds": 0}, "round"),
+], ids=["unknown-baseline", "no-rounds"])
+def test_run_bench_refuses_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(BenchError, match=match):
+        run_bench([_fake("a", [])], (3, 4, 4), **kwargs)
+
+
+@pytest.mark.parametrize("text,expected", [("1,8", [1, 8]), ("4", [4]), ("2,2,1", [2, 1])])
+def test_parse_batches(text: str, expected: list[int]) -> None:
+    assert parse_batches(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "0", "1,x", "-2"])
+def test_parse_batches_refuses_non_positive_or_non_integer(text: str) -> None:
+    with pytest.raises(BenchError, match="positive integers"):
+        parse_batches(text)
+
+
+def test_session_input_shape_uses_exporter_shape_for_symbolic_dims() -> None:
+    session = ort_session(om.exported("resnet18").path, threads=1)
+    assert session_input_shape(session) == (3, om.SIZE, om.SIZE)
+
+
+def test_cli_bench_prints_ratios_against_baseline(tmp_path, capsys) -> None:
+    model, baseline = om.exported("resnet18").path, om.exported("resnet18", "inlined").path
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(model), "--baseline", str(baseline), "--fast", "--batch", "1,2", "--rounds", "2",
+                 "--warmup", "1", "--threads", "1", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "1 intra-op threads" in text and "ratio" in text
+    rows = [line.split()[0] for line in text.splitlines()[3:6]]
+    assert rows == ["baseline", "model", "fast"]
+    data = json.loads(out.read_text())
+    assert {(m["variant"], m["batch"]) for m in data["measurements"]} == {
+        (v, b) for v in ("baseline", "model", "fast") for b in (1, 2)}
+    assert all(m["ratio"] == 1.0 for m in data["measurements"] if m["variant"] == "baseline")
+
+
+def test_cli_bench_missing_file_is_one_line_exit_2(tmp_path, capsys) -> None:
+    assert main(["bench", str(tmp_path / "none.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not found" in err
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here")
+def test_cli_bench_cuda_without_gpu_build_says_so_exit_2(capsys) -> None:
+    assert main(["bench", str(om.exported("resnet18").path), "--provider", "cuda"]) == 2
+    assert "CUDAExecutionProvider is not available" in capsys.readouterr().err
