@@ -1,4 +1,4 @@
-"""Batch-size study: a BatchNorm network against its GroupNorm conversion, 2 to 32 images a batch.
+"""Batch-size study: a BatchNorm network against its GroupNorm conversion, 1 to 32 images a batch.
 
 Reproduces, at small scale and on real data that ships in a package, the headline of Wu & He
 (2018), Figure 1: BatchNorm's error grows as the batch shrinks, GroupNorm's does not. And asks
@@ -12,18 +12,22 @@ Protocol (scikit-learn's 8x8 digits at their native size, via ``gn_convert.data.
   training digits 0-4; the *target* task is digits 5-9 (disjoint classes: about 450 training
   digits), evaluated on the about 440 held-out digits 5-9.
 - Per seed, a small BatchNorm ResNet (``scripts/_study_models.py``) is pretrained on digits
-  0-4 at batch 32. Its head is replaced by a fresh 5-way head; that model is fine-tuned as is
-  (BN) and after ``convert(model, groups, init="bn-stats")`` (GN), at batch sizes 2, 4, 8, 16
-  and 32. Both are also trained from scratch on the target task (GN is the conversion of the
-  same untrained BN network, so both start from the same convolution weights).
+  0-4 at batch 32. Its head is replaced by a fresh 5-way head; that model is fine-tuned three
+  ways at batch sizes 1, 2, 4, 8, 16 and 32 (the paper's figure stops at 2; batch 1 is what
+  per-sample work such as DP-SGD or very large inputs forces): as is, BatchNorm in train mode
+  (BN); with BatchNorm frozen in eval mode at its pretrained statistics, the usual
+  small-batch workaround (BN-frozen); and after ``convert(model, groups, init="bn-stats")``
+  (GN). BN and GN are also trained from scratch on the target task (GN is the conversion of
+  the same untrained BN network, so both start from the same convolution weights).
 - Every run sees the same samples in the same order (seeded; only their grouping into batches
   differs): SGD with momentum 0.9, learning rate scaled linearly with the batch (the paper's
   rule), cosine decay, weight decay 1e-4.
-- BatchNorm trains in train mode, so at batch 2 each layer normalises with the statistics of
-  two images; it is evaluated in eval mode with its running statistics (an exponential
-  average of those batch statistics), which is what the paper measures. The JSON also holds
-  BN's error after its statistics are recomputed on the whole training set (precise BN), to
-  separate noisy running statistics from the training itself.
+- BatchNorm in train mode normalises each layer with the statistics of the batch: of two
+  images at batch 2, of the image itself at batch 1. It is evaluated in eval mode with its
+  running statistics (an exponential average of those batch statistics), which is what the
+  paper measures. The JSON and the table also give BN's error after its statistics are
+  recomputed on the whole training set (precise BN), to separate noisy running statistics
+  from the training itself.
 
 Usage::
 
@@ -60,7 +64,7 @@ from gn_convert.data import digits  # noqa: E402
 log = logging.getLogger("batch_size_study")
 
 REGIMES: tuple[str, ...] = ("finetune", "scratch")
-NORMS: tuple[str, ...] = ("BN", "GN")
+NORMS: dict[str, tuple[str, ...]] = {"finetune": ("BN", "BN-frozen", "GN"), "scratch": ("BN", "GN")}
 REFERENCE_BATCH = 32
 
 
@@ -84,14 +88,14 @@ class StudyConfig:
         weight_decay: SGD weight decay.
     """
 
-    batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 32)
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     seeds: tuple[int, ...] = (0, 1, 2)
     size: int = 8
     width: int = 16
     groups: int = 8
     heldout: int = 897
     pretrain_epochs: float = 6.0
-    finetune_epochs: float = 6.0
+    finetune_epochs: float = 3.0
     scratch_epochs: float = 6.0
     lr_pretrain: float = 0.1
     lr_finetune: float = 0.05
@@ -161,8 +165,14 @@ def sample_order(count: int, samples: int, seed: int) -> torch.Tensor:
     return torch.cat([torch.randperm(count, generator=gen) for _ in range(epochs)])[:samples]
 
 
+def _freeze_batchnorm(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def train(model: nn.Module, task: Task, *, batch_size: int, epochs: float, lr: float,
-          weight_decay: float, seed: int) -> nn.Module:
+          weight_decay: float, seed: int, freeze_bn: bool = False) -> nn.Module:
     """Train ``model`` in train mode with SGD on ``task``; returns it in eval mode.
 
     Args:
@@ -173,6 +183,8 @@ def train(model: nn.Module, task: Task, *, batch_size: int, epochs: float, lr: f
         lr: learning rate at batch 32, scaled by ``batch_size / 32`` (linear scaling rule).
         weight_decay: SGD weight decay.
         seed: seed of the sample order.
+        freeze_bn: keep BatchNorm layers in eval mode (their running statistics fixed, their
+            affine still trained), the usual small-batch workaround (detectron2's FrozenBN).
     """
     order = sample_order(len(task.labels), int(epochs * len(task.labels)), seed)
     steps = len(order) // batch_size
@@ -180,6 +192,8 @@ def train(model: nn.Module, task: Task, *, batch_size: int, epochs: float, lr: f
                           weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     model.train()
+    if freeze_bn:
+        _freeze_batchnorm(model)
     for k in range(steps):
         idx = order[k * batch_size:(k + 1) * batch_size]
         loss = F.cross_entropy(model(task.images[idx]), task.labels[idx])
@@ -217,10 +231,11 @@ def pretrain(task: Task, cfg: StudyConfig, seed: int) -> nn.Module:
 
 def starting_points(regime: str, pretrained: nn.Module, num_classes: int, cfg: StudyConfig,
                     seed: int) -> dict[str, nn.Module]:
-    """The BN model and its GN conversion that one run starts from.
+    """The models that one run starts from, by norm (see :data:`NORMS`).
 
-    For ``finetune``, a copy of the pretrained model with a fresh seeded head; for
-    ``scratch``, a freshly initialised network. The GN model is ``convert`` of the BN one.
+    For ``finetune``, a copy of the pretrained model with a fresh seeded head (``BN`` and
+    ``BN-frozen`` are two copies of it); for ``scratch``, a freshly initialised network. The
+    GN model is ``convert`` of the BN one.
     """
     torch.manual_seed(1000 + seed)
     if regime == "finetune":
@@ -228,7 +243,10 @@ def starting_points(regime: str, pretrained: nn.Module, num_classes: int, cfg: S
         bn[-1] = nn.Linear(bn[-1].in_features, num_classes)
     else:
         bn = small_resnet(num_classes, cfg.width)
-    return {"BN": bn, "GN": convert(bn, cfg.groups, init="bn-stats")}
+    models = {"BN": bn, "GN": convert(bn, cfg.groups, init="bn-stats")}
+    if "BN-frozen" in NORMS[regime]:
+        models["BN-frozen"] = copy.deepcopy(bn)
+    return models
 
 
 def _one_run(regime: str, norm: str, model: nn.Module, target: Task, cfg: StudyConfig,
@@ -236,11 +254,12 @@ def _one_run(regime: str, norm: str, model: nn.Module, target: Task, cfg: StudyC
     finetune = regime == "finetune"
     start = time.perf_counter()
     train(model, target, batch_size=batch_size, epochs=cfg.finetune_epochs if finetune else cfg.scratch_epochs,
-          lr=cfg.lr_finetune if finetune else cfg.lr_scratch, weight_decay=cfg.weight_decay, seed=seed)
+          lr=cfg.lr_finetune if finetune else cfg.lr_scratch, weight_decay=cfg.weight_decay, seed=seed,
+          freeze_bn=norm == "BN-frozen")
     seconds = time.perf_counter() - start
     error = error_percent(model, target.heldout_images, target.heldout_labels)
     precise = precise_bn_error(model, target) if norm == "BN" else None
-    log.info("%-8s %s batch %2d seed %d: error %5.2f%%%s (%.1f s)", regime, norm, batch_size, seed, error,
+    log.info("%-8s %-9s batch %2d seed %d: error %5.2f%%%s (%.1f s)", regime, norm, batch_size, seed, error,
              "" if precise is None else f", precise BN {precise:5.2f}%", seconds)
     return Run(regime, norm, batch_size, seed, error, precise, seconds)
 
@@ -262,7 +281,7 @@ def run_study(cfg: StudyConfig) -> list[Run]:
         for regime in REGIMES:
             for batch_size in cfg.batch_sizes:
                 models = starting_points(regime, pretrained, num_classes, cfg, seed)
-                for norm in NORMS:
+                for norm in NORMS[regime]:
                     runs.append(_one_run(regime, norm, models[norm], target, cfg, batch_size, seed))
     return runs
 
@@ -276,7 +295,7 @@ def summarize(runs: Sequence[Run]) -> list[dict]:
     """
     rows = []
     for regime in REGIMES:
-        for norm in NORMS:
+        for norm in NORMS[regime]:
             for batch_size in sorted({r.batch_size for r in runs}):
                 group = [r for r in runs if (r.regime, r.norm, r.batch_size) == (regime, norm, batch_size)]
                 if not group:
@@ -300,7 +319,7 @@ def spread_across_batches(summary: Sequence[dict], regime: str, norm: str) -> fl
 def write_json(path: Path, cfg: StudyConfig, runs: Sequence[Run], summary: Sequence[dict]) -> None:
     """Write the configuration, every run and the summary to ``path`` (atomically)."""
     spreads = {f"{regime}/{norm}": spread_across_batches(summary, regime, norm)
-               for regime in REGIMES for norm in NORMS}
+               for regime in REGIMES for norm in NORMS[regime]}
     document = {"config": asdict(cfg), "summary": list(summary), "spread_across_batches": spreads,
                 "runs": [asdict(r) for r in runs], "torch": torch.__version__}
     with atomic_file(path) as tmp:
@@ -309,7 +328,9 @@ def write_json(path: Path, cfg: StudyConfig, runs: Sequence[Run], summary: Seque
 
 TITLES = {"finetune": "fine-tuned from a BN model pretrained on digits 0-4",
           "scratch": "trained from scratch"}
-COLOURS = {"BN": "#1f77b4", "GN": "#d62728"}
+COLOURS = {"BN": "#1f77b4", "BN-frozen": "#2ca02c", "GN": "#d62728"}
+LABELS = {"BN": "BN (train mode)", "BN-frozen": "BN frozen (eval mode, pretrained statistics)",
+          "GN": "GN (gn_convert.convert, bn-stats init)"}
 
 
 def plot(summary: Sequence[dict], path: Path) -> None:
@@ -325,7 +346,7 @@ def plot(summary: Sequence[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(REGIMES), figsize=(10, 3.8), sharey=False)
     for ax, regime in zip(axes, REGIMES):
-        for norm in NORMS:
+        for norm in NORMS[regime]:
             rows = sorted((r for r in summary if (r["regime"], r["norm"]) == (regime, norm)),
                           key=lambda r: -r["batch_size"])
             x = range(len(rows))
@@ -333,7 +354,7 @@ def plot(summary: Sequence[dict], path: Path) -> None:
             low = [r["error_mean"] - r["error_min"] for r in rows]
             high = [r["error_max"] - r["error_mean"] for r in rows]
             ax.errorbar(x, mean, yerr=[low, high], color=COLOURS[norm], marker="o", capsize=3,
-                        linewidth=2, label=norm)
+                        linewidth=2, label=LABELS[norm])
             if norm == "BN":
                 ax.plot(x, [r["error_precise_bn_mean"] for r in rows], color=COLOURS[norm], linestyle=":",
                         marker=".", label="BN, statistics recomputed (precise BN)")
@@ -345,7 +366,8 @@ def plot(summary: Sequence[dict], path: Path) -> None:
         ax.set_ylim(bottom=0)
     axes[0].legend(fontsize=8, loc="upper left")
     seeds = summary[0]["seeds"] if summary else 0
-    fig.suptitle(f"Digits 5-9, small ResNet: BatchNorm vs its GroupNorm conversion (mean of {seeds} seeds)",
+    fig.suptitle(f"Held-out digits 5-9, small ResNet: BatchNorm vs its GroupNorm conversion "
+                 f"(mean of {seeds} seeds, bars min-max)",
                  fontsize=11)
     fig.tight_layout()
     with atomic_file(path) as tmp:
@@ -359,7 +381,7 @@ def table(summary: Sequence[dict]) -> str:
     lines = ["| regime | norm | " + " | ".join(f"batch {b}" for b in sizes) + " | spread |",
              "| --- | --- |" + " ---: |" * (len(sizes) + 1)]
     for regime in REGIMES:
-        for norm in NORMS:
+        for norm in NORMS[regime]:
             cells = {r["batch_size"]: r for r in summary if (r["regime"], r["norm"]) == (regime, norm)}
             text = [f"{cells[b]['error_mean']:.1f} ± {cells[b]['error_std']:.1f}" for b in sizes]
             lines.append(f"| {regime} | {norm} | " + " | ".join(text)

@@ -1,6 +1,7 @@
 """The batch-size study's fast mode (``scripts/batch_size_study.py --fast``): one seed, short
-schedules, real digits. It asserts what held on every one of seeds 0-4 when measured (see
-the numbers in each test), not the paper's headline, which did not reproduce at this scale."""
+schedules, real digits. Each test asserts what held on every one of seeds 0-4 when measured
+(the numbers are in the test). The paper's headline, BN degrading at 2 images a batch, did
+not reproduce at this scale; BN fine-tuned in train mode at batch 1 did fail, and is tested."""
 
 from __future__ import annotations
 
@@ -49,21 +50,39 @@ def _error(runs: list, regime: str, norm: str, batch_size: int) -> float:
 
 def test_fast_study_runs_every_regime_norm_and_batch_once(study: ModuleType, fast_runs: list) -> None:
     keys = sorted((r.regime, r.norm, r.batch_size) for r in fast_runs)
-    expected = sorted((g, n, b) for g in study.REGIMES for n in study.NORMS for b in (2, 4, 8, 16, 32))
-    assert keys == expected
-    assert all((r.error_precise_bn is None) == (r.norm == "GN") for r in fast_runs)
+    expected = sorted((g, n, b) for g in study.REGIMES for n in study.NORMS[g] for b in (1, 2, 4, 8, 16, 32))
+    assert len(keys) == 30 and keys == expected
+    assert all((r.error_precise_bn is not None) == (r.norm == "BN") for r in fast_runs)
 
 
-def test_finetuned_models_learn_the_new_digits_at_every_batch_size(fast_runs: list) -> None:
-    # Chance is 80% error (5 classes). Seeds 0-4 measured: at most 11.2% (GN, batch 32, whose
-    # 14 steps are the fewest), at most 6.9% at batch 2.
-    finetuned = [r for r in fast_runs if r.regime == "finetune"]
-    assert max(r.error for r in finetuned) < 15.0
+def test_finetuned_models_learn_the_new_digits(fast_runs: list) -> None:
+    # Chance is 80% error (5 classes). Seeds 0-4 measured: at most 14.8% (BN-frozen at batch 32,
+    # 14 steps) for every run except BN in train mode at batch 1 (see below); at batch 2, at
+    # most 6.9%.
+    finetuned = [r for r in fast_runs if r.regime == "finetune" and (r.norm, r.batch_size) != ("BN", 1)]
+    assert len(finetuned) == 17
+    assert max(r.error for r in finetuned) < 20.0
     assert max(r.error for r in finetuned if r.batch_size == 2) < 8.0
 
 
+def test_bn_finetuned_in_train_mode_at_batch_1_fails_where_its_conversion_does_not(fast_runs: list) -> None:
+    # Seeds 0-4, BN (running statistics) / GN at batch 1: 35.6/2.7, 19.9/4.8, 17.4/2.3, 34.7/2.7,
+    # 32.0/3.0 (%). Recomputing BN's statistics does not rescue it (30.8, 18.3, 20.1, 26.0, 29.5).
+    gn, bn = _error(fast_runs, "finetune", "GN", 1), _error(fast_runs, "finetune", "BN", 1)
+    assert gn < 8.0
+    assert gn < bn - 8.0
+    (bn_run,) = [r for r in fast_runs if (r.regime, r.norm, r.batch_size) == ("finetune", "BN", 1)]
+    assert gn < bn_run.error_precise_bn - 8.0
+
+
+def test_converted_model_at_batch_1_is_no_worse_than_frozen_bn(fast_runs: list) -> None:
+    # GN minus BN-frozen at batch 1, seeds 0-4: -0.7, +0.5, -0.7, +0.2, -3.0 points.
+    gn, frozen = _error(fast_runs, "finetune", "GN", 1), _error(fast_runs, "finetune", "BN-frozen", 1)
+    assert gn <= frozen + 1.5
+
+
 def test_converted_model_finetuned_at_batch_2_matches_bn_at_batch_2(fast_runs: list) -> None:
-    # GN minus BN at batch 2, seeds 0-4: -2.5, -2.3, -2.0, +0.2, -0.7 points.
+    # GN minus BN at batch 2, seeds 0-4: -2.5, -2.3, -2.1, +0.2, -0.7 points.
     gn, bn = _error(fast_runs, "finetune", "GN", 2), _error(fast_runs, "finetune", "BN", 2)
     assert gn <= bn + 1.5
 
@@ -88,7 +107,7 @@ def test_outputs_are_written_and_agree_with_the_runs(study: ModuleType, fast_run
     study.write_json(tmp_path / "s.json", study.StudyConfig.fast(seed=0), fast_runs, summary)
     study.plot(summary, tmp_path / "s.png")
     document = json.loads((tmp_path / "s.json").read_text())
-    assert len(document["runs"]) == len(fast_runs) == 20
+    assert len(document["runs"]) == len(fast_runs) == 30
     row = next(r for r in document["summary"] if (r["regime"], r["norm"], r["batch_size"]) == ("finetune", "GN", 2))
     assert row["error_mean"] == pytest.approx(_error(fast_runs, "finetune", "GN", 2))
     assert document["spread_across_batches"]["finetune/BN"] == pytest.approx(
