@@ -66,7 +66,8 @@ def norm_pairs(student: nn.Module, teacher: nn.Module) -> list[NormPair]:
     """Match the student's GroupNorm layers to the teacher's BatchNorm layers by name.
 
     Also checks that every other parameter and buffer of the student exists in the teacher
-    with the same shape, so a student converted from a different architecture is refused.
+    with the same shape, and the reverse, so a student converted from a different
+    architecture is refused.
 
     Returns:
         One :class:`NormPair` per student GroupNorm, in module order.
@@ -95,16 +96,19 @@ def norm_pairs(student: nn.Module, teacher: nn.Module) -> list[NormPair]:
 
 
 def _check_shapes(student: nn.Module, teacher: nn.Module, norm_names: set[str]) -> None:
-    theirs = {k: v.shape for k, v in teacher.state_dict().items()}
-    for key, value in student.state_dict().items():
-        if key.rpartition(".")[0] in norm_names:
-            continue
+    theirs = {k: v.shape for k, v in teacher.state_dict().items() if k.rpartition(".")[0] not in norm_names}
+    ours = {k: v.shape for k, v in student.state_dict().items() if k.rpartition(".")[0] not in norm_names}
+    for key, shape in ours.items():
         if key not in theirs:
             raise ModelMismatchError(f"student tensor {key} is missing from the teacher; "
                                      "pass the teacher the student was converted from")
-        if theirs[key] != value.shape:
-            raise ModelMismatchError(f"{key}: student shape {tuple(value.shape)}, teacher {tuple(theirs[key])}; "
+        if theirs[key] != shape:
+            raise ModelMismatchError(f"{key}: student shape {tuple(shape)}, teacher {tuple(theirs[key])}; "
                                      "pass the teacher the student was converted from")
+    extra = [key for key in theirs if key not in ours]
+    if extra:
+        raise ModelMismatchError(f"teacher tensor {extra[0]} (and {len(extra) - 1} more) has no counterpart "
+                                 "in the student; pass the teacher the student was converted from")
 
 
 class Moments:

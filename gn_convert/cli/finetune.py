@@ -45,7 +45,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser, steps_flag: str = "--
                    help=f"distillation steps (default {default_steps or 0})")
     g.add_argument("--batch-size", type=int, default=32, help="global batch per step (32)")
     g.add_argument("--accumulate", type=int, default=1, help="micro-batches per step per process (1)")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (1e-3)")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (1e-4; "
+                   "try 1e-2 with --trainable gn-affine)")
     g.add_argument("--trainable", choices=TRAINABLE, default="all", help="parameters to train (all)")
     g.add_argument("--gn-lr-scale", type=float, default=1.0, help="lr multiplier of GroupNorm affines (1)")
     g.add_argument("--temperature", type=float, default=2.0, help="KL temperature (2)")
