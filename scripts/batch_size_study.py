@@ -75,7 +75,7 @@ class StudyConfig:
     Attributes:
         batch_sizes: images per batch to compare.
         seeds: one run per seed, regime, norm and batch size.
-        size: image side in pixels (digits are upscaled from 8x8).
+        size: image side in pixels (the digits are 8x8; a larger size upscales them).
         width: channels of the network's first stage (later stages 2x, 4x).
         groups: GroupNorm groups (largest divisor of each layer's channels at most this).
         heldout: held-out digits (all classes; the target task uses its digits 5-9).
@@ -104,7 +104,7 @@ class StudyConfig:
 
     @classmethod
     def fast(cls, seed: int = 0) -> "StudyConfig":
-        """The test's version: one seed, fewer epochs (about a third of the steps)."""
+        """The test's version: one seed, a third of the fine-tuning and scratch steps."""
         return cls(seeds=(seed,), pretrain_epochs=3.0, finetune_epochs=1.0, scratch_epochs=2.0)
 
 
@@ -120,7 +120,14 @@ class Task:
 
 @dataclass
 class Run:
-    """One training run and its held-out error, in percent."""
+    """One training run.
+
+    Attributes:
+        regime, norm, batch_size, seed: what was run (see :data:`NORMS`).
+        error: held-out top-1 error in eval mode, in percent.
+        error_precise_bn: for BN, the error after recomputing its statistics; else None.
+        seconds: training wall time (for orientation only; it varies with machine load).
+    """
 
     regime: str
     norm: str
@@ -364,7 +371,9 @@ def plot(summary: Sequence[dict], path: Path) -> None:
         ax.set_ylabel("held-out error (%)")
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
-    axes[0].legend(fontsize=8, loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: "precise" in labels[i])  # the dotted line last
+    axes[0].legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8, loc="upper left")
     seeds = summary[0]["seeds"] if summary else 0
     fig.suptitle(f"Held-out digits 5-9, small ResNet: BatchNorm vs its GroupNorm conversion "
                  f"(mean of {seeds} seeds, bars min-max)",
