@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..atomic import check_output_folder, staged_folder
 from ..calibrate import METHODS, ORDERS, calibrate
@@ -59,22 +59,33 @@ def add_distill_arguments(parser: argparse.ArgumentParser, steps_flag: str = "--
     g.add_argument("--no-flip", action="store_true", help="no horizontal flips in training augmentation")
 
 
-def progress_callback(total: int, start_label: str = "distilling") -> tuple[Callable[[StepInfo], None], Any]:
-    """A tqdm bar (rank 0 only) and the :func:`gn_convert.distill` callback that drives it."""
-    from tqdm import tqdm
+class ProgressBar:
+    """A tqdm bar driven by :func:`gn_convert.distill`'s callback, opened at the first step
+    (so errors before training print alone) and only on rank 0."""
 
-    if int(os.environ.get("RANK", "0")) != 0:
-        return (lambda info: None), None
-    bar = tqdm(total=total, desc=start_label, unit="step", dynamic_ncols=True)
+    def __init__(self, total: int, label: str = "distilling") -> None:
+        self.total, self.label, self.bar = total, label, None
+        self.enabled = int(os.environ.get("RANK", "0")) == 0
 
-    def update(info: StepInfo) -> None:
-        bar.n = info.step
+    def __call__(self, info: StepInfo) -> None:
+        """Show the step, the loss and the last measured agreement."""
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=info.step - 1, desc=self.label, unit="step",
+                            dynamic_ncols=True)
+        self.bar.n = info.step
         shown = {"loss": f"{info.loss:.4f}"}
         if info.agreement is not None:
             shown["agree"] = f"{info.agreement:.3f}"
-        bar.set_postfix(shown, refresh=True)
+        self.bar.set_postfix(shown, refresh=True)
 
-    return update, bar
+    def close(self) -> None:
+        """Close the bar if it was opened."""
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_fidelity(args: argparse.Namespace, student: Any, teacher: Any, architecture: str,
@@ -112,21 +123,20 @@ def run_fidelity(args: argparse.Namespace, student: Any, teacher: Any, architect
 
 def _distill(args: argparse.Namespace, student: Any, teacher: Any, weights: Any,
              state_dir: Path | None) -> DistillResult:
-    callback, bar = progress_callback(args.steps)
+    bar = ProgressBar(args.steps)
     try:
         return distill(
             student, teacher, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             trainable=args.trainable, gn_lr_scale=args.gn_lr_scale, temperature=args.temperature,
             ce_weight=args.ce_weight, feature_weight=args.feature_weight, eval_every=args.eval_every,
             target_agreement=args.target_agreement, eval_data=args.eval_data, weights=weights,
-            input_size=args.input_size, callback=callback, accumulate=args.accumulate, seed=args.seed,
+            input_size=args.input_size, callback=bar, accumulate=args.accumulate, seed=args.seed,
             holdout=args.holdout, flip=not args.no_flip, num_workers=args.workers,
             checkpoint_dir=state_dir, checkpoint_every=getattr(args, "checkpoint_every", 0),
             resume=getattr(args, "resume", False),
         )
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def _result_line(result: DistillResult) -> str:

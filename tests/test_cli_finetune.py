@@ -1,0 +1,112 @@
+"""The ``finetune`` command and the pipeline's --data/--calibrate/--finetune-steps options,
+on a folder of real digit images, with resume and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import nontrivial_model
+from gn_convert import load_converted
+from gn_convert.cli import main
+from gn_convert.train_state import state_path
+
+FAST = ["--input-size", "16", "--batch-size", "8", "--eval-every", "2", "--holdout", "0.2"]
+
+
+@functools.lru_cache(maxsize=1)
+def _workspace() -> tuple[Path, Path, Path]:
+    """(teacher weights file, digits ImageFolder, converted checkpoint), built once."""
+    import tempfile
+
+    from sklearn.datasets import load_digits
+
+    root = Path(tempfile.mkdtemp(prefix="gn-finetune-cli-"))
+    weights = root / "teacher.pt"
+    torch.save(nontrivial_model("resnet18", size=16).state_dict(), weights)
+    bunch = load_digits()
+    for k in range(60):
+        pixels = (bunch.images[k] * 16).clip(0, 255).astype(np.uint8)
+        path = root / "digits" / str(bunch.target[k]) / f"{k}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).resize((16, 16)).convert("RGB").save(path)
+    checkpoint = root / "ck"
+    assert main(["resnet18", "--weights", str(weights), "--out", str(checkpoint), "--no-onnx"]) == 0
+    return weights, root / "digits", checkpoint
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("gn-convert: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_pipeline_calibrates_and_distils_when_given_data(tmp_path, capsys) -> None:
+    weights, data, _ = _workspace()
+    out = tmp_path / "gn"
+    code = main(["resnet18", "--weights", str(weights), "--out", str(out), "--no-onnx", "--data", str(data),
+                 "--calibrate", "2", "--finetune-steps", "2", *FAST])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["calibration"]["layers"]) == 20 and report["calibration"]["samples"] == 16
+    assert [p["step"] for p in report["finetune"]["history"]] == [0, 2]
+    assert report["finetune"]["heldout"] == 12
+    assert "held-out agreement" in capsys.readouterr().out
+
+
+def test_finetune_writes_a_new_checkpoint_and_resumes_from_its_state(tmp_path, capsys) -> None:
+    _, data, checkpoint = _workspace()
+    first, second = tmp_path / "a", tmp_path / "b"
+    args = ["finetune", str(checkpoint), "--data", str(data), "--steps", "4", "--checkpoint-every", "2", *FAST]
+    assert main([*args, "--out", str(first), "--keep-state"]) == 0
+    state = first.with_name("a.train-state")
+    assert torch.load(state_path(state), weights_only=True)["step"] == 4
+    trained, original = load_converted(first).state_dict(), load_converted(checkpoint).state_dict()
+    assert max(float((trained[k] - original[k]).abs().max()) for k in trained) > 1e-4
+    history = json.loads((first / "report.json").read_text())["finetune"]["history"]
+    assert [p["step"] for p in history] == [0, 2, 4]
+    # resuming a finished run trains nothing more and gives the same weights
+    assert main([*args, "--out", str(second), "--resume", "--state-dir", str(state)]) == 0
+    again = load_converted(second).state_dict()
+    assert all(torch.equal(again[k], trained[k]) for k in trained)
+    assert not state.exists()  # removed after success without --keep-state
+    assert "distilled 4 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("problem", ["missing data", "empty data", "teacher mismatch", "corrupt checkpoint",
+                                     "corrupt state", "no data for calibration"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, problem: str) -> None:
+    weights, data, checkpoint = _workspace()
+    args = ["finetune", str(checkpoint), "--data", str(data), "--steps", "2", "--out", str(tmp_path / "o"), *FAST]
+    expected = {"missing data": "does not exist", "empty data": "holds no images", "teacher mismatch": "teacher",
+                "corrupt checkpoint": "corrupt", "corrupt state": "corrupt", "no data for calibration": "--data"}
+    if problem == "missing data":
+        args[3] = str(tmp_path / "nowhere")
+    elif problem == "empty data":
+        (tmp_path / "empty").mkdir()
+        args[3] = str(tmp_path / "empty")
+    elif problem == "teacher mismatch":
+        args += ["--teacher", "resnet34", "--teacher-weights", "none"]
+    elif problem == "corrupt checkpoint":
+        broken = tmp_path / "ck"
+        broken.mkdir()
+        (broken / "config.json").write_text((checkpoint / "config.json").read_text())
+        (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+        args[1] = str(broken)
+    elif problem == "corrupt state":
+        state = tmp_path / "state"
+        state.mkdir()
+        state_path(state).write_bytes(b"truncated")
+        args += ["--resume", "--state-dir", str(state)]
+    else:
+        args = ["resnet18", "--weights", str(weights), "--out", str(tmp_path / "o"), "--calibrate", "2"]
+    assert main(args) == 2
+    assert expected[problem] in _error_line(capsys)
+    assert not (tmp_path / "o").exists()
