@@ -7,6 +7,7 @@ no CPU kernel: its structure is checked here, its numbers only where onnxruntime
 
 from __future__ import annotations
 
+import platform
 from collections import Counter
 
 import numpy as np
@@ -30,26 +31,30 @@ def _ops(model: onnx.ModelProto) -> Counter:
 
 
 @pytest.fixture(scope="module", params=om.MODELS)
-def lowered(request: pytest.FixtureRequest) -> tuple[str, onnx.ModelProto, int]:
+def lowered(request: pytest.FixtureRequest) -> tuple[str, onnx.ModelProto, onnx.ModelProto]:
     name = request.param
     function = read_model(om.exported(name).path)
-    calls = sum(1 for node in function.graph.node if node.domain == DOMAIN)
-    return name, to_fast(function), calls
+    return name, function, to_fast(function)
 
 
-def test_fast_form_has_no_custom_node_and_one_instance_norm_per_call(lowered) -> None:
-    name, model, calls = lowered
-    ops = _ops(model)
-    assert ops[("", "InstanceNormalization")] == calls > 0
+def test_fast_form_is_instance_norm_and_depthwise_conv_affine_per_call(lowered) -> None:
+    name, function, model = lowered
+    calls = [n for n in function.graph.node if n.domain == DOMAIN]
+    channels = {init.name: init.dims[0] for init in function.graph.initializer if len(init.dims) == 1}
+    groups = [next(a.i for a in n.attribute if a.name == "num_groups") for n in calls]
+    grouped = sum(1 for n, g in zip(calls, groups) if channels[n.input[1]] != g)
+    ops, before = _ops(model), _ops(function)
+    assert ops[("", "InstanceNormalization")] == len(calls) > 0
+    # one depthwise 1x1 Conv per call whose groups hold several channels (G == C needs none)
+    assert ops[("", "Conv")] - before[("", "Conv")] == grouped > 0
+    assert ops[("", "BatchNormalization")] == 0
     assert not any(domain == DOMAIN for domain, _ in ops)
     assert not model.functions and all(entry.domain != DOMAIN for entry in model.opset_import)
-    # the affine is one BatchNormalization per call whose groups hold several channels
-    assert ops[("", "BatchNormalization")] <= calls
     onnx.checker.check_model(model, full_check=True)
 
 
 def test_fast_form_matches_torch_within_1e4(lowered) -> None:
-    name, model, _ = lowered
+    name, _, model = lowered
     x = om.crops()
     ref = om.converted(name)(x).detach().numpy()
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -117,3 +122,14 @@ def test_ms_groupnorm_matches_torch_on_cuda() -> None:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
     got = session.run(None, {"input": x.numpy()})[0]
     assert float(np.abs(got - ref).max()) < 1e-3
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="onnxruntime's NCHWc layout is x86 only")
+def test_onnxruntime_fuses_affine_relu_and_residual_add_into_nchwc_convs(tmp_path) -> None:
+    """The point of the depthwise-Conv affine: no standalone Relu or Add is left to run."""
+    model = to_fast(read_model(om.exported("resnet18").path))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+    assert ops["Relu"] == ops["Add"] == ops["BatchNormalization"] == 0, ops
