@@ -75,6 +75,16 @@ def test_bn_finetuned_in_train_mode_at_batch_1_fails_where_its_conversion_does_n
     assert gn < bn_run.error_precise_bn - 8.0
 
 
+def test_finetuned_gn_error_spread_across_batch_sizes_is_smaller_than_bn(study: ModuleType, fast_runs: list) -> None:
+    # Max minus min error over batch sizes 1-32, seeds 0-4, BN / GN: 31.3/4.8, 15.1/6.2,
+    # 13.7/8.9, 32.0/3.2, 28.8/5.9 points; batch 1 makes BN's. Over 2-32 alone it did not hold,
+    # nor from scratch (GN at batch 32 diverged once in 28 steps: 31.7% error).
+    summary = study.summarize(fast_runs)
+    bn = study.spread_across_batches(summary, "finetune", "BN")
+    gn = study.spread_across_batches(summary, "finetune", "GN")
+    assert gn < bn - 3.0
+
+
 def test_converted_model_at_batch_1_is_no_worse_than_frozen_bn(fast_runs: list) -> None:
     # GN minus BN-frozen at batch 1, seeds 0-4: -0.7, +0.5, -0.7, +0.2, -3.0 points.
     gn, frozen = _error(fast_runs, "finetune", "GN", 1), _error(fast_runs, "finetune", "BN-frozen", 1)
