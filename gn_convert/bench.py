@@ -98,6 +98,7 @@ class BenchResult:
         input_shape: one sample's shape (C, H, W).
         rounds: timed rounds (each runs every variant once).
         notes: variant name -> description.
+        clock: ``wall`` (latency) or ``cpu`` (process CPU time).
     """
 
     measurements: list[Measurement]
@@ -108,6 +109,7 @@ class BenchResult:
     input_shape: tuple[int, ...]
     rounds: int
     notes: dict[str, str] = field(default_factory=dict)
+    clock: str = "wall"
 
     def get(self, variant: str, batch: int) -> Measurement:
         """The measurement of one variant at one batch size (KeyError if absent)."""
@@ -147,8 +149,9 @@ class BenchResult:
         """One line on the conditions: runtime, provider, threads, input, rounds, baseline."""
         shape = "x".join(map(str, self.input_shape))
         base = f"ratio = median / median of {self.baseline}" if self.baseline else "no baseline"
+        what = "wall-clock latency" if self.clock == "wall" else "process CPU time"
         return (f"onnxruntime {self.runtime}, {PROVIDERS.get(self.provider, self.provider)}, "
-                f"{self.threads} intra-op threads, input Nx{shape}, median of {self.rounds} "
+                f"{self.threads} intra-op threads, input Nx{shape}, {what}, median of {self.rounds} "
                 f"interleaved rounds; {base}")
 
 
@@ -314,7 +317,13 @@ def torch_variant(name: str, model: Any, *, threads: int, device: str = "cpu", f
     return Variant(name, prepare, note)
 
 
-def time_interleaved(calls: Mapping[str, Call], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``wall``: latency. ``cpu``: this process's CPU time (all its threads), which other processes
+on a busy machine do not inflate; a measure of work, equal to latency at one thread."""
+
+
+def time_interleaved(calls: Mapping[str, Call], rounds: int, warmup: int = 1,
+                     clock: str = "wall") -> dict[str, list[float]]:
     """Time each call once per round, rotating the order every round.
 
     Rotation puts every variant at every position equally often, so a slow phase of the
@@ -324,10 +333,12 @@ def time_interleaved(calls: Mapping[str, Call], rounds: int, warmup: int = 1) ->
         calls: name -> the timed call.
         rounds: timed rounds.
         warmup: untimed rounds first (memory arenas, caches, CUDA kernels).
+        clock: ``wall`` or ``cpu`` (see :data:`CLOCKS`).
 
     Returns:
         name -> seconds of each timed call, in round order.
     """
+    now = CLOCKS[clock]
     names = list(calls)
     for _ in range(warmup):
         for name in names:
@@ -336,9 +347,9 @@ def time_interleaved(calls: Mapping[str, Call], rounds: int, warmup: int = 1) ->
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start = now()
             calls[name]()
-            seconds[name].append(time.perf_counter() - start)
+            seconds[name].append(now() - start)
     return seconds
 
 
@@ -354,7 +365,7 @@ def summarize(name: str, batch: int, seconds: Sequence[float], baseline_median: 
 
 def run_bench(variants: Sequence[Variant], input_shape: Sequence[int], *, batches: Sequence[int] = (1, 8),
               rounds: int = 10, warmup: int = 2, baseline: str | None = None, threads: int = 1,
-              provider: str = "cpu", seed: int = 0) -> BenchResult:
+              provider: str = "cpu", seed: int = 0, clock: str = "wall") -> BenchResult:
     """Time every variant interleaved, per batch size, and compute ratios to the baseline.
 
     Args:
@@ -367,12 +378,13 @@ def run_bench(variants: Sequence[Variant], input_shape: Sequence[int], *, batche
         threads: the thread count the sessions were made with (recorded, not applied).
         provider: ``cpu`` or ``cuda`` (recorded).
         seed: input seed.
+        clock: ``wall`` (latency, default) or ``cpu`` (process CPU time; see :data:`CLOCKS`).
 
     Returns:
         The :class:`BenchResult`.
 
     Raises:
-        BenchError: duplicate names, an unknown baseline, or fewer than one round.
+        BenchError: duplicate names, an unknown baseline or clock, or fewer than one round.
     """
     import onnxruntime as ort
 
@@ -383,16 +395,18 @@ def run_bench(variants: Sequence[Variant], input_shape: Sequence[int], *, batche
         raise BenchError(f"baseline {baseline!r} is not one of the variants {names}")
     if rounds < 1:
         raise BenchError(f"need at least one round, got {rounds}")
+    if clock not in CLOCKS:
+        raise BenchError(f"unknown clock {clock!r}; choose one of {', '.join(CLOCKS)}")
     gen = np.random.default_rng(seed)
     measurements: list[Measurement] = []
     for batch in batches:
         data = gen.random((batch, *input_shape), dtype=np.float32)
         calls = {v.name: v.prepare(data) for v in variants}
-        seconds = time_interleaved(calls, rounds, warmup)
+        seconds = time_interleaved(calls, rounds, warmup, clock)
         base = statistics.median(seconds[baseline]) if baseline else None
         for name in names:
             measurements.append(summarize(name, batch, seconds[name], base))
         log.info("batch %d: %s", batch, ", ".join(f"{m.variant} {m.median_ms:.1f} ms"
                                                  for m in measurements if m.batch == batch))
     return BenchResult(measurements, baseline, threads, provider, ort.__version__, tuple(input_shape), rounds,
-                       {v.name: v.note for v in variants})
+                       {v.name: v.note for v in variants}, clock)

@@ -62,7 +62,7 @@ NOTES = {
     "function": "gn-convert export, target function (our op, two-pass body inlined by onnxruntime)",
     "inlined": "gn-convert export, target inlined",
     "standard": "gn-convert export, target standard (GroupNormalization-21, one-pass variance)",
-    "fast": "function file lowered by fast_lowering.to_fast (InstanceNormalization + BatchNormalization affine)",
+    "fast": "function file lowered by fast_lowering.to_fast (InstanceNormalization + depthwise-Conv affine)",
     "ms-groupnorm": "function file lowered to com.microsoft.GroupNorm (CUDA, NHWC, one-pass variance)",
     "torch-eager": "GN model in torch eager mode (reference)",
 }
@@ -136,7 +136,7 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict:
         variants.append(session_variant(variant, session, note=NOTES.get(variant, "")))
     result = run_bench(variants, (3, args.size, args.size), batches=parse_batches(args.batch), rounds=args.rounds,
                        warmup=args.warmup, baseline="bn" if "bn" in wanted else None, threads=args.threads,
-                       provider=args.provider)
+                       provider=args.provider, clock=args.clock)
     print(f"\n## {name} (G={args.groups}, {'float16' if fp16 else 'float32'})\n{result.table()}\n", flush=True)
     return {"model": name, **result.to_dict()}
 
@@ -154,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--groups", type=int, default=32, help="GroupNorm groups of the conversion (default 32)")
     p.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: latency (default); cpu: process CPU time, robust on a busy machine")
     p.add_argument("--workdir", type=Path, help="keep (and reuse) the exported files here")
     p.add_argument("--json", type=Path, help="write all results to this JSON file")
     args = p.parse_args(argv)

@@ -7,6 +7,7 @@ calls, and the CLI runs two tiny rounds on the 64x64 test exports.
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -56,9 +57,16 @@ def test_run_bench_measures_each_variant_per_batch_with_baseline_ratio_one() -> 
     json.dumps(result.to_dict())
 
 
+def test_cpu_clock_measures_process_time_not_sleep() -> None:
+    """A call that sleeps costs wall time but no CPU time: the ``cpu`` clock ignores waiting."""
+    calls = {"sleep": lambda: time.sleep(0.05)}
+    assert min(time_interleaved(calls, rounds=2, warmup=0, clock="wall")["sleep"]) >= 0.05
+    assert max(time_interleaved(calls, rounds=2, warmup=0, clock="cpu")["sleep"]) < 0.025
+
+
 @pytest.mark.parametrize("kwargs,match", [
-    ({"baseline": "missing"}, "baseline"), ({"rounds": 0}, "round"),
-], ids=["unknown-baseline", "no-rounds"])
+    ({"baseline": "missing"}, "baseline"), ({"rounds": 0}, "round"), ({"clock": "sundial"}, "clock"),
+], ids=["unknown-baseline", "no-rounds", "unknown-clock"])
 def test_run_bench_refuses_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(BenchError, match=match):
         run_bench([_fake("a", [])], (3, 4, 4), **kwargs)

@@ -34,6 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per batch size (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch size (default 2)")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider (default cpu)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: latency (default); cpu: process CPU time, robust on a busy machine")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the measurements as JSON")
 
 
@@ -57,10 +59,12 @@ def run(args: argparse.Namespace) -> int:
 
             paths["fast"] = lower_fast(args.model, Path(tmp) / "fast.onnx")
         sessions = {name: ort_session(path, threads=threads, provider=args.provider) for name, path in paths.items()}
-        variants = [session_variant(name, s, note=str(paths[name])) for name, s in sessions.items()]
+        notes = {**{name: str(path) for name, path in paths.items()}, "fast": f"{args.model} lowered by to_fast"}
+        variants = [session_variant(name, s, note=notes[name]) for name, s in sessions.items()]
         shape = session_input_shape(sessions["model"], fallback)
         result = run_bench(variants, shape, batches=batches, rounds=args.rounds, warmup=args.warmup,
-                           baseline="baseline" if args.baseline else None, threads=threads, provider=args.provider)
+                           baseline="baseline" if args.baseline else None, threads=threads, provider=args.provider,
+                           clock=args.clock)
     print(result.table())
     if args.json:
         with atomic_file(args.json) as out:
