@@ -404,7 +404,8 @@ def table(summary: Sequence[dict]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for the PNG and JSON (default docs/)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs",
+                        help="folder for the PNG and JSON (default: the repository's docs/)")
     parser.add_argument("--fast", action="store_true", help="fewer steps and one seed (for the test)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2; --fast: 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, comparable runs)")
