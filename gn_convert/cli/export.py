@@ -88,7 +88,8 @@ def _from_checkpoint(folder: Path, args: argparse.Namespace) -> _Source:
             "checkpoint": str(folder.resolve())}
     if not args.baseline:
         layers = (config.get("plan") or {}).get("layers") or []
-        meta["group_plan"] = f"{sum(1 for layer in layers if layer.get('action') == 'convert')} of {len(layers)} BatchNorm layers converted"
+        converted = sum(1 for layer in layers if layer.get("action") == "convert")
+        meta["group_plan"] = f"{converted} of {len(layers)} BatchNorm layers converted"
         return _Source(load_converted(folder), meta, size, any(layer.get("action") != "convert" for layer in layers))
     if not arch:
         raise CheckpointError(f"{folder} holds a custom model; export its BatchNorm original from Python")

@@ -145,7 +145,8 @@ def _set_metadata(model: onnx.ModelProto, props: Mapping[str, str]) -> None:
 
 
 def write_model(model: onnx.ModelProto, path: str | Path, target: str, *, calls: int,
-                allow_batchnorm: bool, external_data: bool | None = None, stage: Staging | None = None) -> tuple[list[Path], NodeCounts]:
+                allow_batchnorm: bool, external_data: bool | None = None,
+                stage: Staging | None = None) -> tuple[list[Path], NodeCounts]:
     """Write a lowered model, check it and move it into place.
 
     Args:
