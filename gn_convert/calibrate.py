@@ -44,9 +44,9 @@ from .registry import is_batchnorm
 log = logging.getLogger(__name__)
 
 Method = Literal["variance", "least-squares"]
-Order = Literal["independent", "sequential"]
+Order = Literal["independent", "sequential", "greedy"]
 METHODS: tuple[str, ...] = ("variance", "least-squares")
-ORDERS: tuple[str, ...] = ("independent", "sequential")
+ORDERS: tuple[str, ...] = ("independent", "sequential", "greedy")
 
 
 class ModelMismatchError(GnConvertError):
@@ -162,6 +162,8 @@ class LayerFit:
             channels (1 = exact; per-channel instance norm layers often score far lower).
         worst_r2: the lowest channel's R^2.
         fitted: False for layers without affine parameters (left as they were).
+        choice: with ``order="greedy"``, the affine kept (``init``, ``variance`` or
+            ``least-squares``); empty otherwise.
     """
 
     name: str
@@ -170,6 +172,7 @@ class LayerFit:
     r2: float
     worst_r2: float
     fitted: bool = True
+    choice: str = ""
 
 
 @dataclass
@@ -373,8 +376,10 @@ def calibrate(
         batches: batches to accumulate statistics over (per layer).
         batch_size: images per batch (ignored for a DataLoader).
         method: ``variance`` (default) or ``least-squares``; see the module docstring.
-        order: ``independent`` (default; one pass, teacher inputs) or ``sequential``
-            (one pass per layer, student inputs).
+        order: ``independent`` (default; one pass, teacher inputs), ``sequential``
+            (one pass per layer, student inputs) or ``greedy`` (sequential, keeping per layer
+            the best-scoring of init, variance and least-squares fits; ``method`` is then
+            ignored; see :mod:`gn_convert.calibrate_search`).
         seed: seed of the image order.
         weights: torchvision weights enum of the model, for its preprocessing (folders).
         input_size: crop side in pixels, overriding the weights' preset (folders).
@@ -402,7 +407,11 @@ def calibrate(
                                  weights=weights, input_size=input_size)
     start = time.perf_counter()
     with _eval_mode(student, teacher):
-        if order == "independent":
+        if order == "greedy":
+            from .calibrate_search import fit_greedy
+
+            fits, seen, count = fit_greedy(pairs, student, teacher, loader, batches, device)
+        elif order == "independent":
             moments, seen, count = _fit_independent(pairs, teacher, loader, batches, device)
             fits = [_apply(p, moments[p.name], method) for p in pairs]
         else:
