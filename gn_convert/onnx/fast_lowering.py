@@ -5,16 +5,20 @@ kernels per call, each a full pass over the activation. This pass instead rewrit
 ``ai.gn_convert::GroupNorm`` call (``X``: ``(N, C, D1, ...)``, ``num_groups`` = G) as::
 
     Reshape(X, [0, G, -1]) -> InstanceNormalization(scale=1, bias=0) -> Reshape(Shape(X))
-        -> Conv(weight=scale as (C, 1, 1, ...), bias, group=C, kernel 1x1)
+        -> BatchNormalization(scale, bias, mean=0, var=1, epsilon=0)
 
 onnxruntime's InstanceNormalization kernel computes each (sample, group) row's mean, then the
 mean of squared deviations (two passes, as our function body does), then writes the
-normalised row. The per-channel affine is a depthwise 1x1 convolution: onnxruntime turns it
-into its blocked NCHWc convolution and fuses the following Relu and residual Add into it, so
-the next convolution reads it without a layout reorder (a Mul/Add or BatchNormalization affine
-stays in plain NCHW, each a separate pass, and so do the Relu and the Add). When G == C the
-affine goes into InstanceNormalization itself (one node, no reshapes); when the input rank is
-unknown it is a BatchNormalization (mean 0, variance 1, epsilon 0: exact).
+normalised row. The per-channel affine is one BatchNormalization with mean 0 and variance 1
+(``X * scale + bias`` in one pass; epsilon 0 keeps it exact), where torch's export uses Mul
+then Add (two passes). When G == C the affine goes into InstanceNormalization itself (one
+node, no reshapes).
+
+What this cannot remove: onnxruntime runs convolutions in its blocked NCHWc layout and has no
+NCHWc kernel for any normalisation with per-sample statistics, so every GroupNorm costs a
+reorder out of and back into that layout, and InstanceNormalization's CPU kernel is
+single-threaded. On ResNet-50 the form measured 1.17x the BatchNorm original's CPU time at
+batch 1 and 1.29x at batch 8 (function form: 1.28x, 1.37x; scripts/PERF.md).
 
 Precision: statistics in float32 with two passes, as in the function body (robust to inputs
 with a large mean: relative error 4e-5 at mean 1000, as the function form). Float16 and
@@ -104,8 +108,7 @@ def _value_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, list
     return types, shapes
 
 
-def _lower_call(node: onnx.NodeProto, channels: int | None, rank: int | None, dtype: int,
-                consts: _Constants) -> list[onnx.NodeProto]:
+def _lower_call(node: onnx.NodeProto, channels: int | None, dtype: int, consts: _Constants) -> list[onnx.NodeProto]:
     """The replacement nodes of one call (precondition: ``node`` is a custom GroupNorm call)."""
     attrs = {a.name: oh.get_attribute_value(a) for a in node.attribute}
     groups, eps = int(attrs["num_groups"]), float(attrs.get("epsilon", DEFAULT_EPSILON))
@@ -127,35 +130,27 @@ def _lower_call(node: onnx.NodeProto, channels: int | None, rank: int | None, dt
                          name=f"{name}/norm", epsilon=eps),
             oh.make_node("Shape", [x], [f"{name}/shape"], name=f"{name}/shape"),
             oh.make_node("Reshape", [f"{name}/normed_g", f"{name}/shape"], [f"{name}/normed"], name=f"{name}/ungroup"),
-            *_affine(name, f"{name}/normed", scale, bias, y, channels, rank, consts),
+            _affine(name, f"{name}/normed", scale, bias, y, channels, consts),
         ]
     if dtype != _FLOAT:
         nodes.append(oh.make_node("Cast", [y], [node.output[0]], name=f"{name}/cast_y", to=dtype))
     return nodes
 
 
-def _affine(name: str, normed: str, scale: str, bias: str, y: str, channels: int | None, rank: int | None,
-            consts: _Constants) -> list[onnx.NodeProto]:
-    """``y = normed * scale[c] + bias[c]`` as a depthwise 1x1 Conv (BatchNormalization if the rank is unknown).
+def _affine(name: str, normed: str, scale: str, bias: str, y: str, channels: int | None,
+            consts: _Constants) -> onnx.NodeProto:
+    """``y = normed * scale[c] + bias[c]`` as one BatchNormalization (mean 0, variance 1, epsilon 0: exact).
 
-    onnxruntime turns the depthwise Conv into its blocked NCHWc convolution, fuses the
-    following Relu (and a residual Add) into it, and feeds the next convolution without a
-    reorder; a BatchNormalization or Mul/Add affine stays a separate pass in plain NCHW.
+    One pass, where Mul then Add (torch's export) are two. A depthwise 1x1 Conv, which
+    onnxruntime runs in its NCHWc layout with the Relu and residual Add fused, measured slower
+    (scripts/PERF.md).
     """
     if channels is None:
         raise ValueError(f"the channel count of {scale!r} is unknown; the fast lowering needs static C")
-    if rank is None or rank < 3:
-        mean = consts.get(f"mean_{channels}", np.zeros(channels, np.float32))
-        var = consts.get(f"var_{channels}", np.ones(channels, np.float32))
-        return [oh.make_node("BatchNormalization", [normed, scale, bias, mean, var], [y], name=f"{name}/affine",
-                             epsilon=0.0)]
-    spatial = rank - 2
-    axes = consts.get(f"weight_axes_{spatial}", np.arange(1, spatial + 2, dtype=np.int64))
-    return [
-        oh.make_node("Unsqueeze", [scale, axes], [f"{name}/weight"], name=f"{name}/weight"),
-        oh.make_node("Conv", [normed, f"{name}/weight", bias], [y], name=f"{name}/affine", group=channels,
-                     kernel_shape=[1] * spatial),
-    ]
+    mean = consts.get(f"mean_{channels}", np.zeros(channels, np.float32))
+    var = consts.get(f"var_{channels}", np.ones(channels, np.float32))
+    return oh.make_node("BatchNormalization", [normed, scale, bias, mean, var], [y], name=f"{name}/affine",
+                        epsilon=0.0)
 
 
 def to_fast(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -189,9 +184,8 @@ def to_fast(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)
             continue
         calls += 1
-        rank = len(shapes[node.input[0]]) if node.input[0] in shapes else None
         dtype = types.get(node.input[0], _FLOAT) or _FLOAT
-        nodes += _lower_call(node, _channels(node, shapes, inits), rank, dtype, consts)
+        nodes += _lower_call(node, _channels(node, shapes, inits), dtype, consts)
     del lowered.graph.node[:]
     lowered.graph.node.extend(nodes)
     _drop_custom_domain(lowered)
