@@ -11,8 +11,13 @@ similarity of each sample's output (the smallest over the batch).
 - float16 anywhere: 1e-2 (float16 keeps 11 significant bits; errors accumulate per layer).
   onnxruntime's own tests use atol 2.5e-3 per op; a deep network needs more.
 - Hard inputs (large mean, large scale): bounds times :data:`HARD_INPUT_FACTOR`. At mean
-  1000 float32 resolves only about 6e-5 of the input, and torch itself is then about 5e-5
-  (relative) away from a float64 reference on mobilenet_v3_small.
+  1000 float32 resolves only about 6e-5 of the input, and the convolution before the first
+  GroupNorm cancels most of it.
+- Every bound is raised, where needed, to :data:`REFERENCE_NOISE_FACTOR` times the float32
+  reference's own error against a float64 run of the same model on the same inputs: two
+  float32 implementations cannot agree more closely than each agrees with the exact result.
+  Measured at mean 1000: torch is 5e-5 (mobilenet_v3_small) to 3.7e-3 (shufflenet_v2_x0_5)
+  away from float64. On ordinary inputs the floor is far below the bounds above.
 - Batch independence: ``invariance_rel``, a sample alone vs inside a batch. onnxruntime's
   CPU kernels give bit-identical results (0.0 measured); GPU kernels may pick other
   algorithms per batch size.
@@ -23,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 HARD_INPUT_FACTOR = 10.0
+REFERENCE_NOISE_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,10 @@ class Tolerance:
     def scaled(self, factor: float) -> "Tolerance":
         """The same tolerance with ``max_rel`` times ``factor`` (for hard inputs)."""
         return Tolerance(self.max_rel * factor, self.min_cosine, self.invariance_rel)
+
+    def at_least(self, max_rel: float) -> "Tolerance":
+        """The same tolerance with ``max_rel`` raised to at least ``max_rel``."""
+        return Tolerance(max(self.max_rel, max_rel), self.min_cosine, self.invariance_rel)
 
 
 DEFAULT_TOLERANCES: dict[tuple[str, str], Tolerance] = {
