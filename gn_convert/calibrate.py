@@ -364,6 +364,7 @@ def calibrate(
     seed: int = 0,
     weights: Any = None,
     input_size: int | None = None,
+    holdout: float | int = 0.1,
     device: torch.device | str | None = None,
 ) -> CalibrationReport:
     """Fit every GroupNorm affine of ``student`` (in place) to its BatchNorm's output.
@@ -383,6 +384,8 @@ def calibrate(
         seed: seed of the image order.
         weights: torchvision weights enum of the model, for its preprocessing (folders).
         input_size: crop side in pixels, overriding the weights' preset (folders).
+        holdout: the held-out part of a folder that is left out (the same split as
+            :func:`gn_convert.distill` evaluates on with the same ``holdout`` and ``seed``).
         device: where to run; default the student's device. Both models are moved there.
 
     Returns:
@@ -404,7 +407,7 @@ def calibrate(
     student.to(device)
     teacher.to(device)
     loader = calibration_batches(data, batch_size=batch_size, batches=batches, seed=seed,
-                                 weights=weights, input_size=input_size)
+                                 weights=weights, input_size=input_size, holdout=holdout)
     start = time.perf_counter()
     with _eval_mode(student, teacher):
         if order == "greedy":

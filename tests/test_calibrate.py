@@ -97,6 +97,7 @@ def test_a_student_of_another_architecture_is_refused() -> None:
 def test_unknown_method_order_or_batches_are_refused() -> None:
     student = convert(tiny_teacher(), 32)
     data = TensorDataset(torch.randn(8, 3, 12, 12))
-    for kwargs, text in (({"method": "median"}, "method"), ({"order": "reverse"}, "order"), ({"batches": 0}, "batches")):
+    cases = (({"method": "median"}, "method"), ({"order": "reverse"}, "order"), ({"batches": 0}, "batches"))
+    for kwargs, text in cases:
         with pytest.raises(GnConvertError, match=text):
             calibrate(student, tiny_teacher(), data, **kwargs)

@@ -105,7 +105,8 @@ def test_gn_affine_training_leaves_convolutions_unchanged_and_restores_requires_
 
 def test_labels_and_feature_loss_change_the_trajectory() -> None:
     plain = distill(tiny_student(), tiny_teacher(), tiny_data(), steps=2, **TINY).model.state_dict()
-    with_ce = distill(tiny_student(), tiny_teacher(), tiny_data(), steps=2, ce_weight=1.0, **TINY).model.state_dict()
+    with_ce = distill(tiny_student(), tiny_teacher(), tiny_data(), steps=2, ce_weight=1.0,
+                      **TINY).model.state_dict()
     with_feat = distill(tiny_student(), tiny_teacher(), tiny_data(), steps=2, feature_weight=1.0,
                         **TINY).model.state_dict()
     key = "3.weight"

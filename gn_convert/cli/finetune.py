@@ -110,7 +110,7 @@ def run_fidelity(args: argparse.Namespace, student: Any, teacher: Any, architect
         with stages("calibrate", f"calibrating on {args.calibrate} batches of {args.data}"):
             cal = calibrate(student, teacher, args.data, batches=args.calibrate, batch_size=args.batch_size,
                             method=args.calibrate_method, order=args.calibrate_order, seed=args.seed,
-                            weights=weights, input_size=args.input_size)
+                            weights=weights, input_size=args.input_size, holdout=args.holdout)
         report["calibration"] = cal.to_dict()
         print(cal.summary())
     if args.steps:
