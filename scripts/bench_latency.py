@@ -93,13 +93,14 @@ def export_variants(name: str, folder: Path, *, groups: int, size: int, fp16: bo
     bn = build_model(name).eval()
     gn = gn_convert.convert(bn, groups).eval()
     shape = (1, 3, size, size)
-    paths = {v: folder / f"{name}.{v}.{'fp16' if fp16 else 'fp32'}.onnx" for v in wanted if v != "torch-eager"}
+    tag = f"{size}px.G{groups}.{'fp16' if fp16 else 'fp32'}"
+    paths = {v: folder / f"{name}.{v}.{tag}.onnx" for v in wanted if v != "torch-eager"}
     steps = {
         "bn": lambda p: export_onnx(bn, p, input_shape=shape, allow_batchnorm=True, fp16=fp16),
         "function": lambda p: export_onnx(gn, p, input_shape=shape, fp16=fp16),
         "torch-default": lambda p: _export_torch_default(gn, p, shape, fp16),
     }
-    function_file = paths.get("function", folder / f"{name}.function.{'fp16' if fp16 else 'fp32'}.onnx")
+    function_file = paths.get("function", folder / f"{name}.function.{tag}.onnx")
     order = ["bn", "torch-default", "function"] + [v for v in paths if v not in ("bn", "torch-default", "function")]
     for variant in order:
         if variant not in paths and variant != "function":
