@@ -3,6 +3,7 @@ interact are caught, absent providers are reported, mismatched files are refused
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from torch import nn
 from gn_convert.onnx import OnnxFileError, export_onnx, read_model
 from gn_convert.onnx.op import groupnorm_nodes
 from gn_convert.parity import ParityError, check_parity, compare
+from gn_convert.parity.tolerances import Tolerance
 from onnx_models import MODELS, SIZE, converted, exported
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -152,3 +154,26 @@ def test_fp16_export_parity_on_cuda(tmp_path: Path) -> None:
         if "cuda" in report.skipped or "cuda/all" in report.skipped:
             pytest.skip(f"CUDA provider could not start: {report.skipped}")
         assert report.passed, report.table()
+
+
+def test_tolerance_rises_only_to_the_float32_references_own_noise() -> None:
+    """With a bound no float32 runtime can meet, rows pass exactly when onnxruntime is within
+    twice torch float32's own distance from a float64 run, and the raised bound is that."""
+    model = converted("resnet18")
+    impossible = {("cpu", "float32"): Tolerance(1e-12, 0.99999, 1e-5)}
+    report = check_parity(model, exported("resnet18").path, levels=("all",), batch=2, tolerances=impossible,
+                          localise_failures=False)
+    random = sets_of(report, "random")
+    x = torch.randn(2, *report.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(x.double())
+        noise = float((model(x).double() - exact).abs().max() / exact.abs().max())
+    assert 1e-8 < noise < 1e-4
+    for row in random:
+        assert row.tolerance.max_rel == pytest.approx(2 * noise, rel=1e-6)
+        assert row.passed == (row.metrics.max_rel <= 2 * noise)
+    assert report.passed, report.table()
+
+
+def sets_of(report, name: str) -> list:
+    return [r for r in report.rows if r.inputs == name]
