@@ -18,7 +18,7 @@ What this cannot remove: onnxruntime runs convolutions in its blocked NCHWc layo
 NCHWc kernel for any normalisation with per-sample statistics, so every GroupNorm costs a
 reorder out of and back into that layout, and InstanceNormalization's CPU kernel is
 single-threaded. On ResNet-50 the form measured 1.17x the BatchNorm original's CPU time at
-batch 1 and 1.29x at batch 8 (function form: 1.28x, 1.37x; scripts/PERF.md).
+batch 1 and 1.29x at batch 8 (function form: 1.29x, 1.41x; scripts/PERF.md).
 
 Precision: statistics in float32 with two passes, as in the function body (robust to inputs
 with a large mean: relative error 4e-5 at mean 1000, as the function form). Float16 and
