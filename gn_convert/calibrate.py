@@ -16,11 +16,19 @@ maps ``u`` to ``y`` channel by channel:
   correlation (regression dilution) and the shrinkage compounds through the network.
 - ``least-squares``: slope ``cov / var(u)``: the best fit of each layer taken alone.
 
-With ``order="independent"`` (default) every layer is fitted on the teacher's own input to
-the layer, all in one pass over the data. ``order="sequential"`` fits layer by layer, in
-execution order, on the student's input (after the layers before it were fitted): one pass
-per layer. The default pair was the best on the digits ResNet-18 study
-(``scripts/fidelity.py``) and matches DESIGN.md's EfficientNet measurements.
+With ``order="independent"`` every layer is fitted on the teacher's own input to the layer,
+all in one pass over the data. ``order="sequential"`` fits layer by layer, in execution
+order, on the student's input (after the layers before it were fitted): one pass per layer.
+``order="greedy"`` (default; :mod:`gn_convert.calibrate_search`) is sequential and keeps,
+per layer, whichever of the layer's init, the variance fit and the least-squares fit gives
+the network output closest to the teacher's on a few calibration batches.
+
+Measured on the digits ResNet-18 at G=32 (``scripts/fidelity.py``, held-out top-1 agreement
+with the teacher): at 32x32, bn-stats init 97.5%, independent 97.0% (both methods),
+sequential 97.2%, greedy 97.5%; at 16x16, bn-stats 91.9%, independent 90.4%, sequential
+94.0%, greedy 94.7%. Only greedy never fell below the data-free init. It costs one
+pass over the calibration batches per layer plus three scored forward passes: use
+``independent`` for a single cheap pass on large models on a CPU.
 """
 
 from __future__ import annotations
@@ -360,7 +368,7 @@ def calibrate(
     batches: int = 16,
     batch_size: int = 32,
     method: Method = "variance",
-    order: Order = "independent",
+    order: Order = "greedy",
     seed: int = 0,
     weights: Any = None,
     input_size: int | None = None,
@@ -377,10 +385,10 @@ def calibrate(
         batches: batches to accumulate statistics over (per layer).
         batch_size: images per batch (ignored for a DataLoader).
         method: ``variance`` (default) or ``least-squares``; see the module docstring.
-        order: ``independent`` (default; one pass, teacher inputs), ``sequential``
-            (one pass per layer, student inputs) or ``greedy`` (sequential, keeping per layer
-            the best-scoring of init, variance and least-squares fits; ``method`` is then
-            ignored; see :mod:`gn_convert.calibrate_search`).
+        order: ``greedy`` (default: sequential, keeping per layer the best-scoring of the
+            init, variance and least-squares fits; ``method`` is then ignored; see
+            :mod:`gn_convert.calibrate_search`), ``independent`` (one pass, teacher inputs)
+            or ``sequential`` (one pass per layer, student inputs).
         seed: seed of the image order.
         weights: torchvision weights enum of the model, for its preprocessing (folders).
         input_size: crop side in pixels, overriding the weights' preset (folders).

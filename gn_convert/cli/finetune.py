@@ -40,7 +40,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser, steps_flag: str = "--
     g.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="calibrate the GroupNorm affines on N batches of --data first (default 0: off)")
     g.add_argument("--calibrate-method", choices=METHODS, default="variance", help="calibration fit (variance)")
-    g.add_argument("--calibrate-order", choices=ORDERS, default="independent", help="calibration order")
+    g.add_argument("--calibrate-order", choices=ORDERS, default="greedy",
+                   help="calibration order (greedy, the best measured; independent is one cheap pass)")
     g.add_argument(steps_flag, dest="steps", type=int, default=default_steps, metavar="N",
                    help=f"distillation steps (default {default_steps or 0})")
     g.add_argument("--batch-size", type=int, default=32, help="global batch per step (32)")
