@@ -29,8 +29,9 @@ Use :func:`to_fast` on a ``function``-form model, or :func:`lower_fast` on a fil
 
 For onnxruntime's CUDA provider, :func:`to_ms_groupnorm` lowers each call to the contrib op
 ``com.microsoft.GroupNorm`` (CUDA only, NHWC only) between two Transposes. That kernel
-computes the variance in one pass (sum and sum of squares), so it loses our body's
-robustness to inputs with a large mean; use it for speed on inputs of moderate mean only.
+computes the variance in one pass (sum and sum of squares, as read in onnxruntime's source;
+not measured here, for want of a GPU), so it loses our body's robustness to inputs with a
+large mean; use it for speed on inputs of moderate mean only.
 """
 
 from __future__ import annotations
