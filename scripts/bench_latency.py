@@ -43,6 +43,7 @@ import torch  # noqa: E402
 from torch import nn
 
 import gn_convert
+from gn_convert.errors import GnConvertError
 from gn_convert.atomic import atomic_file
 from gn_convert.bench import (ProviderUnavailableError, Variant, check_provider, ort_session, parse_batches,
                               run_bench, session_variant, torch_variant)
@@ -181,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.workdir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         for name in [m for m in args.models.split(",") if m]:
-            results.append(bench_model(name, args, folder))
+            try:
+                results.append(bench_model(name, args, folder))
+            except GnConvertError as exc:
+                print(f"bench_latency: error: {name}: {exc}", file=sys.stderr)
+                return 2
     if args.json:
         with atomic_file(args.json) as out:
             out.write_text(json.dumps(results, indent=2))
