@@ -168,9 +168,11 @@ def test_tolerance_rises_only_to_the_float32_references_own_noise() -> None:
     with torch.no_grad():
         exact = copy.deepcopy(model).double()(x.double())
         noise = float((model(x).double() - exact).abs().max() / exact.abs().max())
+        cosine = float(torch.nn.functional.cosine_similarity(model(x).double(), exact).min())
     assert 1e-8 < noise < 1e-4
     for row in random:
         assert row.tolerance.max_rel == pytest.approx(2 * noise, rel=1e-6)
+        assert row.tolerance.min_cosine == pytest.approx(min(0.99999, 1 - 2 * (1 - cosine)), abs=1e-12)
         assert row.passed == (row.metrics.max_rel <= 2 * noise)
     assert report.passed, report.table()
 

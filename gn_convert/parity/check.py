@@ -20,7 +20,7 @@ from .localise import layer_values, localise
 from .metrics import compare
 from .providers import LEVELS, availability, parse_providers, session
 from .report import InvarianceResult, ParityReport, ParityRow
-from .tolerances import HARD_INPUT_FACTOR, REFERENCE_NOISE_FACTOR, Tolerance, tolerance_for
+from .tolerances import HARD_INPUT_FACTOR, Tolerance, tolerance_for
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _check_match(model: nn.Module, onnx_model: onnx.ModelProto, sample: tuple[in
 
 
 class ReferenceNoise:
-    """The float32 reference's own max relative error against float64, per input set.
+    """The float32 reference's own error against float64, per input set.
 
     Computed on first use only (a float64 copy of the model runs on the CPU): it bounds how
     closely any float32 implementation can be expected to agree with the reference.
@@ -110,17 +110,17 @@ class ReferenceNoise:
     def __init__(self, model: nn.Module, sets: list[InputSet], refs: dict[str, np.ndarray]) -> None:
         self.model, self.sets, self.refs = model, {s.name: s for s in sets}, refs
         self.exact: nn.Module | None = None
-        self.cache: dict[str, float] = {}
+        self.cache: dict[str, tuple[float, float]] = {}
 
-    def __call__(self, name: str) -> float:
-        """The noise of input set ``name``."""
+    def __call__(self, name: str) -> tuple[float, float]:
+        """(max relative error, smallest per-sample cosine) of input set ``name``."""
         if name not in self.cache:
             if self.exact is None:
                 self.exact = copy.deepcopy(self.model).cpu().double().eval()
             with torch.no_grad():
                 out = self.exact(self.sets[name].data.double()).numpy()
-            error = np.abs(self.refs[name].astype(np.float64) - out).max()
-            self.cache[name] = float(error / max(np.abs(out).max(), 1e-30))
+            found = compare(out, self.refs[name])
+            self.cache[name] = (found.max_rel, found.cosine)
         return self.cache[name]
 
 
@@ -224,7 +224,7 @@ def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.Model
             x = inputs.data[:size]
             row = ParityRow(name, level, inputs.name, len(x), compare(refs[inputs.name][:size], run(x)), tol)
             if not row.passed:  # within the reference's own float32 noise still passes
-                row.tolerance = tol.at_least(REFERENCE_NOISE_FACTOR * noise(inputs.name))
+                row.tolerance = tol.within_noise(*noise(inputs.name))
             report.rows.append(row)
             if not row.passed and first_failure is None:
                 first_failure, first_tol = x, row.tolerance

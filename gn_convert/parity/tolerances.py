@@ -13,8 +13,9 @@ similarity of each sample's output (the smallest over the batch).
 - Hard inputs (large mean, large scale): bounds times :data:`HARD_INPUT_FACTOR`. At mean
   1000 float32 resolves only about 6e-5 of the input, and the convolution before the first
   GroupNorm cancels most of it.
-- Every bound is raised, where needed, to :data:`REFERENCE_NOISE_FACTOR` times the float32
-  reference's own error against a float64 run of the same model on the same inputs: two
+- Every bound is loosened, where a row would fail it, to :data:`REFERENCE_NOISE_FACTOR` times
+  the float32 reference's own error against a float64 run of the same model on the same
+  inputs (``max_rel`` up, ``min_cosine`` down by twice the reference's cosine deficit): two
   float32 implementations cannot agree more closely than each agrees with the exact result.
   Measured at mean 1000: torch is 5e-5 (mobilenet_v3_small) to 3.7e-3 (shufflenet_v2_x0_5)
   away from float64. On ordinary inputs the floor is far below the bounds above.
@@ -49,9 +50,12 @@ class Tolerance:
         """The same tolerance with ``max_rel`` times ``factor`` (for hard inputs)."""
         return Tolerance(self.max_rel * factor, self.min_cosine, self.invariance_rel)
 
-    def at_least(self, max_rel: float) -> "Tolerance":
-        """The same tolerance with ``max_rel`` raised to at least ``max_rel``."""
-        return Tolerance(max(self.max_rel, max_rel), self.min_cosine, self.invariance_rel)
+    def within_noise(self, noise_rel: float, noise_cosine: float) -> "Tolerance":
+        """This tolerance, loosened where needed to :data:`REFERENCE_NOISE_FACTOR` times the
+        reference's own float32 noise (its max relative error and cosine against float64)."""
+        return Tolerance(max(self.max_rel, REFERENCE_NOISE_FACTOR * noise_rel),
+                         min(self.min_cosine, 1 - REFERENCE_NOISE_FACTOR * (1 - noise_cosine)),
+                         self.invariance_rel)
 
 
 DEFAULT_TOLERANCES: dict[tuple[str, str], Tolerance] = {
