@@ -121,3 +121,16 @@ def test_ms_groupnorm_matches_torch_on_cuda() -> None:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
     got = session.run(None, {"input": x.numpy()})[0]
     assert float(np.abs(got - ref).max()) < 1e-3
+
+
+def test_fast_export_target_passes_parity(tmp_path) -> None:
+    from gn_convert import check_parity, export_onnx
+    from gn_convert.onnx.verify import count_nodes
+    from onnx_models import converted
+
+    report = export_onnx(converted("resnet18"), tmp_path / "fast.onnx", target="fast")
+    counts = count_nodes(onnx.load(str(report.path)))
+    assert counts.custom == 0 and counts.batchnorm == 20  # one affine per GroupNorm layer
+    parity = check_parity(converted("resnet18"), report.path, levels=("all",), batch=2)
+    assert parity.passed, parity.table()
+    assert max(r.metrics.max_rel for r in parity.rows if r.inputs == "random") < 1e-4

@@ -21,7 +21,7 @@ from ..surgery import convert
 from .pipeline import add_plan_arguments, plan_kwargs
 from .stages import Stages
 
-TARGETS = ("function", "inlined", "standard")
+TARGETS = ("function", "inlined", "standard", "fast")
 PIPELINE_PARITY_BATCH = 2  # gn_convert.onnx.TARGETS, without importing onnx for --help
 
 
