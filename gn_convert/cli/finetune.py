@@ -60,13 +60,18 @@ def add_distill_arguments(parser: argparse.ArgumentParser, steps_flag: str = "--
     g.add_argument("--no-flip", action="store_true", help="no horizontal flips in training augmentation")
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or a single process): the only one that prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class ProgressBar:
     """A tqdm bar driven by :func:`gn_convert.distill`'s callback, opened at the first step
     (so errors before training print alone) and only on rank 0."""
 
     def __init__(self, total: int, label: str = "distilling") -> None:
         self.total, self.label, self.bar = total, label, None
-        self.enabled = int(os.environ.get("RANK", "0")) == 0
+        self.enabled = is_main_process()
 
     def __call__(self, info: StepInfo) -> None:
         """Show the step, the loss and the last measured agreement."""
@@ -113,12 +118,14 @@ def run_fidelity(args: argparse.Namespace, student: Any, teacher: Any, architect
                             method=args.calibrate_method, order=args.calibrate_order, seed=args.seed,
                             weights=weights, input_size=args.input_size, holdout=args.holdout)
         report["calibration"] = cal.to_dict()
-        print(cal.summary())
+        if is_main_process():
+            print(cal.summary())
     if args.steps:
         result = _distill(args, student, teacher, weights, state_dir)
         stages.timings["finetune"] = round(result.seconds, 3)
         report["finetune"] = result.to_dict()
-        print(_result_line(result))
+        if is_main_process():
+            print(_result_line(result))
     return report
 
 
@@ -190,12 +197,12 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_folder(args.out or Path(f"{args.checkpoint}-finetuned"), args.force)
     state_dir = args.state_dir or out.with_name(out.name + ".train-state")
     config = read_config(args.checkpoint)
-    stages = Stages()
+    stages = Stages(quiet=not is_main_process())
     with stages("load", f"loading {args.checkpoint} and its teacher"):
         student = load_converted(args.checkpoint)
         architecture, teacher = _teacher(args, config)
     report = run_fidelity(args, student, teacher, architecture, stages, state_dir)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return 0
     with staged_folder(out, args.force) as tmp:
         keep = {k: v for k, v in config.items() if k not in ("format", "gn_convert_version", "torch_version",
