@@ -20,9 +20,13 @@ similarity of each sample's output (the smallest over the batch).
   Bounds a user passes (``tolerances=``, ``--max-rel``) are taken literally.
   Measured at mean 1000: torch is 5e-5 (mobilenet_v3_small) to 3.7e-3 (shufflenet_v2_x0_5)
   away from float64. On ordinary inputs the floor is far below the bounds above.
-- Batch independence: ``invariance_rel``, a sample alone vs inside a batch. onnxruntime's
-  CPU kernels give bit-identical results (0.0 measured); GPU kernels may pick other
-  algorithms per batch size.
+- Batch independence: ``invariance_rel``, a sample alone vs inside a batch. Samples that
+  interact (BatchNorm in training semantics) change outputs by O(1); what remains is kernel
+  numerics. onnxruntime's CPU kernels are usually bit-identical across batch sizes (0.0
+  measured on most models), but not always: regnet_y_32gf and regnet_y_128gf changed by
+  1.1e-5 and 3.3e-5 with optimisations off (other GEMM blocking at batch 1). The bound is the
+  provider's own ``max_rel``: a sample's output may move with its batch no more than it may
+  differ from PyTorch. GPU kernels may pick other algorithms per batch size.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ class Tolerance:
 
 
 DEFAULT_TOLERANCES: dict[tuple[str, str], Tolerance] = {
-    ("cpu", "float32"): Tolerance(1e-4, 0.99999, 1e-5),
+    ("cpu", "float32"): Tolerance(1e-4, 0.99999, 1e-4),
     ("cpu", "float16"): Tolerance(1e-2, 0.999, 1e-3),
     ("cuda", "float32"): Tolerance(1e-3, 0.9999, 1e-4),
     ("cuda", "float16"): Tolerance(1e-2, 0.999, 1e-3),
