@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 from .data import DataError, load_data, split_batch
 from .errors import GnConvertError
 from .registry import is_batchnorm
+from .modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -269,19 +270,6 @@ def _hooks(pairs: list[tuple[nn.Module, Any]]) -> Iterator[None]:
             handle.remove()
 
 
-@contextmanager
-def _eval_mode(*models: nn.Module) -> Iterator[None]:
-    modes = [[(m, m.training) for m in model.modules()] for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for saved in modes:
-            for module, training in saved:
-                module.training = training
-
-
 def _normalised(gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return F.group_norm(x.float(), gn.num_groups, eps=gn.eps)
 
@@ -417,7 +405,7 @@ def calibrate(
     loader = calibration_batches(data, batch_size=batch_size, batches=batches, seed=seed,
                                  weights=weights, input_size=input_size, holdout=holdout)
     start = time.perf_counter()
-    with _eval_mode(student, teacher):
+    with eval_mode(student, teacher):
         if order == "greedy":
             from .calibrate_search import fit_greedy
 

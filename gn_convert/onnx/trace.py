@@ -9,12 +9,11 @@ function attached. Everything after that (lowering, checks, writing) is plain ON
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import onnx
 import torch
@@ -24,6 +23,7 @@ from .errors import ExportError
 from .naming import LayerNaming, name_groupnorm_nodes
 from .op import MIN_OPSET
 from .translation import translation_table
+from ..modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +90,6 @@ def groupnorm_layer_names(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if isinstance(module, nn.GroupNorm)}
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put the model in eval mode for the block, restoring each module's mode afterwards."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
 def _example(model: nn.Module, shape: tuple[int, ...], dynamic_batch: bool, dtype: torch.dtype) -> torch.Tensor:
     """A seeded example input on the model's device; batch 2 when the batch is dynamic.
 
@@ -144,7 +132,7 @@ def trace(
     source = copy.deepcopy(model).half() if fp16 else model
     example = _example(source, shape, dynamic_batch, torch.float16 if fp16 else torch.float32)
     dynamic = ({0: BATCH_DIM},) if dynamic_batch else None
-    with _eval_mode(source), warnings.catch_warnings():
+    with eval_mode(source), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -21,6 +20,7 @@ from .metrics import compare
 from .providers import LEVELS, availability, parse_providers, session
 from .report import InvarianceResult, ParityReport, ParityRow
 from .tolerances import HARD_INPUT_FACTOR, Tolerance, tolerance_for
+from ..modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +54,6 @@ def _dtype(onnx_model: onnx.ModelProto) -> str:
     elem = onnx_model.graph.input[0].type.tensor_type.elem_type
     return {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}.get(
         elem, onnx.helper.tensor_dtype_to_np_dtype(elem).name)
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def _reference(model: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -179,7 +168,7 @@ def check_parity(
     onnx_model = read_model(onnx_path)
     sample, static = _sample_shape(onnx_model, input_shape)
     report = ParityReport(str(onnx_path), _dtype(onnx_model), sample)
-    with _eval(model):
+    with eval_mode(model):
         _check_match(model, onnx_model, sample)
         largest = max(_batches(static, batch))
         sets = random_sets((largest, *sample), largest, seed)
