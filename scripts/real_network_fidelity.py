@@ -20,9 +20,9 @@ Measured here (2 shared CPU cores; held-out top-1 agreement with the BatchNorm o
   (396 s). The training loss keeps falling while held-out agreement does not: with 13 photos
   the limit is generalisation, as DESIGN.md found. The 90% target was not reached.
 """
-import sys, time, json
+import sys, time
 import numpy as np, torch
-from torch import nn
+
 from torch.nn import functional as F
 torch.set_num_threads(1)
 from efficientnet_lite_pytorch import EfficientNet
