@@ -1,20 +1,17 @@
-"""Shared fixtures: real photos that ship in a package, and models whose BatchNorm statistics
-are not the trivial (mean 0, var 1) of an untrained torchvision model."""
+"""Shared fixtures: models whose BatchNorm statistics are not the trivial (mean 0, var 1) of an
+untrained torchvision model, measured on real photos that ship in a package."""
 
 from __future__ import annotations
 
 import functools
 
-import pytest
 import torch
 from torch import nn
 
 from gn_convert.models import build_model
-from gn_convert.photos import nontrivial_batchnorm, photo_crops, sample_photos
+from gn_convert.photos import nontrivial_batchnorm, photo_crops
 
-__all__ = ["make_nontrivial", "nontrivial_model", "photo_crops"]
-
-make_nontrivial = nontrivial_batchnorm
+__all__ = ["nontrivial_model", "photo_crops"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,9 +26,3 @@ def nontrivial_model(name: str, size: int = 64, seed: int = 0) -> nn.Module:
     Cached per process; callers get the same object, so they must not modify it
     (``gn_convert.convert`` copies by default)."""
     return _cached_nontrivial(name, size, seed)
-
-
-@pytest.fixture(scope="session")
-def photos() -> tuple[torch.Tensor, ...]:
-    """The two real photos, normalised."""
-    return sample_photos()

@@ -150,3 +150,11 @@ def test_main_command_writes_model_onnx_and_parity_into_report(tmp_path: Path, c
     assert report["parity"]["passed"] is True and report["parity"]["onnx_path"] == "model.onnx"
     assert {r["batch"] for r in report["parity"]["rows"]} == {1, 2}
     assert "parity passed on onnxruntime CPU" in capsys.readouterr().err
+
+
+def test_cli_targets_are_the_exporters() -> None:
+    """The CLI keeps its own copy of the target names (so --help need not import onnx)."""
+    from gn_convert.cli import export as cli_export
+    from gn_convert.onnx import TARGETS
+
+    assert cli_export.TARGETS == TARGETS

@@ -21,8 +21,8 @@ from ..surgery import convert
 from .pipeline import add_plan_arguments, plan_kwargs
 from .stages import Stages
 
-TARGETS = ("function", "inlined", "standard", "fast")
-PIPELINE_PARITY_BATCH = 2  # gn_convert.onnx.TARGETS, without importing onnx for --help
+TARGETS = ("function", "inlined", "standard", "fast")  # gn_convert.onnx.TARGETS, without importing onnx for --help
+PIPELINE_PARITY_BATCH = 2
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
