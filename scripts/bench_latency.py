@@ -13,6 +13,8 @@ Variants (CPU):
   Reshape -> InstanceNormalization -> Reshape -> Mul -> Add).
 - ``function``, ``inlined``, ``standard``: gn-convert's export targets.
 - ``fast``: the function file lowered by ``gn_convert.onnx.fast_lowering.to_fast``.
+- ``native``: the function file run with gn-convert's native GroupNorm kernel registered
+  (``gn_convert.native``; built on first use, skipped with the reason if it cannot be built).
 - ``torch-eager``: the GN model in torch, as a reference.
 
 With ``--provider cuda`` (onnxruntime-gpu and a GPU), the models are exported in float16 and
@@ -55,7 +57,7 @@ from gn_convert.onnx.export import write_model
 
 MODELS = ("resnet50",)
 ALL_MODELS = ("resnet50", "resnet18", "mobilenet_v3_large", "efficientnet_b0")
-CPU_VARIANTS = ("bn", "torch-default", "function", "inlined", "standard", "fast", "torch-eager")
+CPU_VARIANTS = ("bn", "torch-default", "function", "inlined", "standard", "fast", "native", "torch-eager")
 CUDA_VARIANTS = ("bn", "torch-default", "function", "fast", "ms-groupnorm", "torch-eager")
 NOTES = {
     "bn": "BatchNorm original, BN folded into the convolutions by onnxruntime",
@@ -63,7 +65,8 @@ NOTES = {
     "function": "gn-convert export, target function (our op, two-pass body inlined by onnxruntime)",
     "inlined": "gn-convert export, target inlined",
     "standard": "gn-convert export, target standard (GroupNormalization-21, one-pass variance)",
-    "fast": "function file lowered by fast_lowering.to_fast (InstanceNormalization + depthwise-Conv affine)",
+    "fast": "function file lowered by fast_lowering.to_fast (InstanceNormalization + BatchNormalization affine)",
+    "native": "function file with the native GroupNorm kernel library registered (gn_convert.native)",
     "ms-groupnorm": "function file lowered to com.microsoft.GroupNorm (CUDA, NHWC, one-pass variance)",
     "torch-eager": "GN model in torch eager mode (reference)",
 }
@@ -95,18 +98,19 @@ def export_variants(name: str, folder: Path, *, groups: int, size: int, fp16: bo
     gn = gn_convert.convert(bn, groups).eval()
     shape = (1, 3, size, size)
     tag = f"{size}px.G{groups}.{'fp16' if fp16 else 'fp32'}"
-    paths = {v: folder / f"{name}.{v}.{tag}.onnx" for v in wanted if v != "torch-eager"}
+    paths = {v: folder / f"{name}.{v}.{tag}.onnx" for v in wanted if v not in ("torch-eager", "native")}
+    paths.setdefault("function", folder / f"{name}.function.{tag}.onnx")  # every lowering starts from it
     steps = {
         "bn": lambda p: export_onnx(bn, p, input_shape=shape, allow_batchnorm=True, fp16=fp16),
         "function": lambda p: export_onnx(gn, p, input_shape=shape, fp16=fp16),
         "torch-default": lambda p: _export_torch_default(gn, p, shape, fp16),
     }
-    function_file = paths.get("function", folder / f"{name}.function.{tag}.onnx")
+    function_file = paths["function"]
     order = ["bn", "torch-default", "function"] + [v for v in paths if v not in ("bn", "torch-default", "function")]
     for variant in order:
-        if variant not in paths and variant != "function":
+        if variant not in paths:
             continue
-        path = paths.get(variant, function_file)
+        path = paths[variant]
         if path.exists():
             continue
         start = time.perf_counter()
@@ -122,6 +126,17 @@ def export_variants(name: str, folder: Path, *, groups: int, size: int, fp16: bo
     return paths, gn
 
 
+def _native_library() -> Path | None:
+    """The native kernel library, or None (with the reason printed) where it cannot be built."""
+    from gn_convert.native import NativeBuildError, build_library
+
+    try:
+        return build_library()
+    except NativeBuildError as exc:
+        print(f"  native: skipped: {exc}", flush=True)
+        return None
+
+
 def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict:
     """Export and time one model; print its table; return the result as a dict."""
     fp16 = args.provider == "cuda"
@@ -129,7 +144,13 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict:
     print(f"{name}: exporting ({', '.join(wanted)})", flush=True)
     paths, gn = export_variants(name, folder, groups=args.groups, size=args.size, fp16=fp16, wanted=wanted)
     variants: list[Variant] = []
+    library = _native_library() if "native" in wanted else None
     for variant in wanted:
+        if variant == "native":
+            if library is not None:
+                session = ort_session(paths["function"], threads=args.threads, custom_ops_library=library)
+                variants.append(session_variant(variant, session, note=NOTES[variant]))
+            continue
         if variant == "torch-eager":
             variants.append(torch_variant(variant, gn, threads=args.threads, device="cuda" if fp16 else "cpu",
                                           fp16=fp16, note=NOTES[variant]))

@@ -17,14 +17,14 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import GnConvertError
-from . import bench, deploy, export, finetune, listing, parity, pipeline, serve
+from . import bench, deploy, export, finetune, listing, native, parity, pipeline, serve
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 #: subcommand name -> module with ``add_parser(subparsers)`` and ``run(args) -> int``
 COMMANDS: dict[str, ModuleType] = {"convert": pipeline, "list": listing, "deploy": deploy, "serve": serve,
                                  "export": export, "finetune": finetune, "bench": bench,
-                                 "parity": parity}
+                                 "parity": parity, "native": native}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ..atomic import atomic_file
-from ..bench import ort_session, parse_batches, run_bench, session_input_shape, session_variant
+from ..bench import BenchError, ort_session, parse_batches, run_bench, session_input_shape, session_variant
 from ..onnx.reading import read_model
 
 
@@ -21,13 +21,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``bench`` command."""
     p = sub.add_parser(
         "bench", help="time an ONNX model under onnxruntime against its BatchNorm original",
-        description="Median latency of MODEL (and of --baseline, --fast) under onnxruntime, timed "
+        description="Median latency of MODEL (and of --baseline, --fast, --native) under onnxruntime, timed "
         "interleaved in one process, with ratios to the baseline. Compare ratios, not milliseconds.")
     p.add_argument("model", type=Path, metavar="MODEL.onnx", help="the model to time (gn-convert export's output)")
     p.add_argument("--baseline", type=Path, metavar="BN.onnx",
                    help="the BatchNorm original exported to ONNX; ratios are against it")
     p.add_argument("--fast", action="store_true",
                    help="also time MODEL lowered by the fast InstanceNormalization pass (function-form MODEL)")
+    p.add_argument("--native", action="store_true",
+                   help="also time MODEL with gn-convert's native GroupNorm kernel registered (`gn-convert native`)")
     p.add_argument("--batch", default="1,8", metavar="B[,B...]", help="batch sizes (default 1,8)")
     p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4), metavar="N",
                    help="onnxruntime intra-op threads (default: CPU count, at most 4)")
@@ -49,6 +51,8 @@ def _input_fallback(path: Path) -> tuple[int, ...] | None:
 def run(args: argparse.Namespace) -> int:
     """Time the models and print the table; 0 on success."""
     batches = parse_batches(args.batch)
+    if args.native and args.provider != "cpu":
+        raise BenchError("--native is a CPU kernel; use it with --provider cpu")
     threads = max(1, args.threads)
     fallback = _input_fallback(args.model)
     with tempfile.TemporaryDirectory(prefix="gn-convert-bench-") as tmp:
@@ -60,6 +64,13 @@ def run(args: argparse.Namespace) -> int:
             paths["fast"] = lower_fast(args.model, Path(tmp) / "fast.onnx")
         sessions = {name: ort_session(path, threads=threads, provider=args.provider) for name, path in paths.items()}
         notes = {**{name: str(path) for name, path in paths.items()}, "fast": f"{args.model} lowered by to_fast"}
+        if args.native:
+            from ..native import build_library
+
+            library = build_library()
+            sessions["native"] = ort_session(args.model, threads=threads, provider=args.provider,
+                                             custom_ops_library=library)
+            notes["native"] = f"{args.model} with {library}"
         variants = [session_variant(name, s, note=notes[name]) for name, s in sessions.items()]
         shape = session_input_shape(sessions["model"], fallback)
         result = run_bench(variants, shape, batches=batches, rounds=args.rounds, warmup=args.warmup,

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..deploy.errors import DeployError
 from ..deploy.extra import model_config_pb2
 from ..deploy.labels import labels_beside, read_labels
-from ..deploy.triton_repo import INSTANCE_KINDS, default_name, write_triton_repo
+from ..deploy.triton_repo import DEFAULT_SERVER_REPO, INSTANCE_KINDS, default_name, write_triton_repo
 from .stages import Stages
 
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
@@ -30,6 +30,11 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--inlined", action="store_true",
                    help="ship the model with the GroupNorm function inlined (backends without ONNX "
                    "local functions, e.g. OpenVINO)")
+    g.add_argument("--native-ops", action="store_true",
+                   help="ship gn-convert's native GroupNorm kernel (built here, `gn-convert native`) and load "
+                   "it with model_operations; it must suit the server's CPU and onnxruntime (see README)")
+    g.add_argument("--server-repo", default=DEFAULT_SERVER_REPO,
+                   help="where the server mounts the repository, for the library's path (default /models)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,14 +54,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Write the repository entry; returns the exit code."""
     labels = read_labels(args.labels) if args.labels else labels_beside(args.onnx)
+    native_ops = None
+    if args.native_ops:
+        from ..native import build_library
+
+        native_ops = build_library()
     model_dir = write_triton_repo(
         args.onnx, args.triton_repo, name=args.name, max_batch_size=args.max_batch_size,
         instance=args.instance, instance_count=args.instances, inlined=args.inlined, labels=labels,
-        force=args.force)
+        native_ops=native_ops, server_repo=args.server_repo, force=args.force)
     print(f"wrote {model_dir} (config checked with Triton's model-config schema)")
     gpus = "--gpus=all " if args.instance == "gpu" else ""
-    print(f"serve it: docker run --rm {gpus}-p 8000:8000 -p 8001:8001 -p 8002:8002 -v {model_dir.parent}:/models "
-          f"{TRITON_IMAGE} tritonserver --model-repository=/models")
+    print(f"serve it: docker run --rm {gpus}-p 8000:8000 -p 8001:8001 -p 8002:8002 -v {model_dir.parent}:"
+          f"{args.server_repo} {TRITON_IMAGE} tritonserver --model-repository={args.server_repo}")
     return 0
 
 

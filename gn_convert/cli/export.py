@@ -31,8 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "export", help="export a converted model to ONNX with the custom GroupNorm op",
         description="Export a checkpoint folder (written by `gn-convert MODEL`) or a torchvision model "
         "(converted on the fly) to ONNX. Targets: function (one ai.gn_convert::GroupNorm node per layer, "
-        "with its function; onnxruntime), inlined (standard ops only; OpenVINO, TensorRT), standard "
-        "(GroupNormalization-21; onnxruntime computes it imprecisely for large-mean inputs).",
+        "with its function; onnxruntime, fastest with `gn-convert native`), inlined (standard ops only; "
+        "OpenVINO, TensorRT), standard (GroupNormalization-21; onnxruntime computes it imprecisely for "
+        "large-mean inputs), fast (InstanceNormalization + BatchNormalization; onnxruntime CPU without "
+        "the native kernel).",
     )
     p.add_argument("source", metavar="CHECKPOINT_OR_MODEL", help="checkpoint folder or torchvision model name")
     p.add_argument("--out", "-o", type=Path, required=True, help="the .onnx file to write")

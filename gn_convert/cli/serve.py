@@ -27,16 +27,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, default=8,
                    help="largest batch the dynamic batcher forms (default 8; 0: no batching)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default 0: its choice)")
+    p.add_argument("--native", action="store_true",
+                   help="run GroupNorm with gn-convert's native CPU kernel (built on first use; `gn-convert native`)")
     p.add_argument("--startup-timeout", type=float, default=120.0,
                    help="seconds to wait for the server to be ready (default 120)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted; returns the exit code."""
+    native_ops = None
+    if args.native:
+        from ..native import build_library
+
+        native_ops = build_library()
     server = TritonModelServer(
         args.onnx, name=args.name, host=args.host, http_port=args.port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, max_batch_size=args.max_batch_size, threads=args.threads,
-        startup_timeout_s=args.startup_timeout)
+        native_ops=native_ops, startup_timeout_s=args.startup_timeout)
     if args.host not in (LOOPBACK, "localhost", "::1"):
         print(f"gn-convert: warning: listening on {args.host}: anyone who reaches it can run the model",
               file=sys.stderr)

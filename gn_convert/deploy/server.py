@@ -90,10 +90,16 @@ def interpreter_libdir_first() -> Iterator[None]:
             os.environ["LD_LIBRARY_PATH"] = old
 
 
-def _inference_session(onnx_path: Path, threads: int, providers: Sequence[str] | None) -> Any:
+def _inference_session(onnx_path: Path, threads: int, providers: Sequence[str] | None,
+                       native_ops: Path | None = None) -> Any:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    if native_ops is not None:
+        from ..native import session_options
+
+        options = session_options(native_ops)
+    else:
+        options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(str(onnx_path), options, providers=list(providers or ["CPUExecutionProvider"]))
@@ -149,6 +155,8 @@ class TritonModelServer:
         queue_delay_us: how long a request waits for others to batch with, in microseconds.
         threads: onnxruntime intra-op threads (default 0: onnxruntime's choice).
         providers: onnxruntime execution providers (default CPU).
+        native_ops: gn-convert's native GroupNorm kernel library (``gn-convert native``) to
+            register in the session, or None (the op's function body runs).
         startup_timeout_s: seconds :meth:`start` waits for the server and model to be ready.
         exit_timeout_s: seconds :meth:`stop` lets in-flight requests finish.
         log_file: where the server's own log goes (default a temporary file, removed by
@@ -162,7 +170,8 @@ class TritonModelServer:
     def __init__(self, onnx_path: str | Path, *, name: str | None = None, host: str = LOOPBACK,
                  http_port: int = 8000, grpc_port: int | None = None, metrics_port: int | None = None,
                  max_batch_size: int = 8, queue_delay_us: int = 100, threads: int = 0,
-                 providers: Sequence[str] | None = None, startup_timeout_s: float = 60.0,
+                 providers: Sequence[str] | None = None, native_ops: str | Path | None = None,
+                 startup_timeout_s: float = 60.0,
                  exit_timeout_s: int = 5, log_file: str | Path | None = None) -> None:
         self._triton_mod = require("pytriton.triton", "serving a model")
         require("tritonclient.http", "serving a model")
@@ -182,7 +191,8 @@ class TritonModelServer:
         if max_batch_size > 0 and not self.io.batch_dynamic():
             raise DeployError(f"{self.onnx_path} has a fixed batch dimension; export it with a dynamic "
                               "batch, or serve it with max_batch_size 0")
-        self.session = _inference_session(self.onnx_path, threads, providers)
+        self.native_ops = Path(native_ops) if native_ops is not None else None
+        self.session = _inference_session(self.onnx_path, threads, providers, self.native_ops)
         self.uses_gpu = "CUDAExecutionProvider" in self.session.get_providers()
         self._tmp = tempfile.TemporaryDirectory(prefix="gn-convert-serve-")
         self.log_file = Path(log_file) if log_file else Path(self._tmp.name) / "tritonserver.log"

@@ -5,6 +5,8 @@ Layout written under the repository folder::
     NAME/config.pbtxt     backend onnxruntime, tensors read from the graph, dynamic batching
     NAME/1/model.onnx     the model (and its external-data files, if any)
     NAME/labels.txt       class names, one a line (only when labels are given)
+    NAME/libgn_convert_ops.so   the native GroupNorm kernel (only with ``native_ops``), named in
+                          the config's ``model_operations.op_library_filename``
 
 The config is built as Triton's ``ModelConfig`` protobuf (``tritonclient`` ships it), written
 as text, and parsed back and checked before the model folder is renamed into place: a
@@ -33,6 +35,8 @@ MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.txt"
 VERSION = "1"
 INSTANCE_KINDS = ("cpu", "gpu")
+DEFAULT_SERVER_REPO = "/models"
+"""Where the Triton container mounts the repository (``-v REPO:/models``)."""
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -55,7 +59,7 @@ def _check_batching(io: ModelIO, max_batch_size: int, path: Path) -> None:
 
 def build_config(io: ModelIO, *, name: str, max_batch_size: int, instance: str = "cpu",
                  instance_count: int = 1, queue_delay_us: int = 100,
-                 labels_output: str | None = None) -> Any:
+                 labels_output: str | None = None, op_library: str | None = None) -> Any:
     """Triton's ``ModelConfig`` for an ONNX model served by the onnxruntime backend.
 
     Args:
@@ -67,6 +71,8 @@ def build_config(io: ModelIO, *, name: str, max_batch_size: int, instance: str =
         instance_count: model instances (per GPU for ``gpu``).
         queue_delay_us: how long dynamic batching waits to fill a batch, in microseconds.
         labels_output: the output that carries :data:`LABELS_FILE`, or None.
+        op_library: a custom-op library's path as the server sees it
+            (``model_operations.op_library_filename``), or None.
 
     Returns:
         A ``tritonclient.grpc.model_config_pb2.ModelConfig``.
@@ -87,6 +93,8 @@ def build_config(io: ModelIO, *, name: str, max_batch_size: int, instance: str =
         config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
     kind = pb.ModelInstanceGroup.Kind.Value(f"KIND_{instance.upper()}")
     config.instance_group.add(kind=kind, count=instance_count)
+    if op_library is not None:
+        config.model_operations.op_library_filename.append(op_library)
     return config
 
 
@@ -181,6 +189,9 @@ def check_model_dir(model_dir: str | Path, expected: Any | None = None) -> Any:
             raise DeployError(f"{model_dir / CONFIG_FILE}: {tensor.name} has invalid dims {list(tensor.dims)}")
     if not (model_dir / VERSION / config.default_model_filename).is_file():
         raise DeployError(f"{model_dir / VERSION} holds no {config.default_model_filename}")
+    for library in config.model_operations.op_library_filename:
+        if not (model_dir / Path(library).name).is_file():
+            raise DeployError(f"{model_dir} lacks {Path(library).name}, which its config loads")
     for out in config.output:
         if out.label_filename:
             count = len((model_dir / out.label_filename).read_text().splitlines())
@@ -200,6 +211,8 @@ def write_triton_repo(
     queue_delay_us: int = 100,
     inlined: bool = False,
     labels: Sequence[str] | None = None,
+    native_ops: str | Path | None = None,
+    server_repo: str = DEFAULT_SERVER_REPO,
     force: bool = False,
 ) -> Path:
     """Write a Triton model repository entry ``REPO/NAME`` for an exported ONNX model.
@@ -221,6 +234,11 @@ def write_triton_repo(
             backends without ONNX local functions, such as OpenVINO); default False ships the
             file as given (onnxruntime inlines the function at load).
         labels: class names for the classifier output (written as ``labels.txt``), or None.
+        native_ops: gn-convert's native GroupNorm kernel library (``gn-convert native``) to ship
+            in the model folder and load with ``model_operations``, or None. It must be built
+            for the server's CPU and against headers no newer than the server's onnxruntime.
+        server_repo: where the server mounts the repository (default ``/models``); the
+            library's path in the config is ``SERVER_REPO/NAME/libgn_convert_ops.so``.
         force: replace an existing ``REPO/NAME``.
 
     Returns:
@@ -244,13 +262,19 @@ def write_triton_repo(
     io = read_model_io(onnx_path)
     _check_batching(io, max_batch_size, onnx_path)
     labels_output = _labels_output(io, labels, onnx_path) if labels else None
+    native_ops = Path(native_ops) if native_ops is not None else None
+    if native_ops is not None and not native_ops.is_file():
+        raise DeployError(f"native ops library {native_ops} not found; build it with `gn-convert native`")
+    op_library = f"{server_repo.rstrip('/')}/{name}/{native_ops.name}" if native_ops is not None else None
     config = build_config(io, name=name, max_batch_size=max_batch_size, instance=instance,
                           instance_count=instance_count, queue_delay_us=queue_delay_us,
-                          labels_output=labels_output)
+                          labels_output=labels_output, op_library=op_library)
     from google.protobuf import text_format
 
     with staged_folder(Path(repo_dir) / name, force) as tmp:
         _write_model(onnx_path, tmp / VERSION, inlined)
+        if native_ops is not None:
+            shutil.copy2(native_ops, tmp / native_ops.name)
         if labels:
             (tmp / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels))
         (tmp / CONFIG_FILE).write_text(text_format.MessageToString(config))

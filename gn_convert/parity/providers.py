@@ -11,9 +11,12 @@ from .errors import ParityError
 
 PROVIDERS: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
+    "cpu-native": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+NATIVE = "cpu-native"
+"""The CPU provider with gn-convert's native GroupNorm kernel registered (:mod:`gn_convert.native`)."""
 LEVELS: dict[str, ort.GraphOptimizationLevel] = {
     "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -48,7 +51,18 @@ def parse_providers(text: str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 def availability(name: str) -> Availability:
-    """Whether onnxruntime here offers the provider (a GPU is checked when a session starts)."""
+    """Whether onnxruntime here offers the provider (a GPU is checked when a session starts).
+
+    ``cpu-native`` is available where the native kernel builds (its first use compiles it).
+    """
+    if name == NATIVE:
+        from ..native import NativeBuildError, build_library
+
+        try:
+            build_library()
+        except NativeBuildError as err:
+            return Availability(name, False, str(err))
+        return Availability(name, True)
     offered = ort.get_available_providers()
     if PROVIDERS[name] in offered:
         return Availability(name, True)
@@ -62,7 +76,7 @@ def session(path: Path | bytes, provider: str, level: str, threads: int = 0) -> 
 
     Args:
         path: the model file, or serialised model bytes.
-        provider: short provider name.
+        provider: short provider name (``cpu-native`` registers the native kernel library).
         level: ``off`` (no graph optimisation) or ``all``.
         threads: intra-op threads (0: onnxruntime's default).
 
@@ -72,11 +86,16 @@ def session(path: Path | bytes, provider: str, level: str, threads: int = 0) -> 
     Raises:
         RuntimeError: the provider could not start (onnxruntime fell back to another one).
     """
-    options = ort.SessionOptions()
+    if provider == NATIVE:
+        from ..native import session_options
+
+        options = session_options()
+    else:
+        options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    chain = [PROVIDERS[provider]] + ([] if provider == "cpu" else [PROVIDERS["cpu"]])
+    chain = [PROVIDERS[provider]] + ([] if PROVIDERS[provider] == PROVIDERS["cpu"] else [PROVIDERS["cpu"]])
     sess = ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=chain)
     if sess.get_providers()[0] != PROVIDERS[provider]:
         raise RuntimeError(f"onnxruntime could not start {PROVIDERS[provider]} (no GPU visible?)")

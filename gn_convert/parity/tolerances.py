@@ -66,6 +66,8 @@ class Tolerance:
 DEFAULT_TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("cpu", "float32"): Tolerance(1e-4, 0.99999, 1e-4),
     ("cpu", "float16"): Tolerance(1e-2, 0.999, 1e-3),
+    ("cpu-native", "float32"): Tolerance(1e-4, 0.99999, 1e-4),
+    ("cpu-native", "float16"): Tolerance(1e-2, 0.999, 1e-3),
     ("cuda", "float32"): Tolerance(1e-3, 0.9999, 1e-4),
     ("cuda", "float16"): Tolerance(1e-2, 0.999, 1e-3),
     ("tensorrt", "float32"): Tolerance(1e-3, 0.9999, 1e-4),
@@ -77,7 +79,7 @@ def tolerance_for(provider: str, dtype: str, overrides: dict[tuple[str, str], To
     """The tolerance of a provider and dtype, user overrides first.
 
     Args:
-        provider: ``cpu``, ``cuda`` or ``tensorrt``.
+        provider: ``cpu``, ``cpu-native``, ``cuda`` or ``tensorrt``.
         dtype: ``float32`` or ``float16``.
         overrides: entries that replace the defaults.
 

@@ -1,0 +1,120 @@
+"""Building the native GroupNorm kernel library, once per source, headers, flags and compiler.
+
+:func:`build_library` compiles ``groupnorm_ops.cc`` with the system C++ compiler into
+``~/.cache/gn_convert/native/<key>/libgn_convert_ops.so``, where the key hashes everything that
+changes the binary, and returns the cached file on later calls. The library is for the machine
+that built it (``-march=native`` by default): on another CPU, build it there, or choose a
+portable ``march`` (``x86-64-v3``).
+
+Load it with ``SessionOptions.register_custom_ops_library(path)`` (:func:`session_options`), or
+in Triton with ``model_operations { op_library_filename: ... }`` (``gn-convert deploy
+--native-ops``). onnxruntime then runs every ``ai.gn_convert::GroupNorm`` node of a float32
+model with it instead of inlining the op's function body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .headers import NativeBuildError, api_version, cache_root, find_headers, runtime_api_version
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("groupnorm_ops.cc")
+LIBRARY_NAME = "libgn_convert_ops.so"
+DEFAULT_MARCH = "native"
+_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden")
+
+
+def compiler() -> str:
+    """The C++ compiler: ``$CXX``, else ``c++``, ``g++`` or ``clang++`` from the PATH.
+
+    Raises:
+        NativeBuildError: none is installed.
+    """
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return str(shutil.which(name))
+    raise NativeBuildError("no C++ compiler found (set CXX, or install g++: `apt-get install g++`); "
+                           "the native GroupNorm kernel needs one")
+
+
+def _compiler_id(cxx: str) -> str:
+    done = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+    return (done.stdout.splitlines() or [cxx])[0]
+
+
+def build_library(include: str | Path | None = None, *, march: str = DEFAULT_MARCH, fetch: bool = True,
+                  force: bool = False) -> Path:
+    """Compile the native kernel library (or return the cached build).
+
+    Args:
+        include: onnxruntime's include folder (default: searched, see :mod:`.headers`).
+        march: the ``-march`` target (``native``: this CPU).
+        fetch: fetch the headers from the npm registry if they are not installed.
+        force: rebuild even if a cached build exists.
+
+    Returns:
+        The path of the shared library.
+
+    Raises:
+        NativeBuildError: no compiler, no headers, headers newer than the installed onnxruntime,
+            or a failed compilation (the compiler's first error line is quoted).
+    """
+    headers = find_headers(include, fetch=fetch)
+    header_api, runtime_api = api_version(headers), runtime_api_version()
+    if header_api > runtime_api:
+        raise NativeBuildError(f"the headers in {headers} are for onnxruntime C API {header_api}, newer than "
+                               f"the installed onnxruntime (API {runtime_api}); upgrade onnxruntime or point "
+                               "GN_CONVERT_ORT_INCLUDE at older headers")
+    cxx = compiler()
+    flags = [*_FLAGS, f"-march={march}"]
+    key_text = "\n".join([SOURCE.read_text(), str(header_api), " ".join(flags), _compiler_id(cxx)])
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
+    target = cache_root() / "native" / key / LIBRARY_NAME
+    if target.is_file() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.with_name(f".{LIBRARY_NAME}.{os.getpid()}.tmp")
+    log.info("compiling %s against onnxruntime API %d headers in %s", SOURCE.name, header_api, headers)
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([cxx, *flags, f"-I{headers}", str(SOURCE), "-o", str(staged)],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
+            raise NativeBuildError(f"compiling the native GroupNorm kernel failed: "
+                                   f"{(errors or ['no output'])[0].strip()}")
+        os.replace(staged, target)
+    finally:
+        staged.unlink(missing_ok=True)
+    log.info("built %s in %.1f s", target, time.perf_counter() - start)
+    return target
+
+
+def session_options(library: str | Path | None = None, **build_args: Any) -> Any:
+    """onnxruntime ``SessionOptions`` with the native kernel library registered.
+
+    Args:
+        library: an already built library (default: :func:`build_library` with ``build_args``).
+
+    Raises:
+        NativeBuildError: the library cannot be built or onnxruntime refuses to load it.
+    """
+    import onnxruntime as ort
+
+    path = Path(library) if library is not None else build_library(**build_args)
+    options = ort.SessionOptions()
+    try:
+        options.register_custom_ops_library(str(path))
+    except Exception as err:  # onnxruntime raises its own types (Fail, RuntimeError)
+        raise NativeBuildError(f"onnxruntime cannot load {path}: {str(err).splitlines()[0]}; "
+                               "rebuild it with `gn-convert native --force`") from None
+    return options

@@ -1,0 +1,197 @@
+"""The native GroupNorm kernel (gn_convert.native): numbers against float64 torch, proof that
+onnxruntime runs the kernel instead of the op's function body, and the build's errors.
+
+Building needs a C++ compiler and onnxruntime's headers (fetched from npm when absent); where
+either is missing, the kernel tests are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from gn_convert.native import NativeBuildError, build_library, find_headers, session_options
+from gn_convert.native import build as native_build
+from gn_convert.native import headers as native_headers
+from gn_convert.onnx.op import DOMAIN
+from onnx_models import converted, crops, exported
+from test_onnx_op import (FP16_BOUND, FP32_BOUND, FP32_MEAN1000_BOUND, SHAPES_GROUPS, _inputs, _model,
+                          _reference)
+
+
+@pytest.fixture(scope="module")
+def library() -> Path:
+    try:
+        return build_library()
+    except NativeBuildError as err:
+        pytest.skip(f"native kernel not buildable here: {err}")
+
+
+def _session(model: onnx.ModelProto | str, library: Path | None, optimized: Path | None = None) -> ort.InferenceSession:
+    options = session_options(library) if library is not None else ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+    data = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _custom_nodes_after_optimisation(model: onnx.ModelProto | str, library: Path | None, tmp_path: Path) -> int:
+    """How many ai.gn_convert nodes onnxruntime kept: kept nodes ran on a kernel, not the body."""
+    optimized = tmp_path / f"optimized-{library is not None}.onnx"
+    _session(model, library, optimized)
+    graph = onnx.load(str(optimized), load_external_data=False).graph
+    return sum(node.domain == DOMAIN for node in graph.node)
+
+
+@pytest.mark.parametrize("shape,groups", SHAPES_GROUPS,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"G{v}")
+@pytest.mark.parametrize("mean,bound", [(0.0, FP32_BOUND), (1000.0, FP32_MEAN1000_BOUND)], ids=["mean0", "mean1000"])
+def test_kernel_matches_float64_torch(library: Path, shape: tuple[int, ...], groups: int, mean: float,
+                                      bound: float) -> None:
+    model = _model(shape, groups, 1e-5, onnx.TensorProto.FLOAT)
+    feeds = _inputs(shape, mean, np.float32)
+    got = _session(model, library).run(None, feeds)[0].astype(np.float64)
+    ref = _reference(feeds, groups, 1e-5)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < bound
+
+
+def test_kernel_replaces_the_function_body(library: Path, tmp_path: Path) -> None:
+    model = _model((2, 8, 5, 7), 4, 1e-5, onnx.TensorProto.FLOAT)
+    assert _custom_nodes_after_optimisation(model, None, tmp_path) == 0  # inlined without the library
+    assert _custom_nodes_after_optimisation(model, library, tmp_path) == 1
+
+
+@pytest.mark.parametrize("eps", [None, 0.5], ids=["default", "0.5"])
+def test_epsilon_attribute_and_default(library: Path, eps: float | None) -> None:
+    shape = (2, 6, 4, 4)
+    feeds = _inputs(shape, 0.0, np.float32)
+    feeds["X"] *= 1e-3  # variance ~1e-6: epsilon dominates, so a wrong epsilon shows
+    got = _session(_model(shape, 3, eps, onnx.TensorProto.FLOAT), library).run(None, feeds)[0]
+    ref = _reference(feeds, 3, 1e-5 if eps is None else eps)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < FP32_BOUND
+
+
+def test_float16_model_computes_in_float32(library: Path) -> None:
+    shape, groups = (2, 8, 6, 6), 2
+    feeds = _inputs(shape, 1000.0, np.float16)
+    got = _session(_model(shape, groups, 1e-5, onnx.TensorProto.FLOAT16), library).run(None, feeds)[0]
+    ref = _reference(feeds, groups, 1e-5)
+    assert got.dtype == np.float16
+    assert np.abs(got.astype(np.float64) - ref).max() / np.abs(ref).max() < FP16_BOUND
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_exported_model_agrees_with_its_function_body(library: Path, name: str, tmp_path: Path) -> None:
+    report = exported(name)
+    x = crops(4).numpy()
+    native = _session(str(report.path), library).run(None, {"input": x})[0]
+    body = _session(str(report.path), None).run(None, {"input": x})[0]
+    assert np.abs(native - body).max() / np.abs(body).max() < 1e-5
+    assert (native.argmax(1) == body.argmax(1)).all()
+    assert _custom_nodes_after_optimisation(str(report.path), library, tmp_path) == len(report.layers)
+
+
+def test_cached_build_is_reused_and_force_rebuilds(library: Path) -> None:
+    before = library.stat().st_mtime_ns
+    assert build_library() == library and library.stat().st_mtime_ns == before
+    assert build_library(force=True) == library and library.stat().st_mtime_ns != before
+
+
+def test_folder_without_headers_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(NativeBuildError, match="lacks onnxruntime_c_api.h.*include/ folder"):
+        find_headers(tmp_path)
+
+
+def test_headers_newer_than_the_runtime_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in native_headers.REQUIRED:
+        (tmp_path / name).write_text("#define ORT_API_VERSION 99\n" if name == "onnxruntime_c_api.h" else "")
+    with pytest.raises(NativeBuildError, match="C API 99, newer than the installed onnxruntime"):
+        build_library(tmp_path)
+
+
+def test_missing_compiler_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setattr(native_build.shutil, "which", lambda name: None)
+    with pytest.raises(NativeBuildError, match="no C.. compiler found"):
+        native_build.compiler()
+
+
+def test_no_headers_and_no_fetching_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(native_headers.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native_headers, "SYSTEM_DIRS", ())
+    with pytest.raises(NativeBuildError, match="headers were not found; set GN_CONVERT_ORT_INCLUDE"):
+        find_headers(fetch=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no npm either
+    with pytest.raises(NativeBuildError, match="npm is not there"):
+        find_headers()
+    assert not any(Path(tmp_path).rglob("*.h")) and os.listdir(tmp_path) in ([], ["gn_convert"])
+
+
+def test_parity_on_the_native_provider_passes_and_localises_a_corrupt_layer(library: Path, tmp_path: Path) -> None:
+    from gn_convert.parity import check_parity
+    from test_parity import _corrupt
+
+    report = check_parity(converted("resnet18"), exported("resnet18").path, providers="cpu,cpu-native", batch=4)
+    native_rows = [r for r in report.rows if r.provider == "cpu-native"]
+    assert report.passed and len(native_rows) == len(report.rows) // 2, report.table()
+    assert max(r.metrics.max_rel for r in native_rows if r.inputs == "random") < 1e-4
+    bad = tmp_path / "corrupt.onnx"
+    _corrupt(exported("resnet18").path, "layer2.0.bn1", bad)
+    report = check_parity(converted("resnet18"), bad, providers="cpu-native", levels=("all",), batch=4)
+    assert not report.passed and "layer2.0.bn1" in report.table()
+
+
+def test_native_provider_reports_why_it_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gn_convert.parity import check_parity
+
+    def refuse(*args: object, **kwargs: object) -> Path:
+        raise NativeBuildError("no C++ compiler found")
+    monkeypatch.setattr(native_build, "build_library", refuse)
+    monkeypatch.setattr("gn_convert.native.build_library", refuse)
+    report = check_parity(converted("resnet18"), exported("resnet18").path, providers="cpu-native", levels=("all",))
+    assert report.skipped == {"cpu-native": "no C++ compiler found"}
+
+
+def test_triton_repo_ships_the_library_and_loads_it_by_model_operations(library: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tritonclient.grpc", reason="the serve extra is not installed")
+    from gn_convert.cli import main
+    from test_deploy_repo import parsed
+
+    assert main(["deploy", str(exported("resnet18").path), "--triton-repo", str(tmp_path), "--name", "r18",
+                 "--native-ops", "--server-repo", "/srv/models"]) == 0
+    config = parsed(tmp_path / "r18")
+    assert list(config.model_operations.op_library_filename) == ["/srv/models/r18/libgn_convert_ops.so"]
+    assert (tmp_path / "r18" / library.name).read_bytes() == library.read_bytes()
+    options = session_options(tmp_path / "r18" / library.name)  # the shipped copy loads and runs the op
+    session = ort.InferenceSession(str(tmp_path / "r18" / "1" / "model.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    x = crops(2).numpy()
+    body = _session(str(exported("resnet18").path), None).run(None, {"input": x})[0]
+    assert np.abs(session.run(None, {"input": x})[0] - body).max() / np.abs(body).max() < 1e-5
+
+
+def test_local_triton_server_runs_the_native_kernel(library: Path) -> None:
+    pytest.importorskip("pytriton", reason="the serve extra is not installed")
+    from gn_convert.deploy.server import TritonModelServer, find_free_port
+    from test_serve import STARTUP_TIMEOUT_S, client, infer
+
+    path = exported("resnet18").path
+    server = TritonModelServer(path, name="resnet18", http_port=find_free_port(), grpc_port=find_free_port(),
+                               metrics_port=find_free_port(), native_ops=library,
+                               startup_timeout_s=STARTUP_TIMEOUT_S)
+    x = crops(3).numpy()
+    body = _session(str(path), None).run(None, {"input": x})[0]
+    try:
+        server.start()
+        with client(server, "http") as c:
+            served = infer(c, "http", x)
+    finally:
+        server.close()
+    assert np.abs(served - body).max() / np.abs(body).max() < 1e-5
