@@ -233,3 +233,15 @@ def test_pipeline_stage_writes_model_with_the_weights_categories(tmp_path: Path)
     with pytest.raises(DeployError, match="drop --no-onnx"):
         deploy_cli.check_pipeline_arguments(_pipeline_args(tmp_path / "r2", no_onnx=True), out)
     assert deploy_cli.pipeline_stage(_pipeline_args(None), staged, out, None, Stages(quiet=True)) == {}
+
+
+@needs_serve
+def test_pipeline_stage_does_not_deploy_a_model_that_failed_parity(tmp_path: Path, capsys) -> None:
+    staged, out = tmp_path / "staged", tmp_path / "gn-resnet18"
+    staged.mkdir()
+    shutil.copy2(exported("resnet18").path, staged / "model.onnx")
+    fields = deploy_cli.pipeline_stage(_pipeline_args(tmp_path / "repo"), staged, out, None, Stages(quiet=True),
+                                       parity_failed=True)
+    assert fields == {"triton": {"skipped": "parity failed", "name": "gn-resnet18"}}
+    assert not (tmp_path / "repo").exists()
+    assert "failed its parity check" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..deploy.errors import DeployError
@@ -103,8 +104,11 @@ def check_pipeline_arguments(args: argparse.Namespace, out: Path) -> None:
 
 
 def pipeline_stage(args: argparse.Namespace, folder: Path, out: Path, categories: list[str] | None,
-                   stages: Stages) -> dict[str, object]:
+                   stages: Stages, parity_failed: bool = False) -> dict[str, object]:
     """Write the pipeline's ``model.onnx`` into ``--triton-repo`` (nothing without it).
+
+    A model whose parity check failed is not deployed: the repository is left alone and the
+    report says why.
 
     Args:
         args: the main command's parsed options.
@@ -112,6 +116,7 @@ def pipeline_stage(args: argparse.Namespace, folder: Path, out: Path, categories
         out: the final output folder (its name is the default model name).
         categories: the source weights' class names, for ``labels.txt``, or None.
         stages: the command's stage timer.
+        parity_failed: the pipeline's parity check failed.
 
     Returns:
         The fields for ``report.json`` (``triton``), empty without ``--triton-repo``.
@@ -119,6 +124,10 @@ def pipeline_stage(args: argparse.Namespace, folder: Path, out: Path, categories
     if getattr(args, "triton_repo", None) is None:
         return {}
     name = _triton_name(args, out)
+    if parity_failed:
+        print(f"gn-convert: not writing Triton model {name}: the ONNX model failed its parity check "
+              "(see report.json)", file=sys.stderr)
+        return {"triton": {"skipped": "parity failed", "name": name}}
     with stages("triton", f"writing Triton model {name} into {args.triton_repo}"):
         model_dir = write_triton_repo(folder / "model.onnx", args.triton_repo, name=name,
                                       instance=args.triton_instance, labels=categories, force=args.force)

@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
         onnx_fields = onnx_cli.pipeline_stage(
             args, converted, tmp, source.input_size, keeps_batchnorm=bool(layer_plan.untouched), stages=stages,
             metadata={"source_architecture": args.model, "source_weights": source.weights, "group_plan": layer_plan.summary()})
-        triton_fields = deploy_cli.pipeline_stage(args, tmp, out, source.categories, stages)
+        triton_fields = deploy_cli.pipeline_stage(args, tmp, out, source.categories, stages,
+                                                  parity_failed=onnx_cli.parity_failed(onnx_fields))
         report = {
             "model": args.model,
             "weights": source.weights,
