@@ -86,8 +86,11 @@ def build_library(include: str | Path | None = None, *, march: str = DEFAULT_MAR
     log.info("compiling %s against onnxruntime API %d headers in %s", SOURCE.name, header_api, headers)
     start = time.perf_counter()
     try:
-        done = subprocess.run([cxx, *flags, f"-I{headers}", str(SOURCE), "-o", str(staged)],
-                              capture_output=True, text=True, timeout=600)
+        try:
+            done = subprocess.run([cxx, *flags, f"-I{headers}", str(SOURCE), "-o", str(staged)],
+                                  capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            raise NativeBuildError(f"{cxx} did not finish compiling {SOURCE.name} in 10 minutes") from None
         if done.returncode != 0:
             errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
             raise NativeBuildError(f"compiling the native GroupNorm kernel failed: "

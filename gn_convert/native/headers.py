@@ -87,8 +87,12 @@ def fetch_headers(dest: Path) -> Path:
                                f"them; download an onnxruntime release and set {ENV_VAR} to its include/ folder")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".ort-headers-") as tmp:
-        done = subprocess.run([npm, "pack", NPM_PACKAGE, "--silent", "--pack-destination", tmp],
-                              capture_output=True, text=True, timeout=900)
+        try:
+            done = subprocess.run([npm, "pack", NPM_PACKAGE, "--silent", "--pack-destination", tmp],
+                                  capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            raise NativeBuildError(f"`npm pack {NPM_PACKAGE}` gave no answer in 15 minutes; set {ENV_VAR} "
+                                   "to an onnxruntime include/ folder instead") from None
         archives = list(Path(tmp).glob("*.tgz"))
         if done.returncode != 0 or not archives:
             reason = (done.stderr.strip().splitlines() or ["no archive written"])[-1]
@@ -107,6 +111,8 @@ def fetch_headers(dest: Path) -> Path:
         if not has_headers(staged):
             raise NativeBuildError(f"npm package {NPM_PACKAGE} lacks onnxruntime's C++ headers; "
                                    f"set {ENV_VAR} to an onnxruntime include/ folder")
+        if has_headers(dest):  # another process fetched them meanwhile: keep those
+            return dest
         if dest.exists():
             shutil.rmtree(dest)
         staged.rename(dest)
