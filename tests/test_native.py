@@ -195,3 +195,25 @@ def test_local_triton_server_runs_the_native_kernel(library: Path) -> None:
     finally:
         server.close()
     assert np.abs(served - body).max() / np.abs(body).max() < 1e-5
+
+
+def test_cli_native_prints_the_library_and_refuses_a_bad_include(library: Path, tmp_path: Path, capsys) -> None:
+    from gn_convert.cli import main
+
+    assert main(["native"]) == 0
+    assert capsys.readouterr().out.strip() == str(library)
+    assert main(["native", "--include", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lacks onnxruntime_c_api.h" in err
+
+
+def test_cli_bench_times_the_native_kernel_beside_the_model(library: Path, capsys) -> None:
+    from gn_convert.cli import main
+
+    path = exported("resnet18").path
+    assert main(["bench", str(path), "--native", "--batch", "1", "--rounds", "2", "--warmup", "1",
+                 "--threads", "1"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:5]]
+    assert rows == ["model", "native"]
+    assert main(["bench", str(path), "--native", "--provider", "cuda"]) == 2
+    assert "--native is a CPU kernel" in capsys.readouterr().err
