@@ -217,3 +217,15 @@ def test_cli_bench_times_the_native_kernel_beside_the_model(library: Path, capsy
     assert rows == ["model", "native"]
     assert main(["bench", str(path), "--native", "--provider", "cuda"]) == 2
     assert "--native is a CPU kernel" in capsys.readouterr().err
+
+
+def test_native_ops_are_refused_where_they_would_not_run(library: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tritonclient.grpc", reason="the serve extra is not installed")
+    from gn_convert.deploy import DeployError, write_triton_repo
+
+    for kwargs in ({"inlined": True}, {"instance": "gpu"}):
+        with pytest.raises(DeployError, match="runs the custom op on CPU instances"):
+            write_triton_repo(exported("resnet18").path, tmp_path, native_ops=library, **kwargs)
+    with pytest.raises(DeployError, match="not found; build it"):
+        write_triton_repo(exported("resnet18").path, tmp_path, native_ops=tmp_path / "none.so")
+    assert not any(tmp_path.iterdir())

@@ -263,8 +263,12 @@ def write_triton_repo(
     _check_batching(io, max_batch_size, onnx_path)
     labels_output = _labels_output(io, labels, onnx_path) if labels else None
     native_ops = Path(native_ops) if native_ops is not None else None
-    if native_ops is not None and not native_ops.is_file():
-        raise DeployError(f"native ops library {native_ops} not found; build it with `gn-convert native`")
+    if native_ops is not None:
+        if not native_ops.is_file():
+            raise DeployError(f"native ops library {native_ops} not found; build it with `gn-convert native`")
+        if inlined or instance != "cpu":
+            raise DeployError("the native GroupNorm kernel runs the custom op on CPU instances; drop --inlined "
+                              "(it removes the op) and use --instance cpu, or drop --native-ops")
     op_library = f"{server_repo.rstrip('/')}/{name}/{native_ops.name}" if native_ops is not None else None
     config = build_config(io, name=name, max_batch_size=max_batch_size, instance=instance,
                           instance_count=instance_count, queue_delay_us=queue_delay_us,
