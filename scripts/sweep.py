@@ -104,13 +104,16 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, round(time.perf_counter() - start, 2)
 
 
-def classification_row(name: str, folder: Path, levels: tuple[str, ...] = ("off", "all")) -> dict[str, Any]:
+def classification_row(name: str, folder: Path, levels: tuple[str, ...] = ("off", "all"),
+                       native: bool = False) -> dict[str, Any]:
     """Convert, export (function, inlined) and check one classification model.
 
     Args:
         name: a torchvision classification model name.
         folder: where the exported files are written (and removed again).
         levels: onnxruntime optimisation levels the parity check runs.
+        native: also check the function file on ``cpu-native`` (the native GroupNorm kernel;
+            reported as skipped where it cannot be built).
     """
     torch.manual_seed(0)
     teacher = build_model(name).eval()
@@ -130,8 +133,9 @@ def classification_row(name: str, folder: Path, levels: tuple[str, ...] = ("off"
         student, function, input_shape=(1, 3, size, size), allow_batchnorm=bool(plan.untouched)))
     _, row["inlined_export_s"] = timed(lambda: lower_onnx(function, inlined, "inlined"))
     for target, path in (("function", function), ("inlined", inlined)):
-        row.update(parity_summary(gn_convert.check_parity(student, path, providers=("cpu",), levels=levels, batch=2),
-                                  target))
+        providers = ("cpu", "cpu-native") if native and target == "function" else ("cpu",)
+        row.update(parity_summary(gn_convert.check_parity(student, path, providers=providers, levels=levels,
+                                                          batch=2), target))
         path.unlink(missing_ok=True)
     row["passed"] = bool(row["function_passed"] and row["inlined_passed"])
     return row
@@ -186,6 +190,7 @@ def parity_summary(report: Any, target: str) -> dict[str, Any]:
         f"{target}_max_abs": max((r.metrics.max_abs for r in rows), default=float("nan")),
         f"{target}_max_rel": max((r.metrics.max_rel for r in rows), default=float("nan")),
         f"{target}_passed": report.passed,
+        f"{target}_providers": sorted({r.provider for r in rows}),
         **({f"{target}_failures": report.failures()[:3]} if not report.passed else {}),
     }
 
