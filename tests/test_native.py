@@ -20,8 +20,7 @@ from gn_convert.native import build as native_build
 from gn_convert.native import headers as native_headers
 from gn_convert.onnx.op import DOMAIN
 from onnx_models import converted, crops, exported
-from test_onnx_op import (FP16_BOUND, FP32_BOUND, FP32_MEAN1000_BOUND, SHAPES_GROUPS, _inputs, _model,
-                          _reference)
+from test_onnx_op import FP16_BOUND, FP32_BOUND, SHAPES_GROUPS, _inputs, _model, _reference
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +48,13 @@ def _custom_nodes_after_optimisation(model: onnx.ModelProto | str, library: Path
     return sum(node.domain == DOMAIN for node in graph.node)
 
 
+NATIVE_MEAN1000_BOUND = 1e-4
+"""The kernel sums in double across chunks: 1.6e-5 measured at mean 1000 (the function body 5.5e-5)."""
+
+
 @pytest.mark.parametrize("shape,groups", SHAPES_GROUPS,
                          ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"G{v}")
-@pytest.mark.parametrize("mean,bound", [(0.0, FP32_BOUND), (1000.0, FP32_MEAN1000_BOUND)], ids=["mean0", "mean1000"])
+@pytest.mark.parametrize("mean,bound", [(0.0, FP32_BOUND), (1000.0, NATIVE_MEAN1000_BOUND)], ids=["mean0", "mean1000"])
 def test_kernel_matches_float64_torch(library: Path, shape: tuple[int, ...], groups: int, mean: float,
                                       bound: float) -> None:
     model = _model(shape, groups, 1e-5, onnx.TensorProto.FLOAT)
