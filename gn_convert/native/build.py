@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .headers import NativeBuildError, api_version, cache_root, find_headers, runtime_api_version
+from .errors import NativeBuildError
+from .headers import api_version, cache_root, find_headers, runtime_api_version
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from ..errors import GnConvertError
+from .errors import NativeBuildError
 
 ENV_VAR = "GN_CONVERT_ORT_INCLUDE"
 REQUIRED = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_cxx_inline.h",
@@ -35,10 +35,6 @@ SYSTEM_DIRS = ("/usr/include/onnxruntime", "/usr/local/include/onnxruntime", "/u
 NPM_PACKAGE = "com.github.asus4.onnxruntime@0.4.9"
 """npm package carrying onnxruntime's official headers (C API version 29, MIT licensed)."""
 _NPM_HEADER_DIR = "Headers/"
-
-
-class NativeBuildError(GnConvertError):
-    """The native kernel library cannot be built or loaded here (one line: what and what to do)."""
 
 
 def cache_root() -> Path:
