@@ -47,8 +47,8 @@ from torch import nn
 import gn_convert
 from gn_convert.errors import GnConvertError
 from gn_convert.atomic import atomic_file
-from gn_convert.bench import (ProviderUnavailableError, Variant, check_provider, ort_session, parse_batches,
-                              run_bench, session_variant, torch_variant)
+from gn_convert.bench import ProviderUnavailableError, Variant, parse_batches, run_bench
+from gn_convert.bench_variants import check_provider, ort_session, session_variant, torch_variant
 from gn_convert.models import build_model
 from gn_convert.onnx import export_onnx, lower_onnx
 from gn_convert.onnx.fast_lowering import to_fast, to_ms_groupnorm

@@ -14,8 +14,8 @@ import onnxruntime as ort
 import pytest
 
 import onnx_models as om
-from gn_convert.bench import (BenchError, Variant, parse_batches, run_bench, session_input_shape, ort_session,
-                              summarize, time_interleaved)
+from gn_convert.bench import BenchError, Variant, parse_batches, run_bench, summarize, time_interleaved
+from gn_convert.bench_variants import ort_session, session_input_shape
 from gn_convert.cli import main
 
 

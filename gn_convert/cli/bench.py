@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 from ..atomic import atomic_file
-from ..bench import BenchError, ort_session, parse_batches, run_bench, session_input_shape, session_variant
+from ..bench import BenchError, parse_batches, run_bench
+from ..bench_variants import ort_session, session_input_shape, session_variant
 from ..onnx.reading import read_model
 
 
