@@ -64,10 +64,11 @@ def test_export_checkpoint_matches_the_checkpoint_model(checkpoint: Path, tmp_pa
     assert np.abs(run_ort(out, x) - ref).max() / np.abs(ref).max() < 1e-4
 
 
-def test_export_model_name_as_baseline_keeps_no_custom_node(tmp_path: Path) -> None:
+def test_export_model_name_as_baseline_keeps_no_custom_node(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bn.onnx"
     assert main(["export", "resnet18", "--weights", "none", "--baseline", "--input-shape", "1,3,32,32",
                  "--target", "inlined", "-o", str(out)]) == 0
+    assert f"wrote {out} (BatchNorm baseline, " in capsys.readouterr().out
     onnx_model = read_model(out)
     assert not groupnorm_nodes(onnx_model) and len(onnx_model.graph.node) > 20
 

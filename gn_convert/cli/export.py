@@ -137,8 +137,8 @@ def run(args: argparse.Namespace) -> int:
         report = export_onnx(source.model, args.out, target=args.target, input_shape=shape,
                              dynamic_batch=not args.static_batch, opset=args.opset, fp16=args.fp16,
                              allow_batchnorm=source.keeps_batchnorm, metadata=source.metadata)
-    print(f"wrote {report.path} ({report.target}, {len(report.layers)} GroupNorm nodes, "
-          f"{report.size_bytes / 2**20:.1f} MiB) in {stages.total():.1f} s")
+    form = what if args.baseline else f"{report.target}, {len(report.layers)} GroupNorm nodes"
+    print(f"wrote {report.path} ({form}, {report.size_bytes / 2**20:.1f} MiB) in {stages.total():.1f} s")
     return 0
 
 
