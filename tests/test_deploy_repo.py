@@ -225,7 +225,7 @@ def test_pipeline_stage_writes_model_with_the_weights_categories(tmp_path: Path)
     fields = deploy_cli.pipeline_stage(args, staged, out, categories, Stages(quiet=True))
     model_dir = tmp_path / "repo" / "gn-resnet18"
     assert fields == {"triton": {"model_dir": str(model_dir), "name": "gn-resnet18", "instance": "cpu",
-                                 "labels": True}}
+                                 "labels": True, "native_ops": False}}
     assert (model_dir / "labels.txt").read_text().splitlines() == categories
     assert [t.name for t in parsed(model_dir).input] == ["input"]
     with pytest.raises(DeployError, match="exists; pass --force"):

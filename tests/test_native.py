@@ -232,3 +232,20 @@ def test_native_ops_are_refused_where_they_would_not_run(library: Path, tmp_path
     with pytest.raises(DeployError, match="not found; build it"):
         write_triton_repo(exported("resnet18").path, tmp_path, native_ops=tmp_path / "none.so")
     assert not any(tmp_path.iterdir())
+
+
+def test_main_command_checks_and_ships_the_native_kernel(library: Path, tmp_path: Path, capsys) -> None:
+    pytest.importorskip("tritonclient.grpc", reason="the serve extra is not installed")
+    import json
+
+    from gn_convert.cli import main
+
+    out, repo = tmp_path / "gn-r18", tmp_path / "repo"
+    assert main(["resnet18", "--weights", "none", "--native", "--triton-repo", str(repo), "--parity-batch", "2",
+                 "--out", str(out)]) == 0
+    assert "parity passed on onnxruntime CPU and the native kernel" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert {row["provider"] for row in report["parity"]["rows"]} == {"cpu", "cpu-native"}
+    assert report["triton"]["native_ops"] and (repo / "gn-r18" / library.name).is_file()
+    assert main(["resnet18", "--weights", "none", "--native", "--no-onnx", "--out", str(tmp_path / "x")]) == 2
+    assert "drop --no-onnx" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -86,13 +86,23 @@ def _triton_name(args: argparse.Namespace, out: Path) -> str:
 
 
 def check_pipeline_arguments(args: argparse.Namespace, out: Path) -> None:
-    """Fail before any work when ``--triton-repo`` cannot be honoured.
+    """Fail before any work when ``--triton-repo`` or ``--native`` cannot be honoured.
 
     Raises:
-        DeployError: ``--no-onnx`` was given, or the repository already has the model (without
-            ``--force``).
+        DeployError: ``--no-onnx`` was given with either, ``--native`` with GPU instances, or the
+            repository already has the model (without ``--force``).
+        NativeBuildError: ``--native`` was given and the kernel cannot be built here.
         ServeExtraMissingError: ``tritonclient`` is not installed.
     """
+    if getattr(args, "native", False):
+        if getattr(args, "no_onnx", False):
+            raise DeployError("--native checks and ships model.onnx on the native kernel; drop --no-onnx")
+        if getattr(args, "triton_instance", "cpu") != "cpu" and getattr(args, "triton_repo", None) is not None:
+            raise DeployError("the native GroupNorm kernel runs on CPU instances; use --triton-instance cpu "
+                              "or drop --native")
+        from ..native import build_library
+
+        build_library()
     if getattr(args, "triton_repo", None) is None:
         return
     if getattr(args, "no_onnx", False):
@@ -128,8 +138,14 @@ def pipeline_stage(args: argparse.Namespace, folder: Path, out: Path, categories
         print(f"gn-convert: not writing Triton model {name}: the ONNX model failed its parity check "
               "(see report.json)", file=sys.stderr)
         return {"triton": {"skipped": "parity failed", "name": name}}
+    native_ops = None
+    if getattr(args, "native", False):
+        from ..native import build_library
+
+        native_ops = build_library()
     with stages("triton", f"writing Triton model {name} into {args.triton_repo}"):
         model_dir = write_triton_repo(folder / "model.onnx", args.triton_repo, name=name,
-                                      instance=args.triton_instance, labels=categories, force=args.force)
+                                      instance=args.triton_instance, labels=categories, native_ops=native_ops,
+                                      force=args.force)
     return {"triton": {"model_dir": str(model_dir), "name": name, "instance": args.triton_instance,
-                       "labels": bool(categories)}}
+                       "labels": bool(categories), "native_ops": native_ops is not None}}

@@ -151,6 +151,9 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-parity", action="store_true", help="do not check model.onnx against the model")
     g.add_argument("--parity-batch", type=int, default=PIPELINE_PARITY_BATCH,
                    help=f"larger batch of the parity check (default {PIPELINE_PARITY_BATCH})")
+    g.add_argument("--native", action="store_true",
+                   help="also check model.onnx on gn-convert's native GroupNorm kernel (built here, `gn-convert "
+                   "native`) and, with --triton-repo, ship the kernel with the model")
 
 
 def pipeline_stage(args: argparse.Namespace, converted: nn.Module, folder: Path, input_size: tuple[int, ...],
@@ -168,7 +171,8 @@ def pipeline_stage(args: argparse.Namespace, converted: nn.Module, folder: Path,
 
     Returns:
         The fields for ``report.json``: ``onnx`` (the export) and ``parity`` (the CPU parity
-        report; ``parity.passed`` is the verdict); empty with ``--no-onnx``.
+        report, with ``--native`` on the native kernel too; ``parity.passed`` is the verdict);
+        empty with ``--no-onnx``.
     """
     if getattr(args, "no_onnx", False):
         return {}
@@ -184,12 +188,15 @@ def pipeline_stage(args: argparse.Namespace, converted: nn.Module, folder: Path,
         return {"onnx": data}
     from ..parity import check_parity
 
-    with stages("parity", "checking parity on onnxruntime CPU"):
-        parity = check_parity(converted, report.path, batch=getattr(args, "parity_batch", PIPELINE_PARITY_BATCH))
+    native = getattr(args, "native", False)
+    where = "onnxruntime CPU" + (" and the native kernel" if native else "")
+    with stages("parity", f"checking parity on {where}"):
+        parity = check_parity(converted, report.path, providers=("cpu", "cpu-native") if native else ("cpu",),
+                              batch=getattr(args, "parity_batch", PIPELINE_PARITY_BATCH))
     result = parity.to_dict()
     result["onnx_path"] = "model.onnx"
     worst = max((row.metrics.max_rel for row in parity.rows), default=float("nan"))
-    print(f"parity {'passed' if parity.passed else 'FAILED'} on onnxruntime CPU "
+    print(f"parity {'passed' if parity.passed else 'FAILED'} on {where} "
           f"({len(parity.rows)} comparisons, worst max_rel {worst:.1e})", file=sys.stderr)
     for line in parity.failures():
         print(f"  {line}", file=sys.stderr)
