@@ -249,3 +249,5 @@ def test_main_command_checks_and_ships_the_native_kernel(library: Path, tmp_path
     assert report["triton"]["native_ops"] and (repo / "gn-r18" / library.name).is_file()
     assert main(["resnet18", "--weights", "none", "--native", "--no-onnx", "--out", str(tmp_path / "x")]) == 2
     assert "drop --no-onnx" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["resnet18", "--weights", "none", "--native", "--onnx-target", "fast", "--out", str(tmp_path / "x")]) == 2
+    assert "the fast target has none" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -89,14 +89,18 @@ def check_pipeline_arguments(args: argparse.Namespace, out: Path) -> None:
     """Fail before any work when ``--triton-repo`` or ``--native`` cannot be honoured.
 
     Raises:
-        DeployError: ``--no-onnx`` was given with either, ``--native`` with GPU instances, or the
-            repository already has the model (without ``--force``).
+        DeployError: ``--no-onnx`` was given with either, ``--native`` with another ONNX target
+            than ``function`` or with GPU instances, or the repository already has the model
+            (without ``--force``).
         NativeBuildError: ``--native`` was given and the kernel cannot be built here.
         ServeExtraMissingError: ``tritonclient`` is not installed.
     """
     if getattr(args, "native", False):
         if getattr(args, "no_onnx", False):
             raise DeployError("--native checks and ships model.onnx on the native kernel; drop --no-onnx")
+        if getattr(args, "onnx_target", "function") != "function":
+            raise DeployError(f"the native kernel runs the custom op of the function target; the "
+                              f"{args.onnx_target} target has none: drop --onnx-target or --native")
         if getattr(args, "triton_instance", "cpu") != "cpu" and getattr(args, "triton_repo", None) is not None:
             raise DeployError("the native GroupNorm kernel runs on CPU instances; use --triton-instance cpu "
                               "or drop --native")
