@@ -14,6 +14,7 @@ model with it instead of inlining the op's function body.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -47,7 +48,9 @@ def compiler() -> str:
                            "the native GroupNorm kernel needs one")
 
 
+@functools.lru_cache(maxsize=None)
 def _compiler_id(cxx: str) -> str:
+    """The compiler's version line (part of the cache key; asked once per process)."""
     done = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
     return (done.stdout.splitlines() or [cxx])[0]
 
