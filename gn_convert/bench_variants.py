@@ -66,15 +66,18 @@ def ort_session(path: str | Path, *, threads: int, provider: str = "cpu",
     path = Path(path)
     if not path.is_file():
         raise BenchError(f"ONNX file {path} not found")
-    options = ort.SessionOptions()
+    if custom_ops_library is not None:  # a library onnxruntime refuses is one clear line
+        from .native import session_options
+
+        options = session_options(custom_ops_library)
+    else:
+        options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if custom_ops_library is not None:
-        options.register_custom_ops_library(str(custom_ops_library))
     try:
         return ort.InferenceSession(str(path), options, providers=providers,
                                     disabled_optimizers=list(disabled_optimizers) or None)

@@ -251,3 +251,12 @@ def test_main_command_checks_and_ships_the_native_kernel(library: Path, tmp_path
     assert "drop --no-onnx" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["resnet18", "--weights", "none", "--native", "--onnx-target", "fast", "--out", str(tmp_path / "x")]) == 2
     assert "the fast target has none" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_library_onnxruntime_refuses_is_one_clear_error(tmp_path: Path) -> None:
+    from gn_convert.bench_variants import ort_session
+
+    bogus = tmp_path / "libbogus.so"
+    bogus.write_bytes(b"not a shared library")
+    with pytest.raises(NativeBuildError, match="onnxruntime cannot load .*libbogus.so.*gn-convert native --force"):
+        ort_session(exported("resnet18").path, threads=1, custom_ops_library=bogus)
