@@ -1,60 +1,61 @@
 """gn-convert: turn pretrained BatchNorm CNNs into working GroupNorm networks.
 
-The public API, one stage per module:
+The public API, one stage per subpackage, each name imported on first use (so that
+``import gn_convert`` stays cheap and never imports onnx or onnxruntime):
 
-- :func:`load_model`, :func:`list_models` (``gn_convert.models``)
-- :func:`plan`, :class:`GroupPlan` (``gn_convert.group_plan``)
-- :func:`convert` (``gn_convert.surgery``)
-- :func:`save`, :func:`load_converted` (``gn_convert.checkpoint``)
-- :func:`calibrate` (``gn_convert.calibrate``), :func:`distill` (``gn_convert.finetune``)
-- :func:`export_onnx`, :class:`ExportReport` (``gn_convert.onnx``; imported on first use)
-- :func:`check_parity`, :class:`ParityReport` (``gn_convert.parity``; imported on first use)
-- :func:`write_triton_repo`, :class:`TritonModelServer` (``gn_convert.deploy``; imported on first use)
+- load: :func:`load_model`, :func:`list_models` (``gn_convert.load``)
+- surgery: :func:`plan`, :class:`GroupPlan`, :func:`convert`, :func:`save`,
+  :func:`load_converted` (``gn_convert.surgery``)
+- fidelity: :func:`calibrate`, :func:`distill` (``gn_convert.fidelity``)
+- export: :func:`export_onnx`, :class:`ExportReport` (``gn_convert.onnx``)
+- parity: :func:`check_parity`, :class:`ParityReport` (``gn_convert.parity``)
+- deploy: :func:`write_triton_repo`, :class:`TritonModelServer` (``gn_convert.deploy``)
+- the main command as a function: :func:`run_pipeline` (``gn_convert.pipeline``)
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
 
-from .errors import GnConvertError  # noqa: E402
-from .group_plan import GroupPlan, LayerPlan, choose_groups, plan  # noqa: E402
-from .surgery import convert  # noqa: E402
-from .models import list_models, load_model  # noqa: E402
-from .checkpoint import load_converted, save  # noqa: E402
-from .calibrate import calibrate  # noqa: E402  (the function shadows the module attribute)
-from .finetune import DistillResult, distill  # noqa: E402
+from gn_convert._version import __version__
+from gn_convert.errors import GnConvertError, InputError
 
-__all__ = [
-    "__version__",
-    "DistillResult",
-    "GnConvertError",
-    "GroupPlan",
-    "LayerPlan",
-    "calibrate",
-    "choose_groups",
-    "convert",
-    "distill",
-    "list_models",
-    "load_converted",
-    "load_model",
-    "plan",
-    "save",
-    "export_onnx",
-    "ExportReport",
-    "check_parity",
-    "ParityReport",
-    "write_triton_repo",
-    "TritonModelServer",
-]
+#: public name -> the module that defines it
+_LAZY: dict[str, str] = {
+    "load_model": "gn_convert.load.weights",
+    "list_models": "gn_convert.load.names",
+    "plan": "gn_convert.surgery.plan",
+    "GroupPlan": "gn_convert.surgery.plan",
+    "LayerPlan": "gn_convert.surgery.plan",
+    "choose_groups": "gn_convert.surgery.plan",
+    "convert": "gn_convert.surgery.replace",
+    "save": "gn_convert.surgery.checkpoint",
+    "load_converted": "gn_convert.surgery.checkpoint",
+    "calibrate": "gn_convert.fidelity.calibration",
+    "CalibrationReport": "gn_convert.fidelity.calibration",
+    "distill": "gn_convert.fidelity.distillation",
+    "DistillResult": "gn_convert.fidelity.options",
+    "export_onnx": "gn_convert.onnx.export",
+    "ExportReport": "gn_convert.onnx.export",
+    "check_parity": "gn_convert.parity.check",
+    "ParityReport": "gn_convert.parity.report",
+    "write_triton_repo": "gn_convert.deploy.triton_repo",
+    "TritonModelServer": "gn_convert.deploy.server",
+    "run_pipeline": "gn_convert.pipeline",
+    "PipelineOptions": "gn_convert.pipeline",
+}
 
-#: public names imported on first use (onnx, onnxscript and torch.onnx take about a second)
-_LAZY = {"export_onnx": ".onnx", "ExportReport": ".onnx", "check_parity": ".parity", "ParityReport": ".parity",
-         "write_triton_repo": ".deploy", "TritonModelServer": ".deploy"}
+__all__ = ["__version__", "GnConvertError", "InputError", *_LAZY]
 
 
-def __getattr__(name: str):  # noqa: ANN202 (PEP 562 module attribute)
+def __getattr__(name: str) -> Any:  # PEP 562: import the defining module on first use
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -6,7 +6,7 @@ the product's question: once a pretrained BatchNorm model is converted with
 ``gn_convert.convert`` (data-free ``bn-stats`` init), can it be fine-tuned at the small batches
 a task forces, where the BatchNorm original degrades?
 
-Protocol (scikit-learn's 8x8 digits at their native size, via ``gn_convert.data.digits``):
+Protocol (scikit-learn's 8x8 digits at their native size, via ``gn_convert.testing.digits.digits``):
 
 - One seeded split: 900 training and 897 held-out digits. The *pretraining* task is the
   training digits 0-4; the *target* task is digits 5-9 (disjoint classes: about 450 training
@@ -58,8 +58,8 @@ from _study_models import small_resnet  # noqa: E402
 
 from gn_convert import convert  # noqa: E402
 from gn_convert.atomic import atomic_file  # noqa: E402
-from gn_convert.bn_stats import estimate_batchnorm_stats  # noqa: E402
-from gn_convert.data import digits  # noqa: E402
+from gn_convert.testing.bn_stats import estimate_batchnorm_stats  # noqa: E402
+from gn_convert.testing.digits import digits  # noqa: E402
 
 log = logging.getLogger("batch_size_study")
 

@@ -2,7 +2,7 @@
 
 For each model (untrained torchvision weights: latency does not depend on the values), this
 exports the BatchNorm original and its GroupNorm conversion in every form, then times all of
-them interleaved in one process (``gn_convert.bench``), at each batch size, and prints the
+them interleaved in one process (``gn_convert.bench.harness``), at each batch size, and prints the
 median latency and the ratio to the BatchNorm original.
 
 Variants (CPU):
@@ -12,13 +12,13 @@ Variants (CPU):
 - ``torch-default``: the GN model exported by plain ``torch.onnx.export`` (opset 20:
   Reshape -> InstanceNormalization -> Reshape -> Mul -> Add).
 - ``function``, ``inlined``, ``standard``: gn-convert's export targets.
-- ``fast``: the function file lowered by ``gn_convert.onnx.fast_lowering.to_fast``.
+- ``fast``: the function file lowered by ``gn_convert.onnx.lowering.fast.to_fast``.
 - ``native``: the function file run with gn-convert's native GroupNorm kernel registered
   (``gn_convert.native``; built on first use, skipped with the reason if it cannot be built).
 - ``torch-eager``: the GN model in torch, as a reference.
 
 With ``--provider cuda`` (onnxruntime-gpu and a GPU), the models are exported in float16 and
-``ms-groupnorm`` (``to_ms_groupnorm``: com.microsoft.GroupNorm, NHWC) is added; without a
+``ms-groupnorm`` (``gn_convert.onnx.lowering.ms_groupnorm``: com.microsoft.GroupNorm, NHWC) is added; without a
 GPU the run prints why it is skipped and exits 0.
 
 Usage::
@@ -45,15 +45,13 @@ import torch  # noqa: E402
 from torch import nn
 
 import gn_convert
-from gn_convert.errors import GnConvertError
 from gn_convert.atomic import atomic_file
-from gn_convert.bench import ProviderUnavailableError, Variant, parse_batches, run_bench
-from gn_convert.bench_variants import check_provider, ort_session, session_variant, torch_variant
-from gn_convert.models import build_model
+from gn_convert.bench.harness import Variant, parse_batches, run_bench
+from gn_convert.bench.variants import ort_session, session_variant, torch_variant
+from gn_convert.errors import GnConvertError, NativeBuildError, ProviderUnavailableError
+from gn_convert.load.names import build_model
 from gn_convert.onnx import export_onnx, lower_onnx
-from gn_convert.onnx.fast_lowering import to_fast, to_ms_groupnorm
-from gn_convert.onnx.reading import read_model
-from gn_convert.onnx.export import write_model
+from gn_convert.runtime import check_provider
 
 MODELS = ("resnet50",)
 ALL_MODELS = ("resnet50", "resnet18", "mobilenet_v3_large", "efficientnet_b0")
@@ -86,10 +84,6 @@ def _export_torch_default(model: nn.Module, path: Path, shape: tuple[int, ...], 
         model.float()
 
 
-def _write_lowered(source: Path, path: Path, lowering) -> None:
-    write_model(lowering(read_model(source)), path, "inlined", calls=0, allow_batchnorm=True)
-
-
 def export_variants(name: str, folder: Path, *, groups: int, size: int, fp16: bool,
                     wanted: list[str]) -> tuple[dict[str, Path], nn.Module]:
     """Export every ONNX variant of one model into ``folder`` (reused when already there)."""
@@ -116,19 +110,15 @@ def export_variants(name: str, folder: Path, *, groups: int, size: int, fp16: bo
         start = time.perf_counter()
         if variant in steps:
             steps[variant](path)
-        elif variant in ("inlined", "standard"):
+        elif variant in ("inlined", "standard", "fast", "ms-groupnorm"):
             lower_onnx(function_file, path, variant)
-        elif variant == "fast":
-            _write_lowered(function_file, path, to_fast)
-        elif variant == "ms-groupnorm":
-            _write_lowered(function_file, path, to_ms_groupnorm)
         print(f"  exported {path.name} in {time.perf_counter() - start:.0f} s", flush=True)
     return paths, gn
 
 
 def _native_library() -> Path | None:
     """The native kernel library, or None (with the reason printed) where it cannot be built."""
-    from gn_convert.native import NativeBuildError, build_library
+    from gn_convert.native import build_library
 
     try:
         return build_library()

@@ -31,7 +31,7 @@ import tritonclient.http as httpclient
 
 from gn_convert import convert
 from gn_convert.deploy import TritonModelServer, find_free_port
-from gn_convert.models import build_model
+from gn_convert.load.names import build_model
 from gn_convert.onnx.export import export_onnx
 
 CLIENTS = {"http": httpclient, "grpc": grpcclient}

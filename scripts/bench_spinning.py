@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gn_convert.bench import parse_batches
-from gn_convert.bench_variants import ort_session, session_input_shape
+from gn_convert.bench.harness import parse_batches
+from gn_convert.bench.variants import ort_session, session_input_shape
 
 
 def block_times(path: Path, feeds: dict[str, np.ndarray], *, threads: int, library: Path | None, runs: int,

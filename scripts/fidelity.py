@@ -3,7 +3,7 @@ and how much calibration on data and a short distillation bring back.
 
 Protocol (real data that ships in a package; no download):
 
-- Train the digits teacher (``gn_convert.digits_teacher``): torchvision's ResNet-18 with
+- Train the digits teacher (``gn_convert.testing.digits``): torchvision's ResNet-18 with
   BatchNorm on scikit-learn's digits, 1,400 training and 397 held-out digits at 32x32.
 - Convert it to GroupNorm (G=32 by default) with each init: ``identity`` (weight 1, bias 0, as
   Opacus does), ``bn-stats`` (data-free, from the running statistics), and ``bn-stats``
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from gn_convert import calibrate, convert, distill
-from gn_convert.digits_teacher import predictions, train_digits_teacher
+from gn_convert.testing.digits import predictions, train_digits_teacher
 
 CALIBRATIONS = (("variance", "independent"), ("least-squares", "independent"),
                 ("variance", "sequential"), ("least-squares", "sequential"), ("variance", "greedy"))

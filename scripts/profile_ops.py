@@ -25,14 +25,14 @@ import onnxruntime as ort
 
 def profile(path: Path, *, batch: int, runs: int, threads: int, native: bool) -> dict[str, float]:
     """Mean kernel milliseconds per run, by op type."""
-    if native:
-        from gn_convert.native import session_options
+    from gn_convert.runtime import session_options
 
-        options = session_options()
-    else:
-        options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    library = None
+    if native:
+        from gn_convert.native import build_library
+
+        library = build_library()
+    options = session_options(threads=threads, spinning=False, library=library)
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "gn-convert-profile")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

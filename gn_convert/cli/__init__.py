@@ -12,17 +12,18 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from types import ModuleType
 from typing import Sequence
 
-from .. import __version__
-from ..errors import GnConvertError
-from . import bench, deploy, export, finetune, listing, native, parity, pipeline, serve
+from gn_convert._version import __version__
+from gn_convert.errors import GnConvertError
+from gn_convert.cli import bench, convert, deploy, export, finetune, listing, native, parity, serve
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 #: subcommand name -> module with ``add_parser(subparsers)`` and ``run(args) -> int``
-COMMANDS: dict[str, ModuleType] = {"convert": pipeline, "list": listing, "deploy": deploy, "serve": serve,
+COMMANDS: dict[str, ModuleType] = {"convert": convert, "list": listing, "deploy": deploy, "serve": serve,
                                  "export": export, "finetune": finetune, "bench": bench,
                                  "parity": parity, "native": native}
 
@@ -63,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # the command owns this process: torch's exporter's notices are noise to its users
+        warnings.filterwarnings("ignore", module=r"torch\.onnx|onnxscript|torch\._export")
     try:
         return COMMANDS[args.command].run(args)
     except GnConvertError as err:
@@ -71,9 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gn-convert: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (`gn-convert list | head`): stop quietly
+    except BrokenPipeError:  # the reader went away (`gn-convert list | head`): not a failure
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_FAILED
+        return EXIT_OK
     except Exception as err:  # an unexpected failure: say so, with the traceback under -v
         if args.verbose:
             raise

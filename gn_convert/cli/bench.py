@@ -12,10 +12,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..atomic import atomic_file
-from ..bench import BenchError, parse_batches, run_bench
-from ..bench_variants import ort_session, session_input_shape, session_variant
-from ..onnx.reading import read_model
+from gn_convert.atomic import atomic_file
+from gn_convert.cli.arguments import add_native_library_argument
+from gn_convert.bench.harness import parse_batches, run_bench
+from gn_convert.errors import BenchError
+from gn_convert.bench.variants import ort_session, session_input_shape, session_variant
+from gn_convert.onnx.reading import read_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: latency (default); cpu: process CPU time, robust on a busy machine")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the measurements as JSON")
+    add_native_library_argument(p)
 
 
 def _input_fallback(path: Path) -> tuple[int, ...] | None:
@@ -60,15 +63,15 @@ def run(args: argparse.Namespace) -> int:
         paths = {"baseline": args.baseline} if args.baseline else {}
         paths["model"] = args.model
         if args.fast:
-            from ..onnx.fast_lowering import lower_fast
+            from gn_convert.onnx.export import lower_onnx
 
-            paths["fast"] = lower_fast(args.model, Path(tmp) / "fast.onnx")
+            paths["fast"] = lower_onnx(args.model, Path(tmp) / "fast.onnx", "fast").path
         sessions = {name: ort_session(path, threads=threads, provider=args.provider) for name, path in paths.items()}
         notes = {**{name: str(path) for name, path in paths.items()}, "fast": f"{args.model} lowered by to_fast"}
         if args.native:
-            from ..native import build_library
+            from gn_convert.native import resolve_library
 
-            library = build_library()
+            library = resolve_library(args.native_library)
             sessions["native"] = ort_session(args.model, threads=threads, provider=args.provider,
                                              custom_ops_library=library)
             notes["native"] = f"{args.model} with {library}"

@@ -1,4 +1,4 @@
-"""``gn-convert finetune CHECKPOINT --teacher MODEL --data DIR``: distil a converted model.
+"""``gn-convert finetune CHECKPOINT --data DIR``: distil a converted model from its BatchNorm teacher.
 
 Loads the converted checkpoint (the student) and its BatchNorm original (the teacher),
 optionally calibrates the GroupNorm affines on the data, distils for ``--steps`` with a
@@ -17,142 +17,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..atomic import check_output_folder, staged_folder
-from ..calibrate import METHODS, ORDERS, calibrate
-from ..checkpoint import load_converted, read_config, save
-from ..data import DataError
-from ..errors import GnConvertError
-from ..finetune import TRAINABLE, DistillResult, StepInfo, distill
-from ..group_plan import GroupPlan
-from ..models import default_weights_enum, load_model
-from .stages import Stages
-
-
-def add_distill_arguments(parser: argparse.ArgumentParser, steps_flag: str = "--steps",
-                          default_steps: int | None = 200) -> None:
-    """The data, calibration and distillation options shared by ``finetune`` and ``convert``."""
-    g = parser.add_argument_group("data, calibration and distillation")
-    g.add_argument("--data", type=Path, help="folder of images (plain, unlabelled) or of class "
-                   "subfolders (labelled) for calibration and distillation")
-    g.add_argument("--eval-data", type=Path, help="separate held-out folder (default: --holdout of --data)")
-    g.add_argument("--holdout", type=float, default=0.1, help="fraction of --data held out for evaluation (0.1)")
-    g.add_argument("--input-size", type=int, help="crop side in pixels (default: the model's preset)")
-    g.add_argument("--calibrate", type=int, default=0, metavar="N",
-                   help="calibrate the GroupNorm affines on N batches of --data first (default 0: off)")
-    g.add_argument("--calibrate-method", choices=METHODS, default="variance", help="calibration fit (variance)")
-    g.add_argument("--calibrate-order", choices=ORDERS, default="greedy",
-                   help="calibration order (greedy, the best measured; independent is one cheap pass)")
-    g.add_argument(steps_flag, dest="steps", type=int, default=default_steps, metavar="N",
-                   help=f"distillation steps (default {default_steps or 0})")
-    g.add_argument("--batch-size", type=int, default=32, help="global batch per step (32)")
-    g.add_argument("--accumulate", type=int, default=1, help="micro-batches per step per process (1)")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (1e-4; "
-                   "try 1e-2 with --trainable gn-affine)")
-    g.add_argument("--trainable", choices=TRAINABLE, default="all", help="parameters to train (all)")
-    g.add_argument("--gn-lr-scale", type=float, default=1.0, help="lr multiplier of GroupNorm affines (1)")
-    g.add_argument("--temperature", type=float, default=2.0, help="KL temperature (2)")
-    g.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy weight with labels (0: off)")
-    g.add_argument("--feature-weight", type=float, default=0.0, help="GroupNorm-output loss weight (0: off)")
-    g.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations (25)")
-    g.add_argument("--target-agreement", type=float, help="stop once held-out agreement reaches this (0-1)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the split, data order and augmentation (0)")
-    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes (0)")
-    g.add_argument("--no-flip", action="store_true", help="no horizontal flips in training augmentation")
-
-
-def is_main_process() -> bool:
-    """Rank 0 under torchrun (or a single process): the only one that prints and writes."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-class ProgressBar:
-    """A tqdm bar driven by :func:`gn_convert.distill`'s callback, opened at the first step
-    (so errors before training print alone) and only on rank 0."""
-
-    def __init__(self, total: int, label: str = "distilling") -> None:
-        self.total, self.label, self.bar = total, label, None
-        self.enabled = is_main_process()
-
-    def __call__(self, info: StepInfo) -> None:
-        """Show the step, the loss and the last measured agreement."""
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, initial=info.step - 1, desc=self.label, unit="step",
-                            dynamic_ncols=True)
-        self.bar.n = info.step
-        shown = {"loss": f"{info.loss:.4f}"}
-        if info.agreement is not None:
-            shown["agree"] = f"{info.agreement:.3f}"
-        self.bar.set_postfix(shown, refresh=True)
-
-    def close(self) -> None:
-        """Close the bar if it was opened."""
-        if self.bar is not None:
-            self.bar.close()
-
-
-def run_fidelity(args: argparse.Namespace, student: Any, teacher: Any, architecture: str,
-                 stages: Stages, state_dir: Path | None = None) -> dict[str, Any]:
-    """Calibrate (``--calibrate N``) then distil (``--steps N``) ``student`` in place.
-
-    Does nothing when neither is asked for.
-
-    Raises:
-        DataError: calibration or distillation is asked for without ``--data``.
-
-    Returns:
-        JSON-ready reports under ``calibration`` and ``finetune`` (absent when not run).
-    """
-    report: dict[str, Any] = {}
-    if not (args.calibrate or args.steps):
-        return report
-    if args.data is None:
-        raise DataError("calibration and distillation need --data DIR (a folder of images or of class subfolders)")
-    weights = default_weights_enum(architecture)
-    if args.calibrate:
-        with stages("calibrate", f"calibrating on {args.calibrate} batches of {args.data}"):
-            cal = calibrate(student, teacher, args.data, batches=args.calibrate, batch_size=args.batch_size,
-                            method=args.calibrate_method, order=args.calibrate_order, seed=args.seed,
-                            weights=weights, input_size=args.input_size, holdout=args.holdout)
-        report["calibration"] = cal.to_dict()
-        if is_main_process():
-            print(cal.summary())
-    if args.steps:
-        result = _distill(args, student, teacher, weights, state_dir)
-        stages.timings["finetune"] = round(result.seconds, 3)
-        report["finetune"] = result.to_dict()
-        if is_main_process():
-            print(_result_line(result))
-    return report
-
-
-def _distill(args: argparse.Namespace, student: Any, teacher: Any, weights: Any,
-             state_dir: Path | None) -> DistillResult:
-    bar = ProgressBar(args.steps)
-    try:
-        return distill(
-            student, teacher, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-            trainable=args.trainable, gn_lr_scale=args.gn_lr_scale, temperature=args.temperature,
-            ce_weight=args.ce_weight, feature_weight=args.feature_weight, eval_every=args.eval_every,
-            target_agreement=args.target_agreement, eval_data=args.eval_data, weights=weights,
-            input_size=args.input_size, callback=bar, accumulate=args.accumulate, seed=args.seed,
-            holdout=args.holdout, flip=not args.no_flip, num_workers=args.workers,
-            checkpoint_dir=state_dir, checkpoint_every=getattr(args, "checkpoint_every", 0),
-            resume=getattr(args, "resume", False),
-        )
-    finally:
-        bar.close()
-
-
-def _result_line(result: DistillResult) -> str:
-    acc = "" if result.accuracy is None else f", accuracy {result.accuracy:.3f}"
-    teacher = "" if result.teacher_accuracy is None else f" (teacher {result.teacher_accuracy:.3f})"
-    early = " (target reached)" if result.stopped_early else ""
-    return (f"distilled {result.steps} steps{early}: held-out agreement {result.agreement:.3f}"
-            f"{acc}{teacher} on {result.heldout} images")
+from gn_convert.atomic import check_output_folder, staged_folder
+from gn_convert.cli.arguments import (ProgressBar, add_distill_arguments, fidelity_kwargs, fidelity_lines,
+                                      is_main_process, stderr_sink)
+from gn_convert.errors import CheckpointError, DataError
+from gn_convert.fidelity.recovery import run_fidelity
+from gn_convert.load.weights import load_model
+from gn_convert.stages import Stages
+from gn_convert.surgery.checkpoint import load_converted, read_config, save
+from gn_convert.surgery.plan import GroupPlan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -177,16 +50,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _teacher(args: argparse.Namespace, config: dict[str, Any]) -> tuple[str, Any]:
+    """The teacher: ``--teacher``/``--teacher-weights``, else what the checkpoint records.
+
+    Raises:
+        CheckpointError: a custom model without ``--teacher``, or a checkpoint converted from
+            untrained weights without ``--teacher-weights`` (a new random teacher on every run,
+            resume and rank would make the numbers meaningless).
+    """
     architecture = args.teacher or config.get("architecture")
-    weights = args.teacher_weights or config.get("source_weights") or "DEFAULT"
+    recorded = config.get("source_weights") or "DEFAULT"
+    weights = args.teacher_weights or recorded
     if not architecture:
-        raise GnConvertError(f"{args.checkpoint} holds a custom model; pass --teacher MODEL")
+        raise CheckpointError(f"{args.checkpoint} holds a custom model; pass --teacher MODEL")
+    if weights.lower() == "none":
+        raise CheckpointError(f"{args.checkpoint} was converted from untrained weights (--weights none): there is "
+                              "no teacher to distil from; pass --teacher-weights FILE (the BatchNorm weights)")
     num_classes = args.num_classes
-    local = weights.lower() == "none" or os.path.exists(weights)
-    if num_classes is None and local and architecture == config.get("architecture"):
+    if num_classes is None and os.path.exists(weights) and architecture == config.get("architecture"):
         num_classes = config.get("model_kwargs", {}).get("num_classes")
-    if not local and "_Weights." in weights:  # recorded as ResNet50_Weights.IMAGENET1K_V2
-        weights = weights.split(".")[-1]
     return architecture, load_model(architecture, weights, num_classes=num_classes)
 
 
@@ -197,11 +78,19 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_folder(args.out or Path(f"{args.checkpoint}-finetuned"), args.force)
     state_dir = args.state_dir or out.with_name(out.name + ".train-state")
     config = read_config(args.checkpoint)
-    stages = Stages(quiet=not is_main_process())
+    stages = Stages(stderr_sink)
     with stages("load", f"loading {args.checkpoint} and its teacher"):
         student = load_converted(args.checkpoint)
         architecture, teacher = _teacher(args, config)
-    report = run_fidelity(args, student, teacher, architecture, stages, state_dir)
+    bar = ProgressBar(args.steps)
+    try:
+        report = run_fidelity(student, teacher, architecture, stages=stages, callback=bar,
+                              checkpoint_dir=state_dir, checkpoint_every=args.checkpoint_every,
+                              resume=args.resume, **fidelity_kwargs(args))
+    finally:
+        bar.close()
+    for line in fidelity_lines(report) if is_main_process() else []:
+        print(line)
     if not is_main_process():
         return 0
     with staged_folder(out, args.force) as tmp:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..models import list_models
+from gn_convert.load.names import list_models
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

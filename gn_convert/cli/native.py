@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from ..native import build_library
-from ..native.build import DEFAULT_MARCH
-from ..native.headers import ENV_VAR
+from gn_convert.native import build_library
+from gn_convert.native.build import DEFAULT_MARCH
+from gn_convert.native.headers import ENV_VAR
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,12 +22,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "once from the npm registry.")
     p.add_argument("--include", type=Path, metavar="DIR", help="onnxruntime's include/ folder")
     p.add_argument("--march", default=DEFAULT_MARCH,
-                   help="the -march target (default native: this CPU; x86-64-v3 for other AVX2 machines)")
+                   help="the -march target (default native: this CPU; x86-64-v2 runs on any x86-64 server, x86-64-v3 on AVX2 ones)")
     p.add_argument("--no-fetch", action="store_true", help="never fetch the headers from the npm registry")
     p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
 
 
 def run(args: argparse.Namespace) -> int:
     """Build (or find) the library and print its path; 0 on success."""
+    print(f"building the native GroupNorm kernel (-march={args.march}; the first build fetches onnxruntime's "
+          "headers and compiles, about 30 s; later ones are cached) ...", file=sys.stderr, flush=True)
     print(build_library(args.include, march=args.march, fetch=not args.no_fetch, force=args.force))
     return 0

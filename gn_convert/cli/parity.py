@@ -11,9 +11,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..atomic import atomic_file
-from ..checkpoint import load_converted
-from .export import parse_shape
+from gn_convert.atomic import atomic_file
+from gn_convert.surgery.checkpoint import load_converted
+from gn_convert.cli.arguments import add_native_library_argument
+from gn_convert.cli.export import parse_shape
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,10 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-shape", metavar="N,C,H,W", help="for ONNX inputs with dynamic axes besides the batch")
     p.add_argument("--max-rel", type=float, help="override every provider's max relative error bound")
     p.add_argument("--json", type=Path, help="also write the full report as JSON")
+    add_native_library_argument(p)
 
 
 def _tolerances(max_rel: float | None) -> dict | None:
-    from ..parity import DEFAULT_TOLERANCES
+    from gn_convert.parity import DEFAULT_TOLERANCES
 
     if max_rel is None:
         return None
@@ -48,8 +50,8 @@ def _tolerances(max_rel: float | None) -> dict | None:
 
 def run(args: argparse.Namespace) -> int:
     """Check parity; returns the exit code."""
-    from ..onnx import read_model
-    from ..parity import check_parity
+    from gn_convert.onnx import read_model
+    from gn_convert.parity import check_parity
 
     read_model(args.onnx, load_external_data=False)  # a bad file fails before the model loads
     model = load_converted(args.checkpoint)
@@ -57,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         model, args.onnx, providers=args.providers, levels=[x.strip() for x in args.levels.split(",") if x.strip()],
         batch=args.batch, images=args.images, tolerances=_tolerances(args.max_rel),
         input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+        native_library=args.native_library,
     )
     print(report.table())
     if args.json:

@@ -7,7 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
-from ..deploy.server import LOOPBACK, TritonModelServer, serve_until_signal
+from gn_convert.cli.arguments import add_native_library_argument
+from gn_convert.deploy.server import LOOPBACK, TritonModelServer, serve_until_signal
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default 0: its choice)")
     p.add_argument("--native", action="store_true",
                    help="run GroupNorm with gn-convert's native CPU kernel (built on first use; `gn-convert native`)")
+    add_native_library_argument(p)
     p.add_argument("--startup-timeout", type=float, default=120.0,
                    help="seconds to wait for the server to be ready (default 120)")
 
@@ -37,9 +39,9 @@ def run(args: argparse.Namespace) -> int:
     """Serve until interrupted; returns the exit code."""
     native_ops = None
     if args.native:
-        from ..native import build_library
+        from gn_convert.native import resolve_library
 
-        native_ops = build_library()
+        native_ops = resolve_library(args.native_library)
     server = TritonModelServer(
         args.onnx, name=args.name, host=args.host, http_port=args.port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, max_batch_size=args.max_batch_size, threads=args.threads,

@@ -11,11 +11,11 @@ package does not.
 
 from __future__ import annotations
 
-from .errors import DeployError, ServeExtraMissingError, ServerError
-from .labels import labels_beside, read_labels
-from .onnx_io import ModelIO, TensorSpec, read_model_io
-from .server import TritonModelServer, find_free_port, serve_until_signal
-from .triton_repo import check_model_dir, read_config, write_triton_repo
+from gn_convert.errors import DeployError, ServeExtraMissingError, ServerError
+from gn_convert.deploy.labels import labels_beside, read_labels
+from gn_convert.deploy.onnx_io import ModelIO, TensorSpec, read_model_io
+from gn_convert.deploy.server import TritonModelServer, find_free_port, serve_until_signal
+from gn_convert.deploy.triton_repo import check_model_dir, read_config, write_triton_repo
 
 __all__ = [
     "DeployError",

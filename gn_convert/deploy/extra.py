@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from .errors import ServeExtraMissingError
+from gn_convert.errors import ServeExtraMissingError
 
 INSTALL_HINT = "pip install 'gn-convert[serve]'"
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..checkpoint import CONFIG_FILE, read_config
-from ..errors import CheckpointError
-from .errors import DeployError
+from gn_convert.surgery.checkpoint import CONFIG_FILE, read_config
+from gn_convert.errors import CheckpointError
+from gn_convert.errors import DeployError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import DeployError
+from gn_convert.errors import DeployError
 
 #: ONNX element type -> Triton data type (model-config spelling, without the ``TYPE_`` prefix)
 TRITON_DTYPES: dict[int, str] = {

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import sysconfig
 import tempfile
@@ -22,14 +21,15 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import DeployError, ServerError
-from .extra import require
-from .onnx_io import ModelIO, read_model_io
-from .triton_repo import NAME_PATTERN, default_name
+from gn_convert.errors import DeployError, ServerError
+from gn_convert.deploy.extra import require
+from gn_convert.runtime import open_session
+from gn_convert.deploy.onnx_io import ModelIO, read_model_io
+from gn_convert.deploy.triton_repo import NAME_PATTERN, default_name
 
 log = logging.getLogger(__name__)
 
@@ -66,46 +66,37 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
                                   "choose another port (--port, --grpc-port, --metrics-port)") from None
 
 
-@contextlib.contextmanager
-def interpreter_libdir_first() -> Iterator[None]:
-    """Put the running interpreter's library folder first on ``LD_LIBRARY_PATH`` for the block.
+def interpreter_libdir_first(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the running interpreter's library folder first on ``LD_LIBRARY_PATH``.
 
-    The server process inherits the environment when it is spawned inside the block.
+    pytriton's Python-backend stub links the system's ``libpython``; with the running
+    interpreter's own library first, it gets the one that matches this standard library.
+    Applied to the server process's environment only, never to this process's.
     """
     libdir = sysconfig.get_config_var("LIBDIR")
     soname = sysconfig.get_config_var("INSTSONAME")
     if not libdir or not soname or not (Path(libdir) / soname).exists():
         log.warning("the interpreter has no shared libpython (%s in %s); the Triton Python backend "
                     "may fail to load models", soname, libdir)
-        yield
-        return
-    old = os.environ.get("LD_LIBRARY_PATH")
-    os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{old}" if old else libdir
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("LD_LIBRARY_PATH", None)
-        else:
-            os.environ["LD_LIBRARY_PATH"] = old
+        return env
+    old = env.get("LD_LIBRARY_PATH")
+    return {**env, "LD_LIBRARY_PATH": f"{libdir}:{old}" if old else libdir}
 
 
-def _inference_session(onnx_path: Path, threads: int, providers: Sequence[str] | None,
-                       native_ops: Path | None = None) -> Any:
-    import onnxruntime as ort
+def _scope_server_env(triton: Any) -> None:
+    """Make pytriton start its server process with :func:`interpreter_libdir_first` applied.
 
-    if native_ops is not None:
-        from ..native import session_options
+    pytriton builds the server's environment from ``os.environ`` in ``TritonServer._get_env``;
+    wrapping that method on this one server instance leaves the process environment alone.
 
-        options = session_options(native_ops)
-    else:
-        options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(onnx_path), options, providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as err:  # onnxruntime raises its own exception types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DeployError(f"onnxruntime cannot load {onnx_path}: {first}") from None
+    Raises:
+        ServerError: this pytriton has no such method to wrap (a version gn-convert does not know).
+    """
+    server = getattr(triton, "_triton_server", None)
+    base = getattr(server, "_get_env", None)
+    if base is None:
+        raise ServerError("this nvidia-pytriton has no TritonServer._get_env; install nvidia-pytriton<0.8")
+    server._get_env = lambda: interpreter_libdir_first(base())
 
 
 def make_infer_func(session: Any, io: ModelIO) -> Callable[..., dict[str, np.ndarray]]:
@@ -154,7 +145,7 @@ class TritonModelServer:
         max_batch_size: the largest batch dynamic batching forms (default 8; 0: no batching).
         queue_delay_us: how long a request waits for others to batch with, in microseconds.
         threads: onnxruntime intra-op threads (default 0: onnxruntime's choice).
-        providers: onnxruntime execution providers (default CPU).
+        provider: the onnxruntime provider, ``cpu`` (default) or ``cuda`` (see :mod:`gn_convert.runtime`).
         native_ops: gn-convert's native GroupNorm kernel library (``gn-convert native``) to
             register in the session, or None (the op's function body runs).
         startup_timeout_s: seconds :meth:`start` waits for the server and model to be ready.
@@ -163,14 +154,15 @@ class TritonModelServer:
             :meth:`close`).
 
     Raises:
-        DeployError: a bad option, or a model onnxruntime cannot load.
+        DeployError: a bad option.
+        SessionError: onnxruntime cannot load the model.
         ServeExtraMissingError: the serve extra is not installed.
     """
 
     def __init__(self, onnx_path: str | Path, *, name: str | None = None, host: str = LOOPBACK,
                  http_port: int = 8000, grpc_port: int | None = None, metrics_port: int | None = None,
                  max_batch_size: int = 8, queue_delay_us: int = 100, threads: int = 0,
-                 providers: Sequence[str] | None = None, native_ops: str | Path | None = None,
+                 provider: str = "cpu", native_ops: str | Path | None = None,
                  startup_timeout_s: float = 60.0,
                  exit_timeout_s: int = 5, log_file: str | Path | None = None) -> None:
         self._triton_mod = require("pytriton.triton", "serving a model")
@@ -192,7 +184,7 @@ class TritonModelServer:
             raise DeployError(f"{self.onnx_path} has a fixed batch dimension; export it with a dynamic "
                               "batch, or serve it with max_batch_size 0")
         self.native_ops = Path(native_ops) if native_ops is not None else None
-        self.session = _inference_session(self.onnx_path, threads, providers, self.native_ops)
+        self.session = open_session(self.onnx_path, provider=provider, threads=threads, library=self.native_ops)
         self.uses_gpu = "CUDAExecutionProvider" in self.session.get_providers()
         self._tmp = tempfile.TemporaryDirectory(prefix="gn-convert-serve-")
         self.log_file = Path(log_file) if log_file else Path(self._tmp.name) / "tritonserver.log"
@@ -278,17 +270,17 @@ class TritonModelServer:
         started = time.monotonic()
         self._failure = []
         self._stop_requested = threading.Event()
-        with interpreter_libdir_first():
-            self._triton = self._build()
-            self._owner = threading.Thread(target=self._own, args=(self._triton,),
-                                           name=f"triton-{self.name}", daemon=True)
-            self._owner.start()
-            while not self._failure and time.monotonic() - started < self.startup_timeout_s:
-                if self.is_ready():
-                    log.info("serving %s on http://%s grpc://%s (ready in %.1f s)", self.name,
-                             self.http_url, self.grpc_url, time.monotonic() - started)
-                    return self
-                time.sleep(0.2)
+        self._triton = self._build()
+        _scope_server_env(self._triton)
+        self._owner = threading.Thread(target=self._own, args=(self._triton,),
+                                       name=f"triton-{self.name}", daemon=True)
+        self._owner.start()
+        while not self._failure and time.monotonic() - started < self.startup_timeout_s:
+            if self.is_ready():
+                log.info("serving %s on http://%s grpc://%s (ready in %.1f s)", self.name,
+                         self.http_url, self.grpc_url, time.monotonic() - started)
+                return self
+            time.sleep(0.2)
         failure = self._failure[0] if self._failure else None
         reason = f"{type(failure).__name__}: {failure}" if failure else \
             f"not ready after {self.startup_timeout_s:.0f} s"

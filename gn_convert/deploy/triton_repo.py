@@ -23,10 +23,10 @@ from typing import Any, Sequence
 
 import onnx
 
-from ..atomic import staged_folder
-from .errors import DeployError
-from .extra import model_config_pb2
-from .onnx_io import ModelIO, read_model_io
+from gn_convert.atomic import staged_folder
+from gn_convert.errors import DeployError
+from gn_convert.deploy.extra import model_config_pb2
+from gn_convert.deploy.onnx_io import ModelIO, read_model_io
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _external_files(path: Path) -> list[str]:
 
 def _write_model(onnx_path: Path, version_dir: Path, inlined: bool) -> None:
     """Copy the model (and its external data) into ``version_dir``, or write its inlined form."""
-    from ..onnx.export import TARGET_KEY, lower_onnx
+    from gn_convert.onnx.export import TARGET_KEY, lower_onnx
 
     version_dir.mkdir()
     target = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
@@ -275,7 +275,7 @@ def write_triton_repo(
                           labels_output=labels_output, op_library=op_library)
     from google.protobuf import text_format
 
-    with staged_folder(Path(repo_dir) / name, force) as tmp:
+    with staged_folder(Path(repo_dir) / name, force, option="--triton-repo or --name") as tmp:
         _write_model(onnx_path, tmp / VERSION, inlined)
         if native_ops is not None:
             shutil.copy2(native_ops, tmp / native_ops.name)

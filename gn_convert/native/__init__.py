@@ -1,7 +1,10 @@
-"""A native CPU kernel for ``ai.gn_convert::GroupNorm``, registered in onnxruntime as a custom op."""
+"""A native CPU kernel for ``ai.gn_convert::GroupNorm``, registered in onnxruntime as a custom op.
 
-from .build import LIBRARY_NAME, build_library, session_options
-from .errors import NativeBuildError
-from .headers import find_headers
+:func:`build_library` compiles it (cached); :func:`resolve_library` picks the library to use or
+ship; :func:`gn_convert.runtime.open_session` registers it (``library=``).
+"""
 
-__all__ = ["LIBRARY_NAME", "NativeBuildError", "build_library", "find_headers", "session_options"]
+from gn_convert.native.build import LIBRARY_NAME, PORTABLE_MARCH, build_library, resolve_library
+from gn_convert.native.headers import find_headers
+
+__all__ = ["LIBRARY_NAME", "PORTABLE_MARCH", "build_library", "find_headers", "resolve_library"]

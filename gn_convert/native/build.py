@@ -18,20 +18,23 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
-from .errors import NativeBuildError
-from .headers import api_version, cache_root, find_headers, runtime_api_version
+from gn_convert.atomic import atomic_file
+from gn_convert.errors import NativeBuildError
+from gn_convert.native.headers import api_version, cache_root, find_headers, runtime_api_version
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("groupnorm_ops.cc")
 LIBRARY_NAME = "libgn_convert_ops.so"
 DEFAULT_MARCH = "native"
+PORTABLE_MARCH = {"x86_64": "x86-64-v2", "aarch64": "armv8-a"}.get(platform.machine(), DEFAULT_MARCH)
+"""The ``-march`` of a library built to ship: on x86-64, SSE4.2 and POPCNT (every server CPU since 2009)."""
 _FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden")
 
 
@@ -86,10 +89,9 @@ def build_library(include: str | Path | None = None, *, march: str = DEFAULT_MAR
     if target.is_file() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staged = target.with_name(f".{LIBRARY_NAME}.{os.getpid()}.tmp")
     log.info("compiling %s against onnxruntime API %d headers in %s", SOURCE.name, header_api, headers)
     start = time.perf_counter()
-    try:
+    with atomic_file(target) as staged:
         try:
             done = subprocess.run([cxx, *flags, f"-I{headers}", str(SOURCE), "-o", str(staged)],
                                   capture_output=True, text=True, timeout=600)
@@ -99,29 +101,25 @@ def build_library(include: str | Path | None = None, *, march: str = DEFAULT_MAR
             errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
             raise NativeBuildError(f"compiling the native GroupNorm kernel failed: "
                                    f"{(errors or ['no output'])[0].strip()}")
-        os.replace(staged, target)
-    finally:
-        staged.unlink(missing_ok=True)
     log.info("built %s in %.1f s", target, time.perf_counter() - start)
     return target
 
 
-def session_options(library: str | Path | None = None, **build_args: Any) -> Any:
-    """onnxruntime ``SessionOptions`` with the native kernel library registered.
+def resolve_library(library: str | Path | None = None, *, portable: bool = False) -> Path:
+    """The kernel library to use or ship: ``library`` when given, else a build made here.
 
     Args:
-        library: an already built library (default: :func:`build_library` with ``build_args``).
+        library: a library built earlier (the path ``gn-convert native`` printed), to use as it is.
+        portable: with no ``library``, build for :data:`PORTABLE_MARCH` instead of this CPU:
+            a library shipped to a server must not use instructions its CPU may lack.
 
     Raises:
-        NativeBuildError: the library cannot be built or onnxruntime refuses to load it.
+        NativeBuildError: ``library`` does not exist, or the build fails.
     """
-    import onnxruntime as ort
-
-    path = Path(library) if library is not None else build_library(**build_args)
-    options = ort.SessionOptions()
-    try:
-        options.register_custom_ops_library(str(path))
-    except Exception as err:  # onnxruntime raises its own types (Fail, RuntimeError)
-        raise NativeBuildError(f"onnxruntime cannot load {path}: {str(err).splitlines()[0]}; "
-                               "rebuild it with `gn-convert native --force`") from None
-    return options
+    if library is not None:
+        path = Path(library).expanduser()
+        if not path.is_file():
+            raise NativeBuildError(f"native kernel library {path} not found; pass the path `gn-convert native` "
+                                   "printed, or omit it to build one here")
+        return path
+    return build_library(march=PORTABLE_MARCH if portable else DEFAULT_MARCH)

@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .errors import NativeBuildError
+from gn_convert.errors import NativeBuildError
 
 ENV_VAR = "GN_CONVERT_ORT_INCLUDE"
 REQUIRED = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_cxx_inline.h",

@@ -1,25 +1,24 @@
 """Export a GroupNorm model to ONNX, in the form each runtime needs.
 
-Three targets, from one trace:
+One trace, then one lowering pass per target (:mod:`gn_convert.onnx.targets` lists them;
+:mod:`gn_convert.onnx.lowering` holds the passes):
 
 - ``function`` (default): one ``ai.gn_convert::GroupNorm`` node per GroupNorm call, with the
   op's FunctionProto (two-pass variance, fp32 statistics) attached at the model's opset.
-  onnxruntime runs it by inlining the function at load time.
-- ``inlined``: the same graph with every call replaced by the function body in standard
-  ops, for runtimes that do not run model-local functions (OpenVINO, TensorRT).
-- ``standard``: one standard ``GroupNormalization`` (opset 21) node per call, for runtimes
-  with a native kernel. onnxruntime has none: it expands the op's standard function body,
-  which computes the variance as E[x^2] - E[x]^2 and loses all precision on inputs with a
-  large mean (max error about 1.7 at mean 1000, against 4e-4 for our body). Prefer
-  ``function`` or ``inlined`` for onnxruntime.
-- ``fast``: standard ops in the form onnxruntime's CPU provider runs fastest
-  (InstanceNormalization per group, then the per-channel affine as a BatchNormalization with
-  mean 0 and variance 1; see :mod:`gn_convert.onnx.fast_lowering`). Two-pass statistics, as
-  ``function``; about 10% faster than ``function`` on ResNet-50 (scripts/PERF.md).
+  onnxruntime runs it by inlining the function at load time, or on the native kernel.
+- ``inlined``: the function body in standard ops, for runtimes that do not run model-local
+  functions (OpenVINO, TensorRT).
+- ``standard``: one standard ``GroupNormalization`` (opset 21) node per call. onnxruntime has no
+  kernel: it expands the op's standard body, which computes the variance as E[x^2] - E[x]^2
+  and loses all precision on inputs with a large mean (max error about 1.7 at mean 1000,
+  against 4e-4 for our body). Prefer ``function`` or ``inlined`` for onnxruntime.
+- ``fast``: InstanceNormalization per group, then the affine as a BatchNormalization: the
+  standard-op form onnxruntime's CPU runs fastest without the native kernel (scripts/PERF.md).
+- ``ms-groupnorm``: onnxruntime's CUDA-only contrib op (one-pass variance).
 
 Every artifact is written into a hidden folder beside its destination, checked there
-(``onnx.checker`` full check, strict shape inference, node counts) and only then moved into
-place. Models over 2 GB keep their weights in ``<file>.data`` beside the model file.
+(``onnx.checker`` full check, strict shape inference, node counts per target) and only then
+moved into place. Models over 2 GB keep their weights in ``<file>.data`` beside the model file.
 """
 
 from __future__ import annotations
@@ -32,27 +31,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import onnx
 from torch import nn
 
-from .. import __version__
-from ..registry import is_batchnorm
-from .errors import ExportError
-from .external import needs_external_data, restore_weights, save, weights_detached
-from .fast_lowering import to_fast
-from .lower import STANDARD_OPSET, attach_function, inline_function, model_opset, to_standard
-from .op import groupnorm_nodes
-from .reading import LAYERS_KEY, groupnorm_layers, read_model
-from .staging import Staging
-from .trace import trace
-from .verify import NodeCounts, check_counts, check_onnx, count_nodes
+from gn_convert._version import __version__
+from gn_convert.atomic import staged_files
+from gn_convert.errors import ExportError
+from gn_convert.onnx.lowering.common import model_opset
+from gn_convert.onnx.op import groupnorm_nodes
+from gn_convert.onnx.reading import LAYERS_KEY, groupnorm_layers, read_model
+from gn_convert.onnx.targets import DEFAULT_TARGET, STANDARD_OPSET, TARGET_KEY, get_target
+from gn_convert.onnx.trace import trace
+from gn_convert.onnx.verify import NodeCounts, count_nodes
+from gn_convert.onnx.write import lower, set_metadata, write_model
+from gn_convert.surgery.registry import is_batchnorm
 
 log = logging.getLogger(__name__)
 
-TARGETS: tuple[str, ...] = ("function", "inlined", "standard", "fast")
 DEFAULT_OPSET = STANDARD_OPSET
 """Opset 21 for every target, so that one traced file can be lowered to any target."""
-TARGET_KEY = "gn_convert.target"
 MAX_NAMES_SHOWN = 3
 
 
@@ -63,7 +59,7 @@ class ExportReport:
     Attributes:
         path: the model file.
         files: every file written (the model file, then its external data, if any).
-        target: ``function``, ``inlined`` or ``standard``.
+        target: the form written (a name of :data:`gn_convert.onnx.targets.TARGETS`).
         opset: default-domain opset of the model.
         input_shape: the example input shape (N, C, ...); N is symbolic when ``dynamic_batch``.
         dynamic_batch: whether the batch axis is symbolic (named ``batch``).
@@ -97,13 +93,6 @@ class ExportReport:
         return data
 
 
-def _check_target(target: str, opset: int) -> None:
-    if target not in TARGETS:
-        raise ExportError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
-    if target == "standard" and opset != STANDARD_OPSET:
-        raise ExportError(f"target standard needs opset {STANDARD_OPSET} (GroupNormalization-21), not {opset}")
-
-
 def _check_no_batchnorm(model: nn.Module) -> None:
     names = [name for name, module in model.named_modules() if is_batchnorm(module)]
     if names:
@@ -120,76 +109,11 @@ def group_summary(model: nn.Module) -> str:
     return f"{sum(groups.values())} GroupNorm layers ({per_group or 'none'}), {batchnorm} BatchNorm layers"
 
 
-def lower(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
-    """Turn a traced model (custom nodes, no function yet) into the given target's form.
-
-    Args:
-        model: a model with ``ai.gn_convert::GroupNorm`` nodes (left unchanged, except that
-            ``function`` attaches the function to ``model`` itself and returns it).
-        target: ``function``, ``inlined``, ``standard`` or ``fast``.
-
-    Returns:
-        The lowered model.
-
-    Raises:
-        ExportError: when the target cannot be produced (``standard`` needs opset 21).
-    """
-    _check_target(target, model_opset(model) if target == "standard" else DEFAULT_OPSET)
-    if target == "function":
-        return attach_function(model)
-    passes = {"inlined": inline_function, "standard": to_standard, "fast": to_fast}
-    with weights_detached(model, when=needs_external_data(model)) as detached:
-        lowered = passes[target](model)
-    restore_weights(lowered, detached)
-    return lowered
-
-
-def _set_metadata(model: onnx.ModelProto, props: Mapping[str, str]) -> None:
-    current = {p.key: p.value for p in model.metadata_props}
-    current.update({str(k): str(v) for k, v in props.items()})
-    onnx.helper.set_model_props(model, current)
-
-
-def write_model(model: onnx.ModelProto, path: str | Path, target: str, *, calls: int,
-                allow_batchnorm: bool, external_data: bool | None = None,
-                stage: Staging | None = None) -> tuple[list[Path], NodeCounts]:
-    """Write a lowered model, check it and move it into place.
-
-    Args:
-        model: the lowered model (its metadata already set).
-        path: the destination file.
-        target: the form ``model`` is in, for the node-count check.
-        calls: GroupNorm calls the model must hold.
-        allow_batchnorm: whether ``BatchNormalization`` nodes may remain.
-        external_data: weights in ``<file>.data``; None decides by size (over 2 GB).
-        stage: an open staging area for ``path`` (one is opened when None).
-
-    Returns:
-        The final files (model file first) and the node counts.
-
-    Raises:
-        ExportError: a check failed (nothing is left behind).
-        OutputError: the destination cannot be written.
-    """
-    if stage is None:
-        with Staging(Path(path)) as own:
-            return write_model(model, path, target, calls=calls, allow_batchnorm=allow_batchnorm,
-                               external_data=external_data, stage=own)
-    counts = check_counts(model, target, calls, allow_batchnorm)
-    external = needs_external_data(model) if external_data is None else external_data
-    try:
-        save(model, stage.path, external)
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot save {path}: {exc}") from None
-    check_onnx(stage.path, model)
-    return stage.commit(), counts
-
-
 def export_onnx(
     model: nn.Module,
     path: str | Path,
     *,
-    target: str = "function",
+    target: str = DEFAULT_TARGET,
     input_shape: Sequence[int] | None = None,
     dynamic_batch: bool = True,
     opset: int = DEFAULT_OPSET,
@@ -204,7 +128,8 @@ def export_onnx(
         model: any ``nn.Module`` (converted by :func:`gn_convert.convert` or built with
             ``nn.GroupNorm``); exported in eval mode, its modes are restored afterwards.
         path: the ``.onnx`` file to write (its folder is created if missing).
-        target: ``function`` (default), ``inlined`` or ``standard``; see the module docs.
+        target: ``function`` (default), ``inlined``, ``standard``, ``fast`` or ``ms-groupnorm``;
+            see the module docs.
         input_shape: example input ``(N, C, D1, ...)``, rank >= 3; None guesses
             ``(1, C, 224, 224)`` from the first convolution.
         dynamic_batch: make the batch axis symbolic (``batch``; default True).
@@ -226,15 +151,15 @@ def export_onnx(
         OutputError: ``path`` cannot be written. Nothing is left behind on any error.
     """
     start = time.perf_counter()
-    _check_target(target, opset)
+    get_target(target, opset)
     if not allow_batchnorm:
         _check_no_batchnorm(model)
     path = Path(path)
-    with Staging(path) as stage:
+    with staged_files(path) as stage:
         traced = trace(model, input_shape, dynamic_batch=dynamic_batch, opset=opset, fp16=fp16)
         layers = [(node.name, node.output[0]) for node in groupnorm_nodes(traced.model)]
         lowered = lower(traced.model, target)
-        _set_metadata(lowered, {
+        set_metadata(lowered, {
             "gn_convert.version": __version__,
             TARGET_KEY: target,
             "gn_convert.input_shape": ",".join(map(str, traced.input_shape)),
@@ -245,7 +170,7 @@ def export_onnx(
             **(metadata or {}),
         })
         files, counts = write_model(lowered, path, target, calls=traced.naming.num_nodes,
-                                    allow_batchnorm=allow_batchnorm or target == "fast",
+                                    allow_batchnorm=allow_batchnorm,
                                     external_data=external_data, stage=stage)
     report = ExportReport(files[0], files, target, opset, traced.input_shape, dynamic_batch,
                           "float16" if fp16 else "float32", layers, counts, round(time.perf_counter() - start, 3))
@@ -259,7 +184,7 @@ def lower_onnx(source: str | Path, path: str | Path, target: str, *, external_da
     Args:
         source: a file written by :func:`export_onnx` with ``target="function"``.
         path: the file to write.
-        target: ``function``, ``inlined`` or ``standard`` (needs the source at opset 21).
+        target: any target but ``function`` (``standard`` needs the source at opset 21).
         external_data: as in :func:`export_onnx`.
 
     Returns:
@@ -275,11 +200,13 @@ def lower_onnx(source: str | Path, path: str | Path, target: str, *, external_da
     if props.get(TARGET_KEY, "function") != "function":
         raise ExportError(f"{source} is in the {props[TARGET_KEY]} form; lower from the function form")
     opset = model_opset(model)
-    _check_target(target, opset)
+    get_target(target, opset)
     calls, batchnorm = len(groupnorm_nodes(model)), count_nodes(model).batchnorm > 0
+    if not calls:
+        raise ExportError(f"{source} has no ai.gn_convert::GroupNorm call to lower; pass a function-form file")
     lowered = lower(model, target)
-    _set_metadata(lowered, {TARGET_KEY: target})
-    files, counts = write_model(lowered, path, target, calls=calls, allow_batchnorm=batchnorm or target == "fast",
+    set_metadata(lowered, {TARGET_KEY: target})
+    files, counts = write_model(lowered, path, target, calls=calls, allow_batchnorm=batchnorm,
                                 external_data=external_data)
     shape = tuple(int(d) for d in props.get("gn_convert.input_shape", "").split(",") if d)
     return ExportReport(files[0], files, target, opset, shape, props.get("gn_convert.dynamic_batch") == "true",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from .op import groupnorm_nodes
+from gn_convert.onnx.op import groupnorm_nodes
 
 log = logging.getLogger(__name__)
 

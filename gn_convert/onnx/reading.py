@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import OnnxFileError
+from gn_convert.errors import OnnxFileError
 
 LAYERS_KEY = "gn_convert.groupnorm_layers"
 """metadata_props key: JSON list of ``[torch layer name, ONNX output value]`` in graph order."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,11 +18,11 @@ import onnx
 import torch
 from torch import nn
 
-from .errors import ExportError
-from .naming import LayerNaming, name_groupnorm_nodes
-from .op import MIN_OPSET
-from .translation import translation_table
-from ..modes import eval_mode
+from gn_convert.errors import ExportError, first_line
+from gn_convert.onnx.naming import LayerNaming, name_groupnorm_nodes
+from gn_convert.onnx.op import MIN_OPSET
+from gn_convert.onnx.translation import translation_table
+from gn_convert.modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +41,11 @@ class Traced:
         model: the ONNX model; custom nodes named after their torch layers, no function yet.
         naming: how the custom nodes map to the model's GroupNorm layers.
         input_shape: the example input shape (N, C, ...) the model was traced with.
-        opset: the default-domain opset of ``model``.
     """
 
     model: onnx.ModelProto
     naming: LayerNaming
     input_shape: tuple[int, ...]
-    opset: int
 
 
 def default_input_shape(model: nn.Module) -> tuple[int, ...]:
@@ -120,7 +117,7 @@ def trace(
         fp16: trace a half-precision copy of the model, for a float16 graph.
 
     Returns:
-        The traced graph, ready for :func:`gn_convert.onnx.lower` passes.
+        The traced graph, ready for the lowering passes (:mod:`gn_convert.onnx.lowering`).
 
     Raises:
         ExportError: when torch cannot export the model, or a GroupNorm layer was not
@@ -132,8 +129,7 @@ def trace(
     source = copy.deepcopy(model).half() if fp16 else model
     example = _example(source, shape, dynamic_batch, torch.float16 if fp16 else torch.float32)
     dynamic = ({0: BATCH_DIM},) if dynamic_batch else None
-    with eval_mode(source), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with eval_mode(source):  # torch's exporter warns a lot; the CLI filters that, a library must not
         try:
             program = torch.onnx.export(
                 source, (example,), dynamo=True, custom_translation_table=translation_table(),
@@ -141,16 +137,11 @@ def trace(
                 output_names=[OUTPUT_NAME], optimize=True, verbose=False,
             )
         except Exception as exc:  # torch raises many types; the message is what matters
-            raise ExportError(f"torch cannot export {type(model).__name__}: {_first_line(exc)}") from exc
+            raise ExportError(f"torch cannot export {type(model).__name__}: {first_line(exc)}") from exc
     proto = program.model_proto
     try:
         naming = name_groupnorm_nodes(proto, groupnorm_layer_names(source))
     except ValueError as exc:
         raise ExportError(f"{exc}; please report it") from None
     log.info("traced %s: %d nodes, %d GroupNorm calls", type(model).__name__, len(proto.graph.node), naming.num_nodes)
-    return Traced(proto, naming, shape, opset)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
+    return Traced(proto, naming, shape)

@@ -15,7 +15,7 @@ import onnxscript
 import torch
 from onnxscript import opset18 as op
 
-from .op import DOMAIN, DOMAIN_VERSION, OP_TYPE, register_schema
+from gn_convert.onnx.op import DOMAIN, DOMAIN_VERSION, OP_TYPE, register_schema
 
 register_schema()
 custom_opset = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)

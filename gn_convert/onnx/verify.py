@@ -19,9 +19,9 @@ import onnx
 import onnx.checker
 import onnx.shape_inference
 
-from .errors import ExportError
-from .external import weights_detached
-from .op import DOMAIN, groupnorm_nodes
+from gn_convert.errors import ExportError, first_line
+from gn_convert.onnx.external import weights_detached
+from gn_convert.onnx.op import DOMAIN, groupnorm_nodes
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,16 @@ class NodeCounts:
         standard_groupnorm: standard ``GroupNormalization`` nodes.
         batchnorm: ``BatchNormalization`` nodes.
         total: all nodes of the main graph.
+        instance_norm: ``InstanceNormalization`` nodes (one per call in the ``fast`` form).
+        ms_groupnorm: ``com.microsoft.GroupNorm`` nodes (the ``ms-groupnorm`` form).
     """
 
     custom: int
     standard_groupnorm: int
     batchnorm: int
     total: int
+    instance_norm: int = 0
+    ms_groupnorm: int = 0
 
 
 def count_nodes(model: onnx.ModelProto) -> NodeCounts:
@@ -49,6 +53,8 @@ def count_nodes(model: onnx.ModelProto) -> NodeCounts:
         standard_groupnorm=ops.count(("", "GroupNormalization")),
         batchnorm=ops.count(("", "BatchNormalization")),
         total=len(ops),
+        instance_norm=ops.count(("", "InstanceNormalization")),
+        ms_groupnorm=ops.count(("com.microsoft", "GroupNorm")),
     )
 
 
@@ -65,12 +71,18 @@ def check_onnx(path: Path, model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"the exported model fails onnx's checker: {_first_line(exc)}; please report it") from exc
+        raise ExportError(f"the exported model fails onnx's checker: {first_line(exc)}; please report it") from exc
     try:  # on the graph without its large weights: shape inference needs only their types and shapes
         with weights_detached(model):
             onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
-        raise ExportError(f"the exported model fails shape inference: {_first_line(exc)}; please report it") from exc
+        raise ExportError(f"the exported model fails shape inference: {first_line(exc)}; please report it") from exc
+
+
+def _calls_in(counts: NodeCounts, target: str) -> int | None:
+    """How many GroupNorm calls a model of ``target`` form shows (None: not countable there)."""
+    return {"function": counts.custom, "standard": counts.standard_groupnorm, "fast": counts.instance_norm,
+            "ms-groupnorm": counts.ms_groupnorm + counts.instance_norm}.get(target)
 
 
 def check_counts(model: onnx.ModelProto, target: str, calls: int, allow_batchnorm: bool) -> NodeCounts:
@@ -78,9 +90,10 @@ def check_counts(model: onnx.ModelProto, target: str, calls: int, allow_batchnor
 
     Args:
         model: the artifact's model.
-        target: ``function``, ``inlined`` or ``standard``.
+        target: the form ``model`` is in (a name of :data:`gn_convert.onnx.targets.TARGETS`).
         calls: GroupNorm calls the exporter translated (one per layer, more for shared ones).
-        allow_batchnorm: whether ``BatchNormalization`` nodes may remain.
+        allow_batchnorm: whether ``BatchNormalization`` nodes of the original model may remain
+            (the ``fast`` forms add one per call for the affine; those are not counted against it).
 
     Returns:
         The counts.
@@ -89,24 +102,17 @@ def check_counts(model: onnx.ModelProto, target: str, calls: int, allow_batchnor
         ExportError: when a count is wrong.
     """
     counts = count_nodes(model)
-    if counts.batchnorm and not allow_batchnorm:
-        raise ExportError(f"the exported model still has {counts.batchnorm} BatchNormalization nodes; "
+    affine = calls if target in ("fast", "ms-groupnorm") else 0
+    if counts.batchnorm > affine and not allow_batchnorm:
+        raise ExportError(f"the exported model still has {counts.batchnorm - affine} BatchNormalization nodes; "
                           "convert every BatchNorm layer, or pass allow_batchnorm=True")
     ours = [f.name for f in model.functions if f.domain == DOMAIN]
     if target == "function":
-        if counts.custom != calls:
-            raise ExportError(f"expected {calls} custom GroupNorm nodes, found {counts.custom}; please report it")
         if counts.custom and not ours:
             raise ExportError("the GroupNorm function is not attached to the model; please report it")
-    else:
-        if counts.custom or ours:
-            raise ExportError(f"{counts.custom} custom GroupNorm nodes are left in the {target} form; please report it")
-    if target == "standard" and counts.standard_groupnorm != calls:
-        raise ExportError(f"expected {calls} GroupNormalization nodes, found {counts.standard_groupnorm}; "
-                          "please report it")
+    elif counts.custom or ours:
+        raise ExportError(f"{counts.custom} custom GroupNorm nodes are left in the {target} form; please report it")
+    found = _calls_in(counts, target)
+    if found is not None and found != calls:
+        raise ExportError(f"expected {calls} GroupNorm calls in the {target} form, found {found}; please report it")
     return counts
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

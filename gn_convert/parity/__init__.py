@@ -10,12 +10,12 @@ provider and dtype are documented in :mod:`gn_convert.parity.tolerances`.
 
 from __future__ import annotations
 
-from .check import DEFAULT_BATCH, check_parity
-from .errors import ParityError
-from .localise import LayerError, Localisation
-from .metrics import Metrics, compare
-from .report import InvarianceResult, ParityReport, ParityRow
-from .tolerances import DEFAULT_TOLERANCES, HARD_INPUT_FACTOR, Tolerance
+from gn_convert.parity.check import DEFAULT_BATCH, check_parity
+from gn_convert.errors import ParityError
+from gn_convert.parity.localise import LayerError, Localisation
+from gn_convert.parity.metrics import Metrics, compare
+from gn_convert.parity.report import InvarianceResult, ParityReport, ParityRow
+from gn_convert.parity.tolerances import DEFAULT_TOLERANCES, HARD_INPUT_FACTOR, Tolerance
 
 __all__ = ["DEFAULT_BATCH", "DEFAULT_TOLERANCES", "HARD_INPUT_FACTOR", "InvarianceResult", "LayerError",
            "Localisation", "Metrics", "ParityError", "ParityReport", "ParityRow", "Tolerance", "check_parity",

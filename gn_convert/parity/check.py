@@ -12,15 +12,17 @@ import onnx
 import torch
 from torch import nn
 
-from ..onnx.reading import groupnorm_layers, read_model
-from .errors import ParityError
-from .inputs import InputSet, image_set, random_sets
-from .localise import layer_values, localise
-from .metrics import compare
-from .providers import LEVELS, availability, parse_providers, session
-from .report import InvarianceResult, ParityReport, ParityRow
-from .tolerances import HARD_INPUT_FACTOR, Tolerance, tolerance_for
-from ..modes import eval_mode
+from gn_convert.onnx.op import groupnorm_nodes
+from gn_convert.onnx.reading import groupnorm_layers, read_model
+from gn_convert.errors import GnConvertError, ParityError, first_line
+from gn_convert.parity.inputs import InputSet, image_set, random_sets
+from gn_convert.parity.localise import layer_values, localise
+from gn_convert.parity.metrics import compare
+from gn_convert.parity.providers import LEVELS, Availability, availability, parse_providers
+from gn_convert.runtime import open_session, run_session
+from gn_convert.parity.report import InvarianceResult, ParityReport, ParityRow
+from gn_convert.parity.tolerances import HARD_INPUT_FACTOR, Tolerance, tolerance_for
+from gn_convert.modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,13 @@ def _check_match(model: nn.Module, onnx_model: onnx.ModelProto, sample: tuple[in
     if len(dims) != out.ndim or any(d is not None and d != s for d, s in zip(dims[1:], out.shape[1:])):
         raise ParityError(f"the ONNX model does not match the PyTorch model: output {dims} vs {list(out.shape)}")
     names = {name for name, _ in model.named_modules()}
+    has_groupnorm = any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    if has_groupnorm and not groupnorm_layers(onnx_model) and not groupnorm_nodes(onnx_model):
+        batchnorm = sum(node.op_type == "BatchNormalization" for node in onnx_model.graph.node)
+        what = (f"{batchnorm} BatchNormalization nodes: it looks like the BatchNorm original (a baseline such as "
+                "bn.onnx), not the converted model") if batchnorm else "it was not written by gn-convert"
+        raise ParityError(f"the ONNX file has no GroupNorm layer ({what}); pass the model.onnx that "
+                          "`gn-convert MODEL` or `gn-convert export` wrote")
     matched = layer_values(onnx_model, names)
     missing = [layer for layer, _ in groupnorm_layers(onnx_model)
                if layer.split("#")[0] not in names and not layer.startswith("node_")]
@@ -129,6 +138,7 @@ def check_parity(
     seed: int = 0,
     tolerances: dict[tuple[str, str], Tolerance] | None = None,
     localise_failures: bool = True,
+    native_library: str | Path | None = None,
 ) -> ParityReport:
     """Compare an ONNX model under onnxruntime with the PyTorch model it was exported from.
 
@@ -152,6 +162,8 @@ def check_parity(
         tolerances: ``(provider, dtype) -> Tolerance`` overriding the defaults
             (:data:`gn_convert.parity.DEFAULT_TOLERANCES`).
         localise_failures: name the first failing GroupNorm layer of each failing run.
+        native_library: the kernel library for ``cpu-native`` (default: one built here for
+            this CPU; pass the library you ship to check that one).
 
     Returns:
         The :class:`ParityReport`; ``report.passed`` is the verdict.
@@ -177,34 +189,39 @@ def check_parity(
         refs = {s.name: _reference(model, s.data) for s in sets}
         noise = ReferenceNoise(model, sets, refs)
         for name in names:
-            found = availability(name)
+            found = availability(name, native_library)
             if not found.available:
                 report.skipped[name] = found.reason
                 continue
             tolerance = tolerance_for(name, report.dtype, tolerances)
             for level in levels:
                 given = (name, report.dtype) in (tolerances or {})  # a user's bound is taken literally
-                _run_provider(report, model, onnx_model, Path(onnx_path), name, level, tolerance, sets, refs,
-                              None if given else noise, _batches(static, batch), localise_failures)
+                try:
+                    _run_provider(report, model, onnx_model, Path(onnx_path), found, level, tolerance, sets, refs,
+                                  None if given else noise, _batches(static, batch), localise_failures)
+                except GnConvertError as err:  # a provider that fails to start or to run is a failed row
+                    report.errors[f"{name}/{level}"] = first_line(err)
     log.info("parity %s: %d comparisons, %d skipped", "passed" if report.passed else "FAILED",
              len(report.rows), len(report.skipped))
     return report
 
 
-def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.ModelProto, path: Path, name: str,
-                  level: str, tolerance: Tolerance, sets: list[InputSet], refs: dict[str, np.ndarray],
-                  noise: "ReferenceNoise | None", batches: list[int], localise_failures: bool) -> None:
-    """All comparisons and the invariant check of one provider at one optimisation level."""
-    try:
-        sess = session(path, name, level)
-    except RuntimeError as exc:
-        report.skipped[f"{name}/{level}"] = str(exc).strip().splitlines()[0] if str(exc).strip() else "failed to start"
-        return
+def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.ModelProto, path: Path,
+                  provider: Availability, level: str, tolerance: Tolerance, sets: list[InputSet],
+                  refs: dict[str, np.ndarray], noise: "ReferenceNoise | None", batches: list[int],
+                  localise_failures: bool) -> None:
+    """All comparisons and the invariant check of one provider at one optimisation level.
+
+    Raises:
+        SessionError, ProviderUnavailableError, NativeBuildError: the session cannot start or run.
+    """
+    name = provider.name
+    sess = open_session(path, provider=name, level=level, library=provider.library)
     feed_type = np.float16 if report.dtype == "float16" else np.float32
     input_name = sess.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> np.ndarray:
-        return sess.run(None, {input_name: x.numpy().astype(feed_type)})[0]
+        return run_session(sess, {input_name: x.numpy().astype(feed_type)})[0]
 
     first_failure: torch.Tensor | None = None
     first_tol = tolerance
@@ -226,5 +243,5 @@ def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.Model
         change = float(np.abs(together.astype(np.float64) - alone).max() / scale)
         report.invariance.append(InvarianceResult(name, level, len(random), change, tolerance.invariance_rel))
     if first_failure is not None and localise_failures:
-        report.localisation[f"{name}/{level}"] = localise(model, onnx_model, first_failure, name, level,
+        report.localisation[f"{name}/{level}"] = localise(model, onnx_model, first_failure, provider, level,
                                                           first_tol.max_rel)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ParityError
+from gn_convert.errors import ParityError
 
 LARGE_MEAN = 1000.0
 LARGE_SCALE = 1000.0
@@ -50,7 +50,7 @@ def image_set(folder: str | Path, shape: tuple[int, ...], batch: int) -> InputSe
     Raises:
         ParityError: the folder holds no readable image, or the input is not (N, 3, H, W).
     """
-    from ..data import DataError, ImageFiles, model_transforms, scan_folder
+    from gn_convert.data.sources import DataError, ImageFiles, model_transforms, scan_folder
 
     if len(shape) != 4 or shape[1] != 3 or shape[2] != shape[3]:
         raise ParityError(f"--images needs a square RGB input (N, 3, S, S); the model takes {shape}")

@@ -18,9 +18,10 @@ import onnx
 import torch
 from torch import nn
 
-from ..onnx.reading import groupnorm_layers
-from .metrics import compare
-from .providers import session
+from gn_convert.onnx.reading import groupnorm_layers
+from gn_convert.parity.metrics import compare
+from gn_convert.parity.providers import Availability
+from gn_convert.runtime import open_session, run_session
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def _torch_outputs(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict
     return found
 
 
-def localise(model: nn.Module, onnx_model: onnx.ModelProto, x: torch.Tensor, provider: str, level: str,
+def localise(model: nn.Module, onnx_model: onnx.ModelProto, x: torch.Tensor, provider: Availability, level: str,
              max_rel: float) -> Localisation:
     """Compare every GroupNorm output of the ONNX model with the torch layer's output.
 
@@ -97,7 +98,7 @@ def localise(model: nn.Module, onnx_model: onnx.ModelProto, x: torch.Tensor, pro
         model: the PyTorch model (eval mode).
         onnx_model: the exported model.
         x: the input that made the check fail (float32, the model's device).
-        provider: short provider name.
+        provider: the provider (and its kernel library, for ``cpu-native``).
         level: ``off`` or ``all``.
         max_rel: the per-layer bound.
 
@@ -105,10 +106,11 @@ def localise(model: nn.Module, onnx_model: onnx.ModelProto, x: torch.Tensor, pro
         The per-layer errors and the first layer above ``max_rel``.
     """
     pairs = layer_values(onnx_model, {name for name, _ in model.named_modules()})
-    sess = session(_with_outputs(onnx_model, [v for _, v in pairs]), provider, level)
+    sess = open_session(_with_outputs(onnx_model, [v for _, v in pairs]), provider=provider.name, level=level,
+                        library=provider.library)
     feed = x.cpu().numpy().astype(_numpy_type(sess))
     names = [o.name for o in sess.get_outputs()]
-    got = dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: feed})))
+    got = dict(zip(names, run_session(sess, {sess.get_inputs()[0].name: feed})))
     reference = _torch_outputs(model, [layer for layer, _ in pairs], x)
     result = Localisation(None, max_rel)
     for layer, value in pairs:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .localise import Localisation
-from .metrics import Metrics
-from .tolerances import Tolerance
+from gn_convert.parity.localise import Localisation
+from gn_convert.parity.metrics import Metrics
+from gn_convert.parity.tolerances import Tolerance
 
 
 @dataclass
@@ -53,7 +53,8 @@ class ParityReport:
         input_shape: the per-sample shape checked (C, ...).
         rows: the comparisons.
         invariance: the batch-independence checks.
-        skipped: provider (or ``provider/level``) -> why it did not run.
+        skipped: provider -> why it did not run (absent here: not a failure).
+        errors: ``provider/level`` -> why a provider that is present failed to start or run (a failure).
         localisation: ``provider/level`` -> per-layer errors, for each failing one.
     """
 
@@ -63,12 +64,14 @@ class ParityReport:
     rows: list[ParityRow] = field(default_factory=list)
     invariance: list[InvarianceResult] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
     localisation: dict[str, Localisation] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        """At least one comparison ran, and every comparison and invariant check passed."""
-        return bool(self.rows) and all(r.passed for r in self.rows) and all(i.passed for i in self.invariance)
+        """At least one comparison ran, no provider failed to run, and every comparison and invariant check passed."""
+        return bool(self.rows) and not self.errors and all(r.passed for r in self.rows) \
+            and all(i.passed for i in self.invariance)
 
     def failures(self) -> list[str]:
         """One line per failed comparison or check, naming the first failing layer when found."""
@@ -76,6 +79,7 @@ class ParityReport:
                  f"(<= {r.tolerance.max_rel:.0e}), cosine {r.metrics.cosine:.6f}" for r in self.rows if not r.passed]
         lines += [f"{i.provider}/{i.level} batch independence: a sample changes by {i.max_rel:.2e} "
                   f"(<= {i.tolerance:.0e}) with its batch" for i in self.invariance if not i.passed]
+        lines += [f"{key}: failed to run: {reason}" for key, reason in self.errors.items()]
         lines += [f"{key}: first GroupNorm layer above {loc.tolerance:.0e}: {loc.first_failing}"
                   for key, loc in self.localisation.items() if loc.first_failing]
         return lines
@@ -111,6 +115,7 @@ class ParityReport:
                       **asdict(r.metrics), "tolerance": asdict(r.tolerance), "passed": r.passed} for r in self.rows],
             "invariance": [{**asdict(i), "passed": i.passed} for i in self.invariance],
             "skipped": dict(self.skipped),
+            "errors": dict(self.errors),
             "localisation": {k: asdict(v) for k, v in self.localisation.items()},
             "failures": self.failures(),
         }

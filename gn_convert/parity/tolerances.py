@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gn_convert.errors import ParityError
+
 HARD_INPUT_FACTOR = 10.0
 REFERENCE_NOISE_FACTOR = 2.0
 
@@ -84,7 +86,17 @@ def tolerance_for(provider: str, dtype: str, overrides: dict[tuple[str, str], To
         overrides: entries that replace the defaults.
 
     Returns:
-        The tolerance (the float16 one for unknown dtypes such as bfloat16).
+        The tolerance.
+
+    Raises:
+        ParityError: no tolerance is known for the pair (an unknown provider or dtype), rather
+            than a silently borrowed one.
     """
     table = {**DEFAULT_TOLERANCES, **(overrides or {})}
-    return table.get((provider, dtype)) or table[(provider, "float16")]
+    found = table.get((provider, dtype))
+    if found is None:
+        known = sorted({d for _, d in table})
+        raise ParityError(f"no parity tolerance for {provider} with {dtype} inputs (known dtypes: "
+                          f"{', '.join(known)}); pass tolerances={{({provider!r}, {dtype!r}): Tolerance(...)}} "
+                          "or --max-rel")
+    return found

@@ -1,0 +1,189 @@
+"""Option groups shared by several subcommands, and the helpers that turn them into API calls.
+
+Choices come from the API's own maps (``POLICIES``, ``INITS``, ``FITS``, ``ORDERS``, ``TARGETS``,
+``TRAINABLE``), so the CLI never keeps a second list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gn_convert.fidelity.calibration import ORDERS
+from gn_convert.fidelity.moments import FITS
+from gn_convert.fidelity.options import TRAINABLE
+from gn_convert.onnx.targets import DEFAULT_TARGET, TARGETS
+from gn_convert.surgery.initialize import INITS
+from gn_convert.surgery.plan import POLICIES
+
+DEFAULT_GROUPS = 32
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1); a fraction such as 0.1")
+    return value
+
+
+def stderr_sink(text: str) -> None:
+    """Where stage progress goes: stderr, flushed, only on rank 0 under torchrun."""
+    if is_main_process():
+        print(text, end="", file=sys.stderr, flush=True)
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or a single process): the only one that prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """The group-plan options shared by every command that converts."""
+    g = parser.add_argument_group("group plan")
+    g.add_argument("--groups", "-g", type=int, help=f"GroupNorm groups per layer (default {DEFAULT_GROUPS})")
+    g.add_argument("--group-size", type=int, help="channels per group, instead of --groups")
+    g.add_argument("--policy", choices=POLICIES, default=POLICIES[0],
+                   help="when the groups do not divide a layer's channels: largest divisor <= G "
+                   "(divisor, default), gcd(G, C), or refuse (strict)")
+    g.add_argument("--init", choices=list(INITS), default=next(iter(INITS)),
+                   help="GroupNorm affine init: from the BatchNorm statistics (default) or identity")
+    g.add_argument("--include", action="append", metavar="PATTERN",
+                   help="convert only layers whose name matches (fnmatch; repeatable)")
+    g.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="leave layers whose name matches as BatchNorm (fnmatch; repeatable)")
+    g.add_argument("--skip-unsupportable", action="store_true",
+                   help="leave layers whose groups would hold one value as BatchNorm, instead of failing")
+    g.add_argument("--allow-no-bn", action="store_true",
+                   help="accept a model without BatchNorm (a no-op) instead of failing")
+
+
+def plan_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+    """The keyword arguments of :func:`gn_convert.plan` from parsed options.
+
+    ``--groups`` and ``--group-size`` exclude each other (``parser.error`` when both are given).
+    """
+    if args.groups is not None and args.group_size is not None and parser is not None:
+        parser.error("--groups and --group-size exclude each other; give one")
+    groups = args.groups if args.groups is not None else (None if args.group_size else DEFAULT_GROUPS)
+    return dict(groups=groups, group_size=args.group_size, policy=args.policy, include=args.include,
+                exclude=args.exclude, on_single="skip" if args.skip_unsupportable else "error",
+                allow_no_bn=args.allow_no_bn)
+
+
+def add_target_argument(group: Any, flag: str) -> None:
+    """``--target``/``--onnx-target`` with the export targets as choices."""
+    group.add_argument(flag, choices=list(TARGETS), default=DEFAULT_TARGET,
+                       help=f"ONNX form (default {DEFAULT_TARGET}; see `gn-convert export -h`)")
+
+
+def add_native_library_argument(group: Any) -> None:
+    """``--native-library PATH``: the kernel library to use or ship."""
+    group.add_argument("--native-library", type=Path, metavar="PATH",
+                       help="the native kernel library to use or ship (the path `gn-convert native` printed, "
+                       "e.g. built with --march for the server); default: build one here (for this CPU; for a "
+                       "Triton repository, for a portable -march)")
+
+
+def add_distill_arguments(parser: argparse.ArgumentParser, steps_flag: str = "--steps",
+                          default_steps: int | None = 200) -> None:
+    """The data, calibration and distillation options shared by ``finetune`` and ``convert``."""
+    g = parser.add_argument_group("data, calibration and distillation")
+    g.add_argument("--data", type=Path, help="folder of images (plain, unlabelled) or of class "
+                   "subfolders (labelled) for calibration and distillation")
+    g.add_argument("--eval-data", type=Path, help="separate held-out folder (default: --holdout of --data)")
+    g.add_argument("--holdout", type=fraction, default=0.1, help="fraction of --data held out for evaluation (0.1)")
+    g.add_argument("--input-size", type=int, help="crop side in pixels (default: the model's preset)")
+    g.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="calibrate the GroupNorm affines on N batches of --data first (default 0: off)")
+    g.add_argument("--calibrate-method", choices=list(FITS), default=next(iter(FITS)),
+                   help="calibration fit (variance)")
+    g.add_argument("--calibrate-order", choices=list(ORDERS), default=next(iter(ORDERS)),
+                   help="calibration order (greedy, the best measured; independent is one cheap pass)")
+    g.add_argument(steps_flag, dest="steps", type=int, default=default_steps, metavar="N",
+                   help=f"distillation steps (default {default_steps or 0})")
+    g.add_argument("--batch-size", type=int, default=32, help="global batch per step (32)")
+    g.add_argument("--accumulate", type=int, default=1, help="micro-batches per step per process (1)")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (1e-4; "
+                   "try 1e-2 with --trainable gn-affine)")
+    g.add_argument("--trainable", choices=TRAINABLE, default=TRAINABLE[0], help="parameters to train (all)")
+    g.add_argument("--gn-lr-scale", type=float, default=1.0, help="lr multiplier of GroupNorm affines (1)")
+    g.add_argument("--temperature", type=float, default=2.0, help="KL temperature (2)")
+    g.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy weight with labels (0: off)")
+    g.add_argument("--feature-weight", type=float, default=0.0, help="GroupNorm-output loss weight (0: off)")
+    g.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations (25)")
+    g.add_argument("--target-agreement", type=float, help="stop once held-out agreement reaches this (0-1)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the split, data order and augmentation (0)")
+    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes (0)")
+    g.add_argument("--no-flip", action="store_true", help="no horizontal flips in training augmentation")
+
+
+def fidelity_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`gn_convert.fidelity.recovery.run_fidelity`; empty when
+    neither calibration nor distillation is asked for."""
+    if not (args.calibrate or args.steps):
+        return {}
+    return dict(data=args.data, calibrate_batches=args.calibrate, calibrate_method=args.calibrate_method,
+                calibrate_order=args.calibrate_order, steps=args.steps, batch_size=args.batch_size,
+                seed=args.seed, holdout=args.holdout, input_size=args.input_size, lr=args.lr,
+                trainable=args.trainable, gn_lr_scale=args.gn_lr_scale, temperature=args.temperature,
+                ce_weight=args.ce_weight, feature_weight=args.feature_weight, eval_every=args.eval_every,
+                target_agreement=args.target_agreement, eval_data=args.eval_data, accumulate=args.accumulate,
+                flip=not args.no_flip, num_workers=args.workers)
+
+
+class ProgressBar:
+    """A tqdm bar driven by :func:`gn_convert.distill`'s callback, opened at the first step
+    (so errors before training print alone) and only on rank 0."""
+
+    def __init__(self, total: int, label: str = "distilling") -> None:
+        self.total, self.label, self.bar = total, label, None
+        self.enabled = is_main_process()
+
+    def __call__(self, info: Any) -> None:
+        """Show the step, the loss and the last measured agreement (a :class:`StepInfo`)."""
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=info.step - 1, desc=self.label, unit="step",
+                            dynamic_ncols=True)
+        self.bar.n = info.step
+        shown = {"loss": f"{info.loss:.4f}"}
+        if info.agreement is not None:
+            shown["agree"] = f"{info.agreement:.3f}"
+        self.bar.set_postfix(shown, refresh=True)
+
+    def close(self) -> None:
+        """Close the bar if it was opened."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fidelity_lines(report: dict[str, Any]) -> list[str]:
+    """What the CLI prints of a fidelity report (calibration summary, distillation result)."""
+    lines = []
+    cal = report.get("calibration")
+    if cal:
+        worst = min((layer for layer in cal["layers"] if layer["fitted"]), key=lambda layer: layer["r2"], default=None)
+        tail = f", worst {worst['name']} {worst['r2']:.3f}" if worst else ""
+        if worst is not None and worst["r2"] < 0:
+            tail += " (below 0: that layer's GroupNorm discards what its BatchNorm output carried)"
+        lines.append(f"calibrated ({cal['method']}, {cal['order']}) on {cal['samples']} images: "
+                     f"mean R^2 {cal['mean_r2']:.3f}{tail}")
+    fine = report.get("finetune")
+    if fine:
+        last = fine["history"][-1] if fine["history"] else {}
+        acc = "" if last.get("accuracy") is None else f", accuracy {last['accuracy']:.3f}"
+        teacher = "" if fine.get("teacher_accuracy") is None else f" (teacher {fine['teacher_accuracy']:.3f})"
+        early = " (target reached)" if fine["stopped_early"] else ""
+        lines.append(f"distilled {fine['steps']} steps{early}: held-out agreement "
+                     f"{last.get('agreement', float('nan')):.3f}{acc}{teacher} on {fine['heldout']} images")
+    return lines

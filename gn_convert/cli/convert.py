@@ -1,0 +1,94 @@
+"""``gn-convert MODEL``: the whole pipeline (:func:`gn_convert.pipeline.run_pipeline`) on a
+torchvision model, with progress on stderr and a summary on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from gn_convert.cli import deploy as deploy_cli
+from gn_convert.cli.arguments import (ProgressBar, add_distill_arguments, add_native_library_argument,
+                                      add_plan_arguments, add_target_argument, fidelity_kwargs, fidelity_lines,
+                                      plan_kwargs, stderr_sink)
+from gn_convert.pipeline import PARITY_BATCH, PipelineOptions, parity_failed, run_pipeline
+from gn_convert.stages import Stages
+
+SHOWN_FALLBACKS = 5
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``convert`` command (also the default when a model name comes first)."""
+    p = sub.add_parser(
+        "convert", help="convert a torchvision model (the default command)",
+        description="Convert a torchvision model's BatchNorm layers to GroupNorm and write the "
+        "checkpoint, model.onnx (checked for parity) and report.json into --out.",
+    )
+    p.add_argument("model", help="torchvision model name (`gn-convert list` shows them)")
+    p.add_argument("--weights", default="DEFAULT",
+                   help="DEFAULT (torchvision's pretrained weights; downloaded or cached), a weights "
+                   "name (IMAGENET1K_V1), none (untrained; works offline), or a local file")
+    p.add_argument("--num-classes", type=int, help="classifier size, for untrained or local weights")
+    p.add_argument("--out", "-o", type=Path, help="output folder (default ./gn-MODEL)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--format", choices=("safetensors", "pt"), default="safetensors",
+                   help="weights file format (default safetensors)")
+    add_plan_arguments(p)
+    g = p.add_argument_group("ONNX")
+    g.add_argument("--no-onnx", action="store_true", help="do not write model.onnx (nor check its parity)")
+    add_target_argument(g, "--onnx-target")
+    g.add_argument("--no-parity", action="store_true", help="do not check model.onnx against the model")
+    g.add_argument("--parity-batch", type=int, default=PARITY_BATCH,
+                   help=f"larger batch of the parity check (default {PARITY_BATCH})")
+    g.add_argument("--native", action="store_true",
+                   help="also check model.onnx on gn-convert's native GroupNorm kernel and, with --triton-repo, "
+                   "ship the kernel with the model")
+    add_native_library_argument(g)
+    deploy_cli.add_pipeline_arguments(p)
+    add_distill_arguments(p, steps_flag="--finetune-steps", default_steps=0)
+    p.set_defaults(parser=p)
+
+
+def options_from(args: argparse.Namespace) -> PipelineOptions:
+    """The :class:`PipelineOptions` of parsed ``convert`` options."""
+    return PipelineOptions(
+        model=args.model, weights=args.weights, num_classes=args.num_classes, out=args.out, force=args.force,
+        weights_format=args.format, plan=plan_kwargs(args, getattr(args, "parser", None)), init=args.init,
+        fidelity=fidelity_kwargs(args), onnx=not args.no_onnx, onnx_target=args.onnx_target,
+        parity=not args.no_parity, parity_batch=args.parity_batch, native=args.native,
+        native_library=args.native_library, triton_repo=args.triton_repo, triton_name=args.triton_name,
+        triton_instance=args.triton_instance)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """What the command prints on stdout once the output folder is written."""
+    layers = report["plan"]["layers"]
+    fallbacks = [layer for layer in layers if layer["action"] == "convert" and layer["fallback"]]
+    lines = [report["summary"], *(f"  fallback {layer['name']}: {layer['reason']}" for layer in fallbacks[:SHOWN_FALLBACKS])]
+    if len(fallbacks) > SHOWN_FALLBACKS:
+        lines.append(f"  ... {len(fallbacks) - SHOWN_FALLBACKS} more fallbacks in report.json")
+    return lines + fidelity_lines(report)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the pipeline; returns the exit code (1 when the parity check failed)."""
+    opts = options_from(args)
+    bar = ProgressBar(args.steps) if args.steps else None
+    try:
+        report = run_pipeline(opts, stages=Stages(stderr_sink), progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    parity = report.get("parity")
+    if parity:
+        print(f"parity {'passed' if parity['passed'] else 'FAILED'} on {', '.join(parity['providers'])} "
+              f"({len(parity['rows'])} comparisons, worst max_rel {parity['worst_max_rel']:.1e})", file=sys.stderr)
+        for line in parity["failures"]:
+            print(f"  {line}", file=sys.stderr)
+    if report.get("triton", {}).get("skipped"):
+        print(f"gn-convert: not writing Triton model {report['triton']['name']}: the ONNX model failed its parity "
+              "check (see report.json)", file=sys.stderr)
+    print("\n".join(summary_lines(report)))
+    print(f"wrote {opts.output} in {sum(report['timings_s'].values()):.1f} s")
+    return 1 if parity_failed(report) else 0

@@ -1,0 +1,96 @@
+"""Knowledge-distillation losses: logits at a temperature, labels, and GroupNorm outputs.
+
+- :func:`kl_loss`: KL(teacher || student) of the softened distributions, times T^2 so that
+  its gradient scale does not depend on the temperature (Hinton et al., 2015).
+- :func:`label_loss`: cross-entropy on the items that carry a label (label >= 0).
+- :class:`FeatureTaps`: records, during the forward passes, each student GroupNorm's output
+  and the teacher BatchNorm output it replaced; :meth:`FeatureTaps.loss` is the mean over
+  layers and samples of the squared error normalised by the teacher's output variance (so
+  every layer weighs the same whatever its scale). It gives a dense signal at every layer, which logits
+  alone lack when data are few.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gn_convert.fidelity.pairs import NormPair
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over the batch of KL(teacher || student) at ``temperature``, scaled by T^2."""
+    t = float(temperature)
+    student_log = F.log_softmax(student_logits.float() / t, dim=1)
+    teacher_log = F.log_softmax(teacher_logits.float() / t, dim=1)
+    return F.kl_div(student_log, teacher_log, log_target=True, reduction="batchmean") * (t * t)
+
+
+def label_loss(student_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Cross-entropy over the labelled items (label >= 0); None when there are none."""
+    if labels is None:
+        return None
+    keep = labels >= 0
+    if not bool(keep.any()):
+        return None
+    return F.cross_entropy(student_logits[keep].float(), labels[keep])
+
+
+class FeatureTaps:
+    """Forward hooks that keep the latest output of each matched (GroupNorm, BatchNorm) pair.
+
+    Use as a context manager around the training loop; outputs are kept only until the next
+    :meth:`loss` call, and not at all while :attr:`enabled` is False (evaluation).
+
+    Args:
+        pairs: the student/teacher layer pairs (from :func:`gn_convert.fidelity.calibration.norm_pairs`).
+    """
+
+    def __init__(self, pairs: list[NormPair]) -> None:
+        self.pairs = pairs
+        self.student: dict[str, torch.Tensor] = {}
+        self.teacher: dict[str, torch.Tensor] = {}
+        self.enabled = True
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "FeatureTaps":
+        for pair in self.pairs:
+            self._handles.append(pair.student.register_forward_hook(self._keep(self.student, pair.name)))
+            self._handles.append(pair.teacher.register_forward_hook(self._keep(self.teacher, pair.name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.student.clear()
+        self.teacher.clear()
+
+    def _keep(self, store: dict[str, torch.Tensor], name: str) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            if self.enabled:
+                store[name] = output
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        """Mean over layers and samples of mean((s - t)^2) / (var(t) + 1e-6), per sample.
+
+        Normalising per sample keeps the loss a mean over items, so micro-batches and
+        processes add up to the loss of the whole batch. Clears the kept outputs.
+        """
+        terms = []
+        for name, s in self.student.items():
+            t = self.teacher.get(name)
+            if t is None or t.shape != s.shape:
+                continue
+            t = t.detach().float().flatten(1)
+            error = (s.float().flatten(1) - t).pow(2).mean(1) / (t.var(1) + 1e-6)
+            terms.append(error.mean())
+        self.student.clear()
+        self.teacher.clear()
+        if not terms:
+            raise RuntimeError("no GroupNorm output was recorded during the forward pass")
+        return torch.stack(terms).mean()

@@ -1,0 +1,150 @@
+"""Layer pairs and activation capture: what the fidelity stages compare.
+
+Conversion replaces modules in place, so a student's GroupNorm and the teacher's BatchNorm
+that it replaced share a qualified name (``layer1.0.bn1``). :func:`norm_pairs` matches them and
+refuses a teacher the student was not converted from. :func:`capture` runs a model only as far
+as one module and returns that module's input or output; :func:`execution_order` sorts pairs
+in the order the forward pass runs them.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from gn_convert.data.items import split_batch
+from gn_convert.errors import ModelMismatchError
+from gn_convert.surgery.registry import is_batchnorm
+
+_MISMATCH_HINT = "pass the teacher the student was converted from"
+
+
+@dataclass(frozen=True)
+class NormPair:
+    """A student GroupNorm and the teacher BatchNorm it replaced."""
+
+    name: str
+    student: nn.GroupNorm
+    teacher: nn.Module
+
+
+def norm_pairs(student: nn.Module, teacher: nn.Module) -> list[NormPair]:
+    """Match the student's GroupNorm layers to the teacher's BatchNorm layers by name.
+
+    Also checks that every other parameter and buffer of the student exists in the teacher
+    with the same shape, and the reverse, so a student converted from a different
+    architecture is refused.
+
+    Returns:
+        One :class:`NormPair` per student GroupNorm, in module order.
+
+    Raises:
+        ModelMismatchError: a name or shape differs, or the student has no GroupNorm.
+    """
+    teacher_modules = dict(teacher.named_modules())
+    pairs = []
+    for name, module in student.named_modules():
+        if not isinstance(module, nn.GroupNorm):
+            continue
+        original = teacher_modules.get(name)
+        if original is None or not is_batchnorm(original):
+            raise ModelMismatchError(f"student GroupNorm {name} has no BatchNorm of that name in the teacher; "
+                                     f"{_MISMATCH_HINT}")
+        channels = getattr(original, "num_features", None) or original.weight.numel()
+        if channels != module.num_channels:
+            raise ModelMismatchError(f"{name}: student has {module.num_channels} channels, teacher {channels}; "
+                                     f"{_MISMATCH_HINT}")
+        pairs.append(NormPair(name, module, original))
+    if not pairs:
+        raise ModelMismatchError("the student has no GroupNorm layer; convert it with gn_convert.convert first")
+    _check_shapes(student, teacher, {p.name for p in pairs})
+    return pairs
+
+
+def _check_shapes(student: nn.Module, teacher: nn.Module, norm_names: set[str]) -> None:
+    theirs = {k: v.shape for k, v in teacher.state_dict().items() if k.rpartition(".")[0] not in norm_names}
+    ours = {k: v.shape for k, v in student.state_dict().items() if k.rpartition(".")[0] not in norm_names}
+    for key, shape in ours.items():
+        if key not in theirs:
+            raise ModelMismatchError(f"student tensor {key} is missing from the teacher; {_MISMATCH_HINT}")
+        if theirs[key] != shape:
+            raise ModelMismatchError(f"{key}: student shape {tuple(shape)}, teacher {tuple(theirs[key])}; "
+                                     f"{_MISMATCH_HINT}")
+    extra = [key for key in theirs if key not in ours]
+    if extra:
+        raise ModelMismatchError(f"teacher tensor {extra[0]} (and {len(extra) - 1} more) has no counterpart "
+                                 f"in the student; {_MISMATCH_HINT}")
+
+
+def images_of(loader: Iterable[Any], batches: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """The image tensors of a loader's first ``batches`` batches, on ``device``.
+
+    A DataLoader with a generator is reseeded first, so every pass sees the same order.
+    """
+    if isinstance(loader, DataLoader) and loader.generator is not None:
+        loader.generator.manual_seed(loader.generator.initial_seed())
+    for k, batch in enumerate(loader):
+        if k >= batches:
+            return
+        yield split_batch(batch)[0].to(device)
+
+
+class _Stop(Exception):
+    """Raised by a hook to cut a forward pass short once the wanted activation is seen."""
+
+
+@contextmanager
+def forward_hooks(hooks: list[tuple[nn.Module, Any]]) -> Iterator[None]:
+    """Register ``(module, hook)`` forward hooks for the block; remove them afterwards."""
+    handles = [module.register_forward_hook(fn) for module, fn in hooks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def normalised(gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """``x`` normalised as ``gn`` normalises it, without the affine, in float32."""
+    return F.group_norm(x.float(), gn.num_groups, eps=gn.eps)
+
+
+def capture(model: nn.Module, module: nn.Module, images: torch.Tensor, want_input: bool) -> torch.Tensor:
+    """Run ``model`` on ``images`` only as far as ``module``; return its input or its output.
+
+    Raises:
+        ModelMismatchError: ``module`` never ran in the forward pass.
+    """
+    box: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        box.append(inputs[0] if want_input else output)
+        raise _Stop
+
+    with forward_hooks([(module, hook)]):
+        try:
+            model(images)
+        except _Stop:
+            pass
+    if not box:
+        raise ModelMismatchError("a matched layer never ran in the forward pass; check the student and teacher")
+    return box[0]
+
+
+def execution_order(pairs: list[NormPair], teacher: nn.Module, images: torch.Tensor) -> list[NormPair]:
+    """``pairs`` sorted by when the teacher's forward pass on ``images[:1]`` first runs them."""
+    order: list[str] = []
+
+    def hook_for(name: str) -> Any:
+        return lambda *_: order.append(name) if name not in order else None
+
+    with forward_hooks([(p.teacher, hook_for(p.name)) for p in pairs]), torch.no_grad():
+        teacher(images[:1])
+    rank = {name: k for k, name in enumerate(order)}
+    return sorted(pairs, key=lambda p: rank.get(p.name, len(rank)))

@@ -1,0 +1,93 @@
+"""The resumable state of a distillation run, saved atomically and read back safely.
+
+One file, ``state.pt`` in the run's checkpoint folder, holds everything a killed run needs
+to continue exactly where it stopped: the step, the student's weights, the optimizer state,
+the gradient scaler state (CUDA AMP), the metrics history and the options that shape the
+run. The learning-rate schedule and the data order are pure functions of the step and the
+seed, so the step restores them. Everything is a tensor, number, string, list or dict: the
+file is read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gn_convert.atomic import atomic_file
+from gn_convert.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+STATE_FORMAT = "gn-convert-distill/1"
+
+#: options that change the trajectory of a run: a resumed run must use the same values
+TRAJECTORY_KEYS: tuple[str, ...] = (
+    "steps", "batch_size", "lr", "gn_lr_scale", "weight_decay", "warmup_steps", "temperature",
+    "ce_weight", "feature_weight", "trainable", "seed", "holdout", "augment", "flip",
+)
+
+
+def state_path(folder: str | Path) -> Path:
+    """The state file inside a run's checkpoint folder."""
+    return Path(folder) / STATE_FILE
+
+
+def save_state(folder: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` (plain tensors, numbers, lists, dicts) to ``folder/state.pt`` atomically.
+
+    Raises:
+        OutputError: the folder cannot be created or written.
+    """
+    path = state_path(folder)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"cannot create checkpoint folder {path.parent}: {err.strerror or err}") from None
+    with atomic_file(path) as tmp:
+        torch.save({"format": STATE_FORMAT, **state}, tmp)
+    log.debug("saved training state at step %s to %s", state.get("step"), path)
+    return path
+
+
+def load_state(folder: str | Path) -> dict[str, Any] | None:
+    """Read a run's state from ``folder/state.pt``; None when there is none yet.
+
+    Raises:
+        CheckpointError: the file exists but is corrupt, truncated or not a distillation state.
+    """
+    path = state_path(folder)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupt, or pickles arbitrary objects
+        raise CheckpointError(f"cannot read training state {path} ({type(err).__name__}); it is corrupt: "
+                              "delete it to start over") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a gn-convert distillation state; delete it to start over")
+    for key in ("step", "student", "optimizer", "options", "history"):
+        if key not in state:
+            raise CheckpointError(f"training state {path} lacks {key!r}; it is corrupt: delete it to start over")
+    return state
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str | Path) -> None:
+    """Refuse to resume with options that would change the run's trajectory.
+
+    Args:
+        saved: the options stored in the state file.
+        current: the options of the run that resumes.
+        path: the checkpoint folder, for the message.
+
+    Raises:
+        CheckpointError: some trajectory option differs (the first few are named).
+    """
+    diffs = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in TRAJECTORY_KEYS
+             if k in current and saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(f"cannot resume from {path}: options differ ({'; '.join(diffs[:3])}); "
+                              "pass the original options or start a new run")

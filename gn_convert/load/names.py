@@ -1,0 +1,109 @@
+"""Classification model names, and building the architectures without their weights.
+
+Building a model only to read its layers, or to overwrite its weights at once, should not pay
+for the weight initialisation: :func:`build_model` with ``init_weights=False`` builds on the
+meta device (no memory, no init) and then allocates empty tensors on the CPU. Nothing is patched,
+so other threads building models at the same time are unaffected.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision import models as tvm
+
+from gn_convert.atomic import atomic_file
+from gn_convert.errors import UnknownModelError
+from gn_convert.surgery.registry import is_batchnorm
+
+log = logging.getLogger(__name__)
+
+
+def classification_names() -> list[str]:
+    """Every torchvision classification model name, sorted."""
+    return sorted(tvm.list_models(module=tvm))
+
+
+def check_model_name(name: str) -> None:
+    """Raise :class:`UnknownModelError` unless ``name`` is a torchvision classification model."""
+    names = classification_names()
+    if name not in names:
+        close = [n for n in names if n.startswith(name[:4])][:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UnknownModelError(f"unknown model {name!r}{hint}; `gn-convert list` shows the supported models")
+
+
+def build_torchvision(name: str, **kwargs: Any) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torchvision")  # GoogLeNet/Inception notices
+        return tvm.get_model(name, **kwargs)
+
+
+def build_model(name: str, *, num_classes: int | None = None, init_weights: bool = True) -> nn.Module:
+    """Build an untrained torchvision model.
+
+    Args:
+        name: a torchvision classification model name.
+        num_classes: classifier size (torchvision's default when None).
+        init_weights: run the weight init (default). False builds on the meta device and
+            allocates uninitialised CPU tensors: much faster when the weights are about to be
+            overwritten, and the tensors hold garbage until they are.
+
+    Raises:
+        UnknownModelError: ``name`` is not a torchvision classification model.
+    """
+    check_model_name(name)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if init_weights:
+        return build_torchvision(name, **kwargs)
+    with torch.device("meta"):
+        skeleton = build_torchvision(name, **kwargs)
+    return skeleton.to_empty(device="cpu")
+
+
+def _structure(name: str) -> nn.Module:
+    """The model on the meta device: its modules, no memory."""
+    with torch.device("meta"):
+        return build_torchvision(name)
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gn_convert"
+    return root / f"batchnorm-models-torchvision-{torchvision.__version__}.json"
+
+
+@functools.lru_cache(maxsize=1)
+def list_models() -> list[str]:
+    """The torchvision classification models that contain BatchNorm.
+
+    Computed by building each model on the meta device, then cached on disk per torchvision
+    version (``~/.cache/gn_convert``).
+
+    Returns:
+        Sorted model names.
+    """
+    cache = _cache_file()
+    names = classification_names()
+    try:
+        cached = json.loads(cache.read_text())
+        if cached["all"] == names:
+            return cached["batchnorm"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    found = [name for name in names if any(is_batchnorm(m) for m in _structure(name).modules())]
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(cache) as tmp:
+            tmp.write_text(json.dumps({"all": names, "batchnorm": found}))
+    except Exception as err:  # noqa: BLE001 - a cache that cannot be written is only slower
+        log.debug("cannot cache the model list: %s", err)
+    return found

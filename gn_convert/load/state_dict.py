@@ -1,0 +1,90 @@
+"""Reading state dicts from local files safely, and loading them with one clear line on mismatch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gn_convert.errors import WeightsError, first_line
+
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights", "net", "ema")
+MAX_KEYS_SHOWN = 3
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict from a local file, safely.
+
+    Accepts a plain state_dict or a checkpoint dict holding one under a usual key, saved with
+    ``torch.save`` (read with ``weights_only=True``: no code in the file is ever run) or as
+    ``.safetensors``. A ``module.`` prefix (from DataParallel/DDP) is stripped.
+
+    Raises:
+        WeightsError: the file is missing, unreadable, or holds no state_dict; the message keeps
+            the first line of what torch or safetensors said.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} not found; pass an existing file, DEFAULT or none")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data: Any = load_file(str(path))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated, or pickles objects weights_only refuses
+        raise WeightsError(
+            f"cannot read weights file {path} ({type(err).__name__}: {first_line(err, 200)}); only plain "
+            "tensors saved with torch.save or safetensors are loaded: re-save the state_dict alone"
+        ) from err
+    state = _find_state_dict(data)
+    if state is None:
+        raise WeightsError(f"weights file {path} holds no state_dict (a dict of tensors, "
+                           f"possibly under one of {', '.join(CHECKPOINT_KEYS)})")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _find_state_dict(data: Any) -> dict[str, torch.Tensor] | None:
+    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        return data
+    if isinstance(data, dict):
+        for key in CHECKPOINT_KEYS:
+            found = _find_state_dict(data.get(key))
+            if found is not None:
+                return found
+    return None
+
+
+def _listed(label: str, items: list[str]) -> str:
+    more = f" (+{len(items) - MAX_KEYS_SHOWN} more)" if len(items) > MAX_KEYS_SHOWN else ""
+    return f"{label}: {', '.join(items[:MAX_KEYS_SHOWN])}{more}"
+
+
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Load ``state`` into ``model`` strictly, with one clear line on any mismatch.
+
+    Shapes are checked first, so a mismatch never half-loads the model. The load itself is
+    torch's own, with its hooks (a BatchNorm state from before torch 0.4.1 has no
+    ``num_batches_tracked``, and torch fills it in); the keys torch then reports missing or
+    unexpected make the message.
+
+    Raises:
+        WeightsError: shape mismatches, or missing or unexpected keys (the first few named).
+    """
+    expected = model.state_dict()
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if shapes:
+        raise WeightsError(f"{origin} does not fit the model: {_listed('shape mismatch', shapes)}; "
+                           "check the architecture name (and --num-classes)")
+    result = model.load_state_dict(state, strict=False)
+    problems = [_listed(label, keys) for label, keys in (("missing", result.missing_keys),
+                                                         ("unexpected", result.unexpected_keys)) if keys]
+    if problems:
+        raise WeightsError(f"{origin} does not fit the model: {'; '.join(problems)}; "
+                           "check the architecture name (and --num-classes)")

@@ -1,0 +1,189 @@
+"""Where a model's weights come from, and loading a model with them.
+
+``weights`` is one of:
+
+- ``"DEFAULT"``, a torchvision weights name (``"IMAGENET1K_V2"``) or a qualified one
+  (``"ResNet50_Weights.IMAGENET1K_V2"``, as ``config.json`` records it): torchvision's weights
+  API, its download and its cache (``$TORCH_HOME/hub/checkpoints``). Offline with the file not
+  cached, loading fails at once with one line naming the cache path.
+- ``"none"``: untrained (random) weights.
+- a path to a local file: a state_dict, or a checkpoint dict holding one under a usual key
+  (``state_dict``, ``model``, ...), saved with ``torch.save`` or as safetensors. It is read
+  with ``torch.load(weights_only=True)``: no code in the file is ever run.
+
+:func:`parse_weights` is the one parser of these spellings; everything else calls it.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from gn_convert.errors import WeightsError, WeightsUnavailableError, first_line
+from gn_convert.load.names import build_model, build_torchvision, check_model_name
+from gn_convert.load.state_dict import load_weights_into, read_state_dict
+
+FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+PROBE_TIMEOUT_S = 5
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """A parsed ``weights`` argument.
+
+    Attributes:
+        kind: ``none``, ``file`` or ``torchvision``.
+        path: the file, for ``file``.
+        enum: the torchvision weights enum member, for ``torchvision``.
+    """
+
+    kind: str
+    path: Path | None = None
+    enum: Any = None
+
+    @property
+    def label(self) -> str:
+        """How reports and ``config.json`` name these weights (``ResNet50_Weights.IMAGENET1K_V2``)."""
+        if self.kind == "torchvision":
+            return f"{type(self.enum).__name__}.{self.enum.name}"
+        return str(self.path) if self.kind == "file" else "none"
+
+
+def default_weights_enum(name: str) -> Any:
+    """torchvision's DEFAULT weights enum member for ``name`` (its meta needs no download)."""
+    return tvm.get_model_weights(name).DEFAULT
+
+
+def _is_file_spec(weights: str) -> bool:
+    return os.sep in weights or weights.endswith(FILE_SUFFIXES) or Path(weights).exists()
+
+
+def parse_weights(name: str, weights: str = "DEFAULT") -> WeightsSpec:
+    """Parse a ``weights`` argument for model ``name`` (see the module docstring).
+
+    Qualified names go through ``torchvision.models.get_weight``; plain names are looked up in
+    the model's own weights enum, so a name of another model's weights is refused.
+
+    Raises:
+        UnknownModelError: ``name`` is not a torchvision classification model.
+        WeightsError: no such weights name and no such file.
+    """
+    check_model_name(name)
+    if weights.lower() == "none":
+        return WeightsSpec("none")
+    if _is_file_spec(weights):
+        return WeightsSpec("file", path=Path(weights).expanduser())
+    enum = tvm.get_model_weights(name)
+    if "." in weights:
+        try:
+            member = tvm.get_weight(weights)
+        except (ValueError, KeyError, AttributeError):
+            member = None
+        if member is not None and type(member) is enum:
+            return WeightsSpec("torchvision", enum=member)
+    else:
+        member = enum.DEFAULT if weights.upper() == "DEFAULT" else enum.__members__.get(weights)
+        if member is not None:
+            return WeightsSpec("torchvision", enum=member)
+    options = ", ".join(["DEFAULT", "none", *enum.__members__])
+    raise WeightsError(f"{name} has no weights {weights!r} and no such file exists; choose one of {options} "
+                       "or a path to a weights file")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights come from, and what torchvision knows about them.
+
+    Attributes:
+        architecture: the torchvision model name.
+        weights: ``none``, a weights enum name (``ResNet50_Weights.IMAGENET1K_V2``) or a path.
+        input_size: (H, W) the weights were evaluated at, from torchvision's meta.
+        categories: class names when the weights carry them.
+    """
+
+    architecture: str
+    weights: str
+    input_size: tuple[int, int]
+    categories: list[str] | None = None
+
+
+def resolve_source(name: str, weights: str = "DEFAULT") -> ModelSource:
+    """Describe where ``name``'s weights come from without loading them.
+
+    Raises:
+        UnknownModelError, WeightsError: see :func:`parse_weights`.
+    """
+    spec = parse_weights(name, weights)
+    crop = default_weights_enum(name).transforms().crop_size
+    side = int(crop[0] if isinstance(crop, (list, tuple)) else crop)
+    categories = None
+    if spec.kind == "torchvision":
+        categories = list(spec.enum.meta.get("categories") or []) or None
+    return ModelSource(name, spec.label, (side, side), categories)
+
+
+def _cache_path(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _reachable(url: str) -> bool:
+    """Whether a HEAD request for ``url`` gets an answer (through the environment's proxies)."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
+    except OSError:  # URLError, timeouts and refused connections are all OSErrors
+        return False
+    return True
+
+
+def _build_pretrained(name: str, enum: Any) -> nn.Module:
+    """torchvision's own pretrained build (it handles each model's quirks), failing fast offline."""
+    cached = _cache_path(enum.url)
+    if not cached.exists() and not _reachable(enum.url):
+        raise WeightsUnavailableError(
+            f"cannot download {enum} (offline?) and it is not cached at {cached}; put the file "
+            "there, or pass --weights none (untrained) or --weights PATH (a local file)"
+        )
+    try:
+        return build_torchvision(name, weights=enum)
+    except Exception as err:  # network, hash or format failure of the download
+        raise WeightsUnavailableError(
+            f"cannot get {enum} ({type(err).__name__}: {first_line(err, 160)}); cache: {cached}; "
+            "or pass --weights none or --weights PATH"
+        ) from err
+
+
+def load_model(name: str, weights: str = "DEFAULT", *, num_classes: int | None = None) -> nn.Module:
+    """Build a torchvision classification model by name and load its weights.
+
+    Args:
+        name: a torchvision classification model name (``gn_convert.list_models()``).
+        weights: ``DEFAULT`` (torchvision's pretrained weights, downloaded or cached), a
+            torchvision weights name, ``none`` (untrained), or a path to a local file.
+        num_classes: classifier size for untrained weights or a local file with its own head.
+
+    Returns:
+        The model in eval mode, on the CPU.
+
+    Raises:
+        UnknownModelError: ``name`` is not a torchvision classification model.
+        WeightsError: the weights cannot be found, read, or do not fit.
+        WeightsUnavailableError: DEFAULT weights offline and not cached.
+    """
+    spec = parse_weights(name, weights)
+    if spec.kind == "torchvision":
+        if num_classes is not None:
+            raise WeightsError(f"--num-classes does not apply to pretrained {spec.label}; "
+                               "use a local weights file with its own head")
+        return _build_pretrained(name, spec.enum).eval()
+    model = build_model(name, num_classes=num_classes, init_weights=spec.kind == "none")
+    if spec.kind == "file":
+        load_weights_into(model, read_state_dict(spec.path), f"weights file {spec.path}")
+    return model.eval()

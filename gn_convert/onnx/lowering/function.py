@@ -1,0 +1,33 @@
+"""The ``function`` pass: attach the op's FunctionProto to a model that calls it."""
+
+from __future__ import annotations
+
+import onnx
+
+from gn_convert.onnx.lowering.common import model_opset
+from gn_convert.onnx.op import DOMAIN, OP_TYPE, function_proto, groupnorm_nodes, opset_import
+
+
+def has_function(model: onnx.ModelProto) -> bool:
+    """Whether the op's FunctionProto is attached to ``model``."""
+    return any(f.domain == DOMAIN and f.name == OP_TYPE for f in model.functions)
+
+
+def attach_function(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Attach the op's FunctionProto to a model that calls the op (in place).
+
+    Preconditions: the model's default-domain opset is at least 18. Nothing is attached to
+    a model without custom nodes, nor twice.
+
+    Args:
+        model: the exported model.
+
+    Returns:
+        ``model`` itself.
+    """
+    if not groupnorm_nodes(model) or has_function(model):
+        return model
+    model.functions.append(function_proto(model_opset(model)))
+    if not any(entry.domain == DOMAIN for entry in model.opset_import):
+        model.opset_import.append(opset_import())
+    return model

@@ -1,0 +1,258 @@
+"""The main command as one Python function: load -> plan -> convert -> recover -> save ->
+export -> parity -> deploy, returning the report that ``report.json`` holds.
+
+``gn-convert MODEL ...`` parses its options into :class:`PipelineOptions` and calls
+:func:`run_pipeline`; everything it does is available here without the CLI::
+
+    from gn_convert.pipeline import PipelineOptions, run_pipeline
+    report = run_pipeline(PipelineOptions("resnet50", weights="none", out=Path("gn-resnet50")))
+
+The output folder is assembled under a temporary name and renamed into place at the end
+(:func:`gn_convert.atomic.staged_folder`), so a failed or interrupted run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from gn_convert._version import __version__
+from gn_convert.atomic import check_output_folder, staged_folder
+from gn_convert.errors import DeployError, OptionError
+from gn_convert.load.weights import ModelSource, load_model, resolve_source
+from gn_convert.stages import Stages
+from gn_convert.surgery.checkpoint import save
+from gn_convert.surgery.plan import GroupPlan, plan
+from gn_convert.surgery.replace import convert
+
+PARITY_BATCH = 2
+
+
+@dataclass
+class PipelineOptions:
+    """Everything the main command can be asked to do (the CLI's options, by the same names).
+
+    Attributes:
+        model: torchvision model name.
+        weights: ``DEFAULT``, a weights name, ``none`` or a local file (see :mod:`gn_convert.load`).
+        num_classes: classifier size, for untrained weights or a local file.
+        out: output folder (default ``./gn-MODEL``).
+        force: replace an existing output folder (and Triton model).
+        weights_format: ``safetensors`` or ``pt``.
+        plan: keyword arguments of :func:`gn_convert.plan` (groups, group_size, policy, include,
+            exclude, on_single, allow_no_bn).
+        init: GroupNorm affine init (a key of :data:`gn_convert.surgery.initialize.INITS`).
+        fidelity: keyword arguments of :func:`gn_convert.fidelity.recovery.run_fidelity`
+            (data, calibrate, steps, ...); empty for none.
+        onnx: write ``model.onnx``.
+        onnx_target: its form (a key of :data:`gn_convert.onnx.targets.TARGETS`).
+        parity: check ``model.onnx`` against the model.
+        parity_batch: the larger batch of the parity check.
+        native: also check parity on the native kernel (and ship it with ``triton_repo``).
+        native_library: the kernel library to check and ship (default: one built here; for
+            Triton, built for a portable ``-march``).
+        triton_repo: write ``model.onnx`` into this Triton model repository.
+        triton_name: the model's name there (default: the output folder's name).
+        triton_instance: ``cpu`` or ``gpu`` instances.
+    """
+
+    model: str
+    weights: str = "DEFAULT"
+    num_classes: int | None = None
+    out: Path | None = None
+    force: bool = False
+    weights_format: str = "safetensors"
+    plan: dict[str, Any] = field(default_factory=dict)
+    init: str = "bn-stats"
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    onnx: bool = True
+    onnx_target: str = "function"
+    parity: bool = True
+    parity_batch: int = PARITY_BATCH
+    native: bool = False
+    native_library: Path | None = None
+    triton_repo: Path | None = None
+    triton_name: str | None = None
+    triton_instance: str = "cpu"
+
+    @property
+    def output(self) -> Path:
+        """The output folder."""
+        return Path(self.out or f"gn-{self.model}")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that determine the result."""
+    found = {"gn_convert": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    for name in ("torchvision", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            found[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return found
+
+
+def check_options(opts: PipelineOptions) -> tuple[Path, Path | None]:
+    """Fail before any work when the options cannot all be honoured.
+
+    Returns:
+        The output folder, and the native kernel library to check and ship (with ``native``:
+        ``native_library``, or one built here, for a portable ``-march`` when it goes to Triton).
+
+    Raises:
+        OutputError: the output folder cannot be written (or exists, without ``force``).
+        OptionError, DeployError: contradictory options.
+        NativeBuildError: ``native`` and the kernel cannot be had here.
+        ServeExtraMissingError: ``triton_repo`` without ``tritonclient``.
+    """
+    out, library = check_output_folder(opts.output, opts.force), None
+    if opts.parity_batch < 2:
+        raise OptionError(f"the parity batch must be at least 2 (batch 1 always runs), got {opts.parity_batch}")
+    if opts.native or opts.triton_repo is not None:
+        if not opts.onnx:
+            raise OptionError("--native and --triton-repo need model.onnx; drop --no-onnx")
+    if opts.native:
+        if opts.onnx_target != "function":
+            raise OptionError(f"the native kernel runs the custom op of the function target; the "
+                              f"{opts.onnx_target} target has none: drop --onnx-target or --native")
+        if opts.triton_instance != "cpu" and opts.triton_repo is not None:
+            raise DeployError("the native GroupNorm kernel runs on CPU instances; use --triton-instance cpu "
+                              "or drop --native")
+        from gn_convert.native import resolve_library
+
+        library = resolve_library(opts.native_library, portable=opts.triton_repo is not None)
+    if opts.triton_repo is not None:
+        from gn_convert.deploy.extra import model_config_pb2
+
+        model_config_pb2()
+        target = opts.triton_repo / _triton_name(opts, out)
+        if target.exists() and not opts.force:
+            raise DeployError(f"{target} exists; pass --force to replace it or choose another --triton-name")
+    return out, library
+
+
+def _triton_name(opts: PipelineOptions, out: Path) -> str:
+    from gn_convert.deploy.triton_repo import default_name
+
+    return opts.triton_name or default_name(out / "model.onnx")
+
+
+def run_pipeline(opts: PipelineOptions, *, stages: Stages | None = None,
+                 progress: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Run the main command; returns the report (also written to ``OUT/report.json``).
+
+    Args:
+        opts: what to do.
+        stages: the stage timer (the CLI's reports each stage on stderr); default silent.
+        progress: a callback for the distillation steps (the CLI's progress bar).
+
+    Returns:
+        The report: the plan, fidelity, export, parity and deploy results, timings, versions.
+        ``report["parity"]["passed"]`` is the verdict when parity ran.
+
+    Raises:
+        GnConvertError: bad input, checked before any work where possible.
+    """
+    import json
+
+    out, library = check_options(opts)
+    stages = stages or Stages()
+    source = resolve_source(opts.model, opts.weights)
+    with stages("load", f"loading {opts.model} (weights: {source.weights})"):
+        model = load_model(opts.model, opts.weights, num_classes=opts.num_classes)
+    with stages("plan", "planning groups"):
+        layer_plan = plan(model, example_input=torch.zeros(1, 3, *source.input_size), **opts.plan)
+    with stages("convert", f"converting ({layer_plan.summary()})"):
+        converted = convert(model, plan=layer_plan, init=opts.init)
+    fidelity: dict[str, Any] = {}
+    if opts.fidelity:
+        from gn_convert.fidelity.recovery import run_fidelity
+
+        fidelity = run_fidelity(converted, model, opts.model, stages=stages, callback=progress, **opts.fidelity)
+    with staged_folder(out, opts.force) as tmp:
+        with stages("save", f"saving to {out}"):
+            kwargs = {} if opts.num_classes is None else {"num_classes": opts.num_classes}
+            save(converted, tmp, plan=layer_plan, architecture=opts.model, model_kwargs=kwargs,
+                 source_weights=source.weights, weights_format=opts.weights_format,
+                 extra={"input_size": list(source.input_size), "categories": source.categories})
+        onnx_fields = _export_stage(opts, converted, tmp, source, layer_plan, stages, library)
+        triton_fields = _deploy_stage(opts, tmp, out, source.categories, stages, parity_failed(onnx_fields), library)
+        report = {
+            "model": opts.model,
+            "weights": source.weights,
+            "init": opts.init,
+            "summary": layer_plan.summary(),
+            "plan": layer_plan.to_dict(),
+            **fidelity,
+            **onnx_fields,
+            **triton_fields,
+            "timings_s": stages.timings,
+            "versions": versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def parity_failed(fields: dict[str, Any]) -> bool:
+    """Whether a report (or its ONNX fields) holds a parity check that failed."""
+    parity = fields.get("parity")
+    return isinstance(parity, dict) and parity.get("passed") is False
+
+
+def _export_stage(opts: PipelineOptions, converted: nn.Module, folder: Path, source: ModelSource,
+                  layer_plan: GroupPlan, stages: Stages, library: Path | None) -> dict[str, Any]:
+    """Write ``model.onnx`` and check its parity; the ``onnx`` and ``parity`` report fields."""
+    if not opts.onnx:
+        return {}
+    from gn_convert.onnx.export import export_onnx
+
+    metadata = {"source_architecture": opts.model, "source_weights": source.weights,
+                "group_plan": layer_plan.summary()}
+    with stages("export", f"exporting model.onnx ({opts.onnx_target})"):
+        report = export_onnx(converted, folder / "model.onnx", target=opts.onnx_target,
+                             input_shape=(1, 3, *source.input_size), allow_batchnorm=bool(layer_plan.untouched),
+                             metadata=metadata)
+    data = report.to_dict()
+    data.update(path="model.onnx", files=[Path(p).name for p in data["files"]])
+    if not opts.parity:
+        return {"onnx": data}
+    from gn_convert.parity.check import check_parity
+
+    providers = ("cpu", "cpu-native") if opts.native else ("cpu",)
+    with stages("parity", f"checking parity on {', '.join(providers)}"):
+        parity = check_parity(converted, report.path, providers=providers, batch=opts.parity_batch,
+                              native_library=library)
+    result = parity.to_dict()
+    result.update(onnx_path="model.onnx", providers=list(providers),
+                  worst_max_rel=max((row.metrics.max_rel for row in parity.rows), default=float("nan")))
+    return {"onnx": data, "parity": result}
+
+
+def _deploy_stage(opts: PipelineOptions, folder: Path, out: Path, categories: list[str] | None, stages: Stages,
+                  failed: bool, library: Path | None) -> dict[str, Any]:
+    """Write ``model.onnx`` into the Triton repository; the ``triton`` report field.
+
+    A model whose parity check failed is not deployed: the repository is left alone and the
+    report says why.
+    """
+    if opts.triton_repo is None:
+        return {}
+    name = _triton_name(opts, out)
+    if failed:
+        return {"triton": {"skipped": "parity failed", "name": name}}
+    from gn_convert.deploy.triton_repo import write_triton_repo
+
+    native_ops = library if opts.native else None
+    with stages("triton", f"writing Triton model {name} into {opts.triton_repo}"):
+        model_dir = write_triton_repo(folder / "model.onnx", opts.triton_repo, name=name,
+                                      instance=opts.triton_instance, labels=categories, native_ops=native_ops,
+                                      force=opts.force)
+    return {"triton": {"model_dir": str(model_dir), "name": name, "instance": opts.triton_instance,
+                       "labels": bool(categories), "native_ops": str(native_ops) if native_ops else None}}

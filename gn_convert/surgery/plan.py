@@ -1,0 +1,294 @@
+"""The group plan: which GroupNorm replaces each BatchNorm layer, and why.
+
+A plan is computed without touching the model. Every layer's group count is recorded, with a
+reason whenever the requested count could not be used (a *fallback*), so that a user can see
+exactly which layers became, say, instance norm.
+
+Policies for a channel count C that the requested groups G do not divide:
+
+- ``divisor`` (default): the largest divisor of C that is <= G.
+- ``gcd``: gcd(G, C) groups (what Opacus does).
+- ``strict``: refuse, with an error naming the layer.
+
+With ``group_size=K`` (channels per group) instead of ``groups``, the target is C / K groups;
+when K does not divide C, ``divisor`` takes the smallest group size >= K that divides C,
+``gcd`` takes groups of gcd(K, C) channels, and ``strict`` refuses.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import torch
+from torch import nn
+
+from gn_convert.errors import GroupPlanError, NoBatchNormError, UnsupportableLayerError
+from gn_convert.modes import eval_mode
+from gn_convert.surgery.registry import BatchNormState, read_batchnorm
+
+log = logging.getLogger(__name__)
+
+POLICIES: tuple[str, ...] = ("divisor", "gcd", "strict")
+OnSingle = Literal["error", "skip"]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The decision for one BatchNorm layer.
+
+    Attributes:
+        name: qualified module name in the model (``layer1.0.bn1``).
+        kind: the BatchNorm class name.
+        num_channels: channel count C.
+        num_groups: GroupNorm groups, or None when the layer is left as it is.
+        eps: epsilon copied from the BatchNorm layer.
+        affine: whether the layer has an affine transform.
+        action: ``convert``, ``skip`` (unsupportable, left as BatchNorm) or ``exclude`` (by
+            the user's patterns).
+        fallback: True when ``num_groups`` differs from the requested target.
+        reason: why the layer fell back or was skipped; empty otherwise.
+        elements_per_group: values each group normalises per sample, when known.
+    """
+
+    name: str
+    kind: str
+    num_channels: int
+    num_groups: int | None
+    eps: float
+    affine: bool
+    action: str = "convert"
+    fallback: bool = False
+    reason: str = ""
+    elements_per_group: int | None = None
+
+
+@dataclass
+class GroupPlan:
+    """A per-layer plan for a whole model, plus the request that produced it."""
+
+    groups: int | None
+    group_size: int | None
+    policy: str
+    layers: list[LayerPlan] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[LayerPlan]:
+        """Layers that become GroupNorm."""
+        return [layer for layer in self.layers if layer.action == "convert"]
+
+    @property
+    def fallbacks(self) -> list[LayerPlan]:
+        """Converted layers whose group count differs from the request."""
+        return [layer for layer in self.converted if layer.fallback]
+
+    @property
+    def untouched(self) -> list[LayerPlan]:
+        """Layers left as BatchNorm (skipped or excluded)."""
+        return [layer for layer in self.layers if layer.action != "convert"]
+
+    def summary(self) -> str:
+        """One line: how many layers convert, fall back and stay BatchNorm."""
+        target = f"G={self.groups}" if self.group_size is None else f"group_size={self.group_size}"
+        return (
+            f"{len(self.converted)} BatchNorm layers -> GroupNorm ({target}, policy={self.policy}), "
+            f"{len(self.fallbacks)} fallbacks, {len(self.untouched)} left as BatchNorm"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; :meth:`from_dict` reverses it."""
+        return {
+            "groups": self.groups,
+            "group_size": self.group_size,
+            "policy": self.policy,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GroupPlan":
+        """Rebuild a plan written by :meth:`to_dict`."""
+        layers = [LayerPlan(**layer) for layer in data["layers"]]
+        return cls(data["groups"], data["group_size"], data["policy"], layers)
+
+
+def choose_groups(
+    channels: int, groups: int | None = 32, group_size: int | None = None, policy: str = "divisor"
+) -> tuple[int, str]:
+    """Pick the group count for ``channels`` under a policy.
+
+    Args:
+        channels: channel count C (> 0).
+        groups: requested groups G; ignored when ``group_size`` is given.
+        group_size: requested channels per group K, instead of ``groups``.
+        policy: ``divisor``, ``gcd`` or ``strict`` (see the module docstring).
+
+    Returns:
+        (num_groups, reason); reason is empty when the request was met exactly.
+
+    Raises:
+        GroupPlanError: the request is impossible (G < 1, K < 1, unknown policy, or
+            ``strict`` with a non-dividing request).
+    """
+    if policy not in POLICIES:
+        raise GroupPlanError(f"unknown group policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if group_size is not None:
+        if group_size < 1:
+            raise GroupPlanError(f"group size must be >= 1, got {group_size}")
+        if channels % group_size == 0:
+            return channels // group_size, ""
+        if policy == "strict":
+            raise GroupPlanError(
+                f"group size {group_size} does not divide {channels} channels "
+                "(use --policy divisor or gcd, or another --group-size)"
+            )
+        if policy == "gcd":
+            size = math.gcd(group_size, channels)
+        else:
+            size = next(k for k in range(group_size, channels + 1) if channels % k == 0)
+        return channels // size, f"group size {group_size} does not divide {channels}; using {size}"
+    if groups is None or groups < 1:
+        raise GroupPlanError(f"groups must be >= 1, got {groups}")
+    if channels % groups == 0:
+        return groups, ""
+    if policy == "strict":
+        raise GroupPlanError(
+            f"{groups} groups do not divide {channels} channels "
+            "(use --policy divisor or gcd, --group-size, or another --groups)"
+        )
+    chosen = math.gcd(groups, channels) if policy == "gcd" else max(
+        d for d in range(1, min(groups, channels) + 1) if channels % d == 0
+    )
+    return chosen, f"{groups} does not divide {channels}; using {chosen} ({policy})"
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module, BatchNormState]]:
+    """All registered BatchNorm layers of ``model`` as (name, module, state), in order."""
+    found = []
+    for name, module in model.named_modules():
+        state = read_batchnorm(module)
+        if state is not None:
+            found.append((name, module, state))
+    return found
+
+
+def _matches(name: str, patterns: Sequence[str] | None) -> bool:
+    return bool(patterns) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _spatial_sizes(model: nn.Module, example_input: torch.Tensor | None) -> dict[str, int]:
+    """Per BatchNorm layer, the number of values per channel per sample in ``example_input``."""
+    if example_input is None:
+        return {}
+    sizes: dict[str, int] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            sizes.setdefault(name, math.prod(args[0].shape[2:]))
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name)) for name, module, _ in batchnorm_layers(model)]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example_input)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sizes
+
+
+def plan(
+    model: nn.Module,
+    groups: int | None = 32,
+    *,
+    group_size: int | None = None,
+    policy: str = "divisor",
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    on_single: OnSingle = "error",
+    allow_no_bn: bool = False,
+    example_input: torch.Tensor | None = None,
+) -> GroupPlan:
+    """Compute the per-layer group plan for ``model`` without changing it.
+
+    Args:
+        model: any module containing BatchNorm layers.
+        groups: requested groups per layer (default 32, as in Wu & He).
+        group_size: channels per group, instead of ``groups``.
+        policy: what to do when the request does not divide a layer's channels:
+            ``divisor`` (default), ``gcd`` or ``strict``.
+        include: fnmatch patterns of layer names to convert (default: all).
+        exclude: fnmatch patterns of layer names to leave as BatchNorm.
+        on_single: ``error`` (default) refuses a layer whose groups would normalise a single
+            value per sample (the output would be constant); ``skip`` leaves it as BatchNorm.
+        allow_no_bn: return an empty plan instead of raising when there is no BatchNorm.
+        example_input: an input batch; when given, the number of values per group is measured
+            (needed to judge BatchNorm1d on (N, C, L) input; without it (N, C) is assumed).
+
+    Returns:
+        The :class:`GroupPlan`.
+
+    Raises:
+        NoBatchNormError: the model has no BatchNorm and ``allow_no_bn`` is False.
+        GroupPlanError: the request is impossible for some layer.
+        UnsupportableLayerError: a group would hold a single value and ``on_single='error'``.
+    """
+    include, exclude = list(include or []), list(exclude or [])
+    if on_single not in ("error", "skip"):
+        raise GroupPlanError(f"on_single must be 'error' or 'skip', got {on_single!r}")
+    choose_groups(max(group_size or 1, groups or 1), groups, group_size, policy)  # validate the request
+    layers = batchnorm_layers(model)
+    if not layers:
+        if allow_no_bn:
+            log.warning("model has no BatchNorm layer: nothing to convert")
+            return GroupPlan(groups, group_size, policy)
+        raise NoBatchNormError("the model has no BatchNorm layer to convert; to accept that as a no-op, pass "
+                               "--allow-no-bn (allow_no_bn=True from Python)")
+    spatial = _spatial_sizes(model, example_input)
+    result = GroupPlan(groups, group_size, policy)
+    for name, _module, state in layers:
+        result.layers.append(_plan_layer(name, _module, state, groups, group_size, policy,
+                                         include, exclude, on_single, spatial.get(name)))
+    for layer in result.fallbacks:
+        log.info("group plan fallback at %s: %s", layer.name, layer.reason)
+    for layer in result.untouched:
+        level = logging.INFO if layer.action == "exclude" else logging.WARNING
+        log.log(level, "%s left as BatchNorm (%s): %s", layer.name, layer.action, layer.reason)
+    return result
+
+
+def _plan_layer(
+    name: str,
+    module: nn.Module,
+    state: BatchNormState,
+    groups: int | None,
+    group_size: int | None,
+    policy: str,
+    include: list[str],
+    exclude: list[str],
+    on_single: str,
+    spatial: int | None,
+) -> LayerPlan:
+    base = dict(name=name, kind=type(module).__name__, num_channels=state.num_channels,
+                eps=state.eps, affine=state.affine)
+    if (include and not _matches(name, include)) or _matches(name, exclude):
+        return LayerPlan(**base, num_groups=None, action="exclude", reason="excluded by pattern")
+    try:
+        num_groups, reason = choose_groups(state.num_channels, groups, group_size, policy)
+    except GroupPlanError as err:
+        raise GroupPlanError(f"layer {name}: {err}") from None
+    per_channel = spatial if spatial is not None else (1 if state.min_rank == 2 else None)
+    elements = None if per_channel is None else per_channel * state.num_channels // num_groups
+    if elements == 1:
+        why = (f"each of its {num_groups} groups would normalise a single value per sample, "
+               "so its output would be constant")
+        if on_single == "error":
+            raise UnsupportableLayerError(
+                f"layer {name} ({state.num_channels} channels, {num_groups} groups): {why}; "
+                "use fewer groups, exclude the layer, or on_single='skip' (--skip-unsupportable)"
+            )
+        return LayerPlan(**base, num_groups=None, action="skip", reason=why, elements_per_group=1)
+    return LayerPlan(**base, num_groups=num_groups, fallback=bool(reason), reason=reason,
+                     elements_per_group=elements)

@@ -1,0 +1,108 @@
+"""BatchNorm -> GroupNorm surgery on any ``nn.Module``.
+
+:func:`convert` applies a :class:`~gn_convert.surgery.plan.GroupPlan`: each planned BatchNorm
+layer is replaced, in place of the same attribute, by an ``nn.GroupNorm`` with the planned
+group count, the layer's eps and affine flag, its device, dtype, ``requires_grad`` and
+train/eval mode, and an affine initialised from the BatchNorm statistics (or identity).
+Every other module is left untouched, and the input model is copied unless ``inplace=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from gn_convert.errors import GroupPlanError
+from gn_convert.surgery.plan import GroupPlan, OnSingle, batchnorm_layers, plan as make_plan
+from gn_convert.surgery.initialize import INITS
+from gn_convert.surgery.registry import BatchNormState
+
+log = logging.getLogger(__name__)
+
+
+def group_norm_from(state: BatchNormState, num_groups: int, init: str = "bn-stats") -> nn.GroupNorm:
+    """Build the GroupNorm that replaces one BatchNorm layer.
+
+    Args:
+        state: the BatchNorm layer's state.
+        num_groups: groups; must divide ``state.num_channels``.
+        init: ``bn-stats`` (data-free init from the running statistics) or ``identity``.
+
+    Returns:
+        A GroupNorm on the layer's device and dtype, in the layer's train/eval mode.
+    """
+    gn = nn.GroupNorm(num_groups, state.num_channels, eps=state.eps, affine=state.affine,
+                      device=state.device, dtype=state.dtype)
+    if state.affine:
+        weight, bias = INITS[init](state, num_groups)
+        with torch.no_grad():
+            gn.weight.copy_(weight)
+            gn.bias.copy_(bias)
+        gn.weight.requires_grad_(state.requires_grad)
+        gn.bias.requires_grad_(state.requires_grad)
+    gn.train(state.training)
+    return gn
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def convert(
+    model: nn.Module,
+    groups: int | None = 32,
+    *,
+    group_size: int | None = None,
+    policy: str = "divisor",
+    init: str = "bn-stats",
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    on_single: OnSingle = "error",
+    allow_no_bn: bool = False,
+    example_input: torch.Tensor | None = None,
+    plan: GroupPlan | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace every BatchNorm layer of ``model`` with GroupNorm.
+
+    Args:
+        model: any module with BatchNorm1d/2d/3d, SyncBatchNorm or FrozenBatchNorm2d layers
+            (and their subclasses).
+        groups, group_size, policy, include, exclude, on_single, allow_no_bn, example_input:
+            how to plan the groups; see :func:`gn_convert.plan`. Ignored when ``plan`` is given.
+        init: ``bn-stats`` (default; data-free init from the BatchNorm statistics) or
+            ``identity`` (weight 1, bias 0, as Opacus does).
+        plan: a precomputed plan (from :func:`gn_convert.plan` or a saved checkpoint).
+        inplace: modify ``model`` itself instead of a deep copy.
+
+    Returns:
+        The converted module (``model`` itself when ``inplace``).
+
+    Raises:
+        GroupPlanError, UnsupportableLayerError, NoBatchNormError: see :func:`gn_convert.plan`.
+    """
+    if init not in INITS:
+        raise GroupPlanError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    if plan is None:
+        plan = make_plan(model, groups, group_size=group_size, policy=policy, include=include,
+                         exclude=exclude, on_single=on_single, allow_no_bn=allow_no_bn,
+                         example_input=example_input)
+    target = model if inplace else copy.deepcopy(model)
+    found = {name: state for name, _, state in batchnorm_layers(target)}
+    for layer in plan.converted:
+        state = found.get(layer.name)
+        if state is None:
+            raise GroupPlanError(f"the plan names {layer.name}, which is not a BatchNorm layer of this model")
+        if state.num_channels != layer.num_channels:
+            raise GroupPlanError(
+                f"the plan gives {layer.name} {layer.num_channels} channels, the model has {state.num_channels}"
+            )
+        _set_submodule(target, layer.name, group_norm_from(state, layer.num_groups, init))
+    log.info("converted: %s", plan.summary())
+    return target

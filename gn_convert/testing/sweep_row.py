@@ -1,0 +1,115 @@
+"""The coverage sweep's per-model routine, shared by ``scripts/sweep.py`` and the coverage test.
+
+:func:`classification_row` converts one torchvision classification model (untrained weights,
+BatchNorm statistics made non-trivial on real photo crops), exports the ``function`` and
+``inlined`` targets and checks their parity; it returns one catalog row.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from gn_convert.load.names import build_model
+from gn_convert.onnx.export import export_onnx, lower_onnx
+from gn_convert.parity.check import check_parity
+from gn_convert.surgery.plan import plan as make_plan
+from gn_convert.surgery.replace import convert
+from gn_convert.testing.photos import nontrivial_batchnorm
+
+SIZES = (64, 128, 224, 299)
+"""Input sides tried in order: the smallest one the model accepts is used (for speed)."""
+
+
+def first_output(output: Any) -> torch.Tensor:
+    """The main tensor of a model's output (a tensor, GoogLeNet/Inception tuples, a dict)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        return first_output(next(iter(output.values())))
+    if isinstance(output, (list, tuple)) and output:
+        return first_output(output[0])
+    raise TypeError(f"cannot read a tensor from a {type(output).__name__}")
+
+
+class MainOutput(nn.Module):
+    """Wrap a model so that it returns one tensor (segmentation dicts, FPN dicts, aux tuples)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return first_output(self.model(x))
+
+
+def smallest_size(model: nn.Module) -> int:
+    """The smallest side in :data:`SIZES` that the model runs at (batch 2, eval mode)."""
+    for size in SIZES:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(2, 3, size, size))
+            return size
+        except (RuntimeError, ValueError):
+            continue
+    raise RuntimeError(f"the model runs at none of the sizes {SIZES}")
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """Run ``fn`` and return (its result, seconds)."""
+    start = time.perf_counter()
+    result = fn()
+    return result, round(time.perf_counter() - start, 2)
+
+
+def classification_row(name: str, folder: Path, levels: tuple[str, ...] = ("off", "all"),
+                       native: bool = False) -> dict[str, Any]:
+    """Convert, export (function, inlined) and check one classification model.
+
+    Args:
+        name: a torchvision classification model name.
+        folder: where the exported files are written (and removed again).
+        levels: onnxruntime optimisation levels the parity check runs.
+        native: also check the function file on ``cpu-native`` (the native GroupNorm kernel;
+            reported as skipped where it cannot be built).
+    """
+    torch.manual_seed(0)
+    teacher = build_model(name).eval()
+    size = smallest_size(teacher)
+    nontrivial_batchnorm(teacher, size=size, batch_size=4)
+    plan, plan_s = timed(lambda: make_plan(teacher, 32, on_single="skip"))
+    student, convert_s = timed(lambda: convert(teacher, plan=plan).eval())
+    row: dict[str, Any] = {
+        "model": name, "kind": "classification", "input_size": size,
+        "bn_layers": len(plan.layers), "fallbacks": len(plan.fallbacks), "left_as_bn": len(plan.untouched),
+        "params_m": round(sum(p.numel() for p in student.parameters()) / 1e6, 2),
+        "convert_s": round(plan_s + convert_s, 2),
+    }
+    student = MainOutput(student)
+    function, inlined = folder / f"{name}.function.onnx", folder / f"{name}.inlined.onnx"
+    _, row["function_export_s"] = timed(lambda: export_onnx(
+        student, function, input_shape=(1, 3, size, size), allow_batchnorm=bool(plan.untouched)))
+    _, row["inlined_export_s"] = timed(lambda: lower_onnx(function, inlined, "inlined"))
+    for target, path in (("function", function), ("inlined", inlined)):
+        providers = ("cpu", "cpu-native") if native and target == "function" else ("cpu",)
+        row.update(parity_summary(check_parity(student, path, providers=providers, levels=levels,
+                                                          batch=2), target))
+        path.unlink(missing_ok=True)
+    row["passed"] = bool(row["function_passed"] and row["inlined_passed"])
+    return row
+
+
+def parity_summary(report: Any, target: str) -> dict[str, Any]:
+    """The worst errors of a parity report (every input set, level and batch) and its verdict."""
+    rows = report.rows
+    return {
+        f"{target}_max_abs": max((r.metrics.max_abs for r in rows), default=float("nan")),
+        f"{target}_max_rel": max((r.metrics.max_rel for r in rows), default=float("nan")),
+        f"{target}_passed": report.passed,
+        f"{target}_providers": sorted({r.provider for r in rows}),
+        **({f"{target}_failures": report.failures()[:3]} if not report.passed else {}),
+    }
