@@ -6,7 +6,8 @@ The public API, one stage per subpackage, each name imported on first use (so th
 - load: :func:`load_model`, :func:`list_models` (``gn_convert.load``)
 - surgery: :func:`plan`, :class:`GroupPlan`, :func:`convert`, :func:`save`,
   :func:`load_converted` (``gn_convert.surgery``)
-- fidelity: :func:`calibrate`, :func:`distill` (``gn_convert.fidelity``)
+- fidelity: :func:`recover` (the whole job in a time budget), and its building blocks
+  :func:`calibrate`, :func:`distill`, :func:`synthesize` (``gn_convert.fidelity``)
 - export: :func:`export_onnx`, :class:`ExportReport` (``gn_convert.onnx``)
 - parity: :func:`check_parity`, :class:`ParityReport` (``gn_convert.parity``)
 - deploy: :func:`write_triton_repo`, :class:`TritonModelServer` (``gn_convert.deploy``)
@@ -36,6 +37,9 @@ _LAZY: dict[str, str] = {
     "CalibrationReport": "gn_convert.fidelity.calibration",
     "distill": "gn_convert.fidelity.distillation",
     "DistillResult": "gn_convert.fidelity.options",
+    "recover": "gn_convert.fidelity.recover",
+    "RecoveryResult": "gn_convert.fidelity.recover",
+    "synthesize": "gn_convert.fidelity.synthesize",
     "export_onnx": "gn_convert.onnx.export",
     "ExportReport": "gn_convert.onnx.export",
     "check_parity": "gn_convert.parity.check",

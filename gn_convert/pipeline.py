@@ -48,8 +48,11 @@ class PipelineOptions:
         plan: keyword arguments of :func:`gn_convert.plan` (groups, group_size, policy, include,
             exclude, on_single, allow_no_bn).
         init: GroupNorm affine init (a key of :data:`gn_convert.surgery.initialize.INITS`).
-        fidelity: keyword arguments of :func:`gn_convert.fidelity.recovery.run_fidelity`
+        fidelity: keyword arguments of :func:`gn_convert.fidelity.stage.run_fidelity`
             (data, calibrate, steps, ...); empty for none.
+        recover: keyword arguments of :func:`gn_convert.recover` (data, budget, policy, ...);
+            None for none. It replaces plan, convert and ``fidelity``: the plan's ``groups`` is
+            its requested G.
         onnx: write ``model.onnx``.
         onnx_target: its form (a key of :data:`gn_convert.onnx.targets.TARGETS`).
         parity: check ``model.onnx`` against the model.
@@ -71,6 +74,7 @@ class PipelineOptions:
     plan: dict[str, Any] = field(default_factory=dict)
     init: str = "bn-stats"
     fidelity: dict[str, Any] = field(default_factory=dict)
+    recover: dict[str, Any] | None = None
     onnx: bool = True
     onnx_target: str = "function"
     parity: bool = True
@@ -166,13 +170,16 @@ def run_pipeline(opts: PipelineOptions, *, stages: Stages | None = None,
     source = resolve_source(opts.model, opts.weights)
     with stages("load", f"loading {opts.model} (weights: {source.weights})"):
         model = load_model(opts.model, opts.weights, num_classes=opts.num_classes)
-    with stages("plan", "planning groups"):
-        layer_plan = plan(model, example_input=torch.zeros(1, 3, *source.input_size), **opts.plan)
-    with stages("convert", f"converting ({layer_plan.summary()})"):
-        converted = convert(model, plan=layer_plan, init=opts.init)
     fidelity: dict[str, Any] = {}
-    if opts.fidelity:
-        from gn_convert.fidelity.recovery import run_fidelity
+    if opts.recover is not None:
+        converted, layer_plan, fidelity = _recover_stage(opts, model, stages, progress)
+    else:
+        with stages("plan", "planning groups"):
+            layer_plan = plan(model, example_input=torch.zeros(1, 3, *source.input_size), **opts.plan)
+        with stages("convert", f"converting ({layer_plan.summary()})"):
+            converted = convert(model, plan=layer_plan, init=opts.init)
+    if opts.fidelity and opts.recover is None:
+        from gn_convert.fidelity.stage import run_fidelity
 
         fidelity = run_fidelity(converted, model, opts.model, stages=stages, callback=progress, **opts.fidelity)
     with staged_folder(out, opts.force) as tmp:
@@ -198,6 +205,21 @@ def run_pipeline(opts: PipelineOptions, *, stages: Stages | None = None,
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _recover_stage(opts: PipelineOptions, model: nn.Module, stages: Stages,
+                   progress: Callable[[Any], None] | None) -> tuple[nn.Module, GroupPlan, dict[str, Any]]:
+    """Convert and recover in one budgeted call (:func:`gn_convert.recover`)."""
+    from gn_convert.fidelity.recover import recover
+    from gn_convert.load.weights import default_weights_enum
+
+    options = dict(opts.recover)
+    options.setdefault("groups", opts.plan.get("groups") or 32)
+    options.setdefault("weights", default_weights_enum(opts.model))
+    budget = options.get("budget", 900.0)
+    with stages("recover", f"recovering within {budget:.0f} s"):
+        result = recover(model, callback=progress, **options)
+    return result.model.cpu(), result.plan, {"recovery": result.to_dict()}
 
 
 def parity_failed(fields: dict[str, Any]) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gn_convert.fidelity.calibration import ORDERS
+from gn_convert.fidelity.group_search import POLICY as FIDELITY
 from gn_convert.fidelity.moments import FITS
 from gn_convert.fidelity.options import TRAINABLE
 from gn_convert.onnx.targets import DEFAULT_TARGET, TARGETS
@@ -33,6 +34,19 @@ def fraction(text: str) -> float:
     return value
 
 
+def duration(text: str) -> float:
+    """An argparse type: seconds, written ``900``, ``90s``, ``15m`` or ``1h``."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write 900, 90s, 15m or 1h") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"the duration must be positive, got {text!r}")
+    return seconds
+
+
 def stderr_sink(text: str) -> None:
     """Where stage progress goes: stderr, flushed, only on rank 0 under torchrun."""
     if is_main_process():
@@ -49,9 +63,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("group plan")
     g.add_argument("--groups", "-g", type=int, help=f"GroupNorm groups per layer (default {DEFAULT_GROUPS})")
     g.add_argument("--group-size", type=int, help="channels per group, instead of --groups")
-    g.add_argument("--policy", choices=POLICIES, default=POLICIES[0],
+    g.add_argument("--policy", choices=[*POLICIES, FIDELITY], default=POLICIES[0],
                    help="when the groups do not divide a layer's channels: largest divisor <= G "
-                   "(divisor, default), gcd(G, C), or refuse (strict)")
+                   "(divisor, default), gcd(G, C), or refuse (strict); fidelity (with --recover): per layer, "
+                   "the count up to G that keeps its output closest to BatchNorm's, measured on --data")
     g.add_argument("--init", choices=list(INITS), default=next(iter(INITS)),
                    help="GroupNorm affine init: from the BatchNorm statistics (default) or identity")
     g.add_argument("--include", action="append", metavar="PATTERN",
@@ -75,6 +90,39 @@ def plan_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser | None
     return dict(groups=groups, group_size=args.group_size, policy=args.policy, include=args.include,
                 exclude=args.exclude, on_single="skip" if args.skip_unsupportable else "error",
                 allow_no_bn=args.allow_no_bn)
+
+
+def add_recover_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``--recover`` (:func:`gn_convert.recover`)."""
+    g = parser.add_argument_group("recovery (one budgeted call: convert, reconstruct block by block, distil)")
+    g.add_argument("--recover", action="store_true",
+                   help="bring the converted model back to the original's function on --data (a folder, or "
+                   "'synthetic' for images synthesised from the teacher) within --budget")
+    g.add_argument("--budget", type=duration, default=900.0, help="time for the recovery: 900, 15m, 1h (default 15m)")
+    g.add_argument("--min-channels-per-group", type=int, default=1,
+                   help="with --policy fidelity: the smallest group allowed (default 1)")
+    g.add_argument("--synthetic", type=int, default=0, metavar="N",
+                   help="add N images synthesised from the teacher's BatchNorm statistics (256 with --data synthetic)")
+    g.add_argument("--synthetic-dir", type=Path, help="also write the synthetic images there as PNG files")
+
+
+def recover_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict[str, Any] | None:
+    """The keyword arguments of :func:`gn_convert.recover`, or None without ``--recover``.
+
+    ``--policy fidelity`` needs ``--recover``, and ``--recover`` needs ``--data``.
+    """
+    if not args.recover:
+        if args.policy == FIDELITY and parser is not None:
+            parser.error("--policy fidelity measures layers on data: add --recover and --data")
+        return None
+    if args.data is None and parser is not None:
+        parser.error("--recover needs --data DIR (a folder of images) or --data synthetic")
+    data = "synthetic" if str(args.data) == "synthetic" and not args.data.exists() else args.data
+    kwargs = plan_kwargs(args, parser)
+    return dict(data=data, groups=kwargs["groups"] or DEFAULT_GROUPS, policy=args.policy, budget=args.budget,
+                min_channels_per_group=args.min_channels_per_group, synthetic=args.synthetic,
+                synthetic_dir=args.synthetic_dir, batch_size=min(args.batch_size, 16), seed=args.seed,
+                holdout=args.holdout, input_size=args.input_size, eval_data=args.eval_data)
 
 
 def add_target_argument(group: Any, flag: str) -> None:
@@ -125,7 +173,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser, steps_flag: str = "--
 
 
 def fidelity_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of :func:`gn_convert.fidelity.recovery.run_fidelity`; empty when
+    """The keyword arguments of :func:`gn_convert.fidelity.stage.run_fidelity`; empty when
     neither calibration nor distillation is asked for."""
     if not (args.calibrate or args.steps):
         return {}

@@ -10,8 +10,8 @@ from typing import Any
 
 from gn_convert.cli import deploy as deploy_cli
 from gn_convert.cli.arguments import (ProgressBar, add_distill_arguments, add_native_library_argument,
-                                      add_plan_arguments, add_target_argument, fidelity_kwargs, fidelity_lines,
-                                      plan_kwargs, stderr_sink)
+                                      add_plan_arguments, add_recover_arguments, add_target_argument,
+                                      fidelity_kwargs, fidelity_lines, plan_kwargs, recover_kwargs, stderr_sink)
 from gn_convert.pipeline import PARITY_BATCH, PipelineOptions, parity_failed, run_pipeline
 from gn_convert.stages import Stages
 
@@ -47,6 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_native_library_argument(g)
     deploy_cli.add_pipeline_arguments(p)
     add_distill_arguments(p, steps_flag="--finetune-steps", default_steps=0)
+    add_recover_arguments(p)
     p.set_defaults(parser=p)
 
 
@@ -55,7 +56,8 @@ def options_from(args: argparse.Namespace) -> PipelineOptions:
     return PipelineOptions(
         model=args.model, weights=args.weights, num_classes=args.num_classes, out=args.out, force=args.force,
         weights_format=args.format, plan=plan_kwargs(args, getattr(args, "parser", None)), init=args.init,
-        fidelity=fidelity_kwargs(args), onnx=not args.no_onnx, onnx_target=args.onnx_target,
+        fidelity=fidelity_kwargs(args), recover=recover_kwargs(args, getattr(args, "parser", None)),
+        onnx=not args.no_onnx, onnx_target=args.onnx_target,
         parity=not args.no_parity, parity_batch=args.parity_batch, native=args.native,
         native_library=args.native_library, triton_repo=args.triton_repo, triton_name=args.triton_name,
         triton_instance=args.triton_instance)
@@ -68,6 +70,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [report["summary"], *(f"  fallback {layer['name']}: {layer['reason']}" for layer in fallbacks[:SHOWN_FALLBACKS])]
     if len(fallbacks) > SHOWN_FALLBACKS:
         lines.append(f"  ... {len(fallbacks) - SHOWN_FALLBACKS} more fallbacks in report.json")
+    recovery = report.get("recovery")
+    if recovery:
+        lines += [f"recovery on {recovery['heldout']} held-out images, {recovery['seconds']:.0f} s:"]
+        lines += [f"  {s['name']:12} {s['seconds']:7.1f} s  agreement {s['agreement']:.3f}" for s in recovery["stages"]]
     return lines + fidelity_lines(report)
 
 

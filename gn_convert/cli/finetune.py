@@ -21,7 +21,7 @@ from gn_convert.atomic import check_output_folder, staged_folder
 from gn_convert.cli.arguments import (ProgressBar, add_distill_arguments, fidelity_kwargs, fidelity_lines,
                                       is_main_process, stderr_sink)
 from gn_convert.errors import CheckpointError, DataError
-from gn_convert.fidelity.recovery import run_fidelity
+from gn_convert.fidelity.stage import run_fidelity
 from gn_convert.load.weights import load_model
 from gn_convert.stages import Stages
 from gn_convert.surgery.checkpoint import load_converted, read_config, save

@@ -99,7 +99,10 @@ def distill(
         input_size: crop side in pixels for folders, overriding the weights' preset.
         device: where to compute (default CUDA when available); torchrun picks per rank.
         callback: called on rank 0 with a :class:`StepInfo` after every step.
-        **options: more :class:`DistillOptions` fields (``accumulate``, ``warmup_steps``,
+        **options: more :class:`DistillOptions` fields (``time_limit``: stop, evaluated, once
+            this many seconds have passed; ``mixup``: blend each training image with
+            another, weight ~ Beta(mixup, mixup), the same blend for teacher and student, as in
+            function matching (Beyer et al. 2022); ``accumulate``, ``warmup_steps``,
             ``weight_decay``, ``seed``, ``holdout``, ``augment``, ``flip``, ``amp``,
             ``eval_batch_size``, ``num_workers``).
 
@@ -265,7 +268,7 @@ class _Run:
         sampler = ddp.StepBatches(len(self.split.train), self.opts.batch_size, self.step,  # type: ignore[arg-type]
                                   self.opts.steps, self.opts.seed, self.procs.rank,
                                   self.procs.world_size, self.opts.accumulate)
-        return DataLoader(ddp.SeededItems(self.split.train), batch_sampler=sampler,
+        return DataLoader(ddp.SeededItems(self.split.train, self.opts.mixup), batch_sampler=sampler,
                           num_workers=self.opts.num_workers)
 
     def _loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -317,8 +320,9 @@ class _Run:
             batches = iter(self._loader()) if not stopped and self.step < opts.steps else iter(())
             while not stopped and self.step < opts.steps:
                 loss = self._one_step(model, batches)
-                if self.step % opts.eval_every == 0 or self.step == opts.steps:
-                    stopped = self._reached(self._evaluate())
+                late = self._out_of_time()
+                if late or self.step % opts.eval_every == 0 or self.step == opts.steps:
+                    stopped = self._reached(self._evaluate()) or late
                 if opts.checkpoint_every and self.step % opts.checkpoint_every == 0:
                     self._save()
                 if self.callback is not None:
@@ -330,6 +334,13 @@ class _Run:
         return DistillResult(self.student, self.history, self.step, stopped and self.step < opts.steps,
                              self.teacher_accuracy, len(self.split.heldout or []),
                              round(time.perf_counter() - self.started, 3))
+
+    def _out_of_time(self) -> bool:
+        """Whether ``time_limit`` has passed (on any process: they stop together)."""
+        if self.opts.time_limit is None:
+            return False
+        late = float(time.perf_counter() - self.started > self.opts.time_limit)
+        return ddp.all_sum([late], self.procs)[0] > 0
 
     def _reached(self, point: EvalPoint) -> bool:
         target = self.opts.target_agreement

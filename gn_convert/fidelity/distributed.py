@@ -186,10 +186,18 @@ class SeededItems(Dataset):
 
     Random augmentation then depends only on (seed, epoch, index): not on the process, the
     worker, or what ran before. The caller's RNG state is left untouched.
+
+    With ``mixup`` > 0 each item is blended with a second item drawn from the same seed, with a
+    weight from Beta(mixup, mixup), and loses its label (-1): the blend is a property of the
+    item, so a batch split over processes or micro-batches is the same batch.
+
+    Args:
+        dataset: items ``(image, label)``.
+        mixup: the Beta distribution's parameter; 0 (default) for no blending.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, mixup: float = 0.0) -> None:
+        self.dataset, self.mixup = dataset, mixup
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -201,6 +209,11 @@ class SeededItems(Dataset):
             torch.manual_seed(item_seed)
             random.seed(item_seed)
             try:
-                return self.dataset[index]
+                item = self.dataset[index]
+                if self.mixup <= 0:
+                    return item
+                partner = self.dataset[int(torch.randint(len(self), (1,)))]
+                weight = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+                return weight * item[0] + (1 - weight) * partner[0], -1
             finally:
                 random.setstate(state)

@@ -33,11 +33,13 @@ class DistillOptions:
     temperature: float = 2.0
     ce_weight: float = 0.0
     feature_weight: float = 0.0
+    mixup: float = 0.0
     trainable: str = "all"
     accumulate: int = 1
     eval_every: int = 25
     eval_batch_size: int = 128
     target_agreement: float | None = None
+    time_limit: float | None = None
     checkpoint_every: int = 0
     seed: int = 0
     holdout: float | int = 0.1
@@ -54,6 +56,7 @@ class DistillOptions:
             (self.accumulate < 1, f"accumulate must be >= 1, got {self.accumulate}"),
             (self.lr <= 0 or self.gn_lr_scale <= 0, "learning rates must be positive"),
             (self.temperature <= 0, f"temperature must be positive, got {self.temperature}"),
+            (self.mixup < 0, f"mixup must be >= 0 (0: off), got {self.mixup}"),
             (self.trainable not in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}"),
             (self.eval_every < 1, f"eval_every must be >= 1, got {self.eval_every}"),
             (self.target_agreement is not None and not 0 < self.target_agreement <= 1,
@@ -109,7 +112,7 @@ class DistillResult:
         model: the trained student (the same object that was passed in), in eval mode.
         history: one :class:`EvalPoint` per evaluation, the first at the starting step.
         steps: optimizer steps done in total (including those before a resume).
-        stopped_early: True when ``target_agreement`` was reached before ``steps``.
+        stopped_early: True when ``target_agreement`` was reached, or ``time_limit`` passed, before ``steps``.
         teacher_accuracy: the teacher's held-out accuracy, or None without labels.
         heldout: number of held-out images evaluated on.
         seconds: wall time of this call.

@@ -27,7 +27,7 @@ STATE_FORMAT = "gn-convert-distill/1"
 #: options that change the trajectory of a run: a resumed run must use the same values
 TRAJECTORY_KEYS: tuple[str, ...] = (
     "steps", "batch_size", "lr", "gn_lr_scale", "weight_decay", "warmup_steps", "temperature",
-    "ce_weight", "feature_weight", "trainable", "seed", "holdout", "augment", "flip",
+    "ce_weight", "feature_weight", "mixup", "trainable", "seed", "holdout", "augment", "flip",
 )
 
 
@@ -87,7 +87,7 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str |
         CheckpointError: some trajectory option differs (the first few are named).
     """
     diffs = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in TRAJECTORY_KEYS
-             if k in current and saved.get(k) != current.get(k)]
+             if k in current and k in saved and saved[k] != current[k]]  # a key older states lack is not a change
     if diffs:
         raise CheckpointError(f"cannot resume from {path}: options differ ({'; '.join(diffs[:3])}); "
                               "pass the original options or start a new run")

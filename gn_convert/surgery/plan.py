@@ -52,6 +52,8 @@ class LayerPlan:
         fallback: True when ``num_groups`` differs from the requested target.
         reason: why the layer fell back or was skipped; empty otherwise.
         elements_per_group: values each group normalises per sample, when known.
+        measured_error: with the ``fidelity`` policy, the layer's measured output error at its
+            chosen group count (1 - R^2 of the best per-channel affine; 0 = exact).
     """
 
     name: str
@@ -64,6 +66,7 @@ class LayerPlan:
     fallback: bool = False
     reason: str = ""
     elements_per_group: int | None = None
+    measured_error: float | None = None
 
 
 @dataclass
@@ -132,6 +135,9 @@ def choose_groups(
         GroupPlanError: the request is impossible (G < 1, K < 1, unknown policy, or
             ``strict`` with a non-dividing request).
     """
+    if policy == "fidelity":
+        raise GroupPlanError("the fidelity policy measures each layer on data: use gn_convert.recover(..., "
+                             "policy='fidelity') or `gn-convert MODEL --data DIR --recover --policy fidelity`")
     if policy not in POLICIES:
         raise GroupPlanError(f"unknown group policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if group_size is not None:
