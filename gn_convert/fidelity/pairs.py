@@ -115,16 +115,16 @@ def normalised(gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return F.group_norm(x.float(), gn.num_groups, eps=gn.eps)
 
 
-def capture(model: nn.Module, module: nn.Module, images: torch.Tensor, want_input: bool) -> torch.Tensor:
-    """Run ``model`` on ``images`` only as far as ``module``; return its input or its output.
+def capture_io(model: nn.Module, module: nn.Module, images: torch.Tensor) -> tuple[tuple[Any, ...], Any]:
+    """Run ``model`` on ``images`` only as far as ``module``; return its positional inputs and its output.
 
     Raises:
         ModelMismatchError: ``module`` never ran in the forward pass.
     """
-    box: list[torch.Tensor] = []
+    box: list[tuple[tuple[Any, ...], Any]] = []
 
-    def hook(_module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        box.append(inputs[0] if want_input else output)
+    def hook(_module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        box.append((inputs, output))
         raise _Stop
 
     with forward_hooks([(module, hook)]):
@@ -133,8 +133,14 @@ def capture(model: nn.Module, module: nn.Module, images: torch.Tensor, want_inpu
         except _Stop:
             pass
     if not box:
-        raise ModelMismatchError("a matched layer never ran in the forward pass; check the student and teacher")
+        raise ModelMismatchError(f"{type(module).__name__} never ran in the forward pass; check the student and teacher")
     return box[0]
+
+
+def capture(model: nn.Module, module: nn.Module, images: torch.Tensor, want_input: bool) -> torch.Tensor:
+    """Run ``model`` on ``images`` only as far as ``module``; return its (first) input or its output."""
+    inputs, output = capture_io(model, module, images)
+    return inputs[0] if want_input else output
 
 
 def execution_order(pairs: list[NormPair], teacher: nn.Module, images: torch.Tensor) -> list[NormPair]:

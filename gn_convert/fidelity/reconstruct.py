@@ -27,7 +27,7 @@ from torch import nn
 
 from gn_convert.errors import OptionError
 from gn_convert.fidelity.blocks import Block, find_blocks
-from gn_convert.fidelity.pairs import _Stop, forward_hooks
+from gn_convert.fidelity.pairs import capture_io
 from gn_convert.modes import eval_mode
 
 log = logging.getLogger(__name__)
@@ -76,24 +76,6 @@ class ReconstructionReport:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return {"seconds": self.seconds, "blocks": [asdict(b) for b in self.blocks]}
-
-
-def capture_io(model: nn.Module, module: nn.Module, images: torch.Tensor) -> tuple[tuple[Any, ...], torch.Tensor]:
-    """Run ``model`` on ``images`` only as far as ``module``; return its positional inputs and its output."""
-    box: list[tuple[tuple[Any, ...], torch.Tensor]] = []
-
-    def hook(_module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        box.append((inputs, output))
-        raise _Stop
-
-    with forward_hooks([(module, hook)]):
-        try:
-            model(images)
-        except _Stop:
-            pass
-    if not box:
-        raise RuntimeError(f"block {type(module).__name__} never ran in the forward pass")
-    return box[0]
 
 
 def block_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
