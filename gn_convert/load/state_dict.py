@@ -37,8 +37,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated, or pickles objects weights_only refuses
         raise WeightsError(
-            f"cannot read weights file {path} ({type(err).__name__}: {first_line(err, 200)}); only plain "
-            "tensors saved with torch.save or safetensors are loaded: re-save the state_dict alone"
+            f"cannot read weights file {path}: it is corrupt, truncated, or holds more than plain tensors "
+            f"({type(err).__name__}: {first_line(err, 200)}); only tensors saved with torch.save or "
+            "safetensors are loaded: re-save the state_dict alone"
         ) from err
     state = _find_state_dict(data)
     if state is None:
