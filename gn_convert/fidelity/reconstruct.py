@@ -7,6 +7,7 @@ execution order, on the **student's own input** to the block (so the errors of t
 before it, already fitted, are seen and corrected) against the **teacher's output** of the same
 block, with Adam on the block's parameters and a normalised squared error per sample.
 
+A block whose fit ends worse on a held-back probe batch than it started is put back as it was.
 Memory is bounded: nothing is stored across batches. Each step runs both models only as far as
 the block (the forward pass is cut there), so a step costs two partial forward passes and one
 block forward/backward; ``reuse`` fits several steps on the same captured pair to amortise
@@ -47,6 +48,7 @@ class BlockFit:
             probe batch, before fitting (1 = as far as the output's own variance).
         error_after: the same after fitting.
         seconds: wall time spent on the block.
+        reverted: the fit made the probe error worse, so the block's parameters were put back.
     """
 
     name: str
@@ -54,6 +56,7 @@ class BlockFit:
     error_before: float
     error_after: float
     seconds: float
+    reverted: bool = False
 
 
 @dataclass
@@ -132,7 +135,6 @@ def reconstruct(
     start = time.perf_counter()
     probe = next(batches)
     blocks = blocks if blocks is not None else find_blocks(teacher, probe)
-    students, teachers = dict(student.named_modules()), dict(teacher.named_modules())
     report = ReconstructionReport()
     with eval_mode(student, teacher):
         for k, block in enumerate(blocks):
@@ -140,8 +142,7 @@ def reconstruct(
             if left is not None and left <= 0:
                 log.info("reconstruction budget spent: %d of %d blocks fitted", k, len(blocks))
                 break
-            fit = _fit_block(block.name, student, teacher, students[block.name], teachers[block.name], batches,
-                             probe, left, steps_per_block, lr, trainable, reuse)
+            fit = _fit_block(block, student, teacher, batches, probe, left, steps_per_block, lr, trainable, reuse)
             report.blocks.append(fit)
             log.info("block %s: error %.4f -> %.4f in %d steps", fit.name, fit.error_before, fit.error_after,
                      fit.steps)
@@ -152,33 +153,38 @@ def reconstruct(
     return report
 
 
-def _fit_block(name: str, student: nn.Module, teacher: nn.Module, s_block: nn.Module, t_block: nn.Module,
-               batches: Iterator[torch.Tensor], probe: torch.Tensor, budget_s: float | None, max_steps: int,
-               lr: float, trainable: str, reuse: int) -> BlockFit:
+def _fit_block(block: Block, student: nn.Module, teacher: nn.Module, batches: Iterator[torch.Tensor],
+               probe: torch.Tensor, budget_s: float | None, max_steps: int, lr: float, trainable: str,
+               reuse: int) -> BlockFit:
     started = time.perf_counter()
-    params = _parameters(s_block, trainable)
+    s_parts, t_parts = block.parts(student), block.parts(teacher)
+
+    def pair(x: torch.Tensor) -> tuple[tuple[Any, ...], torch.Tensor]:
+        inputs, _ = capture_io(student, s_parts[0], x)
+        _, target = capture_io(teacher, t_parts[-1], x)
+        return inputs, target
+
+    params = [p for part in s_parts for p in _parameters(part, trainable)]
     with torch.no_grad():
-        probe_in, _ = capture_io(student, s_block, probe)
-        _, probe_target = capture_io(teacher, t_block, probe)
-        before = float(block_error(s_block(*probe_in), probe_target))
+        probe_in, probe_target = pair(probe)
+        before = float(block_error(block.forward(s_parts, probe_in), probe_target))
     if not params:
-        return BlockFit(name, 0, before, before, round(time.perf_counter() - started, 2))
-    saved = [(p, p.requires_grad) for p in s_block.parameters()]
+        return BlockFit(block.name, 0, before, before, round(time.perf_counter() - started, 2))
+    saved = [(p, p.requires_grad) for part in s_parts for p in part.parameters()]
+    original = [p.detach().clone() for p in params]
     chosen = {id(p) for p in params}
-    for p in s_block.parameters():
+    for p, _ in saved:
         p.requires_grad_(id(p) in chosen)
     optimizer = torch.optim.Adam(params, lr=lr)
     steps, total, sized = 0, max_steps, budget_s is None
     try:
         while steps < total:
             with torch.no_grad():
-                x = next(batches)
-                inputs, _ = capture_io(student, s_block, x)
-                _, target = capture_io(teacher, t_block, x)
+                inputs, target = pair(next(batches))
             for _ in range(min(reuse, total - steps)):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * steps / total))
-                loss = block_error(s_block(*inputs), target)
+                loss = block_error(block.forward(s_parts, inputs), target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -192,5 +198,10 @@ def _fit_block(name: str, student: nn.Module, teacher: nn.Module, s_block: nn.Mo
         for p, flag in saved:
             p.requires_grad_(flag)
     with torch.no_grad():
-        after = float(block_error(s_block(*probe_in), probe_target))
-    return BlockFit(name, steps, before, after, round(time.perf_counter() - started, 2))
+        after = float(block_error(block.forward(s_parts, probe_in), probe_target))
+        reverted = not after <= before  # never leave a block worse than it came (NaN included)
+        if reverted:
+            for p, value in zip(params, original):
+                p.copy_(value)
+    return BlockFit(block.name, steps, before, before if reverted else after, round(time.perf_counter() - started, 2),
+                    reverted)
