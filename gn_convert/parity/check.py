@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -68,6 +69,13 @@ def _reference(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     return out.detach().float().cpu().numpy()
 
 
+def _recorded_batchnorm(onnx_model: onnx.ModelProto) -> int:
+    """BatchNorm layers gn-convert's exporter recorded in the file's metadata (0 when none or not ours)."""
+    summary = next((p.value for p in onnx_model.metadata_props if p.key == "gn_convert.group_summary"), "")
+    found = re.search(r"(\d+) BatchNorm layers", summary)
+    return int(found.group(1)) if found else 0
+
+
 def _check_match(model: nn.Module, onnx_model: onnx.ModelProto, sample: tuple[int, ...]) -> None:
     """Refuse an ONNX file that is not an export of this model (inputs, outputs, layers)."""
     try:
@@ -85,9 +93,13 @@ def _check_match(model: nn.Module, onnx_model: onnx.ModelProto, sample: tuple[in
     names = {name for name, _ in model.named_modules()}
     has_groupnorm = any(isinstance(m, nn.GroupNorm) for m in model.modules())
     if has_groupnorm and not groupnorm_layers(onnx_model) and not groupnorm_nodes(onnx_model):
+        what = "it was not written by gn-convert"
         batchnorm = sum(node.op_type == "BatchNormalization" for node in onnx_model.graph.node)
-        what = (f"{batchnorm} BatchNormalization nodes: it looks like the BatchNorm original (a baseline such as "
-                "bn.onnx), not the converted model") if batchnorm else "it was not written by gn-convert"
+        recorded = _recorded_batchnorm(onnx_model)
+        if batchnorm or recorded:  # a baseline export folds BatchNorm into the convolutions: its metadata says so
+            found = f"{batchnorm} BatchNormalization nodes" if batchnorm else \
+                f"{recorded} BatchNorm layers, folded into its convolutions"
+            what = f"{found}: it looks like the BatchNorm original (a baseline such as bn.onnx), not the converted model"
         raise ParityError(f"the ONNX file has no GroupNorm layer ({what}); pass the model.onnx that "
                           "`gn-convert MODEL` or `gn-convert export` wrote")
     matched = layer_values(onnx_model, names)
