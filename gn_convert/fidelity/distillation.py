@@ -229,7 +229,7 @@ class _Run:
 
     @torch.no_grad()
     def _evaluate(self) -> EvalPoint:
-        was_training = self.student.training
+        modes = [(m, m.training) for m in self.student.modules()]  # restored one by one: leftover BN stays eval
         self.student.eval()
         self.taps.enabled = False
         counts = [0.0, 0.0, 0.0, 0.0, 0.0]  # agree, items, correct, labelled, teacher correct
@@ -246,7 +246,8 @@ class _Run:
                     counts[3] += float(keep.sum())
                     counts[4] += float((t[keep] == labels[keep]).sum())
         finally:
-            self.student.train(was_training)
+            for module, training in modes:
+                module.training = training
             self.taps.enabled = True
         agree, items, correct, labelled, teacher_correct, loss_sum, loss_count = ddp.all_sum(
             [*counts, self.loss_sum, float(self.loss_count)], self.procs)
