@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # corrupt, truncated, or pickles objects weights_only refuses
         raise WeightsError(
             f"cannot read weights file {path}: it is corrupt, truncated, or holds more than plain tensors "
-            f"({type(err).__name__}: {first_line(err, 200)}); only tensors saved with torch.save or "
+            f"({type(err).__name__}: {_reason(err)}); only tensors saved with torch.save or "
             "safetensors are loaded: re-save the state_dict alone"
         ) from err
     state = _find_state_dict(data)
@@ -48,6 +49,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _reason(err: Exception) -> str:
+    """What torch or safetensors said, in one line: for a weights_only refusal, the line that
+    names the refused class (torch's first line only says that weights_only loading failed)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    refused = re.search(r"WeightsUnpickler error: ([^\n]*?\.)(?: |$)", text, re.M)
+    if refused:
+        return f"weights_only loading refused it: {refused.group(1)}"[:300]
+    return first_line(RuntimeError(text), 200)
 
 
 def _find_state_dict(data: Any) -> dict[str, torch.Tensor] | None:
