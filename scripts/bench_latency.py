@@ -63,7 +63,7 @@ NOTES = {
     "function": "gn-convert export, target function (our op, two-pass body inlined by onnxruntime)",
     "inlined": "gn-convert export, target inlined",
     "standard": "gn-convert export, target standard (GroupNormalization-21, one-pass variance)",
-    "fast": "function file lowered by fast_lowering.to_fast (InstanceNormalization + BatchNormalization affine)",
+    "fast": "function file lowered to the fast target (InstanceNormalization + BatchNormalization affine)",
     "native": "function file with the native GroupNorm kernel library registered (gn_convert.native)",
     "ms-groupnorm": "function file lowered to com.microsoft.GroupNorm (CUDA, NHWC, one-pass variance)",
     "torch-eager": "GN model in torch eager mode (reference)",
