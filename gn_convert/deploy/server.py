@@ -87,16 +87,33 @@ def _scope_server_env(triton: Any) -> None:
     """Make pytriton start its server process with :func:`interpreter_libdir_first` applied.
 
     pytriton builds the server's environment from ``os.environ`` in ``TritonServer._get_env``;
-    wrapping that method on this one server instance leaves the process environment alone.
+    wrapping that method on this one server instance leaves the process environment alone. The
+    ``TritonServer`` is created only when the server runs (``Triton._initialize_server``), so
+    that step is wrapped too.
 
     Raises:
-        ServerError: this pytriton has no such method to wrap (a version gn-convert does not know).
+        ServerError: this pytriton has no such methods to wrap (a version gn-convert does not know).
     """
-    server = getattr(triton, "_triton_server", None)
-    base = getattr(server, "_get_env", None)
-    if base is None:
-        raise ServerError("this nvidia-pytriton has no TritonServer._get_env; install nvidia-pytriton<0.8")
-    server._get_env = lambda: interpreter_libdir_first(base())
+    unknown = ServerError("this nvidia-pytriton has no TritonServer._get_env; install nvidia-pytriton<0.8")
+
+    def scope(server: Any) -> None:
+        base = getattr(server, "_get_env", None)
+        if base is None:
+            raise unknown
+        server._get_env = lambda: interpreter_libdir_first(base())
+
+    if getattr(triton, "_triton_server", None) is not None:
+        scope(triton._triton_server)
+        return
+    initialize = getattr(triton, "_initialize_server", None)
+    if initialize is None or not hasattr(triton, "_triton_server"):
+        raise unknown
+
+    def initialize_scoped() -> None:
+        initialize()
+        scope(triton._triton_server)
+
+    triton._initialize_server = initialize_scoped
 
 
 def make_infer_func(session: Any, io: ModelIO) -> Callable[..., dict[str, np.ndarray]]:
