@@ -49,7 +49,7 @@ def agreement_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     target = teacher_logits.argmax(1)
     agree = (student_logits.argmax(1) == target).float()
     confident = teacher_prob.max(1).values > CONFIDENT
-    top5 = (student_logits.topk(5, 1).indices == target[:, None]).any(1).float()
+    top5 = (student_logits.topk(min(5, student_logits.shape[1]), 1).indices == target[:, None]).any(1).float()
     kl = (teacher_prob * (teacher_logits.log_softmax(1) - student_logits.log_softmax(1))).sum(1)
     labels = list(groups) if groups is not None else list(range(len(agree)))
     names = sorted(set(labels))
