@@ -12,9 +12,11 @@ Rows (methods), for each requested group count G and time budget:
 - ``fidelity-plan``: bn-stats init with the fidelity plan (per layer, the group count up to G
   that keeps the output closest to BN's, measured on training crops); no training.
 - ``reconstruct``: bn-stats, then block-wise reconstruction for the whole budget.
-- ``function-matching``: bn-stats, then distillation with mixup (same view for both) for the budget.
+- ``function-matching``: bn-stats, then logit distillation with mixup on every item (the same
+  blended view for teacher and student; Beyer et al. 2022) for the budget.
 - ``synthetic``: ``recover(data="synthetic")``: images synthesised from the teacher, no photo.
-- ``recover``: ``gn_convert.recover`` (reconstruction then function matching) on the photos.
+- ``recover``: ``gn_convert.recover`` with its defaults (distillation with the GroupNorm-output
+  feature loss) on the photos.
 - ``recover-fidelity``: the same with ``policy="fidelity"``.
 - ``digits``: the digits ResNet-18 (trained here on scikit-learn's digits), bn-stats and recover.
 
@@ -100,7 +102,7 @@ def run_method(method: str, teacher: nn.Module, groups: int, budget: float, seed
         if method == "reconstruct":
             options["stages"] = ("reconstruct",)
         elif method == "function-matching":
-            options["stages"] = ("distill",)
+            options.update(stages=("distill",), mixup=1.0, feature_weight=0.0)
         elif method == "recover-fidelity":
             options["policy"] = "fidelity"
         data = "synthetic" if method == "synthetic" else train
@@ -208,10 +210,12 @@ def main() -> None:
     parser.add_argument("--groups", default="32,8", help="requested group counts (default 32,8)")
     parser.add_argument("--budgets", default="300,900", help="seconds per trained method (default 300,900)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the machine's cores)")
     parser.add_argument("--redo", action="store_true", help="run rows already recorded again")
     parser.add_argument("--plot", action="store_true", help="only print the table and write the figure")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
     rows = load_rows()
     if not args.plot:
         methods = [m for m in args.methods.split(",") if m]

@@ -1,0 +1,214 @@
+"""The recovery engine: blocks, reconstruction, synthesis, the fidelity plan, function matching, recover().
+
+Quality is asserted on the digits ResNet-18 (a real BatchNorm teacher trained here on
+scikit-learn's digits; those tests are slow); mechanics on a small seeded CNN.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import gn_convert
+from gn_convert.errors import GroupPlanError, OptionError
+from gn_convert.fidelity import distributed as ddp
+from gn_convert.fidelity.blocks import find_blocks
+from gn_convert.fidelity.group_search import candidates, fidelity_plan
+from gn_convert.fidelity.metrics import agreement_metrics, statistics_spread
+from gn_convert.fidelity.reconstruct import reconstruct
+from gn_convert.fidelity.recover import recover
+from gn_convert.fidelity.synthesize import grid, synthesize, write_pngs
+from gn_convert.testing.digits import predictions
+from gn_convert.testing.synthetic import SyntheticImages
+from helpers.models import DIGITS_SIZE
+
+
+@pytest.fixture
+def digits(digits_teacher):
+    """The 16x16 digits ResNet-18 teacher (BatchNorm) and its data (the session's)."""
+    return digits_teacher
+
+
+def _endless(images: torch.Tensor, batch: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield images[torch.randint(len(images), (batch,), generator=gen)]
+
+
+def _agreement(a: nn.Module, b: nn.Module, images: torch.Tensor) -> float:
+    return float((predictions(a, images) == predictions(b, images)).float().mean())
+
+
+def test_blocks_of_resnet_follow_execution_order_and_hold_every_norm() -> None:
+    model = torchvision_resnet18()
+    blocks = find_blocks(model, torch.randn(2, 3, 32, 32))
+    assert [b.name for b in blocks] == ["bn1", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0",
+                                        "layer3.1", "layer4.0", "layer4.1"]
+    assert blocks[0].modules == ("conv1", "bn1")  # the stem's conv feeds its norm directly
+    norms = [n for b in blocks for n in b.norms]
+    assert sorted(norms) == sorted(n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def torchvision_resnet18() -> nn.Module:
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    return resnet18(num_classes=10).eval()
+
+
+@pytest.mark.slow
+def test_reconstruction_lowers_every_block_error_on_digits(digits) -> None:
+    teacher = digits.model
+    images = digits.data.train.tensors[0]
+    student = gn_convert.convert(teacher, 32)
+    report = reconstruct(student, teacher, _endless(images, 32), steps_per_block=30, lr=1e-3)
+    assert len(report.blocks) == 9
+    for fit in report.blocks:
+        assert fit.error_after <= fit.error_before, fit
+    fitted = [f for f in report.blocks if not f.reverted]
+    assert len(fitted) >= 6
+    assert sum(f.error_after for f in report.blocks) < 0.8 * sum(f.error_before for f in report.blocks)
+
+
+@pytest.mark.slow
+def test_synthesised_images_match_batchnorm_statistics(digits) -> None:
+    images, report = synthesize(digits.model, 32, size=DIGITS_SIZE, batch_size=32, steps=150, lr=0.1, seed=0)
+    assert images.shape == (32, 3, DIGITS_SIZE, DIGITS_SIZE)
+    noise_images, noise_report = synthesize(digits.model, 32, size=DIGITS_SIZE, batch_size=32, steps=1, seed=0)
+    # measured: worst layer 0.43 after 150 steps (mean-or-variance error relative to the running ones)
+    assert report.worst_stat_error < 0.5, report.stat_error
+    assert report.worst_stat_error < 0.5 * noise_report.worst_stat_error, noise_report.stat_error
+
+
+def test_synthesis_needs_running_statistics() -> None:
+    with pytest.raises(OptionError, match="BatchNorm teacher"):
+        synthesize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)), 4)
+
+
+def test_synthetic_images_written_as_pngs_and_a_grid(tmp_path) -> None:
+    images = torch.zeros(3, 3, 8, 8)
+    paths = write_pngs(images, tmp_path / "synthetic")
+    assert [p.name for p in paths] == ["000000.png", "000001.png", "000002.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert grid(images, columns=2).shape == (3, 16, 16)
+
+
+@pytest.mark.slow
+def test_fidelity_plan_is_recorded_and_reproducible(digits) -> None:
+    images = list(digits.data.train.tensors[0][:128].split(32))
+    first = fidelity_plan(digits.model, images, 32)
+    again = fidelity_plan(digits.model, images, 32)
+    assert first.to_dict() == again.to_dict()
+    assert first.policy == "fidelity"
+    for layer in first.converted:
+        assert layer.num_groups in candidates(layer.num_channels, 32)
+        assert layer.measured_error is not None and 0 <= layer.measured_error <= 1
+        assert layer.reason.startswith(f"fidelity: G={layer.num_groups}")
+    restored = gn_convert.GroupPlan.from_dict(first.to_dict())
+    assert [layer.measured_error for layer in restored.layers] == [layer.measured_error for layer in first.layers]
+
+
+@pytest.mark.slow
+def test_fidelity_plan_honours_min_channels_per_group(digits) -> None:
+    images = list(digits.data.train.tensors[0][:64].split(32))
+    plan = fidelity_plan(digits.model, images, 32, min_channels_per_group=16)
+    assert all(layer.num_channels // layer.num_groups >= 16 for layer in plan.converted)
+    with pytest.raises(GroupPlanError, match="channels per group"):
+        fidelity_plan(digits.model, images, 32, min_channels_per_group=1024)
+
+
+def test_plain_plan_refuses_the_fidelity_policy_with_a_hint() -> None:
+    with pytest.raises(GroupPlanError, match="recover"):
+        gn_convert.plan(torchvision_resnet18(), 32, policy="fidelity")
+
+
+def test_mixup_gives_teacher_and_student_the_same_blended_view() -> None:
+    data = TensorDataset(torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 2, 2).contiguous(), torch.arange(8))
+    items = ddp.SeededItems(data, mixup=0.4)
+    image, label = items[(3, 12345)]
+    again, _ = items[(3, 12345)]
+    assert torch.equal(image, again)  # a property of the item: every process and micro-batch sees it
+    assert label == -1
+    assert not torch.equal(image, data[3][0])  # blended with another item
+    assert float(image.min()) == float(image.max())  # a blend of two constant images is constant
+
+
+@pytest.mark.slow
+def test_distillation_feeds_teacher_and_student_identical_tensors(digits) -> None:
+    seen: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
+    teacher = digits.model
+    student = gn_convert.convert(teacher, 32)
+    hooks = [teacher.register_forward_pre_hook(lambda _m, a: seen["teacher"].append(a[0])),
+             student.register_forward_pre_hook(lambda _m, a: seen["student"].append(a[0]) if _m.training else None)]
+    try:
+        gn_convert.distill(student, teacher, digits.data, steps=2, batch_size=16, eval_every=10, mixup=0.4)
+    finally:
+        for h in hooks:
+            h.remove()
+    trained = seen["student"]
+    assert len(trained) == 2
+    assert all(any(s is t for t in seen["teacher"]) for s in trained)
+
+
+@pytest.mark.parametrize("budget", [12.0, 30.0])
+def test_recover_respects_its_budget_within_ten_percent(tiny_teacher, budget: float) -> None:
+    data = SyntheticImages(400, (3, 12, 12), num_classes=5)
+    start = time.perf_counter()
+    result = recover(tiny_teacher, data, budget=budget, batch_size=16, stages=("reconstruct", "distill"))
+    elapsed = time.perf_counter() - start
+    assert elapsed <= 1.1 * budget, result.summary()
+    assert [s.name for s in result.stages] == ["convert", "reconstruct", "distill"]
+    assert sum(s.seconds for s in result.stages) <= 1.1 * budget
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
+
+
+def test_recover_refuses_unknown_stages_and_missing_data(tiny_teacher) -> None:
+    with pytest.raises(OptionError, match="stage"):
+        recover(tiny_teacher, SyntheticImages(40, (3, 12, 12)), budget=5, stages=("calibrate",))
+    with pytest.raises(OptionError, match="data"):
+        recover(tiny_teacher, None, budget=5)
+
+
+@pytest.mark.slow
+def test_recover_accepts_a_converted_student_with_its_teacher(digits) -> None:
+    student = gn_convert.convert(digits.model, 16)
+    result = recover(student, digits.data, teacher=digits.model, budget=20, stages=("reconstruct",))
+    assert result.model is student
+    assert result.plan.policy == "given" and all(layer.num_groups <= 16 for layer in result.plan.layers)
+    with pytest.raises(OptionError, match="teacher"):
+        recover(student, digits.data, budget=5)
+
+
+@pytest.mark.slow
+def test_recovery_restores_the_digits_teacher_and_beats_bn_stats_without_data(digits) -> None:
+    held = digits.data.heldout.tensors[0]
+    zero_shot = _agreement(gn_convert.convert(digits.model, 32), digits.model, held)
+    with_data = recover(digits.model, digits.data, budget=90, batch_size=32)
+    assert _agreement(with_data.model, digits.model, held) >= max(zero_shot, 0.97)
+    data_free = recover(digits.model, "synthetic", budget=90, batch_size=32, synthetic=256,
+                        synthetic_size=DIGITS_SIZE)
+    assert data_free.stages[0].name == "synthesize"
+    assert _agreement(data_free.model, digits.model, held) > zero_shot - 0.02
+
+
+def test_agreement_metrics_bootstrap_over_groups() -> None:
+    teacher = torch.tensor([[5.0, 0, 0]] * 6 + [[0, 5.0, 0]] * 4)
+    student = teacher.clone()
+    student[:3] = torch.tensor([0, 0, 5.0])
+    found = agreement_metrics(student, teacher, ["a"] * 3 + ["b"] * 3 + ["c"] * 4, resamples=500)
+    assert found["top1"] == pytest.approx(0.7)
+    assert found["top1_low"] <= 0.7 <= found["top1_high"]
+    assert found["top1_low"] == pytest.approx(0.0, abs=1e-6) or found["top1_low"] < 0.7
+    assert found["n_confident"] == 10 and found["top5"] == 1.0
+
+
+@pytest.mark.slow
+def test_statistics_spread_of_an_honest_groupnorm_tracks_the_teacher(digits) -> None:
+    student = gn_convert.convert(digits.model, 32)
+    spread = statistics_spread(student, digits.model, digits.data.heldout.tensors[0][:64])
+    for name, row in spread.items():
+        assert row["student_std_spread"] > 0.05 * row["teacher_std_spread"], name
