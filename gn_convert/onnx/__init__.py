@@ -8,8 +8,30 @@
 
 from __future__ import annotations
 
-from gn_convert.onnx.export import ExportReport, export_onnx, lower_onnx
-from gn_convert.onnx.reading import groupnorm_layers, read_model
-from gn_convert.onnx.targets import TARGETS
+import importlib
+from typing import Any
 
-__all__ = ["TARGETS", "ExportReport", "export_onnx", "groupnorm_layers", "lower_onnx", "read_model"]
+#: public name -> the module that defines it; imported on first use, so that the CLI's parser
+#: (which reads ``gn_convert.onnx.targets``) does not import onnx and onnxscript
+_LAZY: dict[str, str] = {
+    "TARGETS": "gn_convert.onnx.targets",
+    "ExportReport": "gn_convert.onnx.export",
+    "export_onnx": "gn_convert.onnx.export",
+    "lower_onnx": "gn_convert.onnx.export",
+    "groupnorm_layers": "gn_convert.onnx.reading",
+    "read_model": "gn_convert.onnx.reading",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:  # PEP 562
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
