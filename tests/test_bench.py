@@ -1,4 +1,4 @@
-"""The latency harness (``gn_convert.bench``) and ``gn-convert bench``.
+"""The latency harness (``gn_convert.bench.harness``) and ``gn-convert bench``.
 
 No timing is asserted: the harness's order, statistics and ratios are checked with fake
 calls, and the CLI runs two tiny rounds on the 64x64 test exports.
@@ -13,10 +13,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import onnx_models as om
-from gn_convert.bench import BenchError, Variant, parse_batches, run_bench, summarize, time_interleaved
-from gn_convert.bench_variants import ort_session, session_input_shape
+import torch
+
+from gn_convert.bench.harness import Variant, parse_batches, run_bench, summarize, time_interleaved
+from gn_convert.bench.variants import ort_session, session_input_shape, torch_variant
 from gn_convert.cli import main
+from gn_convert.errors import BenchError
+from helpers.models import SIZE
 
 
 def test_interleaving_puts_every_variant_at_every_position() -> None:
@@ -37,20 +40,26 @@ def test_summary_is_median_quartiles_and_ratio_to_baseline_median() -> None:
     assert summarize("x", 1, [0.001], None).ratio is None
 
 
-def _fake(name: str, shapes: list[tuple[int, ...]]) -> Variant:
+def _fake(name: str, shapes: list[tuple[int, ...]], seconds_per_sample: float = 0.0) -> Variant:
     def prepare(batch: np.ndarray):
         shapes.append(batch.shape)
-        return lambda: None
+        return lambda: time.sleep(seconds_per_sample * len(batch))
     return Variant(name, prepare, note=f"fake {name}")
 
 
-def test_run_bench_measures_each_variant_per_batch_with_baseline_ratio_one() -> None:
+def test_run_bench_measures_each_variant_per_batch_with_ratios_to_the_baseline() -> None:
+    """The baseline sleeps 2 ms a sample, the other variant 6 ms: its ratio must be about 3
+    (sleep only oversleeps, by well under a millisecond, so the bounds are loose on purpose)."""
     shapes: list[tuple[int, ...]] = []
-    result = run_bench([_fake("bn", shapes), _fake("gn", shapes)], (3, 8, 8), batches=[1, 4], rounds=3,
-                       warmup=0, baseline="bn", threads=2)
+    result = run_bench([_fake("bn", shapes, 0.002), _fake("gn", shapes, 0.006)], (3, 8, 8), batches=[1, 4],
+                       rounds=3, warmup=0, baseline="bn", threads=2)
     assert shapes == [(1, 3, 8, 8), (1, 3, 8, 8), (4, 3, 8, 8), (4, 3, 8, 8)]
     assert len(result.measurements) == 4
-    assert result.get("bn", 1).ratio == result.get("bn", 4).ratio == 1.0
+    for batch in (1, 4):
+        bn, gn = result.get("bn", batch), result.get("gn", batch)
+        assert bn.ratio == 1.0 and bn.median_ms >= 2.0 * batch
+        assert gn.ratio == pytest.approx(gn.median_ms / bn.median_ms, rel=1e-3)  # both rounded
+        assert 2.0 < gn.ratio < 3.5, (batch, gn.ratio)
     table = result.table()
     assert "2 intra-op threads" in table and f"onnxruntime {ort.__version__}" in table
     assert "b1 ms" in table and "b4 ms" in table and "fake gn" in table
@@ -83,13 +92,13 @@ def test_parse_batches_refuses_non_positive_or_non_integer(text: str) -> None:
         parse_batches(text)
 
 
-def test_session_input_shape_uses_exporter_shape_for_symbolic_dims() -> None:
-    session = ort_session(om.exported("resnet18").path, threads=1)
-    assert session_input_shape(session) == (3, om.SIZE, om.SIZE)
+def test_session_input_shape_uses_exporter_shape_for_symbolic_dims(exports) -> None:
+    session = ort_session(exports.exported("resnet18").path, threads=1)
+    assert session_input_shape(session) == (3, SIZE, SIZE)
 
 
-def test_cli_bench_prints_ratios_against_baseline(tmp_path, capsys) -> None:
-    model, baseline = om.exported("resnet18").path, om.exported("resnet18", "inlined").path
+def test_cli_bench_prints_ratios_against_baseline(tmp_path, capsys, exports) -> None:
+    model, baseline = exports.exported("resnet18").path, exports.exported("resnet18", "inlined").path
     out = tmp_path / "bench.json"
     code = main(["bench", str(model), "--baseline", str(baseline), "--fast", "--batch", "1,2", "--rounds", "2",
                  "--warmup", "1", "--threads", "1", "--json", str(out)])
@@ -102,6 +111,9 @@ def test_cli_bench_prints_ratios_against_baseline(tmp_path, capsys) -> None:
     assert {(m["variant"], m["batch"]) for m in data["measurements"]} == {
         (v, b) for v in ("baseline", "model", "fast") for b in (1, 2)}
     assert all(m["ratio"] == 1.0 for m in data["measurements"] if m["variant"] == "baseline")
+    medians = {(m["variant"], m["batch"]): m["median_ms"] for m in data["measurements"]}
+    for m in data["measurements"]:  # every ratio is its median over the baseline's, at its own batch
+        assert m["ratio"] == pytest.approx(m["median_ms"] / medians[("baseline", m["batch"])], rel=1e-3)
 
 
 def test_cli_bench_missing_file_is_one_line_exit_2(tmp_path, capsys) -> None:
@@ -111,6 +123,19 @@ def test_cli_bench_missing_file_is_one_line_exit_2(tmp_path, capsys) -> None:
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here")
-def test_cli_bench_cuda_without_gpu_build_says_so_exit_2(capsys) -> None:
-    assert main(["bench", str(om.exported("resnet18").path), "--provider", "cuda"]) == 2
+def test_cli_bench_cuda_without_gpu_build_says_so_exit_2(capsys, exports) -> None:
+    assert main(["bench", str(exports.exported("resnet18").path), "--provider", "cuda"]) == 2
     assert "CUDAExecutionProvider is not available" in capsys.readouterr().err
+
+
+def test_torch_variant_restores_the_callers_thread_count() -> None:
+    """Defect: timing a torch variant left torch.set_num_threads(threads) set for the whole process."""
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
+    seen: list[int] = []
+    model.register_forward_hook(lambda *args: seen.append(torch.get_num_threads()))
+    call = torch_variant("torch", model, threads=wanted).prepare(np.zeros((1, 3, 8, 8), np.float32))
+    call()
+    assert seen == [wanted]  # the variant runs at its own count...
+    assert torch.get_num_threads() == before  # ...and gives the process its own back

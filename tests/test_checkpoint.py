@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 import gn_convert
-from conftest import nontrivial_model, photo_crops
 from gn_convert.errors import CheckpointError
+from gn_convert.testing.photos import photo_crops
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
-def test_round_trip_is_bit_identical(tmp_path: Path, fmt: str) -> None:
-    teacher = nontrivial_model("mobilenet_v3_small")
+def test_round_trip_is_bit_identical(tmp_path: Path, fmt: str, nontrivial) -> None:
+    teacher = nontrivial("mobilenet_v3_small")
     plan = gn_convert.plan(teacher, 32)
     student = gn_convert.convert(teacher, plan=plan).eval()
     gn_convert.save(student, tmp_path / "ckpt", plan=plan, architecture="mobilenet_v3_small",

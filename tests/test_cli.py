@@ -82,18 +82,64 @@ def test_existing_output_needs_force(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_console_script_lists_models_and_survives_a_closed_pipe() -> None:
+    """Defect: a reader that goes away (`gn-convert list | head -1`) made the command exit 1.
+    ``| true`` closes the pipe before the first write, so the broken pipe always happens;
+    pipefail makes the pipeline's status gn-convert's own."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     listing = subprocess.run([sys.executable, "-m", "gn_convert", "list"], capture_output=True, text=True,
                              env=env, timeout=300)
     assert listing.returncode == 0
     names = listing.stdout.split()
     assert names == gn_convert.list_models()
-    head = subprocess.run(f"{sys.executable} -m gn_convert list | head -1", shell=True, capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert head.stdout.strip() == names[0] and "error" not in head.stderr
+    closed = subprocess.run(["bash", "-o", "pipefail", "-c", f"{sys.executable} -m gn_convert list | true"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert closed.returncode == 0 and "error" not in closed.stderr.lower(), closed.stderr
 
 
 def test_model_names_do_not_collide_with_commands() -> None:
     from gn_convert.cli import COMMANDS
 
     assert not set(COMMANDS) & set(gn_convert.list_models())
+
+
+
+def _exit_code(argv: list[str]) -> int:
+    """main()'s exit status, whether argparse exits (SystemExit) or main returns it."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return int(exit_.code)
+
+
+@pytest.mark.parametrize("value", ["-0.5", "1.5", "1", "half"])
+def test_holdout_outside_zero_one_is_refused_by_argparse(value: str, tmp_path: Path, capsys) -> None:
+    """Defect: --holdout -0.5 or 1.5 was accepted and failed later (or held out nothing)."""
+    for argv in (["resnet18", "--weights", "none", "--out", str(tmp_path / "o")],
+                 ["finetune", str(tmp_path / "ck"), "--data", str(tmp_path)]):
+        assert _exit_code([*argv, "--holdout", value]) == 2
+        err = capsys.readouterr().err
+        assert "--holdout" in err and ("not in [0, 1)" in err or "is not a number" in err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_groups_and_group_size_together_are_refused(tmp_path: Path, capsys) -> None:
+    argv = ["resnet18", "--weights", "none", "--groups", "8", "--group-size", "4", "--out", str(tmp_path / "o")]
+    assert _exit_code(argv) == 2
+    assert "--groups and --group-size exclude each other" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_native_says_on_stderr_that_it_is_building_before_it_builds(monkeypatch, capsys, tmp_path: Path) -> None:
+    """Defect: `gn-convert native` was silent for the 30 s of a first build."""
+    from gn_convert.cli import native as cli_native
+
+    seen: list[str] = []
+
+    def build(*args, **kwargs) -> Path:
+        seen.append(capsys.readouterr().err)  # what the user saw before the build started
+        return tmp_path / "libgn_convert_ops.so"
+
+    monkeypatch.setattr(cli_native, "build_library", build)
+    assert main(["native"]) == 0
+    assert len(seen) == 1 and seen[0].startswith("building the native GroupNorm kernel") and seen[0].count("\n") == 1
+    assert capsys.readouterr().out.strip() == str(tmp_path / "libgn_convert_ops.so")

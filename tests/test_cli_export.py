@@ -14,25 +14,20 @@ import torch
 import gn_convert
 from gn_convert.cli import main
 from gn_convert.onnx import read_model
+from gn_convert.load.names import build_model
 from gn_convert.onnx.op import groupnorm_nodes
-from onnx_models import SIZE, converted, crops
+from helpers.models import SIZE
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(tmp_path_factory, exports) -> Path:
     """A checkpoint folder of the converted resnet18 (as `gn-convert MODEL` writes it)."""
     folder = tmp_path_factory.mktemp("ckpt") / "gn-resnet18"
-    model = converted("resnet18")
-    plan = gn_convert.plan(model_for_plan(), groups=32)
+    model = exports.converted("resnet18")
+    plan = gn_convert.plan(exports.teacher("resnet18"), groups=32)
     gn_convert.save(model, folder, plan=plan, architecture="resnet18", source_weights="none",
                     extra={"input_size": [SIZE, SIZE]})
     return folder
-
-
-def model_for_plan() -> torch.nn.Module:
-    from conftest import nontrivial_model
-
-    return nontrivial_model("resnet18", SIZE)
 
 
 def run_ort(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -47,7 +42,7 @@ def one_error_line(capsys) -> str:
     return errors[0]
 
 
-def test_export_checkpoint_matches_the_checkpoint_model(checkpoint: Path, tmp_path: Path, capsys) -> None:
+def test_export_checkpoint_matches_the_checkpoint_model(checkpoint: Path, tmp_path: Path, capsys, exports) -> None:
     out = tmp_path / "m.onnx"
     assert main(["export", str(checkpoint), "-o", str(out)]) == 0
     assert f"wrote {out} (function, 20 GroupNorm nodes" in capsys.readouterr().out
@@ -58,7 +53,7 @@ def test_export_checkpoint_matches_the_checkpoint_model(checkpoint: Path, tmp_pa
     props = {p.key: p.value for p in onnx_model.metadata_props}
     assert props["source_architecture"] == "resnet18" and props["source_weights"] == "none"
     assert len(groupnorm_nodes(onnx_model)) == 20
-    x = crops()
+    x = exports.crops()
     with torch.no_grad():
         ref = model(x).numpy()
     assert np.abs(run_ort(out, x) - ref).max() / np.abs(ref).max() < 1e-4
@@ -80,7 +75,7 @@ def _unconverted_checkpoint(checkpoint: Path, tmp_path: Path) -> Path:
     config = json.loads((checkpoint / "config.json").read_text())
     config["plan"]["layers"] = []
     (folder / "config.json").write_text(json.dumps(config))
-    state = gn_convert.models.build_model("resnet18").state_dict()
+    state = build_model("resnet18").state_dict()
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
@@ -109,10 +104,8 @@ def test_bad_input_one_line_exit_2_no_file(case: str, checkpoint: Path, tmp_path
     assert sorted(tmp_path.rglob("*")) == before
 
 
-def test_parity_command_exit_codes_and_json(checkpoint: Path, tmp_path: Path, capsys) -> None:
-    from onnx_models import exported
-
-    good, report_file = exported("resnet18").path, tmp_path / "parity.json"
+def test_parity_command_exit_codes_and_json(checkpoint: Path, tmp_path: Path, capsys, exports) -> None:
+    good, report_file = exports.exported("resnet18").path, tmp_path / "parity.json"
     assert main(["parity", str(good), "--checkpoint", str(checkpoint), "--levels", "all", "--batch", "2",
                  "--json", str(report_file)]) == 0
     assert "parity PASSED" in capsys.readouterr().out
@@ -125,15 +118,13 @@ def test_parity_command_exit_codes_and_json(checkpoint: Path, tmp_path: Path, ca
 
 
 @pytest.mark.parametrize("case", ["not-onnx", "mismatched", "missing-checkpoint"])
-def test_parity_command_bad_input_one_line_exit_2(case: str, checkpoint: Path, tmp_path: Path, capsys) -> None:
-    from onnx_models import exported
-
-    onnx_file, ckpt, expect = exported("resnet18").path, checkpoint, ""
+def test_parity_command_bad_input_one_line_exit_2(case: str, checkpoint: Path, tmp_path: Path, capsys, exports) -> None:
+    onnx_file, ckpt, expect = exports.exported("resnet18").path, checkpoint, ""
     if case == "not-onnx":
         onnx_file, expect = tmp_path / "x.onnx", "not a readable ONNX model"
         onnx_file.write_text("hello")
     elif case == "mismatched":
-        onnx_file, expect = exported("mobilenet_v3_small").path, "does not match"
+        onnx_file, expect = exports.exported("mobilenet_v3_small").path, "does not match"
     else:
         ckpt, expect = tmp_path / "nope", "not a gn-convert checkpoint"
     json_file = tmp_path / "out.json"
@@ -150,12 +141,48 @@ def test_main_command_writes_model_onnx_and_parity_into_report(tmp_path: Path, c
     assert report["onnx"]["counts"]["custom"] == 20 and report["onnx"]["input_shape"] == [1, 3, 224, 224]
     assert report["parity"]["passed"] is True and report["parity"]["onnx_path"] == "model.onnx"
     assert {r["batch"] for r in report["parity"]["rows"]} == {1, 2}
-    assert "parity passed on onnxruntime CPU" in capsys.readouterr().err
+    assert "parity passed on cpu (12 comparisons" in capsys.readouterr().err
 
 
-def test_cli_targets_are_the_exporters() -> None:
-    """The CLI keeps its own copy of the target names (so --help need not import onnx)."""
-    from gn_convert.cli import export as cli_export
+def test_cli_targets_are_the_exporters_and_reading_them_imports_no_onnx() -> None:
+    """The CLI's --target choices are the exporter's TARGETS map; gn_convert.onnx.targets is
+    readable without importing onnx (gn_convert.onnx imports its modules on first use)."""
+    import subprocess
+    import sys
+
+    from gn_convert.cli import build_parser
     from gn_convert.onnx import TARGETS
 
-    assert cli_export.TARGETS == TARGETS
+    export = next(a for a in build_parser()._subparsers._group_actions[0].choices["export"]._actions
+                  if "--target" in a.option_strings)
+    assert list(export.choices) == list(TARGETS) and {"function", "inlined", "standard", "fast", "ms-groupnorm"} <= set(TARGETS)
+    code = ("import sys; from gn_convert.onnx.targets import TARGETS, describe; describe(); "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-500:]
+
+
+
+
+def test_parity_on_the_batchnorm_baseline_says_so_in_one_line(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """Defect: `gn-convert parity bn.onnx --checkpoint CKPT` on the BatchNorm baseline failed
+    with a confusing mismatch instead of naming the mistake."""
+    bn = tmp_path / "bn.onnx"
+    assert main(["export", "resnet18", "--weights", "none", "--baseline", "--input-shape", f"1,3,{SIZE},{SIZE}",
+                 "-o", str(bn)]) == 0
+    capsys.readouterr()
+    assert main(["parity", str(bn), "--checkpoint", str(checkpoint)]) == 2
+    line = one_error_line(capsys)
+    assert "looks like the BatchNorm original" in line and "model.onnx" in line
+
+
+def test_parity_takes_the_native_library_given(checkpoint: Path, tmp_path: Path, capsys, exports) -> None:
+    """--native-library PATH is the library checked (a file that is not one is reported, not rebuilt)."""
+    bogus = tmp_path / "libbogus.so"
+    bogus.write_bytes(b"not a library")
+    report_file = tmp_path / "p.json"
+    assert main(["parity", str(exports.exported("resnet18").path), "--checkpoint", str(checkpoint),
+                 "--providers", "cpu,cpu-native", "--native-library", str(bogus), "--levels", "all",
+                 "--batch", "2", "--json", str(report_file)]) == 0
+    data = json.loads(report_file.read_text())
+    assert set(data["skipped"]) == {"cpu-native"} and str(bogus) in data["skipped"]["cpu-native"]

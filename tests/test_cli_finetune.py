@@ -3,7 +3,6 @@ on a folder of real digit images, with resume and one-line errors for bad input.
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -12,24 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import nontrivial_model
 from gn_convert import load_converted
 from gn_convert.cli import main
-from gn_convert.train_state import state_path
+from gn_convert.fidelity.train_state import state_path
 
 FAST = ["--input-size", "16", "--batch-size", "8", "--eval-every", "2", "--holdout", "0.2"]
 
 
-@functools.lru_cache(maxsize=1)
-def _workspace() -> tuple[Path, Path, Path]:
-    """(teacher weights file, digits ImageFolder, converted checkpoint), built once."""
-    import tempfile
-
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, nontrivial) -> tuple[Path, Path, Path]:
+    """(teacher weights file, digits ImageFolder, converted checkpoint), built once per module."""
     from sklearn.datasets import load_digits
 
-    root = Path(tempfile.mkdtemp(prefix="gn-finetune-cli-"))
+    root = tmp_path_factory.mktemp("finetune-cli")
     weights = root / "teacher.pt"
-    torch.save(nontrivial_model("resnet18", size=16).state_dict(), weights)
+    torch.save(nontrivial("resnet18", size=16).state_dict(), weights)
     bunch = load_digits()
     for k in range(60):
         pixels = (bunch.images[k] * 16).clip(0, 255).astype(np.uint8)
@@ -41,15 +37,8 @@ def _workspace() -> tuple[Path, Path, Path]:
     return weights, root / "digits", checkpoint
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("gn-convert: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def test_pipeline_calibrates_and_distils_when_given_data(tmp_path, capsys) -> None:
-    weights, data, _ = _workspace()
+def test_pipeline_calibrates_and_distils_when_given_data(tmp_path, capsys, workspace) -> None:
+    weights, data, _ = workspace
     out = tmp_path / "gn"
     code = main(["resnet18", "--weights", str(weights), "--out", str(out), "--no-onnx", "--data", str(data),
                  "--calibrate", "2", "--finetune-steps", "2", *FAST])
@@ -61,8 +50,8 @@ def test_pipeline_calibrates_and_distils_when_given_data(tmp_path, capsys) -> No
     assert "held-out agreement" in capsys.readouterr().out
 
 
-def test_finetune_writes_a_new_checkpoint_and_resumes_from_its_state(tmp_path, capsys) -> None:
-    _, data, checkpoint = _workspace()
+def test_finetune_writes_a_new_checkpoint_and_resumes_from_its_state(tmp_path, capsys, workspace) -> None:
+    _, data, checkpoint = workspace
     first, second = tmp_path / "a", tmp_path / "b"
     args = ["finetune", str(checkpoint), "--data", str(data), "--steps", "4", "--checkpoint-every", "2", *FAST]
     assert main([*args, "--out", str(first), "--keep-state"]) == 0
@@ -82,8 +71,8 @@ def test_finetune_writes_a_new_checkpoint_and_resumes_from_its_state(tmp_path, c
 
 @pytest.mark.parametrize("problem", ["missing data", "empty data", "teacher mismatch", "corrupt checkpoint",
                                      "corrupt state", "no data for calibration"])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, problem: str) -> None:
-    weights, data, checkpoint = _workspace()
+def test_bad_input_is_one_line_and_exit_2(tmp_path, problem: str, workspace, error_line) -> None:
+    weights, data, checkpoint = workspace
     args = ["finetune", str(checkpoint), "--data", str(data), "--steps", "2", "--out", str(tmp_path / "o"), *FAST]
     expected = {"missing data": "does not exist", "empty data": "holds no images", "teacher mismatch": "teacher",
                 "corrupt checkpoint": "corrupt", "corrupt state": "corrupt", "no data for calibration": "--data"}
@@ -108,5 +97,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, problem: str) -> Non
     else:
         args = ["resnet18", "--weights", str(weights), "--out", str(tmp_path / "o"), "--calibrate", "2"]
     assert main(args) == 2
-    assert expected[problem] in _error_line(capsys)
+    assert expected[problem] in error_line()
     assert not (tmp_path / "o").exists()
+
+
+
+def test_finetune_of_an_untrained_conversion_needs_teacher_weights(tmp_path, workspace, error_line) -> None:
+    """Defect: a checkpoint converted with --weights none was distilled from a new random
+    teacher (a different one on every run) instead of refusing."""
+    _, data, _ = workspace
+    untrained = tmp_path / "untrained"
+    assert main(["resnet18", "--weights", "none", "--out", str(untrained), "--no-onnx"]) == 0
+    args = ["finetune", str(untrained), "--data", str(data), "--steps", "2", *FAST]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    line = error_line()
+    assert "--teacher-weights" in line
+    assert not (tmp_path / "o").exists()
+    assert main([*args, "--out", str(tmp_path / "o2"), "--teacher-weights", str(workspace[0])]) == 0
+    assert (tmp_path / "o2" / "model.safetensors").is_file()

@@ -12,8 +12,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models import ResNet18_Weights
 
-from gn_convert.data import (UNLABELLED, DataError, SyntheticImages, digits, load_data, model_transforms,
-                             scan_folder, split_batch, split_indices)
+from gn_convert.data import UNLABELLED, as_item, load_data, model_transforms, split_batch, split_indices
+from gn_convert.data.folders import scan_folder
+from gn_convert.errors import DataError
+from gn_convert.testing.digits import digits
+from gn_convert.testing.synthetic import SyntheticImages
 
 
 def _image(path: Path, value: int, size: int = 20) -> Path:
@@ -133,3 +136,30 @@ def test_synthetic_images_are_seeded() -> None:
     assert not torch.equal(a[3][0], SyntheticImages(8, seed=2)[3][0])
     with pytest.raises(IndexError):
         a[8]
+
+
+
+@pytest.mark.parametrize("label", [np.int64(3), np.int32(3), np.uint8(3), 3, torch.tensor(3), torch.tensor([3])],
+                         ids=["np.int64", "np.int32", "np.uint8", "int", "tensor", "tensor[1]"])
+def test_integer_labels_of_any_kind_are_labels(label) -> None:
+    """Defect: numpy integer labels (a dataset built from a numpy array) were read as unlabelled."""
+    image, got = as_item((torch.zeros(3, 2, 2), label))
+    assert got == 3 and type(got) is int
+
+
+@pytest.mark.parametrize("label", [np.float64(3.0), 3.5, True, "cat", None, torch.tensor([1, 2])],
+                         ids=["np.float64", "float", "bool", "str", "None", "tensor[2]"])
+def test_other_labels_are_unlabelled(label) -> None:
+    assert as_item((torch.zeros(3, 2, 2), label))[1] == UNLABELLED
+
+
+def test_a_numpy_labelled_dataset_is_labelled_end_to_end() -> None:
+    class NumpyLabels(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, i: int):
+            return torch.full((3, 4, 4), float(i)), np.arange(10, dtype=np.int64)[i] % 3
+
+    split = load_data(NumpyLabels(), holdout=2, seed=0)
+    assert split.labelled and sorted({split.train[i][1] for i in range(len(split.train))}) == [0, 1, 2]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -13,13 +12,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from gn_convert.cli import deploy as deploy_cli
 from gn_convert.cli import main
-from gn_convert.cli.stages import Stages
 from gn_convert.deploy import (DeployError, ServeExtraMissingError, TritonModelServer, labels_beside, read_model_io,
                                write_triton_repo)
-from gn_convert.errors import OutputError
-from onnx_models import MODELS, SIZE, crops, exported
+from gn_convert.errors import OptionError, OutputError
+from gn_convert.pipeline import PipelineOptions, _deploy_stage, check_options
+from gn_convert.stages import Stages
+from helpers.models import MODELS, SIZE
+from helpers.triton import parsed
 
 MISSING = ""
 try:
@@ -32,11 +32,6 @@ except ImportError as err:
 needs_serve = pytest.mark.skipif(pb is None, reason=MISSING)
 
 
-def parsed(model_dir: Path):
-    """config.pbtxt parsed here, independently of the writer, with Triton's ModelConfig."""
-    return text_format.Parse((model_dir / "config.pbtxt").read_text(), pb.ModelConfig())
-
-
 def run_model(path: Path, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})[0]
@@ -44,8 +39,8 @@ def run_model(path: Path, x: np.ndarray) -> np.ndarray:
 
 @needs_serve
 @pytest.mark.parametrize("name", MODELS)
-def test_config_names_graph_tensors_types_and_dims(name: str, tmp_path: Path) -> None:
-    source = exported(name).path
+def test_config_names_graph_tensors_types_and_dims(name: str, tmp_path: Path, exports) -> None:
+    source = exports.exported(name).path
     model_dir = write_triton_repo(source, tmp_path / "repo", name=name)
     config = parsed(model_dir)
     session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
@@ -63,8 +58,8 @@ def test_config_names_graph_tensors_types_and_dims(name: str, tmp_path: Path) ->
 
 
 @needs_serve
-def test_gpu_instances_and_no_batching_keep_the_batch_dim(tmp_path: Path) -> None:
-    model_dir = write_triton_repo(exported("resnet18").path, tmp_path, name="r18", max_batch_size=0,
+def test_gpu_instances_and_no_batching_keep_the_batch_dim(tmp_path: Path, exports) -> None:
+    model_dir = write_triton_repo(exports.exported("resnet18").path, tmp_path, name="r18", max_batch_size=0,
                                   instance="gpu", instance_count=2)
     config = parsed(model_dir)
     assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
@@ -74,32 +69,32 @@ def test_gpu_instances_and_no_batching_keep_the_batch_dim(tmp_path: Path) -> Non
 
 
 @needs_serve
-def test_labels_file_has_one_line_per_class(tmp_path: Path) -> None:
+def test_labels_file_has_one_line_per_class(tmp_path: Path, exports) -> None:
     labels = [f"class {i}" for i in range(1000)]
-    model_dir = write_triton_repo(exported("resnet18").path, tmp_path, labels=labels)
+    model_dir = write_triton_repo(exports.exported("resnet18").path, tmp_path, labels=labels)
     assert model_dir.name == "resnet18"
     assert parsed(model_dir).output[0].label_filename == "labels.txt"
     assert (model_dir / "labels.txt").read_text().splitlines() == labels
     with pytest.raises(DeployError, match="10 labels fit no single output"):
-        write_triton_repo(exported("resnet18").path, tmp_path, name="other", labels=labels[:10])
+        write_triton_repo(exports.exported("resnet18").path, tmp_path, name="other", labels=labels[:10])
     assert not (tmp_path / "other").exists()
 
 
 @needs_serve
-def test_inlined_model_has_no_custom_op_and_same_outputs(tmp_path: Path) -> None:
-    source = exported("mobilenet_v3_small").path
+def test_inlined_model_has_no_custom_op_and_same_outputs(tmp_path: Path, exports) -> None:
+    source = exports.exported("mobilenet_v3_small").path
     model_dir = write_triton_repo(source, tmp_path, inlined=True)
     shipped = onnx.load(str(model_dir / "1" / "model.onnx"))
     assert not shipped.functions
     assert not [n for n in shipped.graph.node if n.domain == "ai.gn_convert"]
     assert {p.key: p.value for p in shipped.metadata_props}["gn_convert.target"] == "inlined"
-    x = crops(2).numpy()
+    x = exports.crops(2).numpy()
     np.testing.assert_array_equal(run_model(model_dir / "1" / "model.onnx", x), run_model(source, x))
 
 
 @needs_serve
-def test_existing_model_needs_force_and_failures_leave_nothing(tmp_path: Path, monkeypatch) -> None:
-    source = exported("resnet18").path
+def test_existing_model_needs_force_and_failures_leave_nothing(tmp_path: Path, monkeypatch, exports) -> None:
+    source = exports.exported("resnet18").path
     model_dir = write_triton_repo(source, tmp_path, max_batch_size=4)
     with pytest.raises(DeployError, match="exists; pass --force"):
         write_triton_repo(source, tmp_path, max_batch_size=16)
@@ -188,17 +183,20 @@ def test_categories_are_found_in_the_checkpoint_beside_the_model(tmp_path: Path)
 
 
 @needs_serve
-def test_cli_deploy_writes_repo_and_reports_bad_input(tmp_path: Path, capsys) -> None:
-    source = exported("resnet18").path
+def test_cli_deploy_writes_repo_and_reports_bad_input(tmp_path: Path, capsys, exports) -> None:
+    source = exports.exported("resnet18").path
     assert main(["deploy", str(source), "--triton-repo", str(tmp_path), "--name", "r18",
                  "--max-batch-size", "2", "--instances", "3"]) == 0
     config = parsed(tmp_path / "r18")
     assert (config.max_batch_size, config.instance_group[0].count) == (2, 3)
     assert "wrote" in capsys.readouterr().out
     assert main(["deploy", str(source), "--triton-repo", str(tmp_path), "--name", "r18"]) == 2
+    exists = capsys.readouterr().err.strip()
+    assert exists.startswith("gn-convert: error:") and "exists; pass --force" in exists
+    assert "--name" in exists and "--out" not in exists  # the options of this command, not the main one's
     assert main(["deploy", str(tmp_path / "none.onnx"), "--triton-repo", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("gn-convert: error:") for line in err)
+    assert len(err) == 1 and err[0].startswith("gn-convert: error:")
 
 
 @needs_serve
@@ -208,40 +206,49 @@ def test_unwritable_repository_is_an_output_error(tmp_path: Path) -> None:
         write_triton_repo(_tiny_onnx(tmp_path / "tiny.onnx", "n"), tmp_path / "file" / "repo")
 
 
-def _pipeline_args(repo: Path, **overrides) -> argparse.Namespace:
-    values = dict(triton_repo=repo, triton_name=None, triton_instance="cpu", force=False, no_onnx=False)
-    return argparse.Namespace(**{**values, **overrides})
+def _options(repo: Path | None, out: Path, **overrides) -> PipelineOptions:
+    return PipelineOptions("resnet18", weights="none", out=out, triton_repo=repo, **overrides)
 
 
 @needs_serve
-def test_pipeline_stage_writes_model_with_the_weights_categories(tmp_path: Path) -> None:
+def test_pipeline_stage_writes_model_with_the_weights_categories(tmp_path: Path, exports) -> None:
     staged = tmp_path / ".gn-resnet18.partial"
     staged.mkdir()
-    shutil.copy(exported("resnet18").path, staged / "model.onnx")
+    shutil.copy(exports.exported("resnet18").path, staged / "model.onnx")
     out = tmp_path / "gn-resnet18"
-    args = _pipeline_args(tmp_path / "repo")
-    deploy_cli.check_pipeline_arguments(args, out)
+    opts = _options(tmp_path / "repo", out)
+    assert check_options(opts) == (out, None)
     categories = [f"class {i}" for i in range(1000)]
-    fields = deploy_cli.pipeline_stage(args, staged, out, categories, Stages(quiet=True))
+    fields = _deploy_stage(opts, staged, out, categories, Stages(), False, None)
     model_dir = tmp_path / "repo" / "gn-resnet18"
     assert fields == {"triton": {"model_dir": str(model_dir), "name": "gn-resnet18", "instance": "cpu",
-                                 "labels": True, "native_ops": False}}
+                                 "labels": True, "native_ops": None}}
     assert (model_dir / "labels.txt").read_text().splitlines() == categories
     assert [t.name for t in parsed(model_dir).input] == ["input"]
-    with pytest.raises(DeployError, match="exists; pass --force"):
-        deploy_cli.check_pipeline_arguments(args, out)
-    with pytest.raises(DeployError, match="drop --no-onnx"):
-        deploy_cli.check_pipeline_arguments(_pipeline_args(tmp_path / "r2", no_onnx=True), out)
-    assert deploy_cli.pipeline_stage(_pipeline_args(None), staged, out, None, Stages(quiet=True)) == {}
+    with pytest.raises(DeployError, match="exists; pass --force.*--triton-name"):
+        check_options(opts)
+    with pytest.raises(OptionError, match="drop --no-onnx"):
+        check_options(_options(tmp_path / "r2", out, onnx=False))
+    assert _deploy_stage(_options(None, out), staged, out, None, Stages(), False, None) == {}
 
 
 @needs_serve
-def test_pipeline_stage_does_not_deploy_a_model_that_failed_parity(tmp_path: Path, capsys) -> None:
+def test_pipeline_stage_does_not_deploy_a_model_that_failed_parity(tmp_path: Path, exports) -> None:
     staged, out = tmp_path / "staged", tmp_path / "gn-resnet18"
     staged.mkdir()
-    shutil.copy2(exported("resnet18").path, staged / "model.onnx")
-    fields = deploy_cli.pipeline_stage(_pipeline_args(tmp_path / "repo"), staged, out, None, Stages(quiet=True),
-                                       parity_failed=True)
+    shutil.copy2(exports.exported("resnet18").path, staged / "model.onnx")
+    fields = _deploy_stage(_options(tmp_path / "repo", out), staged, out, None, Stages(), True, None)
     assert fields == {"triton": {"skipped": "parity failed", "name": "gn-resnet18"}}
     assert not (tmp_path / "repo").exists()
-    assert "failed its parity check" in capsys.readouterr().err
+
+
+@needs_serve
+def test_a_model_path_that_is_a_file_names_the_deploy_options(tmp_path: Path) -> None:
+    """Defect: the message told a `gn-convert deploy` user to choose another --out, an option
+    deploy does not have."""
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "tiny").write_text("not a folder")
+    with pytest.raises(OutputError) as info:
+        write_triton_repo(_tiny_onnx(tmp_path / "tiny.onnx", "n"), tmp_path / "repo", force=True)
+    assert "choose another --triton-repo or --name" in str(info.value) and "--out" not in str(info.value)
+    assert (tmp_path / "repo" / "tiny").read_text() == "not a folder"

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from digits_models import tiny_teacher
 from gn_convert import convert, distill
-from gn_convert.data import SyntheticImages
-from gn_convert.distributed import SeededItems, StepBatches, setup
 from gn_convert.errors import GnConvertError
+from gn_convert.fidelity.distributed import SeededItems, StepBatches, setup
+from gn_convert.testing.synthetic import SyntheticImages
 
 RUN = dict(steps=4, batch_size=8, eval_every=2, holdout=8, lr=1e-2, seed=3, warmup_steps=1)
 TESTS = Path(__file__).parent
@@ -81,11 +80,12 @@ import json, sys
 import torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
-from digits_models import tiny_teacher
+from helpers.models import make_tiny_teacher
 from gn_convert import convert, distill
-from gn_convert.data import SyntheticImages
+from gn_convert.testing.synthetic import SyntheticImages
+tiny_teacher = make_tiny_teacher()
 data = SyntheticImages(count=40, shape=(3, 12, 12), num_classes=5, seed=7)
-result = distill(convert(tiny_teacher(), 32), tiny_teacher(), data, **{run!r})
+result = distill(convert(tiny_teacher, 32), tiny_teacher, data, **{run!r})
 if torch.distributed.is_initialized():
     raise SystemExit("the process group was left initialised")
 import os
@@ -95,7 +95,7 @@ if os.environ["RANK"] == "0":
 """
 
 
-def test_two_gloo_processes_under_torchrun_match_one_process(tmp_path) -> None:
+def test_two_gloo_processes_under_torchrun_match_one_process(tmp_path, tiny_teacher) -> None:
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(SCRIPT.format(tests=str(TESTS), run=RUN)))
     out = tmp_path / "ddp.pt"
@@ -104,13 +104,13 @@ def test_two_gloo_processes_under_torchrun_match_one_process(tmp_path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
-    single = distill(convert(tiny_teacher(), 32), tiny_teacher(),
+    single = distill(convert(tiny_teacher, 32), tiny_teacher,
                      SyntheticImages(count=40, shape=(3, 12, 12), num_classes=5, seed=7), **RUN)
-    ddp_model = convert(tiny_teacher(), 32)
+    ddp_model = convert(tiny_teacher, 32)
     ddp_model.load_state_dict(torch.load(out, weights_only=True))
     images = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        a, b, start = single.model(images), ddp_model.eval()(images), convert(tiny_teacher(), 32)(images)
+        a, b, start = single.model(images), ddp_model.eval()(images), convert(tiny_teacher, 32)(images)
     assert float((a - b).abs().max()) < 1e-4
     assert float((a - start).abs().max()) > 1e-2  # both trained
     assert json.loads(Path(str(out) + ".json").read_text()) == [p.agreement for p in single.history]

@@ -4,6 +4,7 @@ every target, any input rank, and no file left behind on failure."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import onnx
@@ -12,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from gn_convert.errors import OutputError
-from gn_convert.onnx import ExportError, export_onnx, groupnorm_layers, lower_onnx, read_model
-from gn_convert.onnx import export as export_module
+from gn_convert.errors import ExportError, OutputError
+from gn_convert.onnx import export_onnx, groupnorm_layers, lower_onnx, read_model
+from gn_convert.onnx import write as write_module
 from gn_convert.onnx.op import DOMAIN, groupnorm_nodes
 from gn_convert.onnx.verify import count_nodes
-from onnx_models import MODELS, converted, crops, exported
+from helpers.models import MODELS
 
 PARITY_BOUND = 1e-4
 """Max abs error relative to the output's scale (the issue's bound)."""
@@ -43,9 +44,9 @@ def groupnorm_modules(model: nn.Module) -> list[str]:
 
 @pytest.mark.parametrize("target", ["function", "inlined", "standard"])
 @pytest.mark.parametrize("name", MODELS)
-def test_onnxruntime_matches_torch_at_batch_1_and_7_within_1e4(name: str, target: str) -> None:
-    model, x = converted(name), crops()
-    report = exported(name, target)
+def test_onnxruntime_matches_torch_at_batch_1_and_7_within_1e4(name: str, target: str, exports) -> None:
+    model, x = exports.converted(name), exports.crops()
+    report = exports.exported(name, target)
     with torch.no_grad():
         ref = model(x)
     for batch in (x[:1], x):
@@ -54,8 +55,8 @@ def test_onnxruntime_matches_torch_at_batch_1_and_7_within_1e4(name: str, target
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_function_form_has_one_named_custom_node_per_groupnorm_layer(name: str) -> None:
-    model, report = converted(name), exported(name)
+def test_function_form_has_one_named_custom_node_per_groupnorm_layer(name: str, exports) -> None:
+    model, report = exports.converted(name), exports.exported(name)
     onnx_model = read_model(report.path)
     layers = groupnorm_modules(model)
     nodes = groupnorm_nodes(onnx_model)
@@ -71,10 +72,10 @@ def test_function_form_has_one_named_custom_node_per_groupnorm_layer(name: str) 
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_lowered_targets_have_no_custom_node_and_keep_layer_outputs(name: str) -> None:
-    calls = len(groupnorm_modules(converted(name)))
-    inlined = read_model(exported(name, "inlined").path)
-    standard = read_model(exported(name, "standard").path)
+def test_lowered_targets_have_no_custom_node_and_keep_layer_outputs(name: str, exports) -> None:
+    calls = len(groupnorm_modules(exports.converted(name)))
+    inlined = read_model(exports.exported(name, "inlined").path)
+    standard = read_model(exports.exported(name, "standard").path)
     for model in (inlined, standard):
         assert not groupnorm_nodes(model) and not model.functions
         assert all(entry.domain != DOMAIN for entry in model.opset_import)
@@ -82,16 +83,16 @@ def test_lowered_targets_have_no_custom_node_and_keep_layer_outputs(name: str) -
         assert all(value in produced for _, value in groupnorm_layers(model))
     assert count_nodes(standard).standard_groupnorm == calls
     named = {node.name.split("/")[0] for node in inlined.graph.node if "/" in node.name}
-    assert named == set(groupnorm_modules(converted(name)))
+    assert named == set(groupnorm_modules(exports.converted(name)))
 
 
-def test_metadata_records_version_target_shape_and_plan() -> None:
-    props = {p.key: p.value for p in read_model(exported("resnet18").path).metadata_props}
+def test_metadata_records_version_target_shape_and_plan(exports) -> None:
+    props = {p.key: p.value for p in read_model(exports.exported("resnet18").path).metadata_props}
     assert props["gn_convert.target"] == "function"
     assert props["gn_convert.input_shape"] == "1,3,64,64"
     assert props["gn_convert.group_summary"] == "20 GroupNorm layers (G=32: 20), 0 BatchNorm layers"
     assert len(json.loads(props["gn_convert.groupnorm_layers"])) == 20
-    lowered = {p.key: p.value for p in read_model(exported("resnet18", "inlined").path).metadata_props}
+    lowered = {p.key: p.value for p in read_model(exports.exported("resnet18", "inlined").path).metadata_props}
     assert lowered["gn_convert.target"] == "inlined"
 
 
@@ -168,7 +169,7 @@ def test_failed_check_leaves_no_file(tmp_path, monkeypatch) -> None:
     def broken(model, path):
         raise ExportError("the exported model fails onnx's checker: injected")
 
-    monkeypatch.setattr(export_module, "check_onnx", broken)
+    monkeypatch.setattr(write_module, "check_onnx", broken)
     with pytest.raises(ExportError, match="injected"):
         export_onnx(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)), tmp_path / "new" / "m.onnx",
                     input_shape=(1, 3, 8, 8))
@@ -178,7 +179,7 @@ def test_failed_check_leaves_no_file(tmp_path, monkeypatch) -> None:
 def test_external_data_writes_a_data_file_that_onnxruntime_loads(tmp_path, monkeypatch) -> None:
     """The over-2-GB path, forced on a small model: external data and detached-weight lowering."""
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.Conv2d(16, 8, 3)).eval()
-    monkeypatch.setattr(export_module, "needs_external_data", lambda m: True)
+    monkeypatch.setattr(write_module, "needs_external_data", lambda m: True)
     report = export_onnx(model, tmp_path / "m.onnx", target="inlined", input_shape=(1, 3, 10, 10))
     assert [p.name for p in report.files] == ["m.onnx", "m.onnx.data"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
@@ -210,7 +211,7 @@ def test_static_batch_and_mode_restored(tmp_path) -> None:
     assert model.training and model[2].training
 
 
-def test_bad_requests_are_refused(tmp_path) -> None:
+def test_bad_requests_are_refused(tmp_path, exports) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4))
     with pytest.raises(ExportError, match="unknown export target"):
         export_onnx(model, tmp_path / "m.onnx", target="tensorrt")
@@ -219,8 +220,31 @@ def test_bad_requests_are_refused(tmp_path) -> None:
     with pytest.raises(ExportError, match="rank >= 3"):
         export_onnx(model, tmp_path / "m.onnx", input_shape=(1, 3))
     with pytest.raises(ExportError, match="lower from the function form"):
-        lower_onnx(exported("resnet18", "inlined").path, tmp_path / "x.onnx", "standard")
+        lower_onnx(exports.exported("resnet18", "inlined").path, tmp_path / "x.onnx", "standard")
     assert list(tmp_path.iterdir()) == []
+
+
+class _Warns(nn.Module):
+    """A model that warns in its forward, as user code may."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.gn = nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        warnings.warn("the user's own warning", UserWarning)
+        return self.gn(self.conv(x))
+
+
+def test_export_leaves_the_callers_warning_filters_alone(tmp_path) -> None:
+    """Defect: export_onnx replaced the caller's filters with "ignore" while it traced, so the
+    user's own warnings (and their "always"/"error" choices) vanished during an export."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        export_onnx(_Warns().eval(), tmp_path / "m.onnx", input_shape=(1, 3, 8, 8))
+        assert warnings.filters == before
+    assert [str(w.message) for w in seen if "user's own" in str(w.message)] == ["the user's own warning"]
 
 
 def test_default_input_shape_comes_from_the_first_convolution(tmp_path) -> None:
@@ -232,7 +256,7 @@ def test_default_input_shape_comes_from_the_first_convolution(tmp_path) -> None:
 def test_check_onnx_rejects_groups_that_do_not_divide_channels(tmp_path) -> None:
     import onnx.helper as oh
 
-    from gn_convert.onnx.lower import attach_function
+    from gn_convert.onnx.lowering.function import attach_function
     from gn_convert.onnx.op import OP_TYPE, opset_import
     from gn_convert.onnx.verify import check_onnx
 

@@ -1,7 +1,7 @@
 """The fast lowering (InstanceNormalization form) and the CUDA contrib lowering of our op.
 
-Parity is against torch on the converted test models (``onnx_models``) and, for single
-nodes, against float64 torch with the helpers of ``test_onnx_op``. The contrib lowering has
+Parity is against torch on the converted test models (the ``exports`` fixture) and, for single
+nodes, against float64 torch (``helpers.onnx_cases``). The contrib lowering has
 no CPU kernel: its structure is checked here, its numbers only where onnxruntime-gpu runs.
 """
 
@@ -14,12 +14,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import onnx_models as om
-from gn_convert.onnx.errors import ExportError
-from gn_convert.onnx.fast_lowering import MS_DOMAIN, lower_fast, to_fast, to_ms_groupnorm
+from gn_convert.errors import ExportError
+from gn_convert.onnx import lower_onnx
+from gn_convert.onnx.lowering.fast import to_fast
+from gn_convert.onnx.lowering.ms_groupnorm import MS_DOMAIN, to_ms_groupnorm
 from gn_convert.onnx.op import DOMAIN
 from gn_convert.onnx.reading import read_model
-from test_onnx_op import FP16_BOUND, FP32_MEAN1000_BOUND, LEVELS, _inputs, _model, relative_error
+from gn_convert.onnx.verify import check_counts
+from gn_convert.onnx.write import write_model
+from helpers.models import MODELS
+from helpers.onnx_cases import FP16_BOUND, FP32_MEAN1000_BOUND, LEVELS, inputs, one_node_model, relative_error
 
 PARITY_BOUND = 1e-4
 """Max abs error against torch on photo crops (measured about 6e-6 on resnet18, as the function form)."""
@@ -29,10 +33,10 @@ def _ops(model: onnx.ModelProto) -> Counter:
     return Counter((node.domain, node.op_type) for node in model.graph.node)
 
 
-@pytest.fixture(scope="module", params=om.MODELS)
-def lowered(request: pytest.FixtureRequest) -> tuple[str, onnx.ModelProto, onnx.ModelProto]:
+@pytest.fixture(scope="module", params=MODELS)
+def lowered(request: pytest.FixtureRequest, exports) -> tuple[str, onnx.ModelProto, onnx.ModelProto]:
     name = request.param
-    function = read_model(om.exported(name).path)
+    function = read_model(exports.exported(name).path)
     return name, function, to_fast(function)
 
 
@@ -52,10 +56,10 @@ def test_fast_form_is_instance_norm_and_batchnorm_affine_per_call(lowered) -> No
     onnx.checker.check_model(model, full_check=True)
 
 
-def test_fast_form_matches_torch_within_1e4(lowered) -> None:
+def test_fast_form_matches_torch_within_1e4(lowered, exports) -> None:
     name, _, model = lowered
-    x = om.crops()
-    ref = om.converted(name)(x).detach().numpy()
+    x = exports.crops()
+    ref = exports.converted(name)(x).detach().numpy()
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": x.numpy()})[0]
     err = float(np.abs(got - ref).max())
@@ -68,33 +72,54 @@ def test_fast_form_matches_torch_within_1e4(lowered) -> None:
 def test_fast_form_keeps_two_pass_robustness_at_mean_1000(shape: tuple[int, ...], groups: int, level: str) -> None:
     """InstanceNormalization's kernel subtracts the mean before squaring, as our body does."""
     eps = 1e-5
-    model = to_fast(_model(shape, groups, eps, onnx.TensorProto.FLOAT))
-    err = relative_error(_inputs(shape, 1000.0, np.float32), groups, eps, model, LEVELS[level])
+    model = to_fast(one_node_model(shape, groups, eps, onnx.TensorProto.FLOAT))
+    err = relative_error(inputs(shape, 1000.0, np.float32), groups, eps, model, LEVELS[level])
     assert err < FP32_MEAN1000_BOUND, f"relative error {err:.2e} at mean 1000"
 
 
 def test_fast_form_instance_norm_only_when_groups_equal_channels() -> None:
-    model = to_fast(_model((2, 16, 5, 7), 16, 1e-5, onnx.TensorProto.FLOAT))
+    model = to_fast(one_node_model((2, 16, 5, 7), 16, 1e-5, onnx.TensorProto.FLOAT))
     assert _ops(model) == Counter({("", "InstanceNormalization"): 1})
 
 
 @pytest.mark.parametrize("mean", [0.0, 1000.0], ids=["mean0", "mean1000"])
 def test_fast_form_fp16_computes_in_fp32(mean: float) -> None:
     shape, groups, eps = (2, 8, 6, 6), 4, 1e-5
-    model = to_fast(_model(shape, groups, eps, onnx.TensorProto.FLOAT16))
-    err = relative_error(_inputs(shape, mean, np.float16), groups, eps, model, LEVELS["opt-all"])
+    model = to_fast(one_node_model(shape, groups, eps, onnx.TensorProto.FLOAT16))
+    err = relative_error(inputs(shape, mean, np.float16), groups, eps, model, LEVELS["opt-all"])
     assert err < FP16_BOUND, f"relative error {err:.2e}"
 
 
-def test_lower_fast_writes_a_checked_file_and_refuses_a_file_without_calls(tmp_path) -> None:
-    out = lower_fast(om.exported("resnet18").path, tmp_path / "fast.onnx")
+def test_lower_onnx_fast_writes_a_checked_file_and_refuses_a_file_without_calls(tmp_path, exports) -> None:
+    out = lower_onnx(exports.exported("resnet18").path, tmp_path / "fast.onnx", "fast").path
     assert {p.key: p.value for p in read_model(out).metadata_props}["gn_convert.target"] == "fast"
+    with pytest.raises(ExportError, match="lower from the function form"):
+        lower_onnx(out, tmp_path / "again.onnx", "fast")
+    bare = tmp_path / "bare.onnx"
+    onnx.save(one_node_model((2, 4, 3, 3), 2, None, onnx.TensorProto.FLOAT, op="standard"), str(bare))
     with pytest.raises(ExportError, match="no ai.gn_convert::GroupNorm"):
-        lower_fast(out, tmp_path / "again.onnx")
+        lower_onnx(bare, tmp_path / "again.onnx", "fast")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.onnx", "fast.onnx"]
 
 
-def test_ms_groupnorm_form_is_nhwc_contrib_op_between_transposes() -> None:
-    function = read_model(om.exported("resnet18").path)
+@pytest.mark.parametrize("target", ["fast", "ms-groupnorm"])
+def test_fast_and_ms_groupnorm_artifacts_get_a_call_count_check(target: str, tmp_path, exports) -> None:
+    """A lowered file must hold one InstanceNormalization (or contrib GroupNorm) per call:
+    the writer refuses a count that differs (defect: these targets were not counted)."""
+    function = read_model(exports.exported("resnet18").path)
+    calls = sum(1 for node in function.graph.node if node.domain == DOMAIN)
+    model = to_fast(function) if target == "fast" else to_ms_groupnorm(function)
+    counts = check_counts(model, target, calls, allow_batchnorm=False)
+    assert counts.instance_norm + counts.ms_groupnorm == calls == 20
+    with pytest.raises(ExportError, match=f"expected {calls + 1} GroupNorm calls in the {target} form, found {calls}"):
+        check_counts(model, target, calls + 1, allow_batchnorm=False)
+    with pytest.raises(ExportError, match="GroupNorm calls"):
+        write_model(model, tmp_path / "m.onnx", target, calls=calls - 1, allow_batchnorm=True)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_ms_groupnorm_form_is_nhwc_contrib_op_between_transposes(exports) -> None:
+    function = read_model(exports.exported("resnet18").path)
     calls = sum(1 for node in function.graph.node if node.domain == DOMAIN)
     model = to_ms_groupnorm(function)
     ops = _ops(model)
@@ -107,27 +132,27 @@ def test_ms_groupnorm_form_is_nhwc_contrib_op_between_transposes() -> None:
 
 
 def test_ms_groupnorm_falls_back_to_fast_form_for_rank_3() -> None:
-    model = to_ms_groupnorm(_model((2, 6, 17), 3, 1e-5, onnx.TensorProto.FLOAT))
+    model = to_ms_groupnorm(one_node_model((2, 6, 17), 3, 1e-5, onnx.TensorProto.FLOAT))
     assert _ops(model)[("", "InstanceNormalization")] == 1
     assert not any(domain == MS_DOMAIN for domain, _ in _ops(model))
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
                     reason="com.microsoft.GroupNorm has a CUDA kernel only; onnxruntime-gpu is not installed here")
-def test_ms_groupnorm_matches_torch_on_cuda() -> None:
-    x = om.crops()
-    ref = om.converted("resnet18")(x).detach().numpy()
-    model = to_ms_groupnorm(read_model(om.exported("resnet18").path))
+def test_ms_groupnorm_matches_torch_on_cuda(exports) -> None:
+    x = exports.crops()
+    ref = exports.converted("resnet18")(x).detach().numpy()
+    model = to_ms_groupnorm(read_model(exports.exported("resnet18").path))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
     got = session.run(None, {"input": x.numpy()})[0]
     assert float(np.abs(got - ref).max()) < 1e-3
 
 
-def test_fast_export_target_passes_parity(tmp_path) -> None:
+def test_fast_export_target_passes_parity(tmp_path, exports) -> None:
     from gn_convert import check_parity, export_onnx
     from gn_convert.onnx.verify import count_nodes
-    from onnx_models import converted
 
+    converted = exports.converted
     report = export_onnx(converted("resnet18"), tmp_path / "fast.onnx", target="fast")
     counts = count_nodes(onnx.load(str(report.path)))
     assert counts.custom == 0 and counts.batchnorm == 20  # one affine per GroupNorm layer

@@ -9,13 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from digits_models import digits_teacher, tiny_teacher
+import gn_convert
 from gn_convert import convert, distill
-from gn_convert.data import SyntheticImages
 from gn_convert.errors import CheckpointError, GnConvertError
-from gn_convert.finetune import lr_factor
-from gn_convert.kd_loss import kl_loss, label_loss
-from gn_convert.train_state import state_path
+from gn_convert.fidelity.losses import kl_loss, label_loss
+from gn_convert.fidelity.options import lr_factor
+from gn_convert.fidelity.train_state import state_path
+from gn_convert.load.names import build_model
+from gn_convert.testing.synthetic import SyntheticImages
 
 TINY = dict(batch_size=8, eval_every=2, holdout=8, lr=1e-2, seed=3, warmup_steps=1, weight_decay=0.1)
 
@@ -24,12 +25,15 @@ def tiny_data() -> SyntheticImages:
     return SyntheticImages(count=40, shape=(3, 12, 12), num_classes=5, seed=7)
 
 
-def tiny_student() -> nn.Module:
-    return convert(tiny_teacher(), 32)
+@pytest.fixture
+def tiny_student(tiny_teacher: nn.Module):
+    """A factory of fresh conversions of the tiny teacher."""
+    return lambda: convert(tiny_teacher, 32)
 
 
-def test_digits_distillation_reaches_97_percent_agreement_within_200_steps() -> None:
-    teacher = digits_teacher()
+@pytest.mark.slow
+def test_digits_distillation_reaches_97_percent_agreement_within_200_steps(digits_teacher) -> None:
+    teacher = digits_teacher
     student = convert(teacher.model, 32)
     result = distill(student, teacher.model, teacher.data, steps=200, lr=1e-4, eval_every=25,
                      target_agreement=0.98)
@@ -43,8 +47,8 @@ def test_digits_distillation_reaches_97_percent_agreement_within_200_steps() -> 
     assert result.model is student and not student.training
 
 
-def test_resume_after_a_kill_ends_with_the_weights_of_an_uninterrupted_run(tmp_path) -> None:
-    whole = distill(tiny_student(), tiny_teacher(), tiny_data(), steps=6, **TINY)
+def test_resume_after_a_kill_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_teacher, tiny_student) -> None:
+    whole = distill(tiny_student(), tiny_teacher, tiny_data(), steps=6, **TINY)
 
     def kill_at_step_5(info) -> None:
         if info.step == 5:
@@ -53,11 +57,11 @@ def test_resume_after_a_kill_ends_with_the_weights_of_an_uninterrupted_run(tmp_p
     folder = tmp_path / "state"
     killed = tiny_student()
     with pytest.raises(KeyboardInterrupt):
-        distill(killed, tiny_teacher(), tiny_data(), steps=6, checkpoint_dir=folder, checkpoint_every=2,
+        distill(killed, tiny_teacher, tiny_data(), steps=6, checkpoint_dir=folder, checkpoint_every=2,
                 callback=kill_at_step_5, **TINY)
     saved = torch.load(state_path(folder), weights_only=True)
     assert saved["step"] == 4  # the last save before the kill; step 5 is lost and redone
-    resumed = distill(tiny_student(), tiny_teacher(), tiny_data(), steps=6, checkpoint_dir=folder,
+    resumed = distill(tiny_student(), tiny_teacher, tiny_data(), steps=6, checkpoint_dir=folder,
                       checkpoint_every=2, resume=True, **TINY)
     assert resumed.steps == 6
     a, b = whole.model.state_dict(), resumed.model.state_dict()
@@ -67,20 +71,20 @@ def test_resume_after_a_kill_ends_with_the_weights_of_an_uninterrupted_run(tmp_p
     assert math.isclose(resumed.history[-1].train_loss, whole.history[-1].train_loss, rel_tol=1e-9)
 
 
-def test_resume_refuses_other_options_and_a_corrupt_state(tmp_path) -> None:
+def test_resume_refuses_other_options_and_a_corrupt_state(tmp_path, tiny_teacher, tiny_student) -> None:
     folder = tmp_path / "state"
-    distill(tiny_student(), tiny_teacher(), tiny_data(), steps=2, checkpoint_dir=folder, **TINY)
+    distill(tiny_student(), tiny_teacher, tiny_data(), steps=2, checkpoint_dir=folder, **TINY)
     with pytest.raises(CheckpointError, match="options differ.*batch_size"):
-        distill(tiny_student(), tiny_teacher(), tiny_data(), steps=2, checkpoint_dir=folder, resume=True,
+        distill(tiny_student(), tiny_teacher, tiny_data(), steps=2, checkpoint_dir=folder, resume=True,
                 **{**TINY, "batch_size": 4})
     state_path(folder).write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt"):
-        distill(tiny_student(), tiny_teacher(), tiny_data(), steps=2, checkpoint_dir=folder, resume=True, **TINY)
+        distill(tiny_student(), tiny_teacher, tiny_data(), steps=2, checkpoint_dir=folder, resume=True, **TINY)
 
 
-def test_gradient_accumulation_matches_the_full_batch() -> None:
-    full = distill(tiny_student(), tiny_teacher(), tiny_data(), steps=3, **TINY)
-    split = distill(tiny_student(), tiny_teacher(), tiny_data(), steps=3, accumulate=4, **TINY)
+def test_gradient_accumulation_matches_the_full_batch(tiny_teacher, tiny_student) -> None:
+    full = distill(tiny_student(), tiny_teacher, tiny_data(), steps=3, **TINY)
+    split = distill(tiny_student(), tiny_teacher, tiny_data(), steps=3, accumulate=4, **TINY)
     # Compare functions, not raw weights: the conv biases just before per-channel GroupNorm have
     # an exactly-zero true gradient, so Adam turns their roundoff into lr-sized noise.
     images = torch.stack([tiny_data()[i][0] for i in range(16)])
@@ -90,11 +94,11 @@ def test_gradient_accumulation_matches_the_full_batch() -> None:
     assert float((a - before).abs().max()) > 1e-2  # the runs did train
 
 
-def test_gn_affine_training_leaves_convolutions_unchanged_and_restores_requires_grad() -> None:
+def test_gn_affine_training_leaves_convolutions_unchanged_and_restores_requires_grad(tiny_teacher, tiny_student) -> None:
     before = tiny_student()
     student = tiny_student()
     student[0].weight.requires_grad_(False)  # a user's frozen layer stays frozen afterwards
-    distill(student, tiny_teacher(), tiny_data(), steps=3, trainable="gn-affine", gn_lr_scale=10.0,
+    distill(student, tiny_teacher, tiny_data(), steps=3, trainable="gn-affine", gn_lr_scale=10.0,
             feature_weight=1.0, **TINY)
     for name, value in student.state_dict().items():
         moved = float((value - before.state_dict()[name]).abs().max())
@@ -103,11 +107,11 @@ def test_gn_affine_training_leaves_convolutions_unchanged_and_restores_requires_
     assert not student[0].weight.requires_grad and student[3].weight.requires_grad
 
 
-def test_labels_and_feature_loss_change_the_trajectory() -> None:
-    plain = distill(tiny_student(), tiny_teacher(), tiny_data(), steps=2, **TINY).model.state_dict()
-    with_ce = distill(tiny_student(), tiny_teacher(), tiny_data(), steps=2, ce_weight=1.0,
+def test_labels_and_feature_loss_change_the_trajectory(tiny_teacher, tiny_student) -> None:
+    plain = distill(tiny_student(), tiny_teacher, tiny_data(), steps=2, **TINY).model.state_dict()
+    with_ce = distill(tiny_student(), tiny_teacher, tiny_data(), steps=2, ce_weight=1.0,
                       **TINY).model.state_dict()
-    with_feat = distill(tiny_student(), tiny_teacher(), tiny_data(), steps=2, feature_weight=1.0,
+    with_feat = distill(tiny_student(), tiny_teacher, tiny_data(), steps=2, feature_weight=1.0,
                         **TINY).model.state_dict()
     key = "3.weight"
     assert float((plain[key] - with_ce[key]).abs().max()) > 1e-4
@@ -133,12 +137,50 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_zero() -> None:
     assert lr_factor(100, 100, 4) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_impossible_options_and_a_mismatched_teacher_are_refused() -> None:
+def test_impossible_options_and_a_mismatched_teacher_are_refused(tiny_teacher, tiny_student) -> None:
     with pytest.raises(GnConvertError, match="not divisible"):
-        distill(tiny_student(), tiny_teacher(), tiny_data(), steps=2, accumulate=3, **TINY)
+        distill(tiny_student(), tiny_teacher, tiny_data(), steps=2, accumulate=3, **TINY)
     with pytest.raises(GnConvertError, match="unknown distillation option"):
-        distill(tiny_student(), tiny_teacher(), tiny_data(), steps=2, momentum=0.9, **TINY)
+        distill(tiny_student(), tiny_teacher, tiny_data(), steps=2, momentum=0.9, **TINY)
     with pytest.raises(GnConvertError, match="trainable"):
-        distill(tiny_student(), tiny_teacher(), tiny_data(), steps=2, trainable="convs", **TINY)
+        distill(tiny_student(), tiny_teacher, tiny_data(), steps=2, trainable="convs", **TINY)
+    other = convert(build_model("resnet18", num_classes=10), 32)  # another architecture: no training needed
     with pytest.raises(GnConvertError, match="teacher"):
-        distill(convert(digits_teacher().model, 32), tiny_teacher(), tiny_data(), steps=2, **TINY)
+        distill(other, tiny_teacher, tiny_data(), steps=2, **TINY)
+
+
+def test_distillation_lowers_the_loss_and_raises_agreement(tiny_teacher) -> None:
+    """From the identity init (weight 1, bias 0: the function lost), 24 steps bring the student
+    back. Measured: held-out agreement 0.08 -> 0.92, training loss 0.0022 -> 0.0009."""
+    student = convert(tiny_teacher, 32, init="identity")
+    data = SyntheticImages(count=80, shape=(3, 12, 12), num_classes=5, seed=7)
+    result = distill(student, tiny_teacher, data, steps=24, batch_size=8, eval_every=8, holdout=24, lr=1e-2,
+                     seed=3, warmup_steps=1)
+    start, first, end = result.history[0], result.history[1], result.history[-1]
+    assert [p.step for p in result.history] == [0, 8, 16, 24]
+    assert start.agreement < 0.25 and end.agreement >= 0.85
+    assert end.agreement >= start.agreement + 0.5
+    assert end.train_loss < 0.6 * first.train_loss
+
+
+def test_leftover_batchnorm_stays_frozen_and_frozen_parameters_stay_put(tiny_teacher) -> None:
+    """Defect: distill put the whole student in train mode, so the BatchNorm layers the plan
+    excluded normalised with batch statistics and overwrote the teacher's running statistics,
+    and it trained parameters whose requires_grad was False (a layer converted from
+    FrozenBatchNorm2d, a user's frozen stem)."""
+    plan = gn_convert.plan(tiny_teacher, 32, exclude=["4"])
+    student = convert(tiny_teacher, plan=plan)
+    assert isinstance(student[4], nn.BatchNorm2d) and isinstance(student[1], nn.GroupNorm)
+    student[0].weight.requires_grad_(False)
+    student[1].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    modes: list[bool] = []
+    student[4].register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    distill(student, tiny_teacher, tiny_data(), steps=4, **TINY)
+    after = student.state_dict()
+    for key in ("4.running_mean", "4.running_var", "4.num_batches_tracked", "0.weight", "1.weight"):
+        assert torch.equal(after[key], before[key]), key
+    assert modes and not any(modes)  # the leftover BatchNorm ran in eval mode throughout
+    assert float((after["3.weight"] - before["3.weight"]).abs().max()) > 1e-4  # the rest did train
+    assert not student[0].weight.requires_grad and not student[1].weight.requires_grad
+    assert student[1].bias.requires_grad

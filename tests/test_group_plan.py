@@ -8,7 +8,7 @@ from torch import nn
 
 import gn_convert
 from gn_convert.errors import GroupPlanError, NoBatchNormError, UnsupportableLayerError
-from gn_convert.group_plan import choose_groups
+from gn_convert.surgery.plan import choose_groups
 
 
 @pytest.mark.parametrize(
@@ -93,8 +93,10 @@ def test_include_and_exclude_patterns() -> None:
 
 def test_model_without_batchnorm_is_an_error_unless_allowed() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
-    with pytest.raises(NoBatchNormError, match="no BatchNorm"):
+    with pytest.raises(NoBatchNormError) as info:
         gn_convert.plan(model)
+    assert str(info.value) == ("the model has no BatchNorm layer to convert; to accept that as a no-op, pass "
+                               "--allow-no-bn (allow_no_bn=True from Python)")
     assert gn_convert.convert(model, allow_no_bn=True)[0].weight.equal(model[0].weight)
 
 
@@ -102,4 +104,58 @@ def test_plan_round_trips_through_dict() -> None:
     plan = gn_convert.plan(gn_convert.load_model("mobilenet_v3_small", "none"), 16, policy="gcd")
     again = gn_convert.GroupPlan.from_dict(plan.to_dict())
     assert again == plan
-    assert "fallbacks" in plan.summary()
+    assert (len(plan.layers), len(plan.converted), len(plan.fallbacks), len(plan.untouched)) == (34, 34, 11, 0)
+    assert plan.summary() == "34 BatchNorm layers -> GroupNorm (G=16, policy=gcd), 11 fallbacks, 0 left as BatchNorm"
+    assert again.summary() == plan.summary()
+
+
+def test_summary_counts_excluded_layers_as_left_as_batchnorm() -> None:
+    plan = gn_convert.plan(gn_convert.load_model("resnet18", "none"), 32, exclude=["layer4.*", "bn1"])
+    assert plan.summary() == "14 BatchNorm layers -> GroupNorm (G=32, policy=divisor), 0 fallbacks, 6 left as BatchNorm"
+
+
+def _mixed_mode_model() -> nn.Module:
+    """A model in training mode whose second BatchNorm is frozen in eval mode (a common fine-tuning setup)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+    model.train()
+    model[4].eval()
+    return model
+
+
+def _modes(model: nn.Module) -> list[bool]:
+    return [m.training for m in model.modules()]
+
+
+def test_plan_with_an_example_input_restores_each_modules_own_mode() -> None:
+    """Defect: plan() ran the example in eval mode, then put the whole model back in train
+    mode, unfreezing a BatchNorm that was in eval mode."""
+    model = _mixed_mode_model()
+    before = _modes(model)
+    stats = [model[4].running_mean.clone(), model[4].running_var.clone()]
+    gn_convert.plan(model, 4, example_input=torch.randn(2, 3, 10, 10))
+    assert _modes(model) == before and not model[4].training and model[1].training
+    assert torch.equal(model[4].running_mean, stats[0]) and torch.equal(model[4].running_var, stats[1])
+
+
+def test_convert_copies_each_layers_mode() -> None:
+    model = _mixed_mode_model()
+    converted = gn_convert.convert(model, 4)
+    assert isinstance(converted[4], nn.GroupNorm)
+    assert _modes(converted) == _modes(model) and converted[1].training and not converted[4].training
+
+
+def test_testing_helpers_restore_each_modules_own_mode() -> None:
+    from gn_convert.testing.bn_stats import estimate_batchnorm_stats
+    from gn_convert.testing.digits import predictions
+
+    model = _mixed_mode_model()
+    before = _modes(model)
+    estimate_batchnorm_stats(model, [torch.randn(4, 3, 10, 10)])
+    assert _modes(model) == before
+    head = nn.Sequential(model, nn.Flatten(), nn.LazyLinear(3))
+    head(torch.randn(1, 3, 10, 10))
+    head.train()
+    head[0][4].eval()
+    before = _modes(head)
+    predictions(head, torch.randn(5, 3, 10, 10))
+    assert _modes(head) == before

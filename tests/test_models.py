@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import socket
+import argparse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 
 import gn_convert
 from gn_convert.errors import UnknownModelError, WeightsError, WeightsUnavailableError
+from gn_convert.load import load_weights_into, parse_weights, read_state_dict
+from gn_convert.load.names import build_model
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,9 @@ def test_local_weights_file_loads(tmp_path: Path, resnet18_state: dict, layout: 
 def test_mismatched_weights_name_the_offending_keys(tmp_path: Path, resnet18_state: dict) -> None:
     path = tmp_path / "w.pt"
     torch.save(resnet18_state, path)
-    with pytest.raises(WeightsError, match=r"does not fit the model: missing: layer1\.2\.conv1\.weight, .* \(\+93 more\)"):
+    # 80 missing: resnet34's extra blocks' weights and BatchNorm buffers; their 16 num_batches_tracked
+    # are not counted (torch fills those in, as for a pre-0.4.1 state: see the test below)
+    with pytest.raises(WeightsError, match=r"does not fit the model: missing: layer1\.2\.conv1\.weight, .* \(\+77 more\)"):
         gn_convert.load_model("resnet34", str(path))
     with pytest.raises(WeightsError, match=r"shape mismatch: fc.weight \(1000, 512\) vs \(10, 512\)"):
         gn_convert.load_model("resnet18", str(path), num_classes=10)
@@ -92,7 +97,7 @@ def test_default_weights_offline_fail_fast(tmp_path: Path, monkeypatch: pytest.M
     def offline(*_args, **_kwargs):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(socket, "create_connection", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(WeightsUnavailableError) as info:
         gn_convert.load_model("resnet18", "DEFAULT")
     message = str(info.value)
@@ -108,7 +113,7 @@ def test_default_weights_come_from_torchvisions_cache(tmp_path: Path, monkeypatc
     cache.mkdir(parents=True)
     torch.save(resnet18_state, cache / "resnet18-f37072fd.pth")
     monkeypatch.setattr(torch.hub, "check_hash", False, raising=False)
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("network was used"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("network was used"))
     model = gn_convert.load_model("resnet18", "DEFAULT")
     assert _same_weights(model, resnet18_state)
 
@@ -118,3 +123,40 @@ def test_list_models_is_computed_from_torchvision() -> None:
     assert {"resnet50", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "googlenet", "vgg11_bn"} <= set(names)
     assert not {"vgg11", "alexnet", "vit_b_16", "convnext_tiny", "swin_t", "squeezenet1_0"} & set(names)
     assert names == sorted(names) and len(names) > 50
+
+
+
+def test_state_dict_without_num_batches_tracked_loads(tmp_path: Path, resnet18_state: dict) -> None:
+    """Defect: a BatchNorm state from before torch 0.4.1 (no num_batches_tracked) was refused
+    as 'missing' keys; torch's own load hook fills them in."""
+    old = {k: v for k, v in resnet18_state.items() if not k.endswith("num_batches_tracked")}
+    assert len(old) == len(resnet18_state) - 20
+    path = tmp_path / "old.pt"
+    torch.save(old, path)
+    model = gn_convert.load_model("resnet18", str(path))
+    assert all(torch.equal(v, resnet18_state[k]) for k, v in model.state_dict().items() if k in old)
+    fresh = build_model("resnet18")
+    load_weights_into(fresh, old, "an old state")
+    assert torch.equal(fresh.layer1[0].bn1.running_var, resnet18_state["layer1.0.bn1.running_var"])
+
+
+def test_a_torchvision_reference_checkpoint_names_what_torch_refused(tmp_path: Path, resnet18_state: dict) -> None:
+    """Defect: torchvision's reference scripts save {"model": sd, "args": argparse.Namespace};
+    weights_only loading refuses the Namespace, and the message dropped torch's own reason."""
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": resnet18_state, "args": argparse.Namespace(lr=0.1, epochs=90)}, path)
+    with pytest.raises(WeightsError) as info:
+        read_state_dict(path)
+    message = str(info.value)
+    assert "\n" not in message and "corrupt" in message
+    assert "weights_only" in message or "argparse.Namespace" in message, message
+    assert "Namespace" in message, message
+
+
+def test_qualified_weights_names_are_parsed_by_the_one_parser() -> None:
+    spec = parse_weights("resnet50", "ResNet50_Weights.IMAGENET1K_V2")
+    assert spec.kind == "torchvision" and str(spec.enum) == "ResNet50_Weights.IMAGENET1K_V2"
+    assert parse_weights("resnet50", "IMAGENET1K_V2").enum is spec.enum
+    assert parse_weights("resnet50", "none").kind == "none"
+    with pytest.raises(WeightsError, match="IMAGENET1K_V1"):
+        parse_weights("resnet50", "ResNet18_Weights.IMAGENET1K_V1")

@@ -15,24 +15,28 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from gn_convert.native import NativeBuildError, build_library, find_headers, session_options
+from gn_convert.errors import NativeBuildError
+from gn_convert.native import PORTABLE_MARCH, build_library, find_headers, resolve_library
 from gn_convert.native import build as native_build
 from gn_convert.native import headers as native_headers
 from gn_convert.onnx.op import DOMAIN
-from onnx_models import converted, crops, exported
-from test_onnx_op import FP16_BOUND, FP32_BOUND, SHAPES_GROUPS, _inputs, _model, _reference
+from gn_convert.runtime import session_options
+from helpers.onnx_cases import FP16_BOUND, FP32_BOUND, SHAPES_GROUPS, inputs, one_node_model, reference, shape_id
+
+
+@pytest.fixture
+def library(native_library: Path) -> Path:
+    return native_library
 
 
 @pytest.fixture(scope="module")
-def library() -> Path:
-    try:
-        return build_library()
-    except NativeBuildError as err:
-        pytest.skip(f"native kernel not buildable here: {err}")
+def portable_library(native_library: Path) -> Path:
+    """The build for PORTABLE_MARCH, which deploy ships when no library is given."""
+    return build_library(march=PORTABLE_MARCH)
 
 
 def _session(model: onnx.ModelProto | str, library: Path | None, optimized: Path | None = None) -> ort.InferenceSession:
-    options = session_options(library) if library is not None else ort.SessionOptions()
+    options = session_options(library=library) if library is not None else ort.SessionOptions()
     options.intra_op_num_threads = 2
     if optimized is not None:
         options.optimized_model_filepath = str(optimized)
@@ -53,19 +57,19 @@ NATIVE_MEAN1000_BOUND = 1e-4
 
 
 @pytest.mark.parametrize("shape,groups", SHAPES_GROUPS,
-                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"G{v}")
+                         ids=shape_id)
 @pytest.mark.parametrize("mean,bound", [(0.0, FP32_BOUND), (1000.0, NATIVE_MEAN1000_BOUND)], ids=["mean0", "mean1000"])
 def test_kernel_matches_float64_torch(library: Path, shape: tuple[int, ...], groups: int, mean: float,
                                       bound: float) -> None:
-    model = _model(shape, groups, 1e-5, onnx.TensorProto.FLOAT)
-    feeds = _inputs(shape, mean, np.float32)
+    model = one_node_model(shape, groups, 1e-5, onnx.TensorProto.FLOAT)
+    feeds = inputs(shape, mean, np.float32)
     got = _session(model, library).run(None, feeds)[0].astype(np.float64)
-    ref = _reference(feeds, groups, 1e-5)
+    ref = reference(feeds, groups, 1e-5)
     assert np.abs(got - ref).max() / np.abs(ref).max() < bound
 
 
 def test_kernel_replaces_the_function_body(library: Path, tmp_path: Path) -> None:
-    model = _model((2, 8, 5, 7), 4, 1e-5, onnx.TensorProto.FLOAT)
+    model = one_node_model((2, 8, 5, 7), 4, 1e-5, onnx.TensorProto.FLOAT)
     assert _custom_nodes_after_optimisation(model, None, tmp_path) == 0  # inlined without the library
     assert _custom_nodes_after_optimisation(model, library, tmp_path) == 1
 
@@ -73,26 +77,26 @@ def test_kernel_replaces_the_function_body(library: Path, tmp_path: Path) -> Non
 @pytest.mark.parametrize("eps", [None, 0.5], ids=["default", "0.5"])
 def test_epsilon_attribute_and_default(library: Path, eps: float | None) -> None:
     shape = (2, 6, 4, 4)
-    feeds = _inputs(shape, 0.0, np.float32)
+    feeds = inputs(shape, 0.0, np.float32)
     feeds["X"] *= 1e-3  # variance ~1e-6: epsilon dominates, so a wrong epsilon shows
-    got = _session(_model(shape, 3, eps, onnx.TensorProto.FLOAT), library).run(None, feeds)[0]
-    ref = _reference(feeds, 3, 1e-5 if eps is None else eps)
+    got = _session(one_node_model(shape, 3, eps, onnx.TensorProto.FLOAT), library).run(None, feeds)[0]
+    ref = reference(feeds, 3, 1e-5 if eps is None else eps)
     assert np.abs(got - ref).max() / np.abs(ref).max() < FP32_BOUND
 
 
 def test_float16_model_computes_in_float32(library: Path) -> None:
     shape, groups = (2, 8, 6, 6), 2
-    feeds = _inputs(shape, 1000.0, np.float16)
-    got = _session(_model(shape, groups, 1e-5, onnx.TensorProto.FLOAT16), library).run(None, feeds)[0]
-    ref = _reference(feeds, groups, 1e-5)
+    feeds = inputs(shape, 1000.0, np.float16)
+    got = _session(one_node_model(shape, groups, 1e-5, onnx.TensorProto.FLOAT16), library).run(None, feeds)[0]
+    ref = reference(feeds, groups, 1e-5)
     assert got.dtype == np.float16
     assert np.abs(got.astype(np.float64) - ref).max() / np.abs(ref).max() < FP16_BOUND
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
-def test_exported_model_agrees_with_its_function_body(library: Path, name: str, tmp_path: Path) -> None:
-    report = exported(name)
-    x = crops(4).numpy()
+def test_exported_model_agrees_with_its_function_body(library: Path, name: str, tmp_path: Path, exports) -> None:
+    report = exports.exported(name)
+    x = exports.crops(4).numpy()
     native = _session(str(report.path), library).run(None, {"input": x})[0]
     body = _session(str(report.path), None).run(None, {"input": x})[0]
     assert np.abs(native - body).max() / np.abs(body).max() < 1e-5
@@ -137,59 +141,66 @@ def test_no_headers_and_no_fetching_is_one_clear_error(tmp_path: Path, monkeypat
     assert not any(Path(tmp_path).rglob("*.h")) and os.listdir(tmp_path) in ([], ["gn_convert"])
 
 
-def test_parity_on_the_native_provider_passes_and_localises_a_corrupt_layer(library: Path, tmp_path: Path) -> None:
+def test_parity_on_the_native_provider_passes_and_localises_a_corrupt_layer(library: Path, tmp_path: Path, exports) -> None:
     from gn_convert.parity import check_parity
-    from test_parity import _corrupt
+    from helpers.parity import corrupt_scale
 
-    report = check_parity(converted("resnet18"), exported("resnet18").path, providers="cpu,cpu-native", batch=4)
+    report = check_parity(exports.converted("resnet18"), exports.exported("resnet18").path, providers="cpu,cpu-native",
+                          batch=4, native_library=library)
     native_rows = [r for r in report.rows if r.provider == "cpu-native"]
     assert report.passed and len(native_rows) == len(report.rows) // 2, report.table()
     assert max(r.metrics.max_rel for r in native_rows if r.inputs == "random") < 1e-4
     bad = tmp_path / "corrupt.onnx"
-    _corrupt(exported("resnet18").path, "layer2.0.bn1", bad)
-    report = check_parity(converted("resnet18"), bad, providers="cpu-native", levels=("all",), batch=4)
+    corrupt_scale(exports.exported("resnet18").path, exports.exported("resnet18").path, "layer2.0.bn1", bad)
+    report = check_parity(exports.converted("resnet18"), bad, providers="cpu-native", levels=("all",), batch=4,
+                          native_library=library)
     assert not report.passed and "layer2.0.bn1" in report.table()
 
 
-def test_native_provider_reports_why_it_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_native_provider_reports_why_it_is_unavailable(monkeypatch: pytest.MonkeyPatch, exports) -> None:
     from gn_convert.parity import check_parity
 
     def refuse(*args: object, **kwargs: object) -> Path:
         raise NativeBuildError("no C++ compiler found")
     monkeypatch.setattr(native_build, "build_library", refuse)
-    monkeypatch.setattr("gn_convert.native.build_library", refuse)
-    report = check_parity(converted("resnet18"), exported("resnet18").path, providers="cpu-native", levels=("all",))
+    report = check_parity(exports.converted("resnet18"), exports.exported("resnet18").path, providers="cpu-native", levels=("all",))
     assert report.skipped == {"cpu-native": "no C++ compiler found"}
 
 
-def test_triton_repo_ships_the_library_and_loads_it_by_model_operations(library: Path, tmp_path: Path) -> None:
+def test_triton_repo_ships_the_portable_library_and_loads_it_by_model_operations(
+        library: Path, portable_library: Path, tmp_path: Path, exports) -> None:
+    """Defect: deploy --native-ops shipped a build for this machine's CPU (-march=native), which
+    a server's CPU may not run; without --native-library it ships the PORTABLE_MARCH build."""
     pytest.importorskip("tritonclient.grpc", reason="the serve extra is not installed")
     from gn_convert.cli import main
-    from test_deploy_repo import parsed
+    from helpers.triton import parsed
 
-    assert main(["deploy", str(exported("resnet18").path), "--triton-repo", str(tmp_path), "--name", "r18",
+    assert portable_library != library and PORTABLE_MARCH != "native"
+    assert main(["deploy", str(exports.exported("resnet18").path), "--triton-repo", str(tmp_path), "--name", "r18",
                  "--native-ops", "--server-repo", "/srv/models"]) == 0
     config = parsed(tmp_path / "r18")
     assert list(config.model_operations.op_library_filename) == ["/srv/models/r18/libgn_convert_ops.so"]
-    assert (tmp_path / "r18" / library.name).read_bytes() == library.read_bytes()
-    options = session_options(tmp_path / "r18" / library.name)  # the shipped copy loads and runs the op
+    assert (tmp_path / "r18" / library.name).read_bytes() == portable_library.read_bytes()
+    assert portable_library.read_bytes() != library.read_bytes()
+    options = session_options(library=tmp_path / "r18" / library.name)  # the shipped copy loads and runs the op
     session = ort.InferenceSession(str(tmp_path / "r18" / "1" / "model.onnx"), options,
                                    providers=["CPUExecutionProvider"])
-    x = crops(2).numpy()
-    body = _session(str(exported("resnet18").path), None).run(None, {"input": x})[0]
+    x = exports.crops(2).numpy()
+    body = _session(str(exports.exported("resnet18").path), None).run(None, {"input": x})[0]
     assert np.abs(session.run(None, {"input": x})[0] - body).max() / np.abs(body).max() < 1e-5
 
 
-def test_local_triton_server_runs_the_native_kernel(library: Path) -> None:
+@pytest.mark.slow
+def test_local_triton_server_runs_the_native_kernel(library: Path, exports) -> None:
     pytest.importorskip("pytriton", reason="the serve extra is not installed")
     from gn_convert.deploy.server import TritonModelServer, find_free_port
-    from test_serve import STARTUP_TIMEOUT_S, client, infer
+    from helpers.triton import STARTUP_TIMEOUT_S, client, infer
 
-    path = exported("resnet18").path
+    path = exports.exported("resnet18").path
     server = TritonModelServer(path, name="resnet18", http_port=find_free_port(), grpc_port=find_free_port(),
                                metrics_port=find_free_port(), native_ops=library,
                                startup_timeout_s=STARTUP_TIMEOUT_S)
-    x = crops(3).numpy()
+    x = exports.crops(3).numpy()
     body = _session(str(path), None).run(None, {"input": x})[0]
     try:
         server.start()
@@ -206,14 +217,15 @@ def test_cli_native_prints_the_library_and_refuses_a_bad_include(library: Path, 
     assert main(["native"]) == 0
     assert capsys.readouterr().out.strip() == str(library)
     assert main(["native", "--include", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "lacks onnxruntime_c_api.h" in err
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("building the native GroupNorm kernel")  # said before building
+    assert err[1].startswith("gn-convert: error:") and "lacks onnxruntime_c_api.h" in err[1]
 
 
-def test_cli_bench_times_the_native_kernel_beside_the_model(library: Path, capsys) -> None:
+def test_cli_bench_times_the_native_kernel_beside_the_model(library: Path, capsys, exports) -> None:
     from gn_convert.cli import main
 
-    path = exported("resnet18").path
+    path = exports.exported("resnet18").path
     assert main(["bench", str(path), "--native", "--batch", "1", "--rounds", "2", "--warmup", "1",
                  "--threads", "1"]) == 0
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:5]]
@@ -222,19 +234,20 @@ def test_cli_bench_times_the_native_kernel_beside_the_model(library: Path, capsy
     assert "--native is a CPU kernel" in capsys.readouterr().err
 
 
-def test_native_ops_are_refused_where_they_would_not_run(library: Path, tmp_path: Path) -> None:
+def test_native_ops_are_refused_where_they_would_not_run(library: Path, tmp_path: Path, exports) -> None:
     pytest.importorskip("tritonclient.grpc", reason="the serve extra is not installed")
     from gn_convert.deploy import DeployError, write_triton_repo
 
     for kwargs in ({"inlined": True}, {"instance": "gpu"}):
         with pytest.raises(DeployError, match="runs the custom op on CPU instances"):
-            write_triton_repo(exported("resnet18").path, tmp_path, native_ops=library, **kwargs)
+            write_triton_repo(exports.exported("resnet18").path, tmp_path, native_ops=library, **kwargs)
     with pytest.raises(DeployError, match="not found; build it"):
-        write_triton_repo(exported("resnet18").path, tmp_path, native_ops=tmp_path / "none.so")
+        write_triton_repo(exports.exported("resnet18").path, tmp_path, native_ops=tmp_path / "none.so")
     assert not any(tmp_path.iterdir())
 
 
-def test_main_command_checks_and_ships_the_native_kernel(library: Path, tmp_path: Path, capsys) -> None:
+def test_main_command_checks_and_ships_the_native_kernel(library: Path, portable_library: Path, tmp_path: Path,
+                                                         capsys) -> None:
     pytest.importorskip("tritonclient.grpc", reason="the serve extra is not installed")
     import json
 
@@ -243,20 +256,71 @@ def test_main_command_checks_and_ships_the_native_kernel(library: Path, tmp_path
     out, repo = tmp_path / "gn-r18", tmp_path / "repo"
     assert main(["resnet18", "--weights", "none", "--native", "--triton-repo", str(repo), "--parity-batch", "2",
                  "--out", str(out)]) == 0
-    assert "parity passed on onnxruntime CPU and the native kernel" in capsys.readouterr().err
+    assert "parity passed on cpu, cpu-native (24 comparisons" in capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert {row["provider"] for row in report["parity"]["rows"]} == {"cpu", "cpu-native"}
-    assert report["triton"]["native_ops"] and (repo / "gn-r18" / library.name).is_file()
+    # the library checked by parity is the one shipped: the portable build, as it goes to a server
+    assert report["triton"]["native_ops"] == str(portable_library)
+    assert (repo / "gn-r18" / library.name).read_bytes() == portable_library.read_bytes()
+    given = tmp_path / "given" / library.name
+    given.parent.mkdir()
+    given.write_bytes(library.read_bytes())
+    assert main(["resnet18", "--weights", "none", "--native", "--native-library", str(given), "--triton-repo",
+                 str(repo), "--triton-name", "given", "--parity-batch", "2", "--no-parity", "--out",
+                 str(tmp_path / "gn-given")]) == 0
+    assert (repo / "given" / library.name).read_bytes() == library.read_bytes()
     assert main(["resnet18", "--weights", "none", "--native", "--no-onnx", "--out", str(tmp_path / "x")]) == 2
     assert "drop --no-onnx" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["resnet18", "--weights", "none", "--native", "--onnx-target", "fast", "--out", str(tmp_path / "x")]) == 2
     assert "the fast target has none" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-def test_a_library_onnxruntime_refuses_is_one_clear_error(tmp_path: Path) -> None:
-    from gn_convert.bench_variants import ort_session
+def test_a_library_onnxruntime_refuses_is_one_clear_error(tmp_path: Path, exports) -> None:
+    from gn_convert.bench.variants import ort_session
+    from gn_convert.errors import NativeBuildError
 
     bogus = tmp_path / "libbogus.so"
     bogus.write_bytes(b"not a shared library")
     with pytest.raises(NativeBuildError, match="onnxruntime cannot load .*libbogus.so.*gn-convert native --force"):
-        ort_session(exported("resnet18").path, threads=1, custom_ops_library=bogus)
+        ort_session(exports.exported("resnet18").path, threads=1, custom_ops_library=bogus)
+
+
+def test_deploy_ships_the_library_given(library: Path, tmp_path: Path, exports) -> None:
+    pytest.importorskip("tritonclient.grpc", reason="the serve extra is not installed")
+    from gn_convert.cli import main
+
+    given = tmp_path / "mine" / "libgn_convert_ops.so"
+    given.parent.mkdir()
+    given.write_bytes(library.read_bytes() + b"\0")  # distinguishable from any build, still loadable
+    assert main(["deploy", str(exports.exported("resnet18").path), "--triton-repo", str(tmp_path / "repo"),
+                 "--name", "r18", "--native-ops", "--native-library", str(given)]) == 0
+    assert (tmp_path / "repo" / "r18" / given.name).read_bytes() == given.read_bytes()
+    assert main(["deploy", str(exports.exported("resnet18").path), "--triton-repo", str(tmp_path / "repo"),
+                 "--name", "r2", "--native-library", str(given)]) == 2  # a library to ship needs --native-ops
+
+
+def test_resolve_library_uses_the_path_given_or_a_portable_build(tmp_path: Path, monkeypatch) -> None:
+    given = tmp_path / "lib.so"
+    given.write_bytes(b"x")
+    assert resolve_library(given) == given
+    with pytest.raises(NativeBuildError, match="not found"):
+        resolve_library(tmp_path / "none.so")
+    marches: list[str] = []
+    monkeypatch.setattr(native_build, "build_library", lambda **kw: marches.append(kw["march"]) or given)
+    resolve_library(portable=True)
+    resolve_library()
+    assert marches == [PORTABLE_MARCH, "native"]
+
+
+def test_bench_and_serve_take_the_native_library_given(tmp_path: Path, capsys, exports) -> None:
+    """--native-library PATH is the library bench times and serve loads: a missing one is one
+    line and exit 2 (nothing is built in its place)."""
+    from gn_convert.cli import main
+
+    missing = tmp_path / "none" / "libgn_convert_ops.so"
+    path = str(exports.exported("resnet18").path)
+    assert main(["bench", path, "--native", "--native-library", str(missing), "--batch", "1", "--rounds", "1"]) == 2
+    assert f"native kernel library {missing} not found" in capsys.readouterr().err
+    assert main(["serve", path, "--native", "--native-library", str(missing)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"native kernel library {missing} not found" in err[0]

@@ -11,93 +11,21 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.checker
-import onnx.helper as oh
 import onnx.shape_inference
-import onnxruntime as ort
 import pytest
-import torch
 
-from gn_convert.onnx.lower import attach_function
-from gn_convert.onnx.op import DOMAIN, OP_TYPE, function_proto, opset_import, schema
-
-LEVELS = {"opt-off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "opt-all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-FP32_BOUND = 2e-6
-"""Relative error bound for float32 inputs with mean 0 (rounding of a few float32 ops)."""
-FP32_MEAN1000_BOUND = 5e-4
-"""Relative bound at mean 1000 and std 1: float32 resolves 1000 to 6e-5, i.e. ~1e-4 of the output."""
-FP16_BOUND = 1e-3
-"""Relative bound for float16 inputs: one float16 rounding of the output (2^-11) plus float32 compute."""
-
-
-def _model(shape: tuple[int, ...], groups: int, eps: float | None, dtype: int, opset: int = 21,
-           op: str = "custom") -> onnx.ModelProto:
-    """A one-node model: Y = GroupNorm(X, scale, bias), all three graph inputs."""
-    channels = shape[1]
-    attrs = {"num_groups": groups}
-    if eps is not None:
-        attrs["epsilon"] = eps
-    if op == "custom":
-        node = oh.make_node(OP_TYPE, ["X", "scale", "bias"], ["Y"], domain=DOMAIN, **attrs)
-        imports = [oh.make_opsetid("", opset), opset_import()]
-    else:  # the standard GroupNormalization-21
-        node = oh.make_node("GroupNormalization", ["X", "scale", "bias"], ["Y"], **attrs)
-        imports = [oh.make_opsetid("", 21)]
-    graph = oh.make_graph(
-        [node], "groupnorm",
-        [oh.make_tensor_value_info("X", dtype, ["N", *shape[1:]]),
-         oh.make_tensor_value_info("scale", dtype, [channels]),
-         oh.make_tensor_value_info("bias", dtype, [channels])],
-        [oh.make_tensor_value_info("Y", dtype, ["N", *shape[1:]])],
-    )
-    model = oh.make_model(graph, opset_imports=imports)
-    return attach_function(model) if op == "custom" else model
-
-
-def _inputs(shape: tuple[int, ...], mean: float, dtype: np.dtype, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    channels = shape[1]
-    return {
-        "X": (rng.standard_normal(shape) + mean).astype(dtype),
-        "scale": rng.uniform(0.5, 2.0, channels).astype(dtype),
-        "bias": rng.uniform(-1.0, 1.0, channels).astype(dtype),
-    }
-
-
-def _reference(feeds: dict[str, np.ndarray], groups: int, eps: float) -> np.ndarray:
-    t = {k: torch.from_numpy(v.astype(np.float64)) for k, v in feeds.items()}
-    return torch.nn.functional.group_norm(t["X"], groups, t["scale"], t["bias"], eps).numpy()
-
-
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], level: ort.GraphOptimizationLevel) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)[0]
-
-
-def relative_error(feeds: dict[str, np.ndarray], groups: int, eps: float, model: onnx.ModelProto,
-                   level: ort.GraphOptimizationLevel) -> float:
-    """Max abs error of onnxruntime vs float64 torch, over the reference output's max magnitude."""
-    got = _run(model, feeds, level).astype(np.float64)
-    ref = _reference(feeds, groups, eps)
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
-
-
-SHAPES_GROUPS = [
-    ((2, 6, 17), 1), ((2, 6, 17), 6), ((2, 6, 17), 3),                  # rank 3
-    ((3, 8, 5, 7), 1), ((3, 8, 5, 7), 8), ((3, 8, 5, 7), 4),             # rank 4
-    ((2, 4, 3, 4, 5), 1), ((2, 4, 3, 4, 5), 4), ((2, 4, 3, 4, 5), 2),    # rank 5
-]
+from gn_convert.onnx.op import DOMAIN, OP_TYPE, function_proto, schema
+from helpers.onnx_cases import (FP16_BOUND, FP32_BOUND, FP32_MEAN1000_BOUND, LEVELS, SHAPES_GROUPS, inputs,
+                                one_node_model, reference, relative_error, run, shape_id)
 
 
 @pytest.mark.parametrize("level", LEVELS, ids=str)
-@pytest.mark.parametrize("shape,groups", SHAPES_GROUPS, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"G{v}")
+@pytest.mark.parametrize("shape,groups", SHAPES_GROUPS, ids=shape_id)
 @pytest.mark.parametrize("mean,bound", [(0.0, FP32_BOUND), (1000.0, FP32_MEAN1000_BOUND)], ids=["mean0", "mean1000"])
 def test_fp32_matches_float64_torch(shape: tuple[int, ...], groups: int, mean: float, bound: float, level: str) -> None:
     eps = 1e-5
-    model = _model(shape, groups, eps, onnx.TensorProto.FLOAT)
-    err = relative_error(_inputs(shape, mean, np.float32), groups, eps, model, LEVELS[level])
+    model = one_node_model(shape, groups, eps, onnx.TensorProto.FLOAT)
+    err = relative_error(inputs(shape, mean, np.float32), groups, eps, model, LEVELS[level])
     assert err < bound, f"relative error {err:.2e} >= {bound:.0e}"
 
 
@@ -105,9 +33,9 @@ def test_fp32_matches_float64_torch(shape: tuple[int, ...], groups: int, mean: f
 def test_epsilon_attribute_and_default(eps: float | None) -> None:
     """A small-variance input makes epsilon matter; omitted, it defaults to 1e-5."""
     shape, groups = (2, 4, 6, 6), 2
-    feeds = _inputs(shape, 0.0, np.float32)
+    feeds = inputs(shape, 0.0, np.float32)
     feeds["X"] = feeds["X"] * np.float32(0.01)  # variance 1e-4: eps=0.1 changes the output ~30x
-    model = _model(shape, groups, eps, onnx.TensorProto.FLOAT)
+    model = one_node_model(shape, groups, eps, onnx.TensorProto.FLOAT)
     err = relative_error(feeds, groups, 1e-5 if eps is None else eps, model, LEVELS["opt-off"])
     assert err < 1e-5
     other = 0.1 if (eps or 1e-5) < 0.01 else 1e-5
@@ -119,9 +47,9 @@ def test_epsilon_attribute_and_default(eps: float | None) -> None:
 @pytest.mark.parametrize("mean", [0.0, 1000.0], ids=["mean0", "mean1000"])
 def test_fp16_inputs_computed_in_fp32(mean: float, level: str) -> None:
     shape, groups, eps = (2, 8, 6, 6), 4, 1e-5
-    model = _model(shape, groups, eps, onnx.TensorProto.FLOAT16)
-    feeds = _inputs(shape, mean, np.float16)
-    got = _run(model, feeds, LEVELS[level])
+    model = one_node_model(shape, groups, eps, onnx.TensorProto.FLOAT16)
+    feeds = inputs(shape, mean, np.float16)
+    got = run(model, feeds, LEVELS[level])
     assert got.dtype == np.float16
     err = relative_error(feeds, groups, eps, model, LEVELS[level])
     assert err < FP16_BOUND, f"relative error {err:.2e}"
@@ -130,10 +58,10 @@ def test_fp16_inputs_computed_in_fp32(mean: float, level: str) -> None:
 @pytest.mark.parametrize("opset", [18, 19, 20, 21])
 def test_function_authored_at_each_supported_opset_runs(opset: int) -> None:
     shape, groups = (2, 6, 4, 4), 3
-    model = _model(shape, groups, 1e-5, onnx.TensorProto.FLOAT, opset=opset)
+    model = one_node_model(shape, groups, 1e-5, onnx.TensorProto.FLOAT, opset=opset)
     onnx.checker.check_model(model, full_check=True)
     assert next(f for f in model.functions if f.domain == DOMAIN).opset_import[0].version == opset
-    err = relative_error(_inputs(shape, 0.0, np.float32), groups, 1e-5, model, LEVELS["opt-all"])
+    err = relative_error(inputs(shape, 0.0, np.float32), groups, 1e-5, model, LEVELS["opt-all"])
     assert err < FP32_BOUND
 
 
@@ -143,7 +71,7 @@ def test_function_below_opset_18_is_refused() -> None:
 
 
 def test_schema_shape_inference_keeps_shape_and_rejects_bad_groups() -> None:
-    model = _model((2, 6, 5, 5), 3, 1e-5, onnx.TensorProto.FLOAT)
+    model = one_node_model((2, 6, 5, 5), 3, 1e-5, onnx.TensorProto.FLOAT)
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     dims = [d.dim_param or d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim]
     assert dims == ["N", 6, 5, 5]
@@ -158,11 +86,11 @@ def test_standard_groupnormalization21_loses_precision_at_mean_1000() -> None:
     """The contrast the custom op exists for: onnxruntime expands the standard op's
     E[x^2] - E[x]^2 body. If this fails, onnxruntime fixed the standard op: update the docs."""
     shape, groups, eps = (2, 8, 16, 16), 4, 1e-5
-    feeds = _inputs(shape, 1000.0, np.float32)
-    ours = relative_error(feeds, groups, eps, _model(shape, groups, eps, onnx.TensorProto.FLOAT), LEVELS["opt-all"])
-    standard = {name: relative_error(feeds, groups, eps, _model(shape, groups, eps, onnx.TensorProto.FLOAT, op="standard"),
+    feeds = inputs(shape, 1000.0, np.float32)
+    ours = relative_error(feeds, groups, eps, one_node_model(shape, groups, eps, onnx.TensorProto.FLOAT), LEVELS["opt-all"])
+    standard = {name: relative_error(feeds, groups, eps, one_node_model(shape, groups, eps, onnx.TensorProto.FLOAT, op="standard"),
                                      level) for name, level in LEVELS.items()}
-    scale = float(np.abs(_reference(feeds, groups, eps)).max())
+    scale = float(np.abs(reference(feeds, groups, eps)).max())
     print(f"\nmean 1000, {shape}, G={groups}, output scale {scale:.2f}; max abs error vs float64: ours "
           f"{ours * scale:.2e}, standard GroupNormalization-21 "
           + ", ".join(f"{name} {err * scale:.2e}" for name, err in standard.items()))

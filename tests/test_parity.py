@@ -13,18 +13,22 @@ import pytest
 import torch
 from torch import nn
 
-from gn_convert.onnx import OnnxFileError, export_onnx, read_model
-from gn_convert.onnx.op import groupnorm_nodes
-from gn_convert.parity import ParityError, check_parity, compare
-from gn_convert.parity.tolerances import DEFAULT_TOLERANCES, Tolerance
-from onnx_models import MODELS, SIZE, converted, exported
+from gn_convert.errors import OnnxFileError, ParityError, SessionError
+from gn_convert.onnx import export_onnx
+from gn_convert.parity import check_parity, compare
+from gn_convert.parity import check as parity_check
+from gn_convert.parity.providers import availability
+from gn_convert.parity.tolerances import DEFAULT_TOLERANCES, Tolerance, tolerance_for
+from gn_convert.testing.photos import photo_crops
+from helpers.models import MODELS, SIZE
+from helpers.parity import corrupt_scale
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_converted_model_passes_on_cpu_at_both_levels(name: str) -> None:
-    report = check_parity(converted(name), exported(name).path)
+def test_converted_model_passes_on_cpu_at_both_levels(name: str, exports) -> None:
+    report = check_parity(exports.converted(name), exports.exported(name).path)
     assert report.passed, report.table()
     assert {(r.level, r.inputs, r.batch) for r in report.rows} == {
         (level, inputs, batch) for level in ("off", "all") for inputs in ("random", "large-mean", "large-scale")
@@ -36,28 +40,16 @@ def test_converted_model_passes_on_cpu_at_both_levels(name: str) -> None:
 
 
 @pytest.mark.parametrize("target", ["inlined", "standard"])
-def test_lowered_targets_pass(target: str) -> None:
-    report = check_parity(converted("resnet18"), exported("resnet18", target).path, levels=("all",), batch=4)
+def test_lowered_targets_pass(target: str, exports) -> None:
+    report = check_parity(exports.converted("resnet18"), exports.exported("resnet18", target).path, levels=("all",), batch=4)
     assert report.passed, report.table()
 
 
-def _corrupt(source: Path, scale_of: str, dest: Path) -> None:
-    """Copy ``source`` with one channel of a GroupNorm layer's scale multiplied by 1.5."""
-    function_model = read_model(exported("resnet18").path)
-    scale_name = next(n.input[1] for n in groupnorm_nodes(function_model) if n.name == scale_of)
-    model = read_model(source)
-    tensor = next(t for t in model.graph.initializer if t.name == scale_name)
-    values = onnx.numpy_helper.to_array(tensor).copy()
-    values[3] *= 1.5
-    tensor.CopyFrom(onnx.numpy_helper.from_array(values, scale_name))
-    onnx.save(model, str(dest))
-
-
 @pytest.mark.parametrize("target", ["function", "inlined"])
-def test_corrupted_groupnorm_scale_fails_and_names_the_layer(tmp_path: Path, target: str) -> None:
+def test_corrupted_groupnorm_scale_fails_and_names_the_layer(tmp_path: Path, target: str, exports) -> None:
     bad = tmp_path / "corrupt.onnx"
-    _corrupt(exported("resnet18", target).path, "layer2.0.bn1", bad)
-    report = check_parity(converted("resnet18"), bad, levels=("all",), batch=4)
+    corrupt_scale(exports.exported("resnet18").path, exports.exported("resnet18", target).path, "layer2.0.bn1", bad)
+    report = check_parity(exports.converted("resnet18"), bad, levels=("all",), batch=4)
     assert not report.passed
     assert all(not r.passed for r in report.rows if r.inputs == "random")
     found = report.localisation["cpu/all"]
@@ -97,38 +89,36 @@ def test_groupnorm_model_is_batch_independent(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CUDA is present: the provider runs instead of being skipped")
-def test_absent_providers_are_reported_with_the_reason() -> None:
-    report = check_parity(converted("resnet18"), exported("resnet18").path, providers="cpu,cuda,tensorrt",
+def test_absent_providers_are_reported_with_the_reason(exports) -> None:
+    report = check_parity(exports.converted("resnet18"), exports.exported("resnet18").path, providers="cpu,cuda,tensorrt",
                           levels=("all",), batch=2)
     assert set(report.skipped) == {"cuda", "tensorrt"}
     assert "onnxruntime-gpu" in report.skipped["cuda"]
     assert report.passed and {r.provider for r in report.rows} == {"cpu"}
 
 
-def test_image_folder_adds_an_input_set(tmp_path: Path) -> None:
+def test_image_folder_adds_an_input_set(tmp_path: Path, exports) -> None:
     from PIL import Image
-
-    from conftest import photo_crops
 
     for i, crop in enumerate(photo_crops(3, 80, seed=5)):
         pixels = ((crop - crop.min()) / (crop.max() - crop.min()) * 255).byte().permute(1, 2, 0).numpy()
         Image.fromarray(pixels).save(tmp_path / f"{i}.png")
-    report = check_parity(converted("resnet18"), exported("resnet18").path, levels=("all",), batch=2, images=tmp_path)
+    report = check_parity(exports.converted("resnet18"), exports.exported("resnet18").path, levels=("all",), batch=2, images=tmp_path)
     rows = [r for r in report.rows if r.inputs == "images"]
     assert [r.batch for r in rows] == [1, 2] and all(r.passed for r in rows)
 
 
-def test_mismatched_and_invalid_files_are_refused(tmp_path: Path) -> None:
+def test_mismatched_and_invalid_files_are_refused(tmp_path: Path, exports) -> None:
     with pytest.raises(ParityError, match="GroupNorm layer features"):
-        check_parity(converted("resnet18"), exported("mobilenet_v3_small").path)
+        check_parity(exports.converted("resnet18"), exports.exported("mobilenet_v3_small").path)
     other = nn.Sequential(nn.Conv2d(5, 4, 3), nn.GroupNorm(2, 4)).eval()
     with pytest.raises(ParityError, match="fails in PyTorch"):
-        check_parity(other, exported("resnet18").path)
+        check_parity(other, exports.exported("resnet18").path)
     (tmp_path / "x.onnx").write_bytes(b"not an onnx file at all")
     with pytest.raises(OnnxFileError, match="not a readable ONNX model"):
-        check_parity(converted("resnet18"), tmp_path / "x.onnx")
+        check_parity(exports.converted("resnet18"), tmp_path / "x.onnx")
     with pytest.raises(ParityError, match="unknown provider"):
-        check_parity(converted("resnet18"), exported("resnet18").path, providers="gpu")
+        check_parity(exports.converted("resnet18"), exports.exported("resnet18").path, providers="gpu")
 
 
 def test_compare_metrics_on_known_outputs() -> None:
@@ -143,10 +133,10 @@ def test_compare_metrics_on_known_outputs() -> None:
 
 
 @pytest.mark.cuda
-def test_fp16_export_parity_on_cuda(tmp_path: Path) -> None:
+def test_fp16_export_parity_on_cuda(tmp_path: Path, exports) -> None:
     if not HAS_CUDA:
         pytest.skip("no CUDAExecutionProvider (install onnxruntime-gpu on a machine with an NVIDIA GPU)")
-    model = converted("resnet18")
+    model = exports.converted("resnet18")
     for fp16 in (False, True):
         path = export_onnx(model, tmp_path / f"m{int(fp16)}.onnx", input_shape=(1, 3, SIZE, SIZE), fp16=fp16).path
         report = check_parity(model, path, providers="cuda")
@@ -156,17 +146,17 @@ def test_fp16_export_parity_on_cuda(tmp_path: Path) -> None:
         assert report.passed, report.table()
 
 
-def test_tolerance_rises_only_to_the_float32_references_own_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tolerance_rises_only_to_the_float32_references_own_noise(monkeypatch: pytest.MonkeyPatch, exports) -> None:
     """With a default bound no float32 runtime can meet, rows pass exactly when onnxruntime is
     within twice torch float32's own distance from a float64 run, and the raised bound is that;
     the same bound given by the user is taken literally."""
-    model = converted("resnet18")
+    model = exports.converted("resnet18")
     impossible = Tolerance(1e-12, 0.99999, 1e-5)
-    literal = check_parity(model, exported("resnet18").path, levels=("all",), batch=2,
+    literal = check_parity(model, exports.exported("resnet18").path, levels=("all",), batch=2,
                            tolerances={("cpu", "float32"): impossible}, localise_failures=False)
     assert not literal.passed and {r.tolerance.max_rel for r in literal.rows if r.inputs == "random"} == {1e-12}
     monkeypatch.setitem(DEFAULT_TOLERANCES, ("cpu", "float32"), impossible)
-    report = check_parity(model, exported("resnet18").path, levels=("all",), batch=2, localise_failures=False)
+    report = check_parity(model, exports.exported("resnet18").path, levels=("all",), batch=2, localise_failures=False)
     random = sets_of(report, "random")
     x = torch.randn(2, *report.input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -183,3 +173,61 @@ def test_tolerance_rises_only_to_the_float32_references_own_noise(monkeypatch: p
 
 def sets_of(report, name: str) -> list:
     return [r for r in report.rows if r.inputs == name]
+
+
+def test_a_provider_that_fails_to_run_is_a_reported_failure_not_a_crash(monkeypatch: pytest.MonkeyPatch,
+                                                                         exports) -> None:
+    """Defect: an onnxruntime error while running a provider escaped check_parity as a crash."""
+    def refuse(sess, feeds, outputs=None):
+        raise SessionError("onnxruntime failed to run the model: injected kernel failure")
+
+    monkeypatch.setattr(parity_check, "run_session", refuse)
+    report = check_parity(exports.converted("resnet18"), exports.exported("resnet18").path, levels=("off", "all"),
+                          batch=2)
+    assert not report.passed and not report.rows
+    assert report.errors == {f"cpu/{level}": "onnxruntime failed to run the model: injected kernel failure"
+                             for level in ("off", "all")}
+    assert "cpu/all: failed to run: onnxruntime failed to run the model" in report.table()
+    assert report.to_dict()["passed"] is False
+
+
+def test_a_provider_that_fails_to_start_is_a_reported_failure(monkeypatch: pytest.MonkeyPatch, exports) -> None:
+    from gn_convert.errors import ProviderUnavailableError
+
+    def refuse(*args, **kwargs):
+        raise ProviderUnavailableError("onnxruntime could not start CPUExecutionProvider (injected)")
+
+    monkeypatch.setattr(parity_check, "open_session", refuse)
+    report = check_parity(exports.converted("resnet18"), exports.exported("resnet18").path, levels=("all",),
+                          batch=2)
+    assert not report.passed and set(report.errors) == {"cpu/all"} and "injected" in report.errors["cpu/all"]
+
+
+def test_native_availability_loads_the_library_and_refuses_a_file_that_is_not_one(tmp_path: Path) -> None:
+    """Defect: ``cpu-native`` counted as available when the library file merely existed."""
+    bogus = tmp_path / "libgn_convert_ops.so"
+    bogus.write_bytes(b"not a shared library")
+    found = availability("cpu-native", bogus)
+    assert not found.available and found.library is None
+    assert f"onnxruntime cannot load {bogus}" in found.reason
+    missing = availability("cpu-native", tmp_path / "none.so")
+    assert not missing.available and "not found" in missing.reason
+
+
+def test_native_library_that_does_not_load_is_skipped_with_its_reason(tmp_path: Path, exports) -> None:
+    bogus = tmp_path / "libbogus.so"
+    bogus.write_bytes(b"\x7fELF but not really")
+    report = check_parity(exports.converted("resnet18"), exports.exported("resnet18").path,
+                          providers="cpu,cpu-native", levels=("all",), batch=2, native_library=bogus)
+    assert set(report.skipped) == {"cpu-native"} and "cannot load" in report.skipped["cpu-native"]
+    assert {r.provider for r in report.rows} == {"cpu"} and report.passed
+
+
+@pytest.mark.parametrize("provider,dtype", [("cpu", "bfloat16"), ("cuda", "float64"), ("vulkan", "float32")])
+def test_an_unknown_provider_or_dtype_has_no_borrowed_tolerance(provider: str, dtype: str) -> None:
+    """Defect: bfloat16 silently used the float16 bound."""
+    with pytest.raises(ParityError, match=f"no parity tolerance for {provider} with {dtype}"):
+        tolerance_for(provider, dtype)
+    assert tolerance_for("cpu", "float16") == DEFAULT_TOLERANCES[("cpu", "float16")]
+    given = Tolerance(1e-2, 0.99, 1e-3)
+    assert tolerance_for(provider, dtype, {(provider, dtype): given}) is given

@@ -1,8 +1,9 @@
 """A real Triton server (nvidia-pytriton's tritonserver) serving our exported model.
 
 One server is started per module on free loopback ports, with a bounded start-up time, and is
-always stopped by the fixture's finaliser, pass or fail. Outputs are compared with a local
-onnxruntime session of the same file on the same inputs.
+always stopped by the fixture's finaliser, pass or fail; tests that stop a server start their
+own. Outputs are compared with a local onnxruntime session of the same file on the same inputs.
+Every test here starts or talks to a server: the module is marked slow.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from gn_convert.photos import photo_crops
 from gn_convert.deploy import DeployError, TritonModelServer, find_free_port
-from onnx_models import SIZE, exported
+from gn_convert.testing.photos import photo_crops
+from helpers.models import SIZE
+from helpers.triton import STARTUP_TIMEOUT_S, client, infer
 
 try:
     import pytriton.triton  # noqa: F401
@@ -36,13 +38,12 @@ except ImportError as err:
     pytest.skip(f"the serve extra is not installed ({err.name}); pip install 'gn-convert[serve]'",
                 allow_module_level=True)
 
-STARTUP_TIMEOUT_S = 60.0
-CLIENTS = {"http": httpclient, "grpc": grpcclient}
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def model_path() -> Path:
-    return exported("resnet18").path
+def model_path(exports) -> Path:
+    return exports.exported("resnet18").path
 
 
 @pytest.fixture(scope="module")
@@ -60,22 +61,6 @@ def server(model_path: Path) -> Iterator[TritonModelServer]:
         yield server.start()
     finally:
         server.close()
-
-
-@contextlib.contextmanager
-def client(server: TritonModelServer, protocol: str) -> Iterator[Any]:
-    module = CLIENTS[protocol]
-    c = module.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
-    try:
-        yield c
-    finally:
-        c.close()  # an open HTTP connection would hold the server's shutdown for its exit timeout
-
-
-def infer(c: Any, protocol: str, x: np.ndarray, name: str = "input", datatype: str = "FP32") -> np.ndarray:
-    tensor = CLIENTS[protocol].InferInput(name, list(x.shape), datatype)
-    tensor.set_data_from_numpy(x)
-    return c.infer("resnet18", [tensor]).as_numpy("output")
 
 
 def reference(local: Any, x: np.ndarray) -> np.ndarray:
@@ -179,7 +164,7 @@ def test_cli_serve_stops_gracefully_on_sigterm(model_path: Path, tmp_path: Path)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "stopped on SIGTERM" in err
-        with pytest.raises(Exception):
+        with pytest.raises(ConnectionRefusedError):
             with contextlib.closing(httpclient.InferenceServerClient(f"127.0.0.1:{port}")) as c:
                 c.is_server_live()
     finally:
@@ -192,21 +177,56 @@ def test_cli_serve_stops_gracefully_on_sigterm(model_path: Path, tmp_path: Path)
 @pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
                     reason="no CUDAExecutionProvider here (needs a CUDA GPU and onnxruntime-gpu)")
 def test_served_on_cuda_matches_a_local_cuda_session(model_path: Path) -> None:
-    providers = ["CUDAExecutionProvider"]
-    local_cuda = ort.InferenceSession(str(model_path), providers=providers)
+    local_cuda = ort.InferenceSession(str(model_path), providers=["CUDAExecutionProvider"])
     x = photo_crops(2, SIZE, seed=14).numpy()
     with TritonModelServer(model_path, name="resnet18", http_port=find_free_port(), grpc_port=find_free_port(),
-                           metrics_port=find_free_port(), providers=providers,
+                           metrics_port=find_free_port(), provider="cuda",
                            startup_timeout_s=STARTUP_TIMEOUT_S) as cuda_server:
         assert cuda_server.uses_gpu
         with client(cuda_server, "grpc") as c:
             np.testing.assert_allclose(infer(c, "grpc", x), local_cuda.run(None, {"input": x})[0], rtol=0, atol=1e-5)
 
 
-def test_stop_ends_the_server_and_frees_its_ports(server) -> None:
-    """Runs last in this module: stops the shared server (the finaliser then finds it stopped)."""
-    server.stop()
-    assert not server.is_alive() and not server.is_ready()
-    with pytest.raises(Exception):
-        with client(server, "http") as c:
-            c.is_server_live()
+def _own_server(model_path: Path) -> TritonModelServer:
+    return TritonModelServer(model_path, name="resnet18", http_port=find_free_port(), grpc_port=find_free_port(),
+                             metrics_port=find_free_port(), startup_timeout_s=STARTUP_TIMEOUT_S)
+
+
+def test_stop_ends_the_server_and_frees_its_ports(model_path: Path) -> None:
+    """Its own server (stopping the shared one would depend on running last)."""
+    server = _own_server(model_path)
+    try:
+        server.start()
+        assert server.is_ready()
+        server.stop()
+        assert not server.is_alive() and not server.is_ready()
+        with pytest.raises(ConnectionRefusedError):
+            with client(server, "http") as c:
+                c.is_server_live()
+        with pytest.raises(InferenceServerException, match="UNAVAILABLE"):
+            with client(server, "grpc") as c:
+                c.is_server_live()
+    finally:
+        server.close()
+
+
+def test_starting_a_server_leaves_this_process_environment_alone(model_path: Path, monkeypatch) -> None:
+    """Defect: the server's LD_LIBRARY_PATH (the interpreter's libdir first, for the Python
+    backend stub) was set in os.environ, for every later subprocess of this process."""
+    import sysconfig
+
+    from gn_convert.deploy.server import interpreter_libdir_first
+
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/mine")
+    before = dict(os.environ)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    assert interpreter_libdir_first({"LD_LIBRARY_PATH": "/opt/mine"})["LD_LIBRARY_PATH"] == f"{libdir}:/opt/mine"
+    server = _own_server(model_path)
+    try:
+        server.start()  # the model loads only with the scoped library path
+        assert dict(os.environ) == before
+        server_env = server._triton._triton_server._get_env()
+        assert server_env["LD_LIBRARY_PATH"].startswith(f"{libdir}:/opt/mine")
+    finally:
+        server.close()
+    assert dict(os.environ) == before

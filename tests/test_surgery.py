@@ -9,15 +9,21 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import gn_convert
-from conftest import nontrivial_model, photo_crops
-from gn_convert.models import build_model
-from gn_convert.registry import is_batchnorm
+from gn_convert.load.names import build_model
+from gn_convert.surgery.registry import is_batchnorm
+from gn_convert.testing.photos import photo_crops
+from helpers.models import relative_error
 
-FAMILIES = [
-    "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2", "mobilenet_v3_small",
-    "efficientnet_b0", "densenet121", "regnet_y_400mf", "shufflenet_v2_x0_5", "mnasnet0_5", "googlenet",
-    "vgg11_bn",
-]
+BN_STATS_ERROR = {
+    "resnet18": 0.49, "resnet50": 0.59, "resnext50_32x4d": 0.65, "wide_resnet50_2": 0.63, "mobilenet_v2": 0.76,
+    "mobilenet_v3_small": 0.95, "efficientnet_b0": 0.99, "densenet121": 0.60, "regnet_y_400mf": 0.79,
+    "shufflenet_v2_x0_5": 0.75, "mnasnet0_5": 0.83, "googlenet": 0.80, "vgg11_bn": 0.43,
+}
+"""Measured ||GN(x) - BN(x)|| / ||BN(x)|| at G=32 with the bn-stats init, on 4 photo crops (64x64),
+for each family with BatchNorm statistics measured on other crops (untrained weights). An
+untrained network's function is dominated by its BatchNorm statistics, and G=32 makes
+narrow layers per-channel instance norms: the errors are large, and differ per family."""
+FAMILIES = list(BN_STATS_ERROR)
 
 
 def _no_batchnorm_left(model: nn.Module) -> bool:
@@ -25,10 +31,10 @@ def _no_batchnorm_left(model: nn.Module) -> bool:
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_family_converts_completely(name: str) -> None:
-    model = gn_convert.load_model(name, "none")
+def test_family_converts_completely_and_stays_within_its_measured_error(name: str, nontrivial) -> None:
+    model = nontrivial(name)
     bns = {n: m for n, m in model.named_modules() if is_batchnorm(m)}
-    x = torch.randn(2, 3, 64, 64)
+    x = photo_crops(4, 64, seed=123)
     with torch.no_grad():
         before = model(x)
     plan = gn_convert.plan(model, 32)
@@ -46,6 +52,7 @@ def test_family_converts_completely(name: str) -> None:
         after = converted(x)
     assert after.shape == before.shape
     assert torch.isfinite(after).all()
+    assert relative_error(after, before) < BN_STATS_ERROR[name] + 0.05
     assert not _no_batchnorm_left(model)  # the input model is untouched
 
 
@@ -128,23 +135,19 @@ def test_bn_stats_init_is_exact_when_sample_statistics_equal_the_population() ->
     assert (identity - expected).abs().max().item() > 0.5
 
 
-def test_identity_init_is_weight_one_bias_zero() -> None:
-    gn = gn_convert.convert(nontrivial_model("resnet18"), 32, init="identity").bn1
+def test_identity_init_is_weight_one_bias_zero(nontrivial) -> None:
+    gn = gn_convert.convert(nontrivial("resnet18"), 32, init="identity").bn1
     assert gn.weight.eq(1).all() and gn.bias.eq(0).all()
 
 
-def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize(("name", "max_ratio"), [("resnet18", 0.8), ("mobilenet_v2", 0.92)])
-def test_bn_stats_init_beats_identity_on_real_images(name: str, max_ratio: float) -> None:
+def test_bn_stats_init_beats_identity_on_real_images(name: str, max_ratio: float, nontrivial) -> None:
     """Measured (seeded): resnet18 0.53 vs 0.75, mobilenet_v2 0.77 vs 0.87 relative error."""
-    teacher = nontrivial_model(name)
+    teacher = nontrivial(name)
     x = photo_crops(8, 64, seed=123)
     with torch.no_grad():
         expected = teacher(x)
-        errors = {init: _relative_error(gn_convert.convert(teacher, 32, init=init).eval()(x), expected)
+        errors = {init: relative_error(gn_convert.convert(teacher, 32, init=init).eval()(x), expected)
                   for init in ("identity", "bn-stats")}
     assert errors["bn-stats"] < max_ratio * errors["identity"], errors
 
@@ -152,3 +155,12 @@ def test_bn_stats_init_beats_identity_on_real_images(name: str, max_ratio: float
 def test_unknown_init_is_refused() -> None:
     with pytest.raises(gn_convert.GnConvertError, match="unknown init"):
         gn_convert.convert(nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)), 4, init="opacus")
+
+
+
+def test_frozen_batchnorm_converts_to_groupnorm_that_distill_does_not_train() -> None:
+    """A FrozenBatchNorm2d has buffers, not parameters: its GroupNorm keeps requires_grad False."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), FrozenBatchNorm2d(8))
+    converted = gn_convert.convert(model, 4)
+    assert isinstance(converted[1], nn.GroupNorm)
+    assert not converted[1].weight.requires_grad and not converted[1].bias.requires_grad

@@ -1,0 +1,6 @@
+"""Builders shared by the test modules (never imported from one test file into another).
+
+- :mod:`helpers.models`: tiny seeded CNNs, agreement, the converted-and-exported test models.
+- :mod:`helpers.onnx_cases`: one-node models of our op, their inputs and a float64 reference.
+- :mod:`helpers.triton`: Triton config parsing and clients for the deploy and serve tests.
+"""
