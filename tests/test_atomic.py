@@ -1,0 +1,158 @@
+"""Outputs that appear whole or not at all (``gn_convert.atomic``): a failed, interrupted or
+terminated write leaves nothing, what a killed run left is swept, and a replaced folder is
+never lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gn_convert.atomic import atomic_file, staged_files, staged_folder, sweep_stale
+from gn_convert.errors import OutputError
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from gn_convert.atomic import atomic_file, staged_files, staged_folder
+kind, dest = sys.argv[1], Path(sys.argv[2])
+if kind == "folder":
+    with staged_folder(dest, force=True) as tmp:
+        (tmp / "model.onnx").write_text("half")
+        print(tmp, flush=True)
+        time.sleep(60)
+elif kind == "files":
+    with staged_files(dest) as stage:
+        stage.path.write_text("half")
+        (stage.folder / (dest.name + ".data")).write_text("weights")
+        print(stage.folder, flush=True)
+        time.sleep(60)
+        stage.commit()
+else:
+    with atomic_file(dest) as tmp:
+        tmp.write_text("half")
+        print(tmp, flush=True)
+        time.sleep(60)
+"""
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+@pytest.mark.parametrize("kind", ["folder", "files", "file"])
+def test_sigterm_during_a_staged_write_removes_the_partial(kind: str, tmp_path: Path) -> None:
+    """Defect: SIGTERM (kill, timeout, a CI cancel) killed the writer without clean-up, leaving
+    ``.NAME.PID.partial`` folders and ``.tmp`` files beside the destination."""
+    dest = tmp_path / ("out" if kind == "folder" else "model.onnx")
+    if kind == "folder":
+        dest.mkdir()
+        (dest / "keep.txt").write_text("the previous output")
+    script = tmp_path.parent / f"{tmp_path.name}-writer.py"
+    script.write_text(textwrap.dedent(WRITER))
+    proc = subprocess.Popen([sys.executable, str(script), kind, str(dest)], stdout=subprocess.PIPE, text=True)
+    try:
+        partial = Path(proc.stdout.readline().strip())
+        assert partial.exists() and partial.parent == tmp_path
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        script.unlink()
+    assert not partial.exists()
+    if kind == "folder":  # the folder being replaced is still there, unchanged
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+        assert (dest / "keep.txt").read_text() == "the previous output"
+    else:
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_removes_what_dead_runs_left_and_keeps_live_ones(tmp_path: Path) -> None:
+    dead, alive = _dead_pid(), os.getppid()
+    dest = tmp_path / "out"
+    (tmp_path / f".out.{dead}.partial").mkdir()
+    (tmp_path / f".out.{dead}.partial" / "model.onnx").write_text("half")
+    (tmp_path / f".out.{dead}.tmp").write_text("half")
+    (tmp_path / f".out.{alive}.partial").mkdir()  # a run still going: not ours to remove
+    (tmp_path / f".other.{dead}.partial").mkdir()  # another destination's
+    sweep_stale(dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".out.{alive}.partial", f".other.{dead}.partial"])
+
+
+def test_sweep_restores_a_folder_a_killed_run_had_moved_aside(tmp_path: Path) -> None:
+    """A run killed between moving the old folder aside and moving the new one in left only
+    ``.NAME.PID.old``: the next run puts it back."""
+    dead = _dead_pid()
+    aside = tmp_path / f".out.{dead}.old"
+    aside.mkdir()
+    (aside / "model.safetensors").write_text("the only copy")
+    sweep_stale(tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_text() == "the only copy"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # with the destination present, an .old of a dead run is stale and removed
+    (tmp_path / f".out.{dead}.old").mkdir()
+    sweep_stale(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_replacing_a_folder_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path: Path, monkeypatch) -> None:
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_folder(dest, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("the run failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (dest / "old.txt").exists()
+    real_replace = os.replace
+
+    def failing_second_move(src, dst):  # moving the new folder in fails after the old one moved aside
+        if str(src).endswith(".partial"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_second_move)
+    with pytest.raises(OutputError, match="No space left"):
+        with staged_folder(dest, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (dest / "old.txt").read_text() == "old"
+    with staged_folder(dest, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in dest.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_existing_folder_needs_force_and_names_the_option(tmp_path: Path) -> None:
+    dest = tmp_path / "repo"
+    dest.mkdir()
+    (dest / "x").write_text("x")
+    with pytest.raises(OutputError, match="exists; pass --force .* another --triton-repo"):
+        with staged_folder(dest, option="--triton-repo"):
+            pass
+
+
+def test_atomic_file_and_staged_files_leave_nothing_on_failure(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_file(tmp_path / "a.bin") as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    with pytest.raises(ValueError):
+        with staged_files(tmp_path / "new" / "m.onnx") as stage:
+            stage.path.write_text("half")
+            raise ValueError("check failed")
+    assert list(tmp_path.iterdir()) == []
+    with staged_files(tmp_path / "m.onnx") as stage:
+        stage.path.write_text("model")
+        (stage.folder / "m.onnx.data").write_text("weights")
+        files = stage.commit()
+    assert [p.name for p in files] == ["m.onnx", "m.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
