@@ -16,9 +16,7 @@ The public API, one stage per subpackage, each name imported on first use (so th
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from gn_convert._lazy import lazy_exports
 from gn_convert._version import __version__
 from gn_convert.errors import GnConvertError, InputError
 
@@ -51,15 +49,4 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = ["__version__", "GnConvertError", "InputError", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: import the defining module on first use
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

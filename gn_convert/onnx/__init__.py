@@ -8,8 +8,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gn_convert._lazy import lazy_exports
 
 #: public name -> the module that defines it; imported on first use, so that the CLI's parser
 #: (which reads ``gn_convert.onnx.targets``) does not import onnx and onnxscript
@@ -23,15 +22,4 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:  # PEP 562
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
