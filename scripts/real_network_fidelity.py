@@ -14,7 +14,9 @@ Rows (methods), for each requested group count G and time budget:
 - ``reconstruct``: bn-stats, then block-wise reconstruction for the whole budget.
 - ``function-matching``: bn-stats, then logit distillation with mixup on every item (the same
   blended view for teacher and student; Beyer et al. 2022) for the budget.
-- ``synthetic``: ``recover(data="synthetic")``: images synthesised from the teacher, no photo.
+- ``synthetic``: images synthesised from the teacher (no photo), then distillation on them.
+- ``synthetic-fidelity``: ``recover(data="synthetic", policy="fidelity")``: the synthetic images
+  choose the fidelity plan; no training on them (recover's data-free default).
 - ``recover``: ``gn_convert.recover`` with its defaults (distillation with the GroupNorm-output
   feature loss) on the photos.
 - ``recover-fidelity``: the same with ``policy="fidelity"``.
@@ -57,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "fidelity_study.json"
 FIGURE = ROOT / "docs" / "fidelity_study.png"
 ZERO_SHOT = ("identity", "bn-stats", "fidelity-plan")
-TRAINED = ("reconstruct", "function-matching", "synthetic", "recover", "recover-fidelity")
+TRAINED = ("reconstruct", "function-matching", "synthetic", "synthetic-fidelity", "recover", "recover-fidelity")
 METHODS = ZERO_SHOT + TRAINED + ("digits",)
 HELDOUT = 300
 
@@ -105,9 +107,13 @@ def run_method(method: str, teacher: nn.Module, groups: int, budget: float, seed
             options.update(stages=("distill",), mixup=1.0, feature_weight=0.0)
         elif method == "recover-fidelity":
             options["policy"] = "fidelity"
-        data = "synthetic" if method == "synthetic" else train
-        if method == "synthetic":
+        data = "synthetic" if method.startswith("synthetic") else train
+        if method.startswith("synthetic"):
             options.update(synthetic=256, synthetic_size=128, input_size=224)
+        if method == "synthetic":  # distil on the synthetic images (recover's data-free default does not)
+            options["stages"] = ("distill",)
+        elif method == "synthetic-fidelity":
+            options["policy"] = "fidelity"
         result = recover(teacher, data, groups=groups, **options)
         student = result.model
         record["stages"] = [{"name": s.name, "seconds": s.seconds, "agreement": s.agreement} for s in result.stages]

@@ -199,7 +199,7 @@ def recover(
     policy: str = "divisor",
     min_channels_per_group: int = 1,
     budget: float = 900.0,
-    stages: tuple[str, ...] = DEFAULT_STAGES,
+    stages: tuple[str, ...] | None = None,
     batch_size: int = 16,
     lr: float = 1e-4,
     mixup: float = 0.0,
@@ -229,7 +229,10 @@ def recover(
             (per layer, the count up to ``groups`` that keeps the output closest to BN's).
         min_channels_per_group: the fidelity plan's smallest group.
         budget: wall-clock seconds for everything after loading.
-        stages: which of ``reconstruct`` and ``distill`` to run, in order (default distill only).
+        stages: which of ``reconstruct`` and ``distill`` to run, in order. Default: ``distill`` with
+            real data; none with ``data="synthetic"`` (measured: distilling on images synthesised from
+            the BatchNorm statistics lowered real-photo agreement, 14.0% -> 3.7% on EfficientNet-Lite0
+            and 89.2% -> 42.3% on the digits ResNet; data-free, the images choose the fidelity plan).
         batch_size, lr, mixup, feature_weight: distillation (see :func:`gn_convert.distill`).
         reconstruct_lr: Adam's learning rate of block reconstruction.
         synthetic: synthetic images to make from the teacher (added to ``data``; 256 by default
@@ -250,6 +253,8 @@ def recover(
         ModelMismatchError, DataError, GroupPlanError: see the stages.
     """
     clock = _Clock(budget)
+    if stages is None:
+        stages = () if isinstance(data, str) and data == SYNTHETIC else DEFAULT_STAGES
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise OptionError(f"unknown recovery stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
