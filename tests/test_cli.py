@@ -21,6 +21,7 @@ def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.slow
 def test_convert_writes_checkpoint_and_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "gn"
     code, stdout, _ = _run(capsys, "mobilenet_v3_small", "--groups", "32", "--weights", "none", "--out", str(out))
@@ -81,6 +82,7 @@ def test_existing_output_needs_force(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 2 and "--force" in err and (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_console_script_lists_models_and_survives_a_closed_pipe() -> None:
     """Defect: a reader that goes away (`gn-convert list | head -1`) made the command exit 1.
     ``| true`` closes the pipe before the first write, so the broken pipe always happens;

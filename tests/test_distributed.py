@@ -95,6 +95,7 @@ if os.environ["RANK"] == "0":
 """
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_under_torchrun_match_one_process(tmp_path, tiny_teacher) -> None:
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(SCRIPT.format(tests=str(TESTS), run=RUN)))

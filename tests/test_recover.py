@@ -164,6 +164,8 @@ def test_recover_respects_its_budget_within_ten_percent(tiny_teacher, budget: fl
     assert [s.name for s in result.stages] == ["convert", "reconstruct", "distill"]
     assert sum(s.seconds for s in result.stages) <= 1.1 * budget
     assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
+    agreements = [s.agreement for s in result.stages]
+    assert agreements == sorted(agreements)  # a stage that lowered held-out agreement was undone
 
 
 def test_recover_refuses_unknown_stages_and_missing_data(tiny_teacher) -> None:

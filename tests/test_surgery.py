@@ -30,6 +30,7 @@ def _no_batchnorm_left(model: nn.Module) -> bool:
     return not any(is_batchnorm(m) for m in model.modules())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_converts_completely_and_stays_within_its_measured_error(name: str, nontrivial) -> None:
     model = nontrivial(name)

@@ -17,7 +17,9 @@ at 128 px) lowered held-out agreement while raising it on the training photos. W
 photos, what limits the result is the data; the fidelity plan (``policy="fidelity"``) is the
 lever that moves held-out agreement most (37% with no training at all).
 
-Without data, images are synthesised from the teacher's BatchNorm statistics first
+A stage that lowers held-out agreement is undone (the held-out images are a split of ``data``,
+or ``eval_data``: give distinct photos there to catch overfitting to a few). Without data,
+images are synthesised from the teacher's BatchNorm statistics first
 (:mod:`gn_convert.fidelity.synthesize`). The budget is shared between the stages by
 :data:`SHARES` (of what is left when each starts); each stage sizes its own steps from its
 measured speed, so the whole call ends within about the budget on any machine.
@@ -288,6 +290,7 @@ def recover(
     history: list[EvalPoint] = []
     for stage in stages:
         started = time.perf_counter()
+        before = {k: v.detach().clone() for k, v in student.state_dict().items()}
         if clock.left() < clock.reserve:
             log.warning("no budget left for %s: skipped", stage)
             results.append(StageResult(stage, 0.0, results[-1].agreement, {"skipped": "no budget left"}))
@@ -299,6 +302,11 @@ def recover(
             detail, history = _distill(student, teacher, split, clock, batch_size=batch_size, lr=lr, mixup=mixup,
                                        feature_weight=feature_weight, seed=seed, device=device, callback=callback)
             after = history[-1].agreement if history else agreement(student)  # its last evaluation is the end state
+        if after < results[-1].agreement:  # a stage that lowered held-out agreement is undone
+            student.load_state_dict(before)
+            detail["undone"] = f"held-out agreement fell from {results[-1].agreement:.3f} to {after:.3f}"
+            log.warning("%s lowered held-out agreement (%.3f -> %.3f): undone", stage, results[-1].agreement, after)
+            after = results[-1].agreement
         results.append(StageResult(stage, round(time.perf_counter() - started, 2), after, detail))
         log.info("%s: held-out agreement %.3f", stage, results[-1].agreement)
     return RecoveryResult(student.eval(), layer_plan, results, history, len(reference), clock.elapsed())
