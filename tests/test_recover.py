@@ -217,3 +217,10 @@ def test_statistics_spread_of_an_honest_groupnorm_tracks_the_teacher(digits) -> 
     spread = statistics_spread(student, digits.model, digits.data.heldout.tensors[0][:64])
     for name, row in spread.items():
         assert row["student_std_spread"] > 0.05 * row["teacher_std_spread"], name
+
+
+def test_recover_with_fewer_training_images_than_a_batch_finishes(tiny_teacher) -> None:
+    result = recover(tiny_teacher, SyntheticImages(12, (3, 12, 12), num_classes=5), budget=8, batch_size=16,
+                     holdout=2)
+    assert [s.name for s in result.stages] == ["convert", "distill"]
+    assert result.seconds <= 8 * 1.1

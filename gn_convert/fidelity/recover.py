@@ -276,6 +276,7 @@ def recover(
     opts = dict(synthetic=synthetic, synthetic_size=synthetic_size, synthetic_dir=synthetic_dir, weights=weights,
                 input_size=input_size, holdout=holdout, eval_data=eval_data, seed=seed)
     split, synth_detail = _split(data, teacher, clock, opts)
+    batch_size = max(1, min(batch_size, len(split.train)))  # type: ignore[arg-type]  # a few images: smaller batches
     reference = _predictions(teacher, split.heldout, device)
     results: list[StageResult] = []
     if synth_detail:
