@@ -201,7 +201,7 @@ def plot(rows: list[dict[str, Any]]) -> None:
                 err = [[y - 100 * p[2] for y, p in zip(ys, pts)], [100 * p[3] - y for y, p in zip(ys, pts)]]
                 ax.errorbar(xs, ys, yerr=err, marker=marker, capsize=3, label=f"{method} G={groups}")
     ax.set_xscale("log")
-    ax.set_xlabel("CPU seconds (2 cores)")
+    ax.set_xlabel("CPU seconds of the method (process time; zero-shot rows drawn at 1)")
     ax.set_ylabel("held-out top-1 agreement with BN teacher (%)")
     ax.set_title("EfficientNet-Lite0 (ImageNet) -> GroupNorm: fidelity vs cost")
     ax.legend(fontsize=7, ncol=2)
