@@ -28,6 +28,7 @@ from torch import nn
 
 from gn_convert.errors import OptionError
 from gn_convert.fidelity.blocks import Block, find_blocks
+from gn_convert.fidelity.options import trainable_only
 from gn_convert.fidelity.pairs import capture_io
 from gn_convert.modes import eval_mode
 
@@ -170,14 +171,10 @@ def _fit_block(block: Block, student: nn.Module, teacher: nn.Module, batches: It
         before = float(block_error(block.forward(s_parts, probe_in), probe_target))
     if not params:
         return BlockFit(block.name, 0, before, before, round(time.perf_counter() - started, 2))
-    saved = [(p, p.requires_grad) for part in s_parts for p in part.parameters()]
     original = [p.detach().clone() for p in params]
-    chosen = {id(p) for p in params}
-    for p, _ in saved:
-        p.requires_grad_(id(p) in chosen)
     optimizer = torch.optim.Adam(params, lr=lr)
     steps, total, sized = 0, max_steps, budget_s is None
-    try:
+    with trainable_only(nn.ModuleList(s_parts), params):
         while steps < total:
             with torch.no_grad():
                 inputs, target = pair(next(batches))
@@ -194,9 +191,6 @@ def _fit_block(block: Block, student: nn.Module, teacher: nn.Module, batches: It
                 total, sized = max(steps, min(max_steps, int(budget_s / per_step))), True
             if budget_s is not None and time.perf_counter() - started > budget_s:
                 break
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
     with torch.no_grad():
         after = float(block_error(block.forward(s_parts, probe_in), probe_target))
         reverted = not after <= before  # never leave a block worse than it came (NaN included)
