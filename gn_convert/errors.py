@@ -29,6 +29,10 @@ class UnknownModelError(InputError):
     """The model name is not a known classification model."""
 
 
+class ExtraMissingError(EnvironmentProblem):
+    """An optional dependency (timm, opacus) that the request needs is not installed."""
+
+
 class WeightsError(InputError):
     """A weights file is missing, unreadable, corrupt or does not fit the model."""
 

@@ -42,12 +42,14 @@ class PipelineOptions:
         model: torchvision model name.
         weights: ``DEFAULT``, a weights name, ``none`` or a local file (see :mod:`gn_convert.load`).
         num_classes: classifier size, for untrained weights or a local file.
-        out: output folder (default ``./gn-MODEL``).
+        out: output folder (default ``./gn-MODEL``, ``/`` replaced by ``-``).
         force: replace an existing output folder (and Triton model).
         weights_format: ``safetensors`` or ``pt``.
         plan: keyword arguments of :func:`gn_convert.plan` (groups, group_size, policy, include,
             exclude, on_single, allow_no_bn).
         init: GroupNorm affine init (a key of :data:`gn_convert.surgery.initialize.INITS`).
+        dp_ready: make the saved model trainable under Opacus DP-SGD (recorded in config.json,
+            so :func:`gn_convert.load_converted` gives a DP-ready model back).
         fidelity: keyword arguments of :func:`gn_convert.fidelity.stage.run_fidelity`
             (data, calibrate, steps, ...); empty for none.
         recover: keyword arguments of :func:`gn_convert.recover` (data, budget, policy, ...);
@@ -73,6 +75,7 @@ class PipelineOptions:
     weights_format: str = "safetensors"
     plan: dict[str, Any] = field(default_factory=dict)
     init: str = "bn-stats"
+    dp_ready: bool = False
     fidelity: dict[str, Any] = field(default_factory=dict)
     recover: dict[str, Any] | None = None
     onnx: bool = True
@@ -88,7 +91,7 @@ class PipelineOptions:
     @property
     def output(self) -> Path:
         """The output folder."""
-        return Path(self.out or f"gn-{self.model}")
+        return Path(self.out or f"gn-{self.model.replace('/', '-')}")  # timm/resnet50 -> gn-timm-resnet50
 
 
 def versions() -> dict[str, str]:
@@ -182,18 +185,26 @@ def run_pipeline(opts: PipelineOptions, *, stages: Stages | None = None,
         from gn_convert.fidelity.stage import run_fidelity
 
         fidelity = run_fidelity(converted, model, opts.model, stages=stages, callback=progress, **opts.fidelity)
+    if opts.dp_ready:
+        from gn_convert.surgery.dp import check_dp_ready, make_dp_ready
+
+        with stages("dp-ready", "making the model trainable under Opacus DP-SGD"):
+            converted = make_dp_ready(converted)
+            check_dp_ready(converted, torch.randn(2, 3, *source.input_size, generator=torch.Generator().manual_seed(0)))
     with staged_folder(out, opts.force) as tmp:
         with stages("save", f"saving to {out}"):
             kwargs = {} if opts.num_classes is None else {"num_classes": opts.num_classes}
             save(converted, tmp, plan=layer_plan, architecture=opts.model, model_kwargs=kwargs,
                  source_weights=source.weights, weights_format=opts.weights_format,
-                 extra={"input_size": list(source.input_size), "categories": source.categories})
+                 extra={"input_size": list(source.input_size), "categories": source.categories,
+                        "dp_ready": opts.dp_ready})
         onnx_fields = _export_stage(opts, converted, tmp, source, layer_plan, stages, library)
         triton_fields = _deploy_stage(opts, tmp, out, source.categories, stages, parity_failed(onnx_fields), library)
         report = {
             "model": opts.model,
             "weights": source.weights,
             "init": opts.init,
+            "dp_ready": opts.dp_ready,
             "summary": layer_plan.summary(),
             "plan": layer_plan.to_dict(),
             **fidelity,

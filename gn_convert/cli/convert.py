@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("safetensors", "pt"), default="safetensors",
                    help="weights file format (default safetensors)")
     add_plan_arguments(p)
+    p.add_argument("--dp-ready", action="store_true",
+                   help="make the saved model trainable under Opacus DP-SGD as it is (activations and in-place "
+                   "operations out of place; gn_convert.load_converted gives it back DP-ready)")
     g = p.add_argument_group("ONNX")
     g.add_argument("--no-onnx", action="store_true", help="do not write model.onnx (nor check its parity)")
     add_target_argument(g, "--onnx-target")
@@ -56,6 +59,7 @@ def options_from(args: argparse.Namespace) -> PipelineOptions:
     return PipelineOptions(
         model=args.model, weights=args.weights, num_classes=args.num_classes, out=args.out, force=args.force,
         weights_format=args.format, plan=plan_kwargs(args, getattr(args, "parser", None)), init=args.init,
+        dp_ready=args.dp_ready,
         fidelity=fidelity_kwargs(args), recover=recover_kwargs(args, getattr(args, "parser", None)),
         onnx=not args.no_onnx, onnx_target=args.onnx_target,
         parity=not args.no_parity, parity_batch=args.parity_batch, native=args.native,

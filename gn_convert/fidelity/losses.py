@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gn_convert.fidelity.pairs import NormPair
+from gn_convert.surgery.observe import register_output_hook
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -58,8 +59,8 @@ class FeatureTaps:
 
     def __enter__(self) -> "FeatureTaps":
         for pair in self.pairs:
-            self._handles.append(pair.student.register_forward_hook(self._keep(self.student, pair.name)))
-            self._handles.append(pair.teacher.register_forward_hook(self._keep(self.teacher, pair.name)))
+            self._handles.append(register_output_hook(pair.student, self._keep(self.student, pair.name)))
+            self._handles.append(register_output_hook(pair.teacher, self._keep(self.teacher, pair.name)))
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from gn_convert.data.items import split_batch
 from gn_convert.errors import ModelMismatchError
+from gn_convert.surgery.observe import register_output_hook
 from gn_convert.surgery.registry import is_batchnorm
 
 _MISMATCH_HINT = "pass the teacher the student was converted from"
@@ -101,8 +102,12 @@ class _Stop(Exception):
 
 @contextmanager
 def forward_hooks(hooks: list[tuple[nn.Module, Any]]) -> Iterator[None]:
-    """Register ``(module, hook)`` forward hooks for the block; remove them afterwards."""
-    handles = [module.register_forward_hook(fn) for module, fn in hooks]
+    """Register ``(module, hook)`` forward hooks for the block; remove them afterwards.
+
+    A norm layer that applies an activation (timm's norm-act layers) reports its normalised
+    output, before the activation (see :func:`gn_convert.surgery.observe.register_output_hook`).
+    """
+    handles = [register_output_hook(module, fn) for module, fn in hooks]
     try:
         yield
     finally:

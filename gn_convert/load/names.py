@@ -23,6 +23,7 @@ from torchvision import models as tvm
 
 from gn_convert.atomic import atomic_file
 from gn_convert.errors import UnknownModelError
+from gn_convert.load.timm_models import build_timm, check_timm_name, is_timm_name
 from gn_convert.surgery.registry import is_batchnorm
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,10 @@ def classification_names() -> list[str]:
 
 
 def check_model_name(name: str) -> None:
-    """Raise :class:`UnknownModelError` unless ``name`` is a torchvision classification model."""
+    """Raise :class:`UnknownModelError` unless ``name`` is a torchvision classification model or ``timm/...``."""
+    if is_timm_name(name):
+        check_timm_name(name)
+        return
     names = classification_names()
     if name not in names:
         close = [n for n in names if n.startswith(name[:4])][:5]
@@ -49,19 +53,22 @@ def build_torchvision(name: str, **kwargs: Any) -> nn.Module:
 
 
 def build_model(name: str, *, num_classes: int | None = None, init_weights: bool = True) -> nn.Module:
-    """Build an untrained torchvision model.
+    """Build an untrained torchvision (or ``timm/...``) model.
 
     Args:
-        name: a torchvision classification model name.
+        name: a torchvision classification model name, or ``timm/<architecture>`` (always
+            initialised: timm models may compute buffers at construction).
         num_classes: classifier size (torchvision's default when None).
         init_weights: run the weight init (default). False builds on the meta device and
             allocates uninitialised CPU tensors: much faster when the weights are about to be
             overwritten, and the tensors hold garbage until they are.
 
     Raises:
-        UnknownModelError: ``name`` is not a torchvision classification model.
+        UnknownModelError: ``name`` is not a torchvision classification model nor a timm one.
     """
     check_model_name(name)
+    if is_timm_name(name):
+        return build_timm(name, num_classes=num_classes)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if init_weights:
         return build_torchvision(name, **kwargs)

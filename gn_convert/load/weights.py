@@ -6,6 +6,8 @@
   (``"ResNet50_Weights.IMAGENET1K_V2"``, as ``config.json`` records it): torchvision's weights
   API, its download and its cache (``$TORCH_HOME/hub/checkpoints``). Offline with the file not
   cached, loading fails at once with one line naming the cache path.
+- for ``timm/...`` names, ``"DEFAULT"`` means timm's pretrained weights of the name's tag
+  (see :mod:`gn_convert.load.timm_models`).
 - ``"none"``: untrained (random) weights.
 - a path to a local file: a state_dict, or a checkpoint dict holding one under a usual key
   (``state_dict``, ``model``, ...), saved with ``torch.save`` or as safetensors. It is read
@@ -30,6 +32,7 @@ from torchvision import models as tvm
 from gn_convert.errors import WeightsError, WeightsUnavailableError, first_line
 from gn_convert.load.names import build_model, build_torchvision, check_model_name
 from gn_convert.load.state_dict import load_weights_into, read_state_dict
+from gn_convert.load.timm_models import is_timm_name, load_timm_pretrained, timm_preset
 
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 PROBE_TIMEOUT_S = 5
@@ -40,25 +43,32 @@ class WeightsSpec:
     """A parsed ``weights`` argument.
 
     Attributes:
-        kind: ``none``, ``file`` or ``torchvision``.
+        kind: ``none``, ``file``, ``torchvision`` or ``timm`` (timm's pretrained weights).
         path: the file, for ``file``.
-        enum: the torchvision weights enum member, for ``torchvision``.
+        enum: the torchvision weights enum member, for ``torchvision``; timm's preset for ``timm``.
+        model: the ``timm/...`` name, for ``timm``.
     """
 
     kind: str
     path: Path | None = None
     enum: Any = None
+    model: str = ""
 
     @property
     def label(self) -> str:
         """How reports and ``config.json`` name these weights (``ResNet50_Weights.IMAGENET1K_V2``)."""
         if self.kind == "torchvision":
             return f"{type(self.enum).__name__}.{self.enum.name}"
+        if self.kind == "timm":
+            return f"{self.model} (timm pretrained)"
         return str(self.path) if self.kind == "file" else "none"
 
 
 def default_weights_enum(name: str) -> Any:
-    """torchvision's DEFAULT weights enum member for ``name`` (its meta needs no download)."""
+    """torchvision's DEFAULT weights enum member for ``name`` (its meta needs no download); for a
+    ``timm/...`` name, timm's pretrained config in the same shape (``transforms()``, ``meta``)."""
+    if is_timm_name(name):
+        return timm_preset(name)
     return tvm.get_model_weights(name).DEFAULT
 
 
@@ -81,6 +91,11 @@ def parse_weights(name: str, weights: str = "DEFAULT") -> WeightsSpec:
         return WeightsSpec("none")
     if _is_file_spec(weights):
         return WeightsSpec("file", path=Path(weights).expanduser())
+    if is_timm_name(name):
+        if weights.upper() != "DEFAULT":
+            raise WeightsError(f"{name} takes weights DEFAULT (timm's pretrained weights; the tag goes in the name, "
+                               "timm/resnet50.a1_in1k), none, or a path to a weights file")
+        return WeightsSpec("timm", enum=timm_preset(name), model=name)
     enum = tvm.get_model_weights(name)
     if "." in weights:
         try:
@@ -125,7 +140,7 @@ def resolve_source(name: str, weights: str = "DEFAULT") -> ModelSource:
     crop = default_weights_enum(name).transforms().crop_size
     side = int(crop[0] if isinstance(crop, (list, tuple)) else crop)
     categories = None
-    if spec.kind == "torchvision":
+    if spec.kind in ("torchvision", "timm"):
         categories = list(spec.enum.meta.get("categories") or []) or None
     return ModelSource(name, spec.label, (side, side), categories)
 
@@ -161,10 +176,11 @@ def _build_pretrained(name: str, enum: Any) -> nn.Module:
 
 
 def load_model(name: str, weights: str = "DEFAULT", *, num_classes: int | None = None) -> nn.Module:
-    """Build a torchvision classification model by name and load its weights.
+    """Build a torchvision (or ``timm/...``) classification model by name and load its weights.
 
     Args:
-        name: a torchvision classification model name (``gn_convert.list_models()``).
+        name: a torchvision classification model name (``gn_convert.list_models()``), or
+            ``timm/<architecture>[.<pretrained tag>]`` (needs the timm extra).
         weights: ``DEFAULT`` (torchvision's pretrained weights, downloaded or cached), a
             torchvision weights name, ``none`` (untrained), or a path to a local file.
         num_classes: classifier size for untrained weights or a local file with its own head.
@@ -183,6 +199,10 @@ def load_model(name: str, weights: str = "DEFAULT", *, num_classes: int | None =
             raise WeightsError(f"--num-classes does not apply to pretrained {spec.label}; "
                                "use a local weights file with its own head")
         return _build_pretrained(name, spec.enum).eval()
+    if spec.kind == "timm":
+        if num_classes is not None:
+            raise WeightsError(f"--num-classes does not apply to pretrained {name}; use a local weights file")
+        return load_timm_pretrained(name, reachable=_reachable).eval()
     model = build_model(name, num_classes=num_classes, init_weights=spec.kind == "none")
     if spec.kind == "file":
         load_weights_into(model, read_state_dict(spec.path), f"weights file {spec.path}")

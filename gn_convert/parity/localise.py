@@ -22,6 +22,7 @@ from gn_convert.onnx.reading import groupnorm_layers
 from gn_convert.parity.metrics import compare
 from gn_convert.parity.providers import Availability
 from gn_convert.runtime import open_session, run_session
+from gn_convert.surgery.observe import register_output_hook
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def _torch_outputs(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict
     def hook(name: str) -> Any:
         return lambda _m, _i, out: calls[name].append(out.detach().float().cpu().numpy().copy())  # before in-place ops
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in {layer.split("#")[0] for layer in layers}]
+    handles = [register_output_hook(modules[n], hook(n)) for n in {layer.split("#")[0] for layer in layers}]
     try:
         with torch.no_grad():
             model(x)

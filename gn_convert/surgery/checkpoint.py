@@ -123,7 +123,8 @@ def load_converted(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
             replaced); None builds the recorded torchvision architecture.
 
     Returns:
-        The converted model, in eval mode, with the saved weights.
+        The converted model, in eval mode, with the saved weights (a checkpoint saved DP-ready,
+        ``"dp_ready": true`` in config.json, comes back DP-ready and in training mode).
 
     Raises:
         CheckpointError: the folder is not a readable gn-convert checkpoint, or does not fit.
@@ -139,6 +140,10 @@ def load_converted(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
         converted = convert(model, plan=plan, init="identity", inplace=built)
         state = read_state_dict(Path(folder) / config["weights_file"])
         load_weights_into(converted, state, f"checkpoint {folder}")
+        if config.get("dp_ready"):
+            from gn_convert.surgery.dp import make_dp_ready
+
+            return make_dp_ready(converted)  # trainable under Opacus, in training mode, as it was saved
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{folder}/{CONFIG_FILE} is incomplete ({err}); convert again") from None
     except GnConvertError as err:

@@ -28,7 +28,7 @@ from torch import nn
 
 from gn_convert.errors import GroupPlanError, NoBatchNormError, UnsupportableLayerError
 from gn_convert.modes import eval_mode
-from gn_convert.surgery.registry import BatchNormState, read_batchnorm
+from gn_convert.surgery.registry import BatchNormState, read_batchnorm, unknown_forward
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,18 @@ def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module, BatchNormSt
     return found
 
 
+def _refuse_unknown_forward(layers: list[tuple[str, nn.Module, BatchNormState]]) -> None:
+    """Refuse BatchNorm subclasses whose own ``forward`` the registry does not understand (all named at once)."""
+    unknown = [(name, owner) for name, module, _ in layers if (owner := unknown_forward(module)) is not None]
+    if unknown:
+        kinds = sorted({owner for _, owner in unknown})
+        where = ", ".join(name for name, _ in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise UnsupportableLayerError(
+            f"{', '.join(kinds)} override{'s' if len(kinds) == 1 else ''} BatchNorm's forward ({where}): a plain "
+            "GroupNorm would drop whatever it adds; register its replacement with "
+            "gn_convert.surgery.register_replacement, or exclude those layers")
+
+
 def _matches(name: str, patterns: Sequence[str] | None) -> bool:
     return bool(patterns) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -246,6 +258,8 @@ def plan(
         raise GroupPlanError(f"on_single must be 'error' or 'skip', got {on_single!r}")
     choose_groups(max(group_size or 1, groups or 1), groups, group_size, policy)  # validate the request
     layers = batchnorm_layers(model)
+    _refuse_unknown_forward([layer for layer in layers
+                             if not ((include and not _matches(layer[0], include)) or _matches(layer[0], exclude))])
     if not layers:
         if allow_no_bn:
             log.warning("model has no BatchNorm layer: nothing to convert")

@@ -1,13 +1,23 @@
-"""Registry from BatchNorm layer types to readers of their state.
+"""Registry from BatchNorm layer types to readers of their state and builders of their replacement.
 
 Surgery and planning never test for concrete classes: they ask this registry. A reader turns
 one BatchNorm-like module into a :class:`BatchNormState` (channels, eps, affine parameters,
 running statistics, mode), so a new BatchNorm flavour is supported by registering one reader.
-Lookup walks the module's MRO, so subclasses of a registered type are found too.
+A replacement builder (:func:`register_replacement`) turns the plain ``nn.GroupNorm`` that
+surgery made into the module that takes the layer's place, for layers that compute more than
+a normalisation (timm's ``BatchNormAct2d`` applies an activation and a drop inside the layer:
+it becomes timm's ``GroupNormAct`` with the same activation and drop).
+
+Lookup walks the module's MRO, so subclasses of a registered type are found too. Types of an
+optional library are registered by qualified name (``"timm.layers.norm_act.BatchNormAct2d"``),
+so the library is never imported here. A subclass that overrides ``forward`` below every
+registered type computes something the registry does not know: :func:`unknown_forward` names
+it, and planning refuses it rather than silently dropping what its ``forward`` adds.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,32 +60,84 @@ class BatchNormState:
 
 
 Reader = Callable[[nn.Module], BatchNormState]
-_READERS: dict[type, Reader] = {}
+Builder = Callable[[nn.Module, nn.GroupNorm], nn.Module]
+TypeKey = type | str  # a class, or "module.QualName" for a class of an optional library
+_READERS: dict[TypeKey, Reader] = {}
+_BUILDERS: dict[TypeKey, Builder] = {}
 _MIN_RANK = ((nn.BatchNorm3d, 5), (nn.BatchNorm2d, 4))
 
 
-def register_batchnorm(cls: type) -> Callable[[Reader], Reader]:
-    """Decorator: register ``reader`` as the state reader of ``cls`` and its subclasses."""
+def qualified_name(klass: type) -> str:
+    """``module.QualName`` of a class, as types of optional libraries are registered."""
+    return f"{klass.__module__}.{klass.__qualname__}"
+
+
+def _lookup(table: dict[TypeKey, Callable], module: nn.Module) -> tuple[type, Callable] | None:
+    """The first class in ``module``'s MRO that ``table`` has, by class or by qualified name."""
+    for klass in type(module).__mro__:
+        entry = table.get(klass) or table.get(qualified_name(klass))
+        if entry is not None:
+            return klass, entry
+    return None
+
+
+def register_batchnorm(*classes: TypeKey) -> Callable[[Reader], Reader]:
+    """Decorator: register ``reader`` as the state reader of ``classes`` and their subclasses."""
 
     def wrap(reader: Reader) -> Reader:
-        _READERS[cls] = reader
+        for cls in classes:
+            _READERS[cls] = reader
         return reader
+
+    return wrap
+
+
+def register_replacement(*classes: TypeKey) -> Callable[[Builder], Builder]:
+    """Decorator: register ``builder(bn, group_norm) -> module`` as the replacement of ``classes``.
+
+    The builder receives the original layer and the ``nn.GroupNorm`` that surgery built for it
+    (groups, eps, initialised affine, dtype, device, mode) and returns the module that takes
+    the layer's place. Types without a builder are replaced by that GroupNorm itself.
+    """
+
+    def wrap(builder: Builder) -> Builder:
+        for cls in classes:
+            _BUILDERS[cls] = builder
+        return builder
 
     return wrap
 
 
 def read_batchnorm(module: nn.Module) -> BatchNormState | None:
     """Return the state of ``module`` if it is a registered BatchNorm type, else None."""
-    for klass in type(module).__mro__:
-        reader = _READERS.get(klass)
-        if reader is not None:
-            return reader(module)
-    return None
+    found = _lookup(_READERS, module)
+    return found[1](module) if found is not None else None
 
 
 def is_batchnorm(module: nn.Module) -> bool:
     """Whether ``module`` is a BatchNorm layer this package converts."""
-    return any(klass in _READERS for klass in type(module).__mro__)
+    return _lookup(_READERS, module) is not None
+
+
+def replacement(module: nn.Module, group_norm: nn.GroupNorm) -> nn.Module:
+    """The module that replaces BatchNorm layer ``module``, given the GroupNorm built for it."""
+    found = _lookup(_BUILDERS, module)
+    return found[1](module, group_norm) if found is not None else group_norm
+
+
+def unknown_forward(module: nn.Module) -> str | None:
+    """The qualified name of the class whose ``forward`` the registry does not understand, or None.
+
+    A registered BatchNorm type whose ``forward`` comes from a subclass with neither a reader
+    nor a replacement registered for it may compute more than a normalisation (an activation,
+    a mask, ...) that a plain GroupNorm would silently drop.
+    """
+    if not is_batchnorm(module):
+        return None
+    owner = next(k for k in type(module).__mro__ if "forward" in vars(k))
+    known = (owner in _READERS or owner in _BUILDERS or qualified_name(owner) in _READERS
+             or qualified_name(owner) in _BUILDERS)
+    return None if known else qualified_name(owner)
 
 
 def _tensor_meta(*tensors: torch.Tensor | None) -> tuple[torch.device, torch.dtype]:
@@ -85,7 +147,7 @@ def _tensor_meta(*tensors: torch.Tensor | None) -> tuple[torch.device, torch.dty
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-@register_batchnorm(nn.modules.batchnorm._BatchNorm)
+@register_batchnorm(nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 def _read_torch_batchnorm(bn: nn.Module) -> BatchNormState:
     """BatchNorm1d/2d/3d, SyncBatchNorm and every subclass of torch's ``_BatchNorm``."""
     device, dtype = _tensor_meta(bn.weight, bn.running_mean)
@@ -106,9 +168,13 @@ def _read_torch_batchnorm(bn: nn.Module) -> BatchNormState:
     )
 
 
-@register_batchnorm(FrozenBatchNorm2d)
+_TIMM = ("timm.layers.norm_act", "timm.models.layers.norm_act")  # timm >= 0.9, and older releases
+
+
+@register_batchnorm(FrozenBatchNorm2d, *(f"{where}.FrozenBatchNormAct2d" for where in _TIMM))
 def _read_frozen_batchnorm(bn: nn.Module) -> BatchNormState:
-    """torchvision's FrozenBatchNorm2d: affine and statistics are buffers, never trained."""
+    """torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d: affine and statistics are
+    buffers, never trained."""
     return BatchNormState(
         num_channels=bn.weight.numel(),
         eps=float(bn.eps),
@@ -123,3 +189,22 @@ def _read_frozen_batchnorm(bn: nn.Module) -> BatchNormState:
         device=bn.weight.device,
         dtype=bn.weight.dtype,
     )
+
+
+@register_replacement(*(f"{where}.{name}" for where in _TIMM
+                        for name in ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")))
+def _norm_act_replacement(bn: nn.Module, group_norm: nn.GroupNorm) -> nn.Module:
+    """timm's norm + drop + activation layers -> timm's ``GroupNormAct`` with copies of the
+    layer's own ``drop`` and ``act`` modules (same activation, same in-place flag, same eps)."""
+    from timm.layers import GroupNormAct  # the model is made of timm layers, so timm is installed
+
+    weight = group_norm.weight
+    out = GroupNormAct(group_norm.num_channels, group_norm.num_groups, eps=group_norm.eps,
+                       affine=group_norm.affine, apply_act=False,
+                       device=weight.device if weight is not None else None,
+                       dtype=weight.dtype if weight is not None else None)
+    out.load_state_dict(group_norm.state_dict())
+    for mine, theirs in zip(out.parameters(), group_norm.parameters()):
+        mine.requires_grad_(theirs.requires_grad)
+    out.drop, out.act = copy.deepcopy(bn.drop), copy.deepcopy(bn.act)
+    return out.train(group_norm.training)

@@ -1,7 +1,8 @@
 """BatchNorm -> GroupNorm surgery on any ``nn.Module``.
 
 :func:`convert` applies a :class:`~gn_convert.surgery.plan.GroupPlan`: each planned BatchNorm
-layer is replaced, in place of the same attribute, by an ``nn.GroupNorm`` with the planned
+layer is replaced, in place of the same attribute, by an ``nn.GroupNorm`` (or, for a norm layer
+that also applies an activation, the registry's replacement that keeps it) with the planned
 group count, the layer's eps and affine flag, its device, dtype, ``requires_grad`` and
 train/eval mode, and an affine initialised from the BatchNorm statistics (or identity).
 Every other module is left untouched, and the input model is copied unless ``inplace=True``.
@@ -19,7 +20,7 @@ from torch import nn
 from gn_convert.errors import GroupPlanError
 from gn_convert.surgery.plan import GroupPlan, OnSingle, batchnorm_layers, plan as make_plan
 from gn_convert.surgery.initialize import INITS
-from gn_convert.surgery.registry import BatchNormState
+from gn_convert.surgery.registry import BatchNormState, replacement
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def convert(
     example_input: torch.Tensor | None = None,
     plan: GroupPlan | None = None,
     inplace: bool = False,
+    dp_ready: bool = False,
 ) -> nn.Module:
     """Replace every BatchNorm layer of ``model`` with GroupNorm.
 
@@ -80,9 +82,13 @@ def convert(
             ``identity`` (weight 1, bias 0, as Opacus does).
         plan: a precomputed plan (from :func:`gn_convert.plan` or a saved checkpoint).
         inplace: modify ``model`` itself instead of a deep copy.
+        dp_ready: also make the result trainable under Opacus DP-SGD as it is (activations and
+            in-place tensor operations out of place, training mode; see
+            :func:`gn_convert.surgery.dp.make_dp_ready`).
 
     Returns:
-        The converted module (``model`` itself when ``inplace``).
+        The converted module (``model`` itself when ``inplace``, unless ``dp_ready`` had to
+        rewrite the root module's own forward).
 
     Raises:
         GroupPlanError, UnsupportableLayerError, NoBatchNormError: see :func:`gn_convert.plan`.
@@ -94,15 +100,19 @@ def convert(
                          exclude=exclude, on_single=on_single, allow_no_bn=allow_no_bn,
                          example_input=example_input)
     target = model if inplace else copy.deepcopy(model)
-    found = {name: state for name, _, state in batchnorm_layers(target)}
+    found = {name: (module, state) for name, module, state in batchnorm_layers(target)}
     for layer in plan.converted:
-        state = found.get(layer.name)
+        module, state = found.get(layer.name, (None, None))
         if state is None:
             raise GroupPlanError(f"the plan names {layer.name}, which is not a BatchNorm layer of this model")
         if state.num_channels != layer.num_channels:
             raise GroupPlanError(
                 f"the plan gives {layer.name} {layer.num_channels} channels, the model has {state.num_channels}"
             )
-        _set_submodule(target, layer.name, group_norm_from(state, layer.num_groups, init))
+        _set_submodule(target, layer.name, replacement(module, group_norm_from(state, layer.num_groups, init)))
     log.info("converted: %s", plan.summary())
+    if dp_ready:
+        from gn_convert.surgery.dp import make_dp_ready
+
+        target = make_dp_ready(target)
     return target
