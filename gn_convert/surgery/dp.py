@@ -24,6 +24,7 @@ import inspect
 import logging
 import operator
 import re
+import warnings
 
 import torch
 from torch import fx, nn
@@ -95,11 +96,14 @@ def _rewritten(module: nn.Module) -> fx.GraphModule | None:
                                       "in place and depends on training mode")
     rewritten = fx.GraphModule(module, graphs[0], class_name=type(module).__name__)
     for name, child in module.named_children():  # children, parameters and buffers the forward never touches
-        if not hasattr(rewritten, name):
+        if name not in rewritten._modules:
             rewritten.add_module(name, child)
-    for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-        if not hasattr(rewritten, name):
-            setattr(rewritten, name, tensor)
+    for name, param in module.named_parameters(recurse=False):
+        if name not in rewritten._parameters:
+            rewritten.register_parameter(name, param)
+    for name, buffer in module.named_buffers(recurse=False):
+        if name not in rewritten._buffers:
+            rewritten.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
     log.debug("%s: forward rewritten out of place", type(module).__name__)
     return rewritten.train(module.training)
 
@@ -150,8 +154,10 @@ def check_dp_ready(model: nn.Module, example: torch.Tensor) -> None:
     handles = [m.register_full_backward_hook(lambda *_: None) for m in model.modules()
                if any(p.requires_grad for p in m.parameters(recurse=False))]
     try:
-        output = model(example)
-        (output if isinstance(output, torch.Tensor) else output[0]).float().sum().backward()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")  # the input needs no grad
+            output = model(example)
+            (output if isinstance(output, torch.Tensor) else output[0]).float().sum().backward()
     except RuntimeError as err:
         raise UnsupportableLayerError(f"the model is not DP-ready: {str(err).splitlines()[0][:200]}; "
                                       "convert it with dp_ready=True (--dp-ready)") from None
