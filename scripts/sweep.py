@@ -1,11 +1,14 @@
-"""Coverage sweep: convert, export and check every torchvision model that has BatchNorm.
+"""Coverage sweep: convert, export and check every torchvision model that has BatchNorm, and timm's.
 
 For each model of ``gn_convert.list_models()`` (untrained weights whose BatchNorm statistics
 were made non-trivial on real photo crops): plan and convert with the default plan, export the
 ``function`` and ``inlined`` targets, and compare onnxruntime (CPU) with torch at batch 1 and 2
 with :func:`gn_convert.check_parity`. Segmentation and detection models whose backbones use
 BatchNorm or FrozenBatchNorm2d are converted and run eagerly, then exported where the exporter
-supports them; what fails says why.
+supports them; what fails says why. The timm section (:data:`TIMM`, a few dozen BatchNorm models
+of the resnet, efficientnet, mobilenet, regnet and cspnet families and others) runs the same
+routine and also checks that every activation module survives the conversion (timm's norm layers
+carry their activation).
 
 Results go to ``models/catalog.json`` after every model (so a stopped sweep resumes where it
 stopped: finished models are skipped unless ``--redo``), and ``models/CATALOG.md`` is written
@@ -15,7 +18,8 @@ Usage::
 
     python scripts/sweep.py                       # everything (resumes)
     python scripts/sweep.py --models resnet18,mobilenet_v2 --redo
-    python scripts/sweep.py --dense-only          # classification only
+    python scripts/sweep.py --dense-only          # segmentation and detection only
+    python scripts/sweep.py --timm-only           # the timm section only (needs the timm extra)
 """
 
 from __future__ import annotations
@@ -49,6 +53,15 @@ DENSE = {
     "retinanet_resnet50_fpn": tvm.detection.retinanet_resnet50_fpn,
 }
 DETECTION = {"fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn"}
+TIMM = tuple(f"timm/{name}" for name in (
+    "resnet18", "resnet34", "resnet50", "resnet50d", "resnet101", "resnext50_32x4d", "seresnet50",
+    "wide_resnet50_2", "resnetrs50", "resnest14d", "efficientnet_b0", "efficientnet_b2", "efficientnet_lite0",
+    "tf_efficientnet_b0", "efficientnetv2_rw_s", "tf_efficientnetv2_b0", "mixnet_s", "mobilenetv2_100",
+    "mobilenetv3_small_050", "mobilenetv3_large_100", "tf_mobilenetv3_large_100", "lcnet_050", "ghostnet_100",
+    "regnetx_002", "regnetx_016", "regnety_002", "regnety_016", "regnetz_b16", "cspresnet50", "cspresnext50",
+    "cspdarknet53", "cs3darknet_s", "darknet53", "densenet121", "dla34", "dpn68", "rexnet_100", "hrnet_w18_small",
+    "selecsls42b", "tresnet_m"))
+"""The timm section: BatchNorm classification models by family (untrained weights)."""
 CAUSES = {
     "inception_v3": (
         "only the mean-1000 input fails. Against a float64 run, onnxruntime with optimisations off is 2.8e-2 "
@@ -131,14 +144,15 @@ def _num(value: Any, spec: str) -> str:
 
 def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The catalog as a Markdown page."""
-    passed = sum(1 for r in rows if r.get("passed"))
+    torchvision_rows = [r for r in rows if r["kind"] != "timm"]
+    passed = sum(1 for r in torchvision_rows if r.get("passed"))
     lines = [
         "# Model catalog", "",
         "Written by `python scripts/sweep.py` (do not edit by hand). Untrained torchvision weights whose "
         "BatchNorm statistics were measured on real photo crops; default plan (G=32, divisor policy); "
         "onnxruntime CPU vs torch at batch 1 and 2 from one file, for the `function` and `inlined` targets. "
         "Inputs use the smallest side of 64/128/224/299 that the model accepts (for speed).", "",
-        f"**{passed} of {len(rows)} pass.** torch {meta['torch']}, torchvision {meta['torchvision']}, "
+        f"**{passed} of {len(torchvision_rows)} pass.** torch {meta['torch']}, torchvision {meta['torchvision']}, "
         f"gn-convert {meta['gn_convert']}; total wall time of the sweep runs that wrote this page "
         f"{meta['sweep_wall_s']} s on 2 shared CPU cores.", "",
         "| model | input | BN layers | fallbacks | left BN | params (M) | convert s | export s (fn) "
@@ -146,12 +160,15 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        if r["kind"] == "timm":
+            continue
         verdict = "yes" if r.get("passed") else "**no** (see notes)"
         lines.append(
             f"| {r['model']} | {r.get('input_size', '-')} | {r.get('bn_layers', '-')} | {r.get('fallbacks', '-')} "
             f"| {r.get('left_as_bn', '-')} | {_num(r.get('params_m'), '.1f')} | {_num(r.get('convert_s'), '.2f')} "
             f"| {_num(r.get('function_export_s'), '.1f')} | {_num(r.get('function_max_abs'), '.1e')} "
             f"| {_num(r.get('function_max_rel'), '.1e')} | {_num(r.get('inlined_max_rel'), '.1e')} | {verdict} |")
+    lines += timm_section([r for r in rows if r["kind"] == "timm"])
     notes = [f"- {r['model']}: {r['export']}" for r in rows if r.get("export")]
     for r in rows:
         if not r.get("passed"):
@@ -163,6 +180,28 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def timm_section(rows: list[dict[str, Any]]) -> list[str]:
+    """The timm models' table: the same columns plus the activation modules before -> after."""
+    if not rows:
+        return []
+    passed = sum(1 for r in rows if r.get("passed"))
+    lines = ["", "## timm models", "",
+             f"**{passed} of {len(rows)} pass.** timm's norm layers that apply an activation (`BatchNormAct2d`) "
+             "become `GroupNormAct` with the same activation: the activation modules must be as many after "
+             "conversion as before.", "",
+             "| model | input | BN layers | fallbacks | activations before -> after | params (M) | export s (fn) "
+             "| max rel (fn) | max rel (inl) | pass |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        acts = r.get("activations") or ["-", "-"]
+        verdict = "yes" if r.get("passed") else "**no** (see notes)"
+        lines.append(f"| {r['model']} | {r.get('input_size', '-')} | {r.get('bn_layers', '-')} "
+                     f"| {r.get('fallbacks', '-')} | {acts[0]} -> {acts[1]} | {_num(r.get('params_m'), '.1f')} "
+                     f"| {_num(r.get('function_export_s'), '.1f')} | {_num(r.get('function_max_rel'), '.1e')} "
+                     f"| {_num(r.get('inlined_max_rel'), '.1e')} | {verdict} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep; returns 0 when every swept model passed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -170,11 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redo", action="store_true", help="sweep models already in the catalog again")
     parser.add_argument("--dense-only", action="store_true", help="only segmentation and detection models")
     parser.add_argument("--classification-only", action="store_true", help="skip segmentation and detection")
+    parser.add_argument("--timm-only", action="store_true", help="only the timm section")
+    parser.add_argument("--no-timm", action="store_true", help="skip the timm section")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = [*([] if args.dense_only else gn_convert.list_models()),
-             *([] if args.classification_only else DENSE)]
+    names = [*([] if args.dense_only or args.timm_only else gn_convert.list_models()),
+             *([] if args.classification_only or args.timm_only else DENSE),
+             *([] if args.dense_only or args.no_timm else TIMM)]
     if args.models:
         wanted = args.models.split(",")
         unknown = sorted(set(wanted) - set(names))
@@ -192,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 rows[name] = (dense_row if name in DENSE else classification_row)(name, Path(tmp))
             except Exception as err:  # noqa: BLE001 - record and go on
-                rows[name] = {"model": name, "kind": "dense" if name in DENSE else "classification",
+                kind = "dense" if name in DENSE else "timm" if name in TIMM else "classification"
+                rows[name] = {"model": name, "kind": kind,
                               "passed": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
                 traceback.print_exc(limit=2)
             save_catalog(rows, time.perf_counter() - start)

@@ -1,8 +1,10 @@
 """The coverage sweep's per-model routine, shared by ``scripts/sweep.py`` and the coverage test.
 
-:func:`classification_row` converts one torchvision classification model (untrained weights,
-BatchNorm statistics made non-trivial on real photo crops), exports the ``function`` and
-``inlined`` targets and checks their parity; it returns one catalog row.
+:func:`classification_row` converts one torchvision (or ``timm/...``) classification model
+(untrained weights, BatchNorm statistics made non-trivial on real photo crops), counts its
+activation modules before and after (a norm layer that carries an activation must keep it),
+exports the ``function`` and ``inlined`` targets and checks their parity; it returns one
+catalog row.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from gn_convert.surgery.plan import plan as make_plan
 from gn_convert.surgery.replace import convert
 from gn_convert.testing.photos import nontrivial_batchnorm
 
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.GELU, nn.Mish,
+               nn.Sigmoid, nn.Tanh, nn.PReLU, nn.ELU, nn.CELU, nn.SELU)
+"""Activation module types counted before and after conversion."""
 SIZES = (64, 128, 224, 299)
 """Input sides tried in order: the smallest one the model accepts is used (for speed)."""
 
@@ -71,7 +76,7 @@ def classification_row(name: str, folder: Path, levels: tuple[str, ...] = ("off"
     """Convert, export (function, inlined) and check one classification model.
 
     Args:
-        name: a torchvision classification model name.
+        name: a torchvision classification model name, or ``timm/<architecture>``.
         folder: where the exported files are written (and removed again).
         levels: onnxruntime optimisation levels the parity check runs.
         native: also check the function file on ``cpu-native`` (the native GroupNorm kernel;
@@ -83,8 +88,10 @@ def classification_row(name: str, folder: Path, levels: tuple[str, ...] = ("off"
     nontrivial_batchnorm(teacher, size=size, batch_size=4)
     plan, plan_s = timed(lambda: make_plan(teacher, 32, on_single="skip"))
     student, convert_s = timed(lambda: convert(teacher, plan=plan).eval())
+    activations = [sum(isinstance(m, ACTIVATIONS) for m in model.modules()) for model in (teacher, student)]
     row: dict[str, Any] = {
-        "model": name, "kind": "classification", "input_size": size,
+        "model": name, "kind": "timm" if name.startswith("timm/") else "classification", "input_size": size,
+        "activations": activations,
         "bn_layers": len(plan.layers), "fallbacks": len(plan.fallbacks), "left_as_bn": len(plan.untouched),
         "params_m": round(sum(p.numel() for p in student.parameters()) / 1e6, 2),
         "convert_s": round(plan_s + convert_s, 2),
@@ -99,7 +106,7 @@ def classification_row(name: str, folder: Path, levels: tuple[str, ...] = ("off"
         row.update(parity_summary(check_parity(student, path, providers=providers, levels=levels,
                                                           batch=2), target))
         path.unlink(missing_ok=True)
-    row["passed"] = bool(row["function_passed"] and row["inlined_passed"])
+    row["passed"] = bool(row["function_passed"] and row["inlined_passed"] and activations[0] == activations[1])
     return row
 
 
