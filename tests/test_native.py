@@ -324,3 +324,46 @@ def test_bench_and_serve_take_the_native_library_given(tmp_path: Path, capsys, e
     assert main(["serve", path, "--native", "--native-library", str(missing)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"native kernel library {missing} not found" in err[0]
+
+
+def test_a_tampered_header_archive_is_refused_and_nothing_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake ``npm`` that packs the right file names with other bytes: the pinned SHA-512 refuses it."""
+    import tarfile
+
+    staging = tmp_path / "pkg" / "package" / "Headers"
+    staging.mkdir(parents=True)
+    for name in native_headers.REQUIRED:
+        (staging / name).write_text("#define ORT_API_VERSION 29\n")
+    archive = tmp_path / "fake.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "pkg" / "package", arcname="package")
+    fake_npm = tmp_path / "bin" / "npm"
+    fake_npm.parent.mkdir()
+    fake_npm.write_text(f'#!/bin/sh\nwhile [ "$1" != "--pack-destination" ]; do shift; done\ncp {archive} "$2"/x.tgz\n')
+    fake_npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_npm.parent}:{os.environ['PATH']}")
+    monkeypatch.delenv(native_headers.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(native_headers, "SYSTEM_DIRS", ())
+    with pytest.raises(NativeBuildError, match="does not match its pinned SHA-512"):
+        find_headers()
+    assert not (tmp_path / "cache" / "gn_convert" / "ort-headers").exists()
+
+
+def test_cached_headers_are_checked_against_their_pins(library: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    monkeypatch.delenv(native_headers.ENV_VAR, raising=False)
+    real = find_headers(fetch=False)
+    if real != native_headers.cache_root() / "ort-headers":
+        pytest.skip(f"headers come from {real}, not gn-convert's cache")
+    assert native_headers.mismatched_headers(real) == []
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cached = native_headers.cache_root() / "ort-headers"
+    shutil.copytree(real, cached)
+    assert find_headers(fetch=False) == cached
+    with open(cached / "onnxruntime_cxx_inline.h", "a") as stream:
+        stream.write("\n// changed\n")
+    with pytest.raises(NativeBuildError, match=r"differ from the pinned ones \(onnxruntime_cxx_inline.h\)"):
+        find_headers(fetch=False)

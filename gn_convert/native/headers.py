@@ -7,9 +7,22 @@ onnxruntime's Python wheel ships no headers. They come, in this order, from:
 2. the system include folders (``/usr/include/onnxruntime``, ``/usr/local/include/onnxruntime``,
    ``/usr/local/include``), where a packaged onnxruntime puts them;
 3. gn-convert's cache (``~/.cache/gn_convert/ort-headers``), filled by 4;
-4. a registry package that ships Microsoft's official headers: the npm package
+4. a registry package that carries Microsoft's headers: the npm package
    ``com.github.asus4.onnxruntime`` (about 150 MB; its iOS framework carries them), fetched
    once with ``npm pack`` when ``npm`` is on the PATH.
+
+Supply chain. Source 4 is a third-party repackaging, so nothing in it is trusted by name: the
+archive's SHA-512 is pinned (:data:`ARCHIVE_SHA512`, the registry's own ``dist.integrity``,
+checked against the bytes downloaded) and verified before anything is extracted, and each
+header the kernel compiles against is pinned by SHA-256 (:data:`HEADER_SHA256`), checked on
+extraction and again every time the cache (3) is used; a cache that no longer matches is
+fetched again. Folders a user names (1) or a system package installed (2) are the user's
+choice and are not checked. Official sources checked for these headers (2026-12): onnxruntime's
+GitHub release archives and the ``Microsoft.ML.OnnxRuntime`` NuGet package carry them but are not
+reachable from the registry-only build machines this project targets; Microsoft's npm packages
+(``onnxruntime-node`` 1.22.0: 44 files, no ``.h``; ``onnxruntime-web``, ``onnxruntime-common``)
+and PyPI's ``onnxruntime`` wheels carry none. Where the GitHub archive is reachable, its
+``include/`` folder is the better source: download it and set ``GN_CONVERT_ORT_INCLUDE``.
 
 Headers work with any onnxruntime whose C API version is at least theirs
 (``ORT_API_VERSION``); the version is checked before building.
@@ -17,6 +30,9 @@ Headers work with any onnxruntime whose C API version is at least theirs
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import logging
 import os
 import re
 import shutil
@@ -35,6 +51,17 @@ SYSTEM_DIRS = ("/usr/include/onnxruntime", "/usr/local/include/onnxruntime", "/u
 NPM_PACKAGE = "com.github.asus4.onnxruntime@0.4.9"
 """npm package carrying onnxruntime's official headers (C API version 29, MIT licensed)."""
 _NPM_HEADER_DIR = "Headers/"
+ARCHIVE_SHA512 = "BkzxduSZ9IkeDP6Q8lz2TFU2ie7hSSvS7ZIfzMooExoq0CNzJnuuGaUJ7IsojBgqO4ouD1jXah8OYyJbCN29Fg=="
+"""SHA-512 (base64, npm's ``dist.integrity``) of the ``com.github.asus4.onnxruntime-0.4.9.tgz`` archive."""
+HEADER_SHA256 = {
+    "onnxruntime_c_api.h": "acc0cf4b3f28d39339c76770d76164bb7a0637dc89f5fde764b4017b632f6743",
+    "onnxruntime_cxx_api.h": "9c63ed5bf0427ddf1c10a99aca0beeec77318ce77d2ea6f7ae76d7d933660f67",
+    "onnxruntime_cxx_inline.h": "c508dbb7d8203003a2584b8712118cb88e5b4ef1e1c7876a9974156fb7489301",
+    "onnxruntime_float16.h": "88b242845d25981633a0bbd1c148e273cf8bfb016ea3f57c4af41a06530f72b0",
+    "onnxruntime_lite_custom_op.h": "5ac84897a95ee5fa5b5bbbeb84dd51f0768e83b293716b147f114e63b28fdf85",
+}
+"""SHA-256 of each header the kernel compiles against, as that archive ships them (ORT C API 29)."""
+log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
@@ -59,6 +86,21 @@ def api_version(folder: Path) -> int:
         raise NativeBuildError(f"{folder / 'onnxruntime_c_api.h'} declares no ORT_API_VERSION; "
                                f"point {ENV_VAR} at onnxruntime's own include folder")
     return int(match.group(1))
+
+
+def archive_digest(path: Path) -> str:
+    """The SHA-512 of a file, base64-encoded as npm's ``dist.integrity`` writes it."""
+    digest = hashlib.sha512()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return base64.b64encode(digest.digest()).decode()
+
+
+def mismatched_headers(folder: Path) -> list[str]:
+    """The required headers in ``folder`` whose SHA-256 differs from :data:`HEADER_SHA256` (or that are missing)."""
+    return [name for name, expected in HEADER_SHA256.items()
+            if not (folder / name).is_file() or hashlib.sha256((folder / name).read_bytes()).hexdigest() != expected]
 
 
 def runtime_api_version() -> int:
@@ -95,6 +137,11 @@ def fetch_headers(dest: Path) -> Path:
             reason = (done.stderr.strip().splitlines() or ["no archive written"])[-1]
             raise NativeBuildError(f"fetching onnxruntime's headers with `npm pack {NPM_PACKAGE}` failed "
                                    f"({reason}); set {ENV_VAR} to an onnxruntime include/ folder instead")
+        found = archive_digest(archives[0])
+        if found != ARCHIVE_SHA512:
+            raise NativeBuildError(f"the downloaded {NPM_PACKAGE} archive does not match its pinned SHA-512 "
+                                   f"(expected {ARCHIVE_SHA512[:16]}..., got {found[:16]}...); refusing to use it. "
+                                   f"Set {ENV_VAR} to the include/ folder of an official onnxruntime release")
         staged = Path(tmp) / "headers"
         staged.mkdir()
         with tarfile.open(archives[0], "r:gz") as archive:
@@ -105,10 +152,11 @@ def fetch_headers(dest: Path) -> Path:
                     source = archive.extractfile(member)
                     if source is not None:
                         (staged / name).write_bytes(source.read())
-        if not has_headers(staged):
-            raise NativeBuildError(f"npm package {NPM_PACKAGE} lacks onnxruntime's C++ headers; "
+        if not has_headers(staged) or mismatched_headers(staged):
+            raise NativeBuildError(f"npm package {NPM_PACKAGE} lacks onnxruntime's C++ headers or they differ from "
+                                   f"the pinned ones ({', '.join(mismatched_headers(staged))}); "
                                    f"set {ENV_VAR} to an onnxruntime include/ folder")
-        if has_headers(dest):  # another process fetched them meanwhile: keep those
+        if has_headers(dest) and not mismatched_headers(dest):  # another process fetched them meanwhile
             return dest
         if dest.exists():
             shutil.rmtree(dest)
@@ -137,9 +185,19 @@ def find_headers(include: str | Path | None = None, fetch: bool = True) -> Path:
             raise NativeBuildError(f"{folder} lacks {', '.join(missing)}; point {ENV_VAR} (or --include) at "
                                    "the include/ folder of an onnxruntime release")
         return folder
-    for candidate in (*map(Path, SYSTEM_DIRS), cache_root() / "ort-headers"):
+    for candidate in map(Path, SYSTEM_DIRS):
         if has_headers(candidate):
             return candidate
+    cached = cache_root() / "ort-headers"
+    if has_headers(cached):
+        changed = mismatched_headers(cached)
+        if not changed:
+            return cached
+        log.warning("cached onnxruntime headers %s differ from the pinned ones (%s); fetching them again",
+                    cached, ", ".join(changed))
+        if not fetch:
+            raise NativeBuildError(f"the cached headers in {cached} differ from the pinned ones ({', '.join(changed)}); "
+                                   "delete the folder, or allow fetching them again")
     if not fetch:
         raise NativeBuildError(f"onnxruntime's C++ headers were not found; set {ENV_VAR} to an onnxruntime "
                                "include/ folder, or allow fetching them from npm")
