@@ -12,6 +12,9 @@ Variants (CPU):
 - ``torch-default``: the GN model exported by plain ``torch.onnx.export`` (opset 20:
   Reshape -> InstanceNormalization -> Reshape -> Mul -> Add).
 - ``function``, ``inlined``, ``standard``: gn-convert's export targets.
+- ``function-in``: the function file with the ``instance-norm`` body
+  (``gn_convert.onnx.op.BODIES``: InstanceNormalization + a BatchNormalization affine, the
+  ``fast`` form as a function body that onnxruntime inlines).
 - ``fast``: the function file lowered by ``gn_convert.onnx.lowering.fast.to_fast``.
 - ``native``: the function file run with gn-convert's native GroupNorm kernel registered
   (``gn_convert.native``; built on first use, skipped with the reason if it cannot be built).
@@ -25,6 +28,7 @@ Usage::
 
     python scripts/bench_latency.py                                 # resnet50, batch 1 and 8
     python scripts/bench_latency.py --models resnet50,resnet18,mobilenet_v3_large,efficientnet_b0
+    python scripts/bench_latency.py --threads 1,2 --spinning off,on  # issue 16's grid, with the physical limit
     python scripts/bench_latency.py --provider cuda --rounds 50
 """
 
@@ -39,28 +43,34 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads must not spin while others are timed
+import onnx  # noqa: E402
 import torch  # noqa: E402
 from torch import nn
 
 import gn_convert
 from gn_convert.atomic import atomic_file
 from gn_convert.bench.harness import Variant, parse_batches, run_bench
+from gn_convert.bench.limits import floor_ms, groupnorm_traffic, memory_bandwidth
 from gn_convert.bench.variants import ort_session, session_variant, torch_variant
 from gn_convert.errors import GnConvertError, NativeBuildError, ProviderUnavailableError
 from gn_convert.load.names import build_model
 from gn_convert.onnx import export_onnx, lower_onnx
+from gn_convert.onnx.lowering.function import set_body
 from gn_convert.runtime import check_provider
 
 MODELS = ("resnet50",)
 ALL_MODELS = ("resnet50", "resnet18", "mobilenet_v3_large", "efficientnet_b0")
-CPU_VARIANTS = ("bn", "torch-default", "function", "inlined", "standard", "fast", "native", "torch-eager")
+CPU_VARIANTS = ("bn", "torch-default", "function", "function-in", "inlined", "standard", "fast", "native",
+                "torch-eager")
 CUDA_VARIANTS = ("bn", "torch-default", "function", "fast", "ms-groupnorm", "torch-eager")
 NOTES = {
     "bn": "BatchNorm original, BN folded into the convolutions by onnxruntime",
     "torch-default": "GN model, plain torch.onnx.export (Reshape-InstanceNormalization-Reshape-Mul-Add)",
     "function": "gn-convert export, target function (our op, two-pass body inlined by onnxruntime)",
+    "function-in": "function file with the instance-norm body (InstanceNormalization + BatchNormalization affine)",
     "inlined": "gn-convert export, target inlined",
     "standard": "gn-convert export, target standard (GroupNormalization-21, one-pass variance)",
     "fast": "function file lowered to the fast target (InstanceNormalization + BatchNormalization affine)",
@@ -112,6 +122,9 @@ def export_variants(name: str, folder: Path, *, groups: int, size: int, fp16: bo
             steps[variant](path)
         elif variant in ("inlined", "standard", "fast", "ms-groupnorm"):
             lower_onnx(function_file, path, variant)
+        elif variant == "function-in":
+            model = onnx.load(function_file)
+            onnx.save(set_body(model, "instance-norm"), path)
         print(f"  exported {path.name} in {time.perf_counter() - start:.0f} s", flush=True)
     return paths, gn
 
@@ -127,31 +140,57 @@ def _native_library() -> Path | None:
         return None
 
 
-def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict:
-    """Export and time one model; print its table; return the result as a dict."""
+def limit_lines(gn: nn.Module, result: Any, threads: int, size: int) -> list[str]:
+    """The physical floor beside the measured overhead: GroupNorm bytes over memory bandwidth."""
+    bandwidth = memory_bandwidth(threads)
+    lines = [f"physical limit ({threads} thread(s), copy bandwidth {bandwidth / 1e9:.1f} GB/s, activations "
+             "assumed out of cache): GroupNorm layers must read and write their activations at least once"]
+    for batch in sorted({m.batch for m in result.measurements}):
+        traffic = groupnorm_traffic(gn, (batch, 3, size, size))
+        floor = floor_ms(traffic.minimum_bytes, bandwidth)
+        base = result.get("bn", batch).median_ms
+        measured = ", ".join(f"{m.variant} {m.median_ms - base:+.1f} ms" for m in result.measurements
+                             if m.batch == batch and m.variant != "bn")
+        lines.append(f"  b{batch}: {traffic.layers} GroupNorm calls move >= {traffic.minimum_bytes / 1e6:.0f} MB "
+                     f"(two-pass body {traffic.two_pass_bytes / 1e6:.0f} MB): floor {floor:.1f} ms = "
+                     f"{(base + floor) / base:.2f}x bn; measured overhead: {measured}")
+    return lines
+
+
+def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]:
+    """Export and time one model at every thread count and spinning setting; print the tables."""
     fp16 = args.provider == "cuda"
     wanted = [v for v in args.variants.split(",") if v]
     print(f"{name}: exporting ({', '.join(wanted)})", flush=True)
     paths, gn = export_variants(name, folder, groups=args.groups, size=args.size, fp16=fp16, wanted=wanted)
-    variants: list[Variant] = []
     library = _native_library() if "native" in wanted else None
-    for variant in wanted:
-        if variant == "native":
-            if library is not None:
-                session = ort_session(paths["function"], threads=args.threads, custom_ops_library=library)
-                variants.append(session_variant(variant, session, note=NOTES[variant]))
-            continue
-        if variant == "torch-eager":
-            variants.append(torch_variant(variant, gn, threads=args.threads, device="cuda" if fp16 else "cpu",
-                                          fp16=fp16, note=NOTES[variant]))
-            continue
-        session = ort_session(paths[variant], threads=args.threads, provider=args.provider)
-        variants.append(session_variant(variant, session, note=NOTES.get(variant, "")))
-    result = run_bench(variants, (3, args.size, args.size), batches=parse_batches(args.batch), rounds=args.rounds,
-                       warmup=args.warmup, baseline="bn" if "bn" in wanted else None, threads=args.threads,
-                       provider=args.provider, clock=args.clock)
-    print(f"\n## {name} (G={args.groups}, {'float16' if fp16 else 'float32'})\n{result.table()}\n", flush=True)
-    return {"model": name, **result.to_dict()}
+    results = []
+    for threads in parse_batches(args.threads):
+        torch.set_num_threads(threads)
+        for spinning in args.spinning.split(","):
+            spin = spinning == "on"
+            variants: list[Variant] = []
+            for variant in wanted:
+                if variant == "native":
+                    if library is not None:
+                        session = ort_session(paths["function"], threads=threads, custom_ops_library=library,
+                                              spinning=spin)
+                        variants.append(session_variant(variant, session, note=NOTES[variant]))
+                    continue
+                if variant == "torch-eager":
+                    variants.append(torch_variant(variant, gn, threads=threads, device="cuda" if fp16 else "cpu",
+                                                  fp16=fp16, note=NOTES[variant]))
+                    continue
+                session = ort_session(paths[variant], threads=threads, provider=args.provider, spinning=spin)
+                variants.append(session_variant(variant, session, note=NOTES.get(variant, "")))
+            result = run_bench(variants, (3, args.size, args.size), batches=parse_batches(args.batch),
+                               rounds=args.rounds, warmup=args.warmup, baseline="bn" if "bn" in wanted else None,
+                               threads=threads, provider=args.provider, clock=args.clock)
+            lines = limit_lines(gn, result, threads, args.size) if "bn" in wanted and not fp16 else []
+            print(f"\n## {name} (G={args.groups}, {'float16' if fp16 else 'float32'}, {threads} thread(s), "
+                  f"spinning {spinning})\n{result.table()}\n" + "\n".join(lines) + "\n", flush=True)
+            results.append({"model": name, "spinning": spin, "limit": lines, **result.to_dict()})
+    return results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -161,7 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default=None, help=f"comma-separated, default CPU: {','.join(CPU_VARIANTS)}; "
                    f"CUDA: {','.join(CUDA_VARIANTS)}")
     p.add_argument("--batch", default="1,8", help="batch sizes (default 1,8)")
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads of onnxruntime and torch (default 2)")
+    p.add_argument("--threads", default="2", help="intra-op threads of onnxruntime and torch; several: 1,2 (default 2)")
+    p.add_argument("--spinning", default="off", choices=("off", "on", "off,on"),
+                   help="onnxruntime pool threads spinning while idle (default off; off,on: both)")
     p.add_argument("--rounds", type=int, default=10, help="timed interleaved rounds per batch (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch (default 2)")
     p.add_argument("--groups", type=int, default=32, help="GroupNorm groups of the conversion (default 32)")
@@ -194,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         for name in [m for m in args.models.split(",") if m]:
             try:
-                results.append(bench_model(name, args, folder))
+                results.extend(bench_model(name, args, folder))
             except GnConvertError as exc:
                 print(f"bench_latency: error: {name}: {exc}", file=sys.stderr)
                 return 2

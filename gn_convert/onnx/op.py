@@ -77,7 +77,39 @@ _BODY = """
 """
 
 
-def function_proto(opset: int) -> onnx.FunctionProto:
+_INSTANCE_BODY = """
+<domain: "{domain}", opset_import: ["" : {opset}]>
+{op_type} <num_groups, epsilon: float = {epsilon!r}> (X, scale, bias) => (Y)
+{{
+    x = Cast <to = 1> (X)
+    gamma = Cast <to = 1> (scale)
+    beta = Cast <to = 1> (bias)
+    groups = Constant <value_int: int = @num_groups> ()
+    zero_axis = Constant <value_ints = [0]> ()
+    groups_1d = Unsqueeze (groups, zero_axis)
+    keep_dim = Constant <value_ints = [0]> ()
+    rest = Constant <value_ints = [-1]> ()
+    grouped_shape = Concat <axis = 0> (keep_dim, groups_1d, rest)
+    xg = Reshape (x, grouped_shape)
+    group_ones = ConstantOfShape <value = float[1] {{1.0}}> (groups_1d)
+    group_zeros = ConstantOfShape <value = float[1] {{0.0}}> (groups_1d)
+    normed_g = InstanceNormalization <epsilon: float = @epsilon> (xg, group_ones, group_zeros)
+    x_shape = Shape (X)
+    normed = Reshape (normed_g, x_shape)
+    channels = Shape (gamma)
+    channel_zeros = ConstantOfShape <value = float[1] {{0.0}}> (channels)
+    channel_ones = ConstantOfShape <value = float[1] {{1.0}}> (channels)
+    y = BatchNormalization <epsilon = 0.0> (normed, gamma, beta, channel_zeros, channel_ones)
+    Y = CastLike (y, X)
+}}
+"""
+BODIES = {"two-pass": _BODY, "instance-norm": _INSTANCE_BODY}
+"""Function bodies by name: ``two-pass`` (Reduce/Sub/Mul ops, portable) and ``instance-norm``
+(InstanceNormalization over (N, G, -1), then the affine as BatchNormalization with mean 0,
+variance 1 and epsilon 0: the ``fast`` lowering's form, as a body)."""
+
+
+def function_proto(opset: int, body: str = "two-pass") -> onnx.FunctionProto:
     """Build the op's FunctionProto, authored at a given default-domain opset.
 
     The opset must equal the default-domain opset of the model the function is attached to:
@@ -86,6 +118,7 @@ def function_proto(opset: int) -> onnx.FunctionProto:
 
     Args:
         opset: the model's default-domain (``ai.onnx``) opset, at least 18.
+        body: a key of :data:`BODIES`.
 
     Returns:
         A FunctionProto for ``ai.gn_convert::GroupNorm`` with ``epsilon`` defaulting to 1e-5.
@@ -95,7 +128,9 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     """
     if opset < MIN_OPSET:
         raise ValueError(f"the GroupNorm function body needs opset >= {MIN_OPSET}, got {opset}")
-    text = _BODY.format(domain=DOMAIN, opset=opset, op_type=OP_TYPE, epsilon=DEFAULT_EPSILON)
+    if body not in BODIES:
+        raise ValueError(f"unknown GroupNorm body {body!r}; choose one of {', '.join(BODIES)}")
+    text = BODIES[body].format(domain=DOMAIN, opset=opset, op_type=OP_TYPE, epsilon=DEFAULT_EPSILON)
     function = onnx.parser.parse_function(text)
     function.doc_string = _DOC
     return function

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 
 from gn_convert.onnx.lowering.common import model_opset
-from gn_convert.onnx.op import DOMAIN, OP_TYPE, function_proto, groupnorm_nodes, opset_import
+from gn_convert.onnx.op import BODIES, DOMAIN, OP_TYPE, function_proto, groupnorm_nodes, opset_import
 
 
 def has_function(model: onnx.ModelProto) -> bool:
@@ -31,3 +31,25 @@ def attach_function(model: onnx.ModelProto) -> onnx.ModelProto:
     if not any(entry.domain == DOMAIN for entry in model.opset_import):
         model.opset_import.append(opset_import())
     return model
+
+
+def set_body(model: onnx.ModelProto, body: str) -> onnx.ModelProto:
+    """Replace the attached GroupNorm FunctionProto by the body named ``body`` (in place).
+
+    Args:
+        model: a ``function``-form model.
+        body: a key of :data:`gn_convert.onnx.op.BODIES`.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: unknown body, or no GroupNorm function attached.
+    """
+    if body not in BODIES:
+        raise ValueError(f"unknown GroupNorm body {body!r}; choose one of {', '.join(BODIES)}")
+    for index, function in enumerate(model.functions):
+        if function.domain == DOMAIN and function.name == OP_TYPE:
+            model.functions[index].CopyFrom(function_proto(model_opset(model), body))
+            return model
+    raise ValueError("the model has no GroupNorm function to replace; pass a function-form file")
