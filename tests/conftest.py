@@ -5,13 +5,18 @@ under pytest's session temporary folder. Callers must not modify what a fixture 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 from torch import nn
 
 from helpers.models import DIGITS_EPOCHS, DIGITS_SIZE, Exports, Models, make_tiny_teacher
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one torch thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ import onnx.checker
 import onnx.shape_inference
 import pytest
 
-from gn_convert.onnx.op import DOMAIN, OP_TYPE, function_proto, schema
+from gn_convert.onnx.lowering.function import set_body
+from gn_convert.onnx.op import BODIES, DOMAIN, OP_TYPE, function_proto, schema
 from helpers.onnx_cases import (FP16_BOUND, FP32_BOUND, FP32_MEAN1000_BOUND, LEVELS, SHAPES_GROUPS, inputs,
                                 one_node_model, reference, relative_error, run, shape_id)
 
@@ -22,9 +23,11 @@ from helpers.onnx_cases import (FP16_BOUND, FP32_BOUND, FP32_MEAN1000_BOUND, LEV
 @pytest.mark.parametrize("level", LEVELS, ids=str)
 @pytest.mark.parametrize("shape,groups", SHAPES_GROUPS, ids=shape_id)
 @pytest.mark.parametrize("mean,bound", [(0.0, FP32_BOUND), (1000.0, FP32_MEAN1000_BOUND)], ids=["mean0", "mean1000"])
-def test_fp32_matches_float64_torch(shape: tuple[int, ...], groups: int, mean: float, bound: float, level: str) -> None:
+@pytest.mark.parametrize("body", list(BODIES))
+def test_fp32_matches_float64_torch(shape: tuple[int, ...], groups: int, mean: float, bound: float, level: str,
+                                    body: str) -> None:
     eps = 1e-5
-    model = one_node_model(shape, groups, eps, onnx.TensorProto.FLOAT)
+    model = set_body(one_node_model(shape, groups, eps, onnx.TensorProto.FLOAT), body)
     err = relative_error(inputs(shape, mean, np.float32), groups, eps, model, LEVELS[level])
     assert err < bound, f"relative error {err:.2e} >= {bound:.0e}"
 
@@ -63,6 +66,15 @@ def test_function_authored_at_each_supported_opset_runs(opset: int) -> None:
     assert next(f for f in model.functions if f.domain == DOMAIN).opset_import[0].version == opset
     err = relative_error(inputs(shape, 0.0, np.float32), groups, 1e-5, model, LEVELS["opt-all"])
     assert err < FP32_BOUND
+
+
+def test_unknown_body_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown GroupNorm body 'fastest'; choose one of two-pass, instance-norm"):
+        function_proto(21, "fastest")
+    bare = one_node_model((1, 4, 2, 2), 2, 1e-5, onnx.TensorProto.FLOAT)
+    del bare.functions[:]
+    with pytest.raises(ValueError, match="no GroupNorm function"):
+        set_body(bare, "instance-norm")
 
 
 def test_function_below_opset_18_is_refused() -> None:
