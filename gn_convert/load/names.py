@@ -72,15 +72,18 @@ def build_model(name: str, *, num_classes: int | None = None, init_weights: bool
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if init_weights:
         return build_torchvision(name, **kwargs)
-    with torch.device("meta"):
-        skeleton = build_torchvision(name, **kwargs)
-    return skeleton.to_empty(device="cpu")
+    skeleton = _structure(name, **kwargs)
+    return skeleton.to_empty(device="cpu") if next(skeleton.parameters()).is_meta else skeleton
 
 
-def _structure(name: str) -> nn.Module:
-    """The model on the meta device: its modules, no memory."""
-    with torch.device("meta"):
-        return build_torchvision(name)
+def _structure(name: str, **kwargs: Any) -> nn.Module:
+    """The model on the meta device (its modules, no memory); built normally when its
+    constructor computes with tensors (RegNet's widths), which meta tensors cannot."""
+    try:
+        with torch.device("meta"):
+            return build_torchvision(name, **kwargs)
+    except (NotImplementedError, RuntimeError):
+        return build_torchvision(name, **kwargs)
 
 
 def _cache_file() -> Path:
