@@ -273,3 +273,26 @@ def test_check_onnx_rejects_groups_that_do_not_divide_channels(tmp_path) -> None
     with pytest.raises(ExportError, match="does not divide C=7"):
         check_onnx(tmp_path / "bad.onnx", model)
     assert len(model.graph.initializer[3].raw_data) == 1200  # weights restored after the check
+
+
+@pytest.mark.parametrize("body", ["instance-norm", "two-pass"])
+def test_the_body_is_chosen_recorded_and_inlined(tmp_path, body: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                          nn.GroupNorm(16, 16)).eval()
+    kwargs = {} if body == "instance-norm" else {"body": body}  # instance-norm is the default
+    report = export_onnx(model, tmp_path / "m.onnx", input_shape=(1, 3, 12, 12), **kwargs)
+    loaded = onnx.load(report.path)
+    assert {p.key: p.value for p in loaded.metadata_props}["gn_convert.body"] == body
+    function = next(f for f in loaded.functions if f.domain == DOMAIN)
+    assert ("InstanceNormalization" in {n.op_type for n in function.node}) == (body == "instance-norm")
+    inlined = lower_onnx(report.path, tmp_path / "i.onnx", "inlined")
+    ops = [n.op_type for n in onnx.load(inlined.path).graph.node]
+    expected = {"instance-norm": ("InstanceNormalization", 2), "two-pass": ("ReduceMean", 4)}[body]
+    assert ops.count(expected[0]) == expected[1] and inlined.counts.batchnorm == (2 if body == "instance-norm" else 0)
+    x = torch.randn(2, 3, 12, 12) + 100
+    with torch.no_grad():
+        ref = model(x).numpy()
+    for path in (report.path, inlined.path):
+        out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+        assert float(np.abs(out - ref).max() / np.abs(ref).max()) < PARITY_BOUND

@@ -103,13 +103,22 @@ _INSTANCE_BODY = """
     Y = CastLike (y, X)
 }}
 """
-BODIES = {"two-pass": _BODY, "instance-norm": _INSTANCE_BODY}
-"""Function bodies by name: ``two-pass`` (Reduce/Sub/Mul ops, portable) and ``instance-norm``
-(InstanceNormalization over (N, G, -1), then the affine as BatchNormalization with mean 0,
-variance 1 and epsilon 0: the ``fast`` lowering's form, as a body)."""
+BODIES = {"instance-norm": _INSTANCE_BODY, "two-pass": _BODY}
+"""Function bodies by name; the first is the default. ``instance-norm``: InstanceNormalization
+over (N, G, -1) (onnxruntime's CPU kernel computes it in two passes), then the affine as one
+BatchNormalization with mean 0, variance 1 and epsilon 0 (exact): the ``fast`` lowering's form
+as a body, which onnxruntime inlines into its own fast kernels. ``two-pass``: ReduceMean, Sub,
+Mul, ReduceMean, Div, Mul, Add (about ten passes over the activation). Both compute the variance
+in two passes in float32; they agree with float64 within the same bounds at input means 0 and
+1000, OpenVINO runs both inlined; on onnxruntime CPU the default artifact of ResNet-50 costs
+1.24x / 1.32x the BatchNorm original (batch 1 / 8, one thread) with ``instance-norm`` against
+1.41x / 1.40x with ``two-pass`` (scripts/PERF.md)."""
+DEFAULT_BODY = next(iter(BODIES))
+BODY_KEY = "gn_convert.body"
+"""The metadata key recording which body a function-form (or inlined) file carries."""
 
 
-def function_proto(opset: int, body: str = "two-pass") -> onnx.FunctionProto:
+def function_proto(opset: int, body: str = DEFAULT_BODY) -> onnx.FunctionProto:
     """Build the op's FunctionProto, authored at a given default-domain opset.
 
     The opset must equal the default-domain opset of the model the function is attached to:

@@ -21,7 +21,7 @@ import onnx.shape_inference
 
 from gn_convert.errors import ExportError, first_line
 from gn_convert.onnx.external import weights_detached
-from gn_convert.onnx.op import DOMAIN, groupnorm_nodes
+from gn_convert.onnx.op import BODY_KEY, DOMAIN, groupnorm_nodes
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,11 @@ def check_onnx(path: Path, model: onnx.ModelProto) -> None:
         raise ExportError(f"the exported model fails shape inference: {first_line(exc)}; please report it") from exc
 
 
-def _calls_in(counts: NodeCounts, target: str) -> int | None:
+def _calls_in(counts: NodeCounts, target: str, body: str) -> int | None:
     """How many GroupNorm calls a model of ``target`` form shows (None: not countable there)."""
+    inlined = counts.instance_norm if body == "instance-norm" else None
     return {"function": counts.custom, "standard": counts.standard_groupnorm, "fast": counts.instance_norm,
-            "ms-groupnorm": counts.ms_groupnorm + counts.instance_norm}.get(target)
+            "ms-groupnorm": counts.ms_groupnorm + counts.instance_norm, "inlined": inlined}.get(target)
 
 
 def check_counts(model: onnx.ModelProto, target: str, calls: int, allow_batchnorm: bool) -> NodeCounts:
@@ -93,7 +94,8 @@ def check_counts(model: onnx.ModelProto, target: str, calls: int, allow_batchnor
         target: the form ``model`` is in (a name of :data:`gn_convert.onnx.targets.TARGETS`).
         calls: GroupNorm calls the exporter translated (one per layer, more for shared ones).
         allow_batchnorm: whether ``BatchNormalization`` nodes of the original model may remain
-            (the ``fast`` forms add one per call for the affine; those are not counted against it).
+            (the ``fast`` forms, and the inlined ``instance-norm`` body, add one per call for the
+            affine; those are not counted against it).
 
     Returns:
         The counts.
@@ -102,7 +104,8 @@ def check_counts(model: onnx.ModelProto, target: str, calls: int, allow_batchnor
         ExportError: when a count is wrong.
     """
     counts = count_nodes(model)
-    affine = calls if target in ("fast", "ms-groupnorm") else 0
+    body = next((p.value for p in model.metadata_props if p.key == BODY_KEY), "two-pass")
+    affine = calls if target in ("fast", "ms-groupnorm") or (target == "inlined" and body == "instance-norm") else 0
     if counts.batchnorm > affine and not allow_batchnorm:
         raise ExportError(f"the exported model still has {counts.batchnorm - affine} BatchNormalization nodes; "
                           "convert every BatchNorm layer, or pass allow_batchnorm=True")
@@ -112,7 +115,7 @@ def check_counts(model: onnx.ModelProto, target: str, calls: int, allow_batchnor
             raise ExportError("the GroupNorm function is not attached to the model; please report it")
     elif counts.custom or ours:
         raise ExportError(f"{counts.custom} custom GroupNorm nodes are left in the {target} form; please report it")
-    found = _calls_in(counts, target)
+    found = _calls_in(counts, target, body)
     if found is not None and found != calls:
         raise ExportError(f"expected {calls} GroupNorm calls in the {target} form, found {found}; please report it")
     return counts

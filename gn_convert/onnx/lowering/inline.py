@@ -51,7 +51,9 @@ def _name_inlined_nodes(source: onnx.ModelProto, inlined: onnx.ModelProto) -> No
     nodes, in order, so the calls of ``source`` line up with runs of ``inlined``; when they do
     not (another function was inlined too), the nodes keep empty names.
     """
-    body = [node.output[0] for node in function_proto(model_opset(source)).node]
+    attached = next((f for f in source.functions if f.domain == DOMAIN), None)
+    function = attached if attached is not None else function_proto(model_opset(source))
+    body = [node.output[0] for node in function.node]
     if any(node.domain not in ("", "ai.onnx", DOMAIN) for node in source.graph.node):
         return
     names: list[tuple[int, str]] = []
