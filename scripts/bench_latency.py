@@ -12,9 +12,8 @@ Variants (CPU):
 - ``torch-default``: the GN model exported by plain ``torch.onnx.export`` (opset 20:
   Reshape -> InstanceNormalization -> Reshape -> Mul -> Add).
 - ``function``, ``inlined``, ``standard``: gn-convert's export targets.
-- ``function-in``: the function file with the ``instance-norm`` body
-  (``gn_convert.onnx.op.BODIES``: InstanceNormalization + a BatchNormalization affine, the
-  ``fast`` form as a function body that onnxruntime inlines).
+- ``function-2p``: the function file with the ``two-pass`` body (Reduce/Sub/Mul ops; the default
+  body before it was measured against ``instance-norm``, ``gn_convert.onnx.op.BODIES``).
 - ``fast``: the function file lowered by ``gn_convert.onnx.lowering.fast.to_fast``.
 - ``native``: the function file run with gn-convert's native GroupNorm kernel registered
   (``gn_convert.native``; built on first use, skipped with the reason if it cannot be built).
@@ -43,7 +42,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads must not spin while others are timed
 import onnx  # noqa: E402
@@ -53,7 +51,7 @@ from torch import nn
 import gn_convert
 from gn_convert.atomic import atomic_file
 from gn_convert.bench.harness import Variant, parse_batches, run_bench
-from gn_convert.bench.limits import floor_ms, groupnorm_traffic, memory_bandwidth
+from gn_convert.bench.limits import groupnorm_traffic, limit_lines
 from gn_convert.bench.variants import ort_session, session_variant, torch_variant
 from gn_convert.errors import GnConvertError, NativeBuildError, ProviderUnavailableError
 from gn_convert.load.names import build_model
@@ -63,14 +61,14 @@ from gn_convert.runtime import check_provider
 
 MODELS = ("resnet50",)
 ALL_MODELS = ("resnet50", "resnet18", "mobilenet_v3_large", "efficientnet_b0")
-CPU_VARIANTS = ("bn", "torch-default", "function", "function-in", "inlined", "standard", "fast", "native",
+CPU_VARIANTS = ("bn", "torch-default", "function", "function-2p", "inlined", "standard", "fast", "native",
                 "torch-eager")
 CUDA_VARIANTS = ("bn", "torch-default", "function", "fast", "ms-groupnorm", "torch-eager")
 NOTES = {
     "bn": "BatchNorm original, BN folded into the convolutions by onnxruntime",
     "torch-default": "GN model, plain torch.onnx.export (Reshape-InstanceNormalization-Reshape-Mul-Add)",
-    "function": "gn-convert export, target function (our op, two-pass body inlined by onnxruntime)",
-    "function-in": "function file with the instance-norm body (InstanceNormalization + BatchNormalization affine)",
+    "function": "gn-convert export, target function (our op; its default instance-norm body inlined by onnxruntime)",
+    "function-2p": "function file with the two-pass body (ReduceMean/Sub/Mul/... ops)",
     "inlined": "gn-convert export, target inlined",
     "standard": "gn-convert export, target standard (GroupNormalization-21, one-pass variance)",
     "fast": "function file lowered to the fast target (InstanceNormalization + BatchNormalization affine)",
@@ -122,9 +120,9 @@ def export_variants(name: str, folder: Path, *, groups: int, size: int, fp16: bo
             steps[variant](path)
         elif variant in ("inlined", "standard", "fast", "ms-groupnorm"):
             lower_onnx(function_file, path, variant)
-        elif variant == "function-in":
+        elif variant == "function-2p":
             model = onnx.load(function_file)
-            onnx.save(set_body(model, "instance-norm"), path)
+            onnx.save(set_body(model, "two-pass"), path)
         print(f"  exported {path.name} in {time.perf_counter() - start:.0f} s", flush=True)
     return paths, gn
 
@@ -138,23 +136,6 @@ def _native_library() -> Path | None:
     except NativeBuildError as exc:
         print(f"  native: skipped: {exc}", flush=True)
         return None
-
-
-def limit_lines(gn: nn.Module, result: Any, threads: int, size: int) -> list[str]:
-    """The physical floor beside the measured overhead: GroupNorm bytes over memory bandwidth."""
-    bandwidth = memory_bandwidth(threads)
-    lines = [f"physical limit ({threads} thread(s), copy bandwidth {bandwidth / 1e9:.1f} GB/s, activations "
-             "assumed out of cache): GroupNorm layers must read and write their activations at least once"]
-    for batch in sorted({m.batch for m in result.measurements}):
-        traffic = groupnorm_traffic(gn, (batch, 3, size, size))
-        floor = floor_ms(traffic.minimum_bytes, bandwidth)
-        base = result.get("bn", batch).median_ms
-        measured = ", ".join(f"{m.variant} {m.median_ms - base:+.1f} ms" for m in result.measurements
-                             if m.batch == batch and m.variant != "bn")
-        lines.append(f"  b{batch}: {traffic.layers} GroupNorm calls move >= {traffic.minimum_bytes / 1e6:.0f} MB "
-                     f"(two-pass body {traffic.two_pass_bytes / 1e6:.0f} MB): floor {floor:.1f} ms = "
-                     f"{(base + floor) / base:.2f}x bn; measured overhead: {measured}")
-    return lines
 
 
 def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]:
@@ -186,7 +167,9 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]
             result = run_bench(variants, (3, args.size, args.size), batches=parse_batches(args.batch),
                                rounds=args.rounds, warmup=args.warmup, baseline="bn" if "bn" in wanted else None,
                                threads=threads, provider=args.provider, clock=args.clock)
-            lines = limit_lines(gn, result, threads, args.size) if "bn" in wanted and not fp16 else []
+            lines = []
+            if "bn" in wanted and not fp16:
+                lines = limit_lines(result, lambda b: groupnorm_traffic(gn, (b, 3, args.size, args.size)), threads, "bn")
             print(f"\n## {name} (G={args.groups}, {'float16' if fp16 else 'float32'}, {threads} thread(s), "
                   f"spinning {spinning})\n{result.table()}\n" + "\n".join(lines) + "\n", flush=True)
             results.append({"model": name, "spinning": spin, "limit": lines, **result.to_dict()})

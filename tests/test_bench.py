@@ -105,7 +105,9 @@ def test_cli_bench_prints_ratios_against_baseline(tmp_path, capsys, exports) -> 
     assert code == 0
     text = capsys.readouterr().out
     assert "1 intra-op threads" in text and "ratio" in text
-    rows = [line.split()[0] for line in text.splitlines()[3:6]]
+    lines = text.splitlines()
+    head = next(k for k, line in enumerate(lines) if line.startswith("variant"))
+    rows = [line.split()[0] for line in lines[head + 2:head + 5]]
     assert rows == ["baseline", "model", "fast"]
     data = json.loads(out.read_text())
     assert {(m["variant"], m["batch"]) for m in data["measurements"]} == {
@@ -139,3 +141,23 @@ def test_torch_variant_restores_the_callers_thread_count() -> None:
     call()
     assert seen == [wanted]  # the variant runs at its own count...
     assert torch.get_num_threads() == before  # ...and gives the process its own back
+
+
+def test_cli_bench_runs_each_thread_count_and_spinning_setting_with_the_physical_limit(tmp_path, capsys,
+                                                                                      exports) -> None:
+    model, baseline = exports.exported("resnet18").path, exports.exported("resnet18", "inlined").path
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(model), "--baseline", str(baseline), "--batch", "2", "--rounds", "1", "--warmup", "0",
+                 "--threads", "1,2", "--spinning", "off,on", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert [line for line in text.splitlines() if "thread(s), spinning" in line] == [
+        "1 thread(s), spinning off", "1 thread(s), spinning on", "2 thread(s), spinning off", "2 thread(s), spinning on"]
+    data = json.loads(out.read_text())
+    assert [(d["threads"], d["spinning"]) for d in data] == [(1, False), (1, True), (2, False), (2, True)]
+    limits = [line for line in text.splitlines() if "GroupNorm calls move" in line]
+    assert len(limits) == 4
+    from gn_convert.bench.limits import groupnorm_traffic
+
+    torch_count = groupnorm_traffic(exports.converted("resnet18"), (2, 3, SIZE, SIZE))  # the torch-side count
+    assert torch_count.activation_bytes == 4 * 2 * 202_752  # 64x32x32 + 4x64x16x16 + 5x128x8x8 + 5x256x4x4 + 5x512x2x2
+    assert all(f"20 GroupNorm calls move >= {torch_count.minimum_bytes / 1e6:.0f} MB" in line for line in limits)

@@ -16,11 +16,14 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    import onnx
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,34 @@ def groupnorm_traffic(model: nn.Module, input_shape: Sequence[int], dtype: torch
     return Traffic(len(sizes), sum(sizes) * element)
 
 
+def onnx_groupnorm_traffic(model: "onnx.ModelProto", input_shape: Sequence[int]) -> Traffic:
+    """:func:`groupnorm_traffic` from a function-form ONNX file: the input shape of every
+    ``ai.gn_convert::GroupNorm`` node, by shape inference at ``input_shape`` (batch included)."""
+    import onnx
+
+    from gn_convert.onnx.external import weights_detached
+    from gn_convert.onnx.op import groupnorm_nodes
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    dims = copy.graph.input[0].type.tensor_type.shape.dim
+    for dim, size in zip(dims, input_shape):
+        dim.Clear()
+        dim.dim_value = int(size)
+    with weights_detached(copy):
+        inferred = onnx.shape_inference.infer_shapes(copy)
+    infos = {v.name: v.type.tensor_type for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    total, layers = 0, 0
+    for node in groupnorm_nodes(inferred):
+        info = infos.get(node.input[0])
+        if info is None or not all(d.HasField("dim_value") for d in info.shape.dim):
+            raise ValueError(f"the shape of {node.name or node.input[0]} is unknown at input {tuple(input_shape)}")
+        element = onnx.helper.tensor_dtype_to_np_dtype(info.elem_type).itemsize
+        total += int(np.prod([d.dim_value for d in info.shape.dim])) * element
+        layers += 1
+    return Traffic(layers, total)
+
+
 def memory_bandwidth(threads: int = 1, megabytes: int = 256, repeats: int = 5) -> float:
     """Copy bandwidth in bytes per second (read + write counted), with ``threads`` threads at once.
 
@@ -93,3 +124,30 @@ def memory_bandwidth(threads: int = 1, megabytes: int = 256, repeats: int = 5) -
 def floor_ms(traffic_bytes: int, bandwidth: float) -> float:
     """Milliseconds to move ``traffic_bytes`` at ``bandwidth`` bytes per second."""
     return 1e3 * traffic_bytes / bandwidth
+
+
+def limit_lines(result: Any, traffic: Callable[[int], Traffic], threads: int, baseline: str) -> list[str]:
+    """The physical floor beside the measured overhead, per batch of a bench result.
+
+    Args:
+        result: a :class:`gn_convert.bench.harness.BenchResult` with ``baseline`` among its variants.
+        traffic: the GroupNorm :class:`Traffic` of the model at a batch size.
+        threads: threads copying at once when the bandwidth is measured (the sessions' count).
+        baseline: the BatchNorm variant's name.
+
+    Returns:
+        A header line and one line per batch size.
+    """
+    bandwidth = memory_bandwidth(threads)
+    lines = [f"physical limit ({threads} thread(s), copy bandwidth {bandwidth / 1e9:.1f} GB/s, activations assumed "
+             "out of cache): GroupNorm layers must read and write their activations at least once"]
+    for batch in sorted({m.batch for m in result.measurements}):
+        moved = traffic(batch)
+        floor = floor_ms(moved.minimum_bytes, bandwidth)
+        base = result.get(baseline, batch).median_ms
+        measured = ", ".join(f"{m.variant} {m.median_ms - base:+.1f} ms ({m.ratio:.2f}x)" for m in result.measurements
+                             if m.batch == batch and m.variant != baseline and m.ratio is not None)
+        lines.append(f"  b{batch}: {moved.layers} GroupNorm calls move >= {moved.minimum_bytes / 1e6:.0f} MB "
+                     f"(two-pass {moved.two_pass_bytes / 1e6:.0f} MB): floor {floor:.1f} ms = "
+                     f"{(base + floor) / base:.2f}x {baseline}; measured: {measured}")
+    return lines

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from gn_convert.atomic import atomic_file
 from gn_convert.cli.arguments import add_native_library_argument
-from gn_convert.bench.harness import parse_batches, run_bench
+from gn_convert.bench.harness import BenchResult, parse_batches, run_bench
+from gn_convert.bench.limits import limit_lines, onnx_groupnorm_traffic
 from gn_convert.errors import BenchError
 from gn_convert.bench.variants import ort_session, session_input_shape, session_variant
 from gn_convert.onnx.reading import read_model
@@ -34,8 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--native", action="store_true",
                    help="also time MODEL with gn-convert's native GroupNorm kernel registered (`gn-convert native`)")
     p.add_argument("--batch", default="1,8", metavar="B[,B...]", help="batch sizes (default 1,8)")
-    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4), metavar="N",
-                   help="onnxruntime intra-op threads (default: CPU count, at most 4)")
+    p.add_argument("--threads", default=str(min(os.cpu_count() or 1, 4)), metavar="N[,N...]",
+                   help="onnxruntime intra-op threads; several (1,2) time each (default: CPU count, at most 4)")
+    p.add_argument("--spinning", choices=("off", "on", "off,on"), default="off",
+                   help="idle pool threads spin (onnxruntime's default) or not (default off: fair interleaving)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per batch size (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch size (default 2)")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider (default cpu)")
@@ -53,12 +56,12 @@ def _input_fallback(path: Path) -> tuple[int, ...] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Time the models and print the table; 0 on success."""
+    """Time the models and print one table per thread count and spinning setting; 0 on success."""
     batches = parse_batches(args.batch)
     if args.native and args.provider != "cpu":
         raise BenchError("--native is a CPU kernel; use it with --provider cpu")
-    threads = max(1, args.threads)
     fallback = _input_fallback(args.model)
+    results = []
     with tempfile.TemporaryDirectory(prefix="gn-convert-bench-") as tmp:
         paths = {"baseline": args.baseline} if args.baseline else {}
         paths["model"] = args.model
@@ -66,22 +69,48 @@ def run(args: argparse.Namespace) -> int:
             from gn_convert.onnx.export import lower_onnx
 
             paths["fast"] = lower_onnx(args.model, Path(tmp) / "fast.onnx", "fast").path
-        sessions = {name: ort_session(path, threads=threads, provider=args.provider) for name, path in paths.items()}
-        notes = {**{name: str(path) for name, path in paths.items()}, "fast": f"{args.model} lowered by to_fast"}
+        library = None
         if args.native:
             from gn_convert.native import resolve_library
 
             library = resolve_library(args.native_library)
-            sessions["native"] = ort_session(args.model, threads=threads, provider=args.provider,
-                                             custom_ops_library=library)
-            notes["native"] = f"{args.model} with {library}"
-        variants = [session_variant(name, s, note=notes[name]) for name, s in sessions.items()]
-        shape = session_input_shape(sessions["model"], fallback)
-        result = run_bench(variants, shape, batches=batches, rounds=args.rounds, warmup=args.warmup,
-                           baseline="baseline" if args.baseline else None, threads=threads, provider=args.provider,
-                           clock=args.clock)
-    print(result.table())
+        for threads in parse_batches(args.threads):
+            for spinning in args.spinning.split(","):
+                result = _bench_once(args, paths, library, threads, spinning == "on", batches, fallback)
+                print(result.table())
+                if args.baseline and args.provider == "cpu":
+                    print("\n".join(_limits(args.model, result, threads)))
+                results.append({"spinning": spinning == "on", **result.to_dict()})
     if args.json:
         with atomic_file(args.json) as out:
-            out.write_text(json.dumps(result.to_dict(), indent=2))
+            out.write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
     return 0
+
+
+def _bench_once(args: argparse.Namespace, paths: dict[str, Path], library: Path | None, threads: int,
+                spinning: bool, batches: list[int], fallback: tuple[int, ...] | None) -> BenchResult:
+    """One interleaved timing of every session at one thread count and spinning setting."""
+    sessions = {name: ort_session(path, threads=threads, provider=args.provider, spinning=spinning)
+                for name, path in paths.items()}
+    notes = {**{name: str(path) for name, path in paths.items()}, "fast": f"{args.model} lowered by to_fast"}
+    if library is not None:
+        sessions["native"] = ort_session(args.model, threads=threads, provider=args.provider,
+                                         custom_ops_library=library, spinning=spinning)
+        notes["native"] = f"{args.model} with {library}"
+    variants = [session_variant(name, s, note=notes[name]) for name, s in sessions.items()]
+    shape = session_input_shape(sessions["model"], fallback)
+    print(f"\n{threads} thread(s), spinning {'on' if spinning else 'off'}")
+    return run_bench(variants, shape, batches=batches, rounds=args.rounds, warmup=args.warmup,
+                     baseline="baseline" if args.baseline else None, threads=threads, provider=args.provider,
+                     clock=args.clock)
+
+
+def _limits(path: Path, result: BenchResult, threads: int) -> list[str]:
+    """The physical-limit lines of a function-form model (none when its shapes cannot be inferred)."""
+    model = read_model(path, load_external_data=False)
+    shape = session_input_shape(ort_session(path, threads=1), _input_fallback(path))
+    try:
+        onnx_groupnorm_traffic(model, (1, *shape))
+    except ValueError as err:
+        return [f"physical limit: not computed ({err})"]
+    return limit_lines(result, lambda b: onnx_groupnorm_traffic(model, (b, *shape)), threads, "baseline")
