@@ -12,8 +12,8 @@ Variants (CPU):
 - ``torch-default``: the GN model exported by plain ``torch.onnx.export`` (opset 20:
   Reshape -> InstanceNormalization -> Reshape -> Mul -> Add).
 - ``function``, ``inlined``, ``standard``: gn-convert's export targets.
-- ``function-2p``: the function file with the ``two-pass`` body (Reduce/Sub/Mul ops; the default
-  body before it was measured against ``instance-norm``, ``gn_convert.onnx.op.BODIES``).
+- ``function-2p``, ``function-ln``: the function file with the ``two-pass`` body (Reduce/Sub/Mul
+  ops) or the ``layer-norm`` body (``gn_convert.onnx.op.BODIES``).
 - ``fast``: the function file lowered by ``gn_convert.onnx.lowering.fast.to_fast``.
 - ``native``: the function file run with gn-convert's native GroupNorm kernel registered
   (``gn_convert.native``; built on first use, skipped with the reason if it cannot be built).
@@ -61,14 +61,17 @@ from gn_convert.runtime import check_provider
 
 MODELS = ("resnet50",)
 ALL_MODELS = ("resnet50", "resnet18", "mobilenet_v3_large", "efficientnet_b0")
-CPU_VARIANTS = ("bn", "torch-default", "function", "function-2p", "inlined", "standard", "fast", "native",
+CPU_VARIANTS = ("bn", "torch-default", "function", "function-2p", "function-ln", "inlined", "standard", "fast", "native",
                 "torch-eager")
 CUDA_VARIANTS = ("bn", "torch-default", "function", "fast", "ms-groupnorm", "torch-eager")
+BODY_VARIANTS = {"function-2p": "two-pass", "function-ln": "layer-norm"}
+"""Variants that are the function file with another body (gn_convert.onnx.op.BODIES)."""
 NOTES = {
     "bn": "BatchNorm original, BN folded into the convolutions by onnxruntime",
     "torch-default": "GN model, plain torch.onnx.export (Reshape-InstanceNormalization-Reshape-Mul-Add)",
     "function": "gn-convert export, target function (our op; its default instance-norm body inlined by onnxruntime)",
     "function-2p": "function file with the two-pass body (ReduceMean/Sub/Mul/... ops)",
+    "function-ln": "function file with the layer-norm body (LayerNormalization over each (sample, group) row)",
     "inlined": "gn-convert export, target inlined",
     "standard": "gn-convert export, target standard (GroupNormalization-21, one-pass variance)",
     "fast": "function file lowered to the fast target (InstanceNormalization + BatchNormalization affine)",
@@ -120,9 +123,9 @@ def export_variants(name: str, folder: Path, *, groups: int, size: int, fp16: bo
             steps[variant](path)
         elif variant in ("inlined", "standard", "fast", "ms-groupnorm"):
             lower_onnx(function_file, path, variant)
-        elif variant == "function-2p":
+        elif variant in BODY_VARIANTS:
             model = onnx.load(function_file)
-            onnx.save(set_body(model, "two-pass"), path)
+            onnx.save(set_body(model, BODY_VARIANTS[variant]), path)
         print(f"  exported {path.name} in {time.perf_counter() - start:.0f} s", flush=True)
     return paths, gn
 

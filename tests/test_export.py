@@ -275,7 +275,7 @@ def test_check_onnx_rejects_groups_that_do_not_divide_channels(tmp_path) -> None
     assert len(model.graph.initializer[3].raw_data) == 1200  # weights restored after the check
 
 
-@pytest.mark.parametrize("body", ["instance-norm", "two-pass"])
+@pytest.mark.parametrize("body", ["instance-norm", "two-pass", "layer-norm"])
 def test_the_body_is_chosen_recorded_and_inlined(tmp_path, body: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 16, 3),
@@ -288,8 +288,9 @@ def test_the_body_is_chosen_recorded_and_inlined(tmp_path, body: str) -> None:
     assert ("InstanceNormalization" in {n.op_type for n in function.node}) == (body == "instance-norm")
     inlined = lower_onnx(report.path, tmp_path / "i.onnx", "inlined")
     ops = [n.op_type for n in onnx.load(inlined.path).graph.node]
-    expected = {"instance-norm": ("InstanceNormalization", 2), "two-pass": ("ReduceMean", 4)}[body]
-    assert ops.count(expected[0]) == expected[1] and inlined.counts.batchnorm == (2 if body == "instance-norm" else 0)
+    expected = {"instance-norm": ("InstanceNormalization", 2), "two-pass": ("ReduceMean", 4),
+                "layer-norm": ("LayerNormalization", 2)}[body]
+    assert ops.count(expected[0]) == expected[1] and inlined.counts.batchnorm == (0 if body == "two-pass" else 2)
     x = torch.randn(2, 3, 12, 12) + 100
     with torch.no_grad():
         ref = model(x).numpy()

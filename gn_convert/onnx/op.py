@@ -103,7 +103,12 @@ _INSTANCE_BODY = """
     Y = CastLike (y, X)
 }}
 """
-BODIES = {"instance-norm": _INSTANCE_BODY, "two-pass": _BODY}
+_LAYER_BODY = _INSTANCE_BODY.replace("""    group_ones = ConstantOfShape <value = float[1] {{1.0}}> (groups_1d)
+    group_zeros = ConstantOfShape <value = float[1] {{0.0}}> (groups_1d)
+    normed_g = InstanceNormalization <epsilon: float = @epsilon> (xg, group_ones, group_zeros)""", """    row_shape = Shape <start = 2> (xg)
+    row_ones = ConstantOfShape <value = float[1] {{1.0}}> (row_shape)
+    normed_g = LayerNormalization <axis = 2, epsilon: float = @epsilon> (xg, row_ones)""")
+BODIES = {"instance-norm": _INSTANCE_BODY, "two-pass": _BODY, "layer-norm": _LAYER_BODY}
 """Function bodies by name; the first is the default. ``instance-norm``: InstanceNormalization
 over (N, G, -1) (onnxruntime's CPU kernel computes it in two passes), then the affine as one
 BatchNormalization with mean 0, variance 1 and epsilon 0 (exact): the ``fast`` lowering's form

@@ -94,8 +94,8 @@ def check_counts(model: onnx.ModelProto, target: str, calls: int, allow_batchnor
         target: the form ``model`` is in (a name of :data:`gn_convert.onnx.targets.TARGETS`).
         calls: GroupNorm calls the exporter translated (one per layer, more for shared ones).
         allow_batchnorm: whether ``BatchNormalization`` nodes of the original model may remain
-            (the ``fast`` forms, and the inlined ``instance-norm`` body, add one per call for the
-            affine; those are not counted against it).
+            (the ``fast`` forms, and the inlined ``instance-norm`` and ``layer-norm`` bodies, add one
+            per call for the affine; those are not counted against it).
 
     Returns:
         The counts.
@@ -105,7 +105,7 @@ def check_counts(model: onnx.ModelProto, target: str, calls: int, allow_batchnor
     """
     counts = count_nodes(model)
     body = next((p.value for p in model.metadata_props if p.key == BODY_KEY), "two-pass")
-    affine = calls if target in ("fast", "ms-groupnorm") or (target == "inlined" and body == "instance-norm") else 0
+    affine = calls if target in ("fast", "ms-groupnorm") or (target == "inlined" and body != "two-pass") else 0
     if counts.batchnorm > affine and not allow_batchnorm:
         raise ExportError(f"the exported model still has {counts.batchnorm - affine} BatchNormalization nodes; "
                           "convert every BatchNorm layer, or pass allow_batchnorm=True")
