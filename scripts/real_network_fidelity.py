@@ -20,6 +20,8 @@ Rows (methods), for each requested group count G and time budget:
 - ``recover``: ``gn_convert.recover`` with its defaults (distillation with the GroupNorm-output
   feature loss) on the photos.
 - ``recover-fidelity``: the same with ``policy="fidelity"``.
+- ``recover-3photos``, ``recover-6photos``: ``recover`` trained on the first 3 or 6 training photos
+  only: the data-scaling curve (with ``recover`` on all 12) that tells whether data limits it.
 - ``digits``: the digits ResNet-18 (trained here on scikit-learn's digits), bn-stats and recover.
 
 Data: training crops come from :data:`gn_convert.testing.photo_sets.TRAIN_PHOTOS`; evaluation
@@ -59,7 +61,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "fidelity_study.json"
 FIGURE = ROOT / "docs" / "fidelity_study.png"
 ZERO_SHOT = ("identity", "bn-stats", "fidelity-plan")
-TRAINED = ("reconstruct", "function-matching", "synthetic", "synthetic-fidelity", "recover", "recover-fidelity")
+TRAINED = ("reconstruct", "function-matching", "synthetic", "synthetic-fidelity", "recover", "recover-fidelity",
+           "recover-3photos", "recover-6photos")
 METHODS = ZERO_SHOT + TRAINED + ("digits",)
 HELDOUT = 300
 
@@ -87,7 +90,8 @@ class Clock:
 
 def run_method(method: str, teacher: nn.Module, groups: int, budget: float, seed: int) -> tuple[nn.Module, dict]:
     """One method's student and its record (timings, stages)."""
-    train = PhotoCrops(TRAIN_PHOTOS, length=20_000, size=224, seed=seed)
+    photos = TRAIN_PHOTOS[:int(method.split("-")[1].removesuffix("photos"))] if method.endswith("photos") else TRAIN_PHOTOS
+    train = PhotoCrops(photos, length=20_000, size=224, seed=seed)
     clock = Clock()
     record: dict[str, Any] = {}
     if method == "identity":
@@ -121,10 +125,13 @@ def run_method(method: str, teacher: nn.Module, groups: int, budget: float, seed
     return student.eval(), record
 
 
-def evaluate(student: nn.Module, teacher_logits: torch.Tensor, images: torch.Tensor, sources: list[str],
-             teacher: nn.Module, spread: bool) -> dict[str, Any]:
-    """Held-out metrics (and the GroupNorm statistics spread) of one student."""
+def evaluate(student: nn.Module, teacher: nn.Module, held: tuple[torch.Tensor, torch.Tensor, list[str]],
+             train: tuple[torch.Tensor, torch.Tensor], spread: bool) -> dict[str, Any]:
+    """Held-out metrics, top-1 agreement on crops of the training photos (fit against
+    generalisation) and the GroupNorm statistics spread of one student."""
+    images, teacher_logits, sources = held
     found = agreement_metrics(logits(student, images), teacher_logits, sources)
+    found["train_top1"] = float((logits(student, train[0]).argmax(1) == train[1].argmax(1)).float().mean())
     if spread:
         per_layer = statistics_spread(student, teacher, images[:64])
         ratios = [row["student_std_spread"] / max(row["teacher_std_spread"], 1e-8) for row in per_layer.values()]
@@ -172,15 +179,16 @@ def save_rows(rows: list[dict[str, Any]]) -> None:
 def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table of every row."""
     head = ("| model | method | G | budget | top-1 agreement (95% CI over photos) | confident | top-5 | KL "
-            "| wall s | CPU s | GN spread (min ratio) |\n| --- | --- | ---: | ---: | --- | ---: | ---: | ---: "
-            "| ---: | ---: | ---: |")
+            "| train-photo crops | wall s | CPU s | GN spread (min ratio) |\n| --- | --- | ---: | ---: | --- | ---: "
+            "| ---: | ---: | ---: | ---: | ---: | ---: |")
     lines = [head]
     for r in rows:
         ci = f"{100 * r['top1']:.1f}% ({100 * r['top1_low']:.1f}-{100 * r['top1_high']:.1f})"
         spread = f"{r['spread_ratio_min']:.2f}" if "spread_ratio_min" in r else "-"
         budget = f"{r['budget_s']:.0f} s" if r.get("budget_s") else "-"
+        fit = f"{100 * r['train_top1']:.1f}%" if "train_top1" in r else "-"
         lines.append(f"| {r['model']} | {r['method']} | {r['groups']} | {budget} | {ci} | {100 * r['confident']:.1f}% "
-                     f"| {100 * r['top5']:.1f}% | {r['kl']:.2f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {spread} |")
+                     f"| {100 * r['top5']:.1f}% | {r['kl']:.2f} | {fit} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {spread} |")
     return "\n".join(lines)
 
 
@@ -227,7 +235,10 @@ def main() -> None:
         methods = [m for m in args.methods.split(",") if m]
         teacher = efficientnet_lite0()
         images, sources = heldout_crops(HELDOUT, 224)
-        teacher_logits = logits(teacher, images)
+        held = (images, logits(teacher, images), sources)
+        fit = PhotoCrops(TRAIN_PHOTOS, length=HELDOUT, size=224, seed=99)  # views no training run draws
+        fit_images = torch.stack([fit[i][0] for i in range(HELDOUT)])
+        train = (fit_images, logits(teacher, fit_images))
         for groups in (int(g) for g in args.groups.split(",")):
             for budget in (float(b) for b in args.budgets.split(",")):
                 for method in methods:
@@ -237,7 +248,7 @@ def main() -> None:
                     if not args.redo and any((r["model"], r["method"], r["groups"], r["budget_s"]) == key for r in rows):
                         continue
                     student, record = run_method(method, teacher, groups, budget, args.seed)
-                    metrics = evaluate(student, teacher_logits, images, sources, teacher, method not in ZERO_SHOT[:1])
+                    metrics = evaluate(student, teacher, held, train, method not in ZERO_SHOT[:1])
                     rows.append({"model": key[0], "method": method, "groups": groups, "budget_s": key[3],
                                  **record, **metrics})
                     save_rows(rows)
