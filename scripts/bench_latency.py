@@ -12,8 +12,8 @@ Variants (CPU):
 - ``torch-default``: the GN model exported by plain ``torch.onnx.export`` (opset 20:
   Reshape -> InstanceNormalization -> Reshape -> Mul -> Add).
 - ``function``, ``inlined``, ``standard``: gn-convert's export targets.
-- ``function-2p``, ``function-ln``: the function file with the ``two-pass`` body (Reduce/Sub/Mul
-  ops) or the ``layer-norm`` body (``gn_convert.onnx.op.BODIES``).
+- ``function-2p``, ``function-in``: the function file with the ``two-pass`` body (Reduce/Sub/Mul
+  ops) or the ``instance-norm`` body (``gn_convert.onnx.op.BODIES``; the default is ``layer-norm``).
 - ``fast``: the function file lowered by ``gn_convert.onnx.lowering.fast.to_fast``.
 - ``native``: the function file run with gn-convert's native GroupNorm kernel registered
   (``gn_convert.native``; built on first use, skipped with the reason if it cannot be built).
@@ -61,17 +61,17 @@ from gn_convert.runtime import check_provider
 
 MODELS = ("resnet50",)
 ALL_MODELS = ("resnet50", "resnet18", "mobilenet_v3_large", "efficientnet_b0")
-CPU_VARIANTS = ("bn", "torch-default", "function", "function-2p", "function-ln", "inlined", "standard", "fast", "native",
+CPU_VARIANTS = ("bn", "torch-default", "function", "function-in", "function-2p", "inlined", "standard", "fast", "native",
                 "torch-eager")
 CUDA_VARIANTS = ("bn", "torch-default", "function", "fast", "ms-groupnorm", "torch-eager")
-BODY_VARIANTS = {"function-2p": "two-pass", "function-ln": "layer-norm"}
+BODY_VARIANTS = {"function-2p": "two-pass", "function-in": "instance-norm"}
 """Variants that are the function file with another body (gn_convert.onnx.op.BODIES)."""
 NOTES = {
     "bn": "BatchNorm original, BN folded into the convolutions by onnxruntime",
     "torch-default": "GN model, plain torch.onnx.export (Reshape-InstanceNormalization-Reshape-Mul-Add)",
-    "function": "gn-convert export, target function (our op; its default instance-norm body inlined by onnxruntime)",
+    "function": "gn-convert export, target function (our op; its default layer-norm body inlined by onnxruntime)",
     "function-2p": "function file with the two-pass body (ReduceMean/Sub/Mul/... ops)",
-    "function-ln": "function file with the layer-norm body (LayerNormalization over each (sample, group) row)",
+    "function-in": "function file with the instance-norm body (InstanceNormalization over each (sample, group) row)",
     "inlined": "gn-convert export, target inlined",
     "standard": "gn-convert export, target standard (GroupNormalization-21, one-pass variance)",
     "fast": "function file lowered to the fast target (InstanceNormalization + BatchNormalization affine)",

@@ -280,7 +280,7 @@ def test_the_body_is_chosen_recorded_and_inlined(tmp_path, body: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 16, 3),
                           nn.GroupNorm(16, 16)).eval()
-    kwargs = {} if body == "instance-norm" else {"body": body}  # instance-norm is the default
+    kwargs = {} if body == "layer-norm" else {"body": body}  # layer-norm is the default
     report = export_onnx(model, tmp_path / "m.onnx", input_shape=(1, 3, 12, 12), **kwargs)
     loaded = onnx.load(report.path)
     assert {p.key: p.value for p in loaded.metadata_props}["gn_convert.body"] == body

@@ -69,7 +69,7 @@ def test_function_authored_at_each_supported_opset_runs(opset: int) -> None:
 
 
 def test_unknown_body_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown GroupNorm body 'fastest'; choose one of instance-norm, two-pass"):
+    with pytest.raises(ValueError, match="unknown GroupNorm body 'fastest'; choose one of layer-norm, instance-norm, two-pass"):
         function_proto(21, "fastest")
     bare = one_node_model((1, 4, 2, 2), 2, 1e-5, onnx.TensorProto.FLOAT)
     del bare.functions[:]

@@ -108,16 +108,25 @@ _LAYER_BODY = _INSTANCE_BODY.replace("""    group_ones = ConstantOfShape <value 
     normed_g = InstanceNormalization <epsilon: float = @epsilon> (xg, group_ones, group_zeros)""", """    row_shape = Shape <start = 2> (xg)
     row_ones = ConstantOfShape <value = float[1] {{1.0}}> (row_shape)
     normed_g = LayerNormalization <axis = 2, epsilon: float = @epsilon> (xg, row_ones)""")
-BODIES = {"instance-norm": _INSTANCE_BODY, "two-pass": _BODY, "layer-norm": _LAYER_BODY}
-"""Function bodies by name; the first is the default. ``instance-norm``: InstanceNormalization
-over (N, G, -1) (onnxruntime's CPU kernel computes it in two passes), then the affine as one
-BatchNormalization with mean 0, variance 1 and epsilon 0 (exact): the ``fast`` lowering's form
-as a body, which onnxruntime inlines into its own fast kernels. ``two-pass``: ReduceMean, Sub,
-Mul, ReduceMean, Div, Mul, Add (about ten passes over the activation). Both compute the variance
-in two passes in float32; they agree with float64 within the same bounds at input means 0 and
-1000, OpenVINO runs both inlined; on onnxruntime CPU the default artifact of ResNet-50 costs
-1.24x / 1.32x the BatchNorm original (batch 1 / 8, one thread) with ``instance-norm`` against
-1.41x / 1.40x with ``two-pass`` (scripts/PERF.md)."""
+BODIES = {"layer-norm": _LAYER_BODY, "instance-norm": _INSTANCE_BODY, "two-pass": _BODY}
+"""Function bodies by name; the first is the default. Each reshapes X to (N, G, -1) and
+normalises every (sample, group) row, then applies the per-channel affine as one
+BatchNormalization with mean 0, variance 1 and epsilon 0 (exact), except ``two-pass``.
+
+- ``layer-norm`` (default): LayerNormalization over each row. onnxruntime's CPU kernel is
+  multi-threaded over rows and the most precise of the three (7e-6 from float64 at input mean
+  1000, one node, against 8e-5 for ``instance-norm``).
+- ``instance-norm``: InstanceNormalization over each row (the ``fast`` lowering's form; the
+  CPU kernel is single-threaded).
+- ``two-pass``: ReduceMean, Sub, Mul, ReduceMean, Add, Sqrt, Div, then Mul and Add (about ten
+  passes over the activation; the body before issue 16).
+
+All three compute the variance from deviations in float32; OpenVINO runs each inlined. On
+onnxruntime CPU, ResNet-50's default artifact costs, relative to the BatchNorm original
+(batch 1 / 8, wall clock, quiet machine, scripts/PERF.md): one thread ``layer-norm``
+1.23x / 1.34x, ``instance-norm`` 1.22x / 1.32x, ``two-pass`` 1.30x / 1.45x; two threads
+``layer-norm`` 1.35-1.67x / 1.49x, ``instance-norm`` 1.45-1.77x / 1.50-1.60x, ``two-pass``
+1.60-1.64x / 1.50-1.62x."""
 DEFAULT_BODY = next(iter(BODIES))
 BODY_KEY = "gn_convert.body"
 """The metadata key recording which body a function-form (or inlined) file carries."""
