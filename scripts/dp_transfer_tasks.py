@@ -24,11 +24,10 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from gn_convert.load.names import build_model
-from gn_convert.testing.digits import digits, predictions
+from gn_convert.testing.digits import digits, fit_classifier, predictions
 from gn_convert.testing.photo_sets import HELDOUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops, _crop, normalise, photo
 
 #: a model -> (frozen body, trainable tail without the head); both share the model's modules
@@ -96,22 +95,7 @@ def digits_network(epochs: int = 6, size: int = 16, seed: int = 0) -> Network:
     x1, y1 = _select(train_x, train_y, 0, 5)
     torch.manual_seed(seed)
     teacher = build_model("resnet18", num_classes=5)
-    batch = 32
-    steps = epochs * (len(y1) // batch)
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=1e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    gen = torch.Generator().manual_seed(seed)
-    teacher.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(y1), generator=gen)
-        for k in range(len(y1) // batch):
-            idx = order[k * batch:(k + 1) * batch]
-            loss = F.cross_entropy(teacher(x1[idx]), y1[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    teacher.eval()
+    fit_classifier(teacher, x1, y1, epochs=epochs, batch_size=32, lr=1e-3, seed=seed)
     hx1, hy1 = _select(held_x, held_y, 0, 5)
     accuracy = float((predictions(teacher, hx1) == hy1).float().mean())
     tx, ty = _select(train_x, train_y, 5, 10)

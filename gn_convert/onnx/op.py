@@ -39,7 +39,7 @@ TYPES = ("tensor(float16)", "tensor(bfloat16)", "tensor(float)")
 
 _DOC = __doc__.split("\n\n", 2)[1]
 
-_BODY = """
+_HEAD = """
 <domain: "{domain}", opset_import: ["" : {opset}]>
 {op_type} <num_groups, epsilon: float = {epsilon!r}> (X, scale, bias) => (Y)
 {{
@@ -53,7 +53,10 @@ _BODY = """
     rest = Constant <value_ints = [-1]> ()
     grouped_shape = Concat <axis = 0> (keep_dim, groups_1d, rest)
     xg = Reshape (x, grouped_shape)
-    reduce_axis = Constant <value_ints = [2]> ()
+"""
+"""Every body: float32 copies, then X reshaped to (N, G, -1), one row per (sample, group)."""
+
+_BODY = _HEAD + """    reduce_axis = Constant <value_ints = [2]> ()
     mean = ReduceMean <keepdims = 1> (xg, reduce_axis)
     centered = Sub (xg, mean)
     squared = Mul (centered, centered)
@@ -76,25 +79,7 @@ _BODY = """
 }}
 """
 
-
-_INSTANCE_BODY = """
-<domain: "{domain}", opset_import: ["" : {opset}]>
-{op_type} <num_groups, epsilon: float = {epsilon!r}> (X, scale, bias) => (Y)
-{{
-    x = Cast <to = 1> (X)
-    gamma = Cast <to = 1> (scale)
-    beta = Cast <to = 1> (bias)
-    groups = Constant <value_int: int = @num_groups> ()
-    zero_axis = Constant <value_ints = [0]> ()
-    groups_1d = Unsqueeze (groups, zero_axis)
-    keep_dim = Constant <value_ints = [0]> ()
-    rest = Constant <value_ints = [-1]> ()
-    grouped_shape = Concat <axis = 0> (keep_dim, groups_1d, rest)
-    xg = Reshape (x, grouped_shape)
-    group_ones = ConstantOfShape <value = float[1] {{1.0}}> (groups_1d)
-    group_zeros = ConstantOfShape <value = float[1] {{0.0}}> (groups_1d)
-    normed_g = InstanceNormalization <epsilon: float = @epsilon> (xg, group_ones, group_zeros)
-    x_shape = Shape (X)
+_AFFINE_TAIL = """    x_shape = Shape (X)
     normed = Reshape (normed_g, x_shape)
     channels = Shape (gamma)
     channel_zeros = ConstantOfShape <value = float[1] {{0.0}}> (channels)
@@ -103,11 +88,18 @@ _INSTANCE_BODY = """
     Y = CastLike (y, X)
 }}
 """
-_LAYER_BODY = _INSTANCE_BODY.replace("""    group_ones = ConstantOfShape <value = float[1] {{1.0}}> (groups_1d)
+"""The rows back to X's shape, then the per-channel affine as one exact BatchNormalization."""
+
+_INSTANCE_BODY = _HEAD + """    group_ones = ConstantOfShape <value = float[1] {{1.0}}> (groups_1d)
     group_zeros = ConstantOfShape <value = float[1] {{0.0}}> (groups_1d)
-    normed_g = InstanceNormalization <epsilon: float = @epsilon> (xg, group_ones, group_zeros)""", """    row_shape = Shape <start = 2> (xg)
+    normed_g = InstanceNormalization <epsilon: float = @epsilon> (xg, group_ones, group_zeros)
+""" + _AFFINE_TAIL
+
+_LAYER_BODY = _HEAD + """    row_shape = Shape <start = 2> (xg)
     row_ones = ConstantOfShape <value = float[1] {{1.0}}> (row_shape)
-    normed_g = LayerNormalization <axis = 2, epsilon: float = @epsilon> (xg, row_ones)""")
+    normed_g = LayerNormalization <axis = 2, epsilon: float = @epsilon> (xg, row_ones)
+""" + _AFFINE_TAIL
+
 BODIES = {"layer-norm": _LAYER_BODY, "instance-norm": _INSTANCE_BODY, "two-pass": _BODY}
 """Function bodies by name; the first is the default. Each reshapes X to (N, G, -1) and
 normalises every (sample, group) row, then applies the per-channel affine as one

@@ -86,6 +86,27 @@ def predictions(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -
         return torch.cat([model(chunk).argmax(1) for chunk in images.split(batch_size)])
 
 
+def fit_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int,
+                   batch_size: int = 32, lr: float = 1e-3, seed: int = 0) -> nn.Module:
+    """Train ``model`` in place on (images, labels): AdamW (weight decay 1e-4), cosine decay,
+    cross-entropy, seeded batch order, no augmentation; left in eval mode and returned."""
+    steps = epochs * (len(labels) // batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=gen)
+        for k in range(len(labels) // batch_size):
+            idx = order[k * batch_size:(k + 1) * batch_size]
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
 def train_digits_teacher(
     epochs: int = 6,
     *,
@@ -116,22 +137,8 @@ def train_digits_teacher(
     images, labels = data.train.tensors  # type: ignore[attr-defined]
     torch.manual_seed(seed)
     model = build_model("resnet18", num_classes=10)
-    steps = epochs * (len(labels) // batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=gen)
-        for k in range(len(labels) // batch_size):
-            idx = order[k * batch_size:(k + 1) * batch_size]
-            loss = F.cross_entropy(model(images[idx]), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
+    fit_classifier(model, images, labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     seconds = time.perf_counter() - start
     held_images, held_labels = data.heldout.tensors  # type: ignore[union-attr]
     accuracy = float((predictions(model, held_images) == held_labels).float().mean())
