@@ -196,6 +196,11 @@ def _matches(name: str, patterns: Sequence[str] | None) -> bool:
     return bool(patterns) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _excluded(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Whether the user's patterns leave layer ``name`` as BatchNorm."""
+    return bool(include and not _matches(name, include)) or _matches(name, exclude)
+
+
 def _spatial_sizes(model: nn.Module, example_input: torch.Tensor | None) -> dict[str, int]:
     """Per BatchNorm layer, the number of values per channel per sample in ``example_input``."""
     if example_input is None:
@@ -258,8 +263,7 @@ def plan(
         raise GroupPlanError(f"on_single must be 'error' or 'skip', got {on_single!r}")
     choose_groups(max(group_size or 1, groups or 1), groups, group_size, policy)  # validate the request
     layers = batchnorm_layers(model)
-    _refuse_unknown_forward([layer for layer in layers
-                             if not ((include and not _matches(layer[0], include)) or _matches(layer[0], exclude))])
+    _refuse_unknown_forward([layer for layer in layers if not _excluded(layer[0], include, exclude)])
     if not layers:
         if allow_no_bn:
             log.warning("model has no BatchNorm layer: nothing to convert")
@@ -293,7 +297,7 @@ def _plan_layer(
 ) -> LayerPlan:
     base = dict(name=name, kind=type(module).__name__, num_channels=state.num_channels,
                 eps=state.eps, affine=state.affine)
-    if (include and not _matches(name, include)) or _matches(name, exclude):
+    if _excluded(name, include, exclude):
         return LayerPlan(**base, num_groups=None, action="exclude", reason="excluded by pattern")
     try:
         num_groups, reason = choose_groups(state.num_channels, groups, group_size, policy)

@@ -72,13 +72,14 @@ def qualified_name(klass: type) -> str:
     return f"{klass.__module__}.{klass.__qualname__}"
 
 
-def _lookup(table: dict[TypeKey, Callable], module: nn.Module) -> tuple[type, Callable] | None:
-    """The first class in ``module``'s MRO that ``table`` has, by class or by qualified name."""
-    for klass in type(module).__mro__:
-        entry = table.get(klass) or table.get(qualified_name(klass))
-        if entry is not None:
-            return klass, entry
-    return None
+def _entry(table: dict[TypeKey, Callable], klass: type) -> Callable | None:
+    """``table``'s entry for exactly ``klass``, registered by class or by qualified name."""
+    return table.get(klass) or table.get(qualified_name(klass))
+
+
+def _lookup(table: dict[TypeKey, Callable], module: nn.Module) -> Callable | None:
+    """The entry of the first class in ``module``'s MRO that ``table`` has."""
+    return next((entry for klass in type(module).__mro__ if (entry := _entry(table, klass)) is not None), None)
 
 
 def register_batchnorm(*classes: TypeKey) -> Callable[[Reader], Reader]:
@@ -110,8 +111,8 @@ def register_replacement(*classes: TypeKey) -> Callable[[Builder], Builder]:
 
 def read_batchnorm(module: nn.Module) -> BatchNormState | None:
     """Return the state of ``module`` if it is a registered BatchNorm type, else None."""
-    found = _lookup(_READERS, module)
-    return found[1](module) if found is not None else None
+    reader = _lookup(_READERS, module)
+    return reader(module) if reader is not None else None
 
 
 def is_batchnorm(module: nn.Module) -> bool:
@@ -121,8 +122,8 @@ def is_batchnorm(module: nn.Module) -> bool:
 
 def replacement(module: nn.Module, group_norm: nn.GroupNorm) -> nn.Module:
     """The module that replaces BatchNorm layer ``module``, given the GroupNorm built for it."""
-    found = _lookup(_BUILDERS, module)
-    return found[1](module, group_norm) if found is not None else group_norm
+    builder = _lookup(_BUILDERS, module)
+    return builder(module, group_norm) if builder is not None else group_norm
 
 
 def unknown_forward(module: nn.Module) -> str | None:
@@ -135,8 +136,7 @@ def unknown_forward(module: nn.Module) -> str | None:
     if not is_batchnorm(module):
         return None
     owner = next(k for k in type(module).__mro__ if "forward" in vars(k))
-    known = (owner in _READERS or owner in _BUILDERS or qualified_name(owner) in _READERS
-             or qualified_name(owner) in _BUILDERS)
+    known = _entry(_READERS, owner) is not None or _entry(_BUILDERS, owner) is not None
     return None if known else qualified_name(owner)
 
 
