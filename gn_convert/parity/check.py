@@ -84,7 +84,7 @@ def _check_match(model: nn.Module, onnx_model: onnx.ModelProto, sample: tuple[in
         raise
     except Exception as exc:  # the model rejects the ONNX model's input shape
         raise ParityError(f"the ONNX model does not match the PyTorch model: its input (N, {', '.join(map(str, sample))}) "
-                          f"fails in PyTorch ({type(exc).__name__})") from None
+                          f"fails in PyTorch ({type(exc).__name__}: {first_line(exc, 120)})") from None
     if len(onnx_model.graph.output) != 1:
         raise ParityError(f"the ONNX model has {len(onnx_model.graph.output)} outputs, the PyTorch model one")
     dims = _dims(onnx_model.graph.output[0])
