@@ -12,6 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import onnx
+
 from gn_convert.atomic import atomic_file
 from gn_convert.cli.arguments import add_native_library_argument
 from gn_convert.bench.harness import BenchResult, parse_batches, run_bench
@@ -74,12 +76,13 @@ def run(args: argparse.Namespace) -> int:
             from gn_convert.native import resolve_library
 
             library = resolve_library(args.native_library)
+        onnx_model = read_model(args.model, load_external_data=False) if args.baseline and args.provider == "cpu" else None
         for threads in parse_batches(args.threads):
             for spinning in args.spinning.split(","):
                 result = _bench_once(args, paths, library, threads, spinning == "on", batches, fallback)
                 print(result.table())
-                if args.baseline and args.provider == "cpu":
-                    print("\n".join(_limits(args.model, result, threads)))
+                if onnx_model is not None:
+                    print("\n".join(_limits(onnx_model, result, threads)))
                 results.append({"spinning": spinning == "on", **result.to_dict()})
     if args.json:
         with atomic_file(args.json) as out:
@@ -105,12 +108,10 @@ def _bench_once(args: argparse.Namespace, paths: dict[str, Path], library: Path 
                      clock=args.clock)
 
 
-def _limits(path: Path, result: BenchResult, threads: int) -> list[str]:
+def _limits(model: onnx.ModelProto, result: BenchResult, threads: int) -> list[str]:
     """The physical-limit lines of a function-form model (none when its shapes cannot be inferred)."""
-    model = read_model(path, load_external_data=False)
-    shape = session_input_shape(ort_session(path, threads=1), _input_fallback(path))
     try:
-        onnx_groupnorm_traffic(model, (1, *shape))
+        traffic = {m.batch: onnx_groupnorm_traffic(model, (m.batch, *result.input_shape)) for m in result.measurements}
     except ValueError as err:
         return [f"physical limit: not computed ({err})"]
-    return limit_lines(result, lambda b: onnx_groupnorm_traffic(model, (b, *shape)), threads, "baseline")
+    return limit_lines(result, traffic.__getitem__, threads, "baseline")
