@@ -17,6 +17,8 @@ Variants (CPU):
 - ``fast``: the function file lowered by ``gn_convert.onnx.lowering.fast.to_fast``.
 - ``native``: the function file run with gn-convert's native GroupNorm kernel registered
   (``gn_convert.native``; built on first use, skipped with the reason if it cannot be built).
+- ``native-nchwc``: ``native`` with each GroupNorm (and the Add + Relu after it) computed on
+  onnxruntime's blocked layout, no reorders around it (``gn_convert.native.nchwc``).
 - ``torch-eager``: the GN model in torch, as a reference.
 
 With ``--provider cuda`` (onnxruntime-gpu and a GPU), the models are exported in float16 and
@@ -62,7 +64,7 @@ from gn_convert.runtime import check_provider
 MODELS = ("resnet50",)
 ALL_MODELS = ("resnet50", "resnet18", "mobilenet_v3_large", "efficientnet_b0")
 CPU_VARIANTS = ("bn", "torch-default", "function", "function-in", "function-2p", "inlined", "standard", "fast", "native",
-                "torch-eager")
+                "native-nchwc", "torch-eager")
 CUDA_VARIANTS = ("bn", "torch-default", "function", "fast", "ms-groupnorm", "torch-eager")
 BODY_VARIANTS = {"function-2p": "two-pass", "function-in": "instance-norm"}
 """Variants that are the function file with another body (gn_convert.onnx.op.BODIES)."""
@@ -76,6 +78,7 @@ NOTES = {
     "standard": "gn-convert export, target standard (GroupNormalization-21, one-pass variance)",
     "fast": "function file lowered to the fast target (InstanceNormalization + BatchNormalization affine)",
     "native": "function file with the native GroupNorm kernel library registered (gn_convert.native)",
+    "native-nchwc": "native, GroupNorm (+ Add + Relu) on onnxruntime's blocked layout (gn_convert.native.nchwc)",
     "ms-groupnorm": "function file lowered to com.microsoft.GroupNorm (CUDA, NHWC, one-pass variance)",
     "torch-eager": "GN model in torch eager mode (reference)",
 }
@@ -103,7 +106,8 @@ def export_variants(name: str, folder: Path, *, groups: int, size: int, fp16: bo
     gn = gn_convert.convert(bn, groups).eval()
     shape = (1, 3, size, size)
     tag = f"{size}px.G{groups}.{'fp16' if fp16 else 'fp32'}"
-    paths = {v: folder / f"{name}.{v}.{tag}.onnx" for v in wanted if v not in ("torch-eager", "native")}
+    paths = {v: folder / f"{name}.{v}.{tag}.onnx" for v in wanted
+             if v not in ("torch-eager", "native", "native-nchwc")}
     paths.setdefault("function", folder / f"{name}.function.{tag}.onnx")  # every lowering starts from it
     steps = {
         "bn": lambda p: export_onnx(bn, p, input_shape=shape, allow_batchnorm=True, fp16=fp16),
@@ -141,13 +145,27 @@ def _native_library() -> Path | None:
         return None
 
 
+def _blocked_model(function_file: Path, library: Path) -> bytes | None:
+    """The function file on onnxruntime's blocked layout, or None (with the reason printed)."""
+    from gn_convert.native.nchwc import nchwc_model
+
+    try:
+        data, fused = nchwc_model(function_file, library)
+    except NativeBuildError as exc:
+        print(f"  native-nchwc: skipped: {exc}", flush=True)
+        return None
+    print(f"  native-nchwc: {fused} GroupNorm layers on the blocked layout", flush=True)
+    return data
+
+
 def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]:
     """Export and time one model at every thread count and spinning setting; print the tables."""
     fp16 = args.provider == "cuda"
     wanted = [v for v in args.variants.split(",") if v]
     print(f"{name}: exporting ({', '.join(wanted)})", flush=True)
     paths, gn = export_variants(name, folder, groups=args.groups, size=args.size, fp16=fp16, wanted=wanted)
-    library = _native_library() if "native" in wanted else None
+    library = _native_library() if {"native", "native-nchwc"} & set(wanted) else None
+    blocked = _blocked_model(paths["function"], library) if "native-nchwc" in wanted and library else None
     results = []
     for threads in parse_batches(args.threads):
         torch.set_num_threads(threads)
@@ -155,10 +173,10 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]
             spin = spinning == "on"
             variants: list[Variant] = []
             for variant in wanted:
-                if variant == "native":
-                    if library is not None:
-                        session = ort_session(paths["function"], threads=threads, custom_ops_library=library,
-                                              spinning=spin)
+                if variant in ("native", "native-nchwc"):
+                    model = paths["function"] if variant == "native" else blocked
+                    if library is not None and model is not None:
+                        session = ort_session(model, threads=threads, custom_ops_library=library, spinning=spin)
                         variants.append(session_variant(variant, session, note=NOTES[variant]))
                     continue
                 if variant == "torch-eager":

@@ -20,13 +20,13 @@ DEFAULT_SPATIAL = 224
 """Spatial size used when a model's input has symbolic spatial dimensions."""
 
 
-def ort_session(path: str | Path, *, threads: int, provider: str = "cpu",
+def ort_session(path: str | Path | bytes, *, threads: int, provider: str = "cpu",
                 disabled_optimizers: Sequence[str] = (), custom_ops_library: str | Path | None = None,
                 spinning: bool = False) -> Any:
     """An onnxruntime session for timing: all optimisations, sequential execution, spinning off.
 
     Args:
-        path: the ``.onnx`` file (its external data beside it).
+        path: the ``.onnx`` file (its external data beside it), or serialised model bytes.
         threads: intra-op threads.
         provider: ``cpu`` or ``cuda``.
         disabled_optimizers: onnxruntime graph transformers to switch off (``NchwcTransformer``).

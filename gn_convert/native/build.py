@@ -31,6 +31,8 @@ from gn_convert.native.headers import api_version, cache_root, find_headers, run
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("groupnorm_ops.cc")
+HEADERS = (Path(__file__).with_name("groupnorm_nchwc.h"),)
+"""Our headers that SOURCE includes (part of the cache key)."""
 LIBRARY_NAME = "libgn_convert_ops.so"
 DEFAULT_MARCH = "native"
 PORTABLE_MARCH = {"x86_64": "x86-64-v2", "aarch64": "armv8-a"}.get(platform.machine(), DEFAULT_MARCH)
@@ -83,7 +85,8 @@ def build_library(include: str | Path | None = None, *, march: str = DEFAULT_MAR
                                "GN_CONVERT_ORT_INCLUDE at older headers")
     cxx = compiler()
     flags = [*_FLAGS, f"-march={march}"]
-    key_text = "\n".join([SOURCE.read_text(), str(header_api), " ".join(flags), _compiler_id(cxx)])
+    sources = [SOURCE.read_text(), *(h.read_text() for h in HEADERS)]
+    key_text = "\n".join([*sources, str(header_api), " ".join(flags), _compiler_id(cxx)])
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     target = cache_root() / "native" / key / LIBRARY_NAME
     if target.is_file() and not force:

@@ -10,6 +10,9 @@
 // y = (x - mean) * rstd * scale[c] + bias[c] -- the second and third from cache for the
 // blocks of common CNNs. Tasks run on onnxruntime's intra-op thread pool.
 //
+// GroupNormNchwc (groupnorm_nchwc.h) is the same op on onnxruntime's blocked layout, for graphs
+// rewritten by gn_convert/native/nchwc.py.
+//
 // Built by gn_convert/native/build.py against onnxruntime's C/C++ API headers.
 
 #define ORT_API_MANUAL_INIT
@@ -22,7 +25,11 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <string>
 #include <vector>
+
+#include "groupnorm_nchwc.h"
 
 namespace {
 
@@ -153,6 +160,9 @@ extern "C" ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOption
       kernels.emplace_back(Ort::Custom::CreateLiteCustomOp<GroupNormKernel<float>>("GroupNorm", ep));
       kernels.emplace_back(Ort::Custom::CreateLiteCustomOp<GroupNormKernel<Ort::Float16_t>>("GroupNorm", ep));
       kernels.emplace_back(Ort::Custom::CreateLiteCustomOp<GroupNormKernel<Ort::BFloat16_t>>("GroupNorm", ep));
+      kernels.emplace_back(Ort::Custom::CreateLiteCustomOp<GroupNormNchwcKernel>("GroupNormNchwc", ep));
+      kernels.back()->GetAliasMap = gn_nchwc::alias_input;
+      kernels.back()->ReleaseAliasMap = gn_nchwc::release_alias;
       domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
       for (const auto& kernel : kernels) domain->Add(kernel.get());
     }

@@ -1,0 +1,242 @@
+// ai.gn_convert::GroupNormNchwc: GroupNorm on onnxruntime's blocked NCHWc layout, optionally
+// followed by a residual add and a Relu, for graphs that gn_convert/native/nchwc.py rewrote
+// from onnxruntime's own optimised graph (its NchwcTransformer output).
+//
+// Why: onnxruntime runs convolutions on a blocked layout ([N][C/B][H][W][B], B = 8 on AVX2,
+// 16 on AVX-512) and reorders the activation out of it and back around every op it has no
+// blocked kernel for -- the GroupNorm and the Add/Relu after it. Reading the blocked tensor
+// here removes both reorders and fuses the Add/Relu that no longer fuse into the convolution.
+//
+// The tensor has shape [N, Cp, H, W] with Cp = C rounded up to B (the padding channels are
+// zero and stay zero). One task per (sample, unit), where a unit is lcm(C/G, B) channels: whole
+// groups and whole blocks, contiguous in memory. Per task two passes: per-channel sums of d and
+// d^2 with d = x minus the channel's first value (a shifted variance: as robust to a large input
+// mean as a two-pass one, with one pass less), combined per group in double; then
+// y = act((x - mean) * rstd * scale[c] + bias[c] (+ z)).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+namespace gn_nchwc {
+
+struct Job {
+  const float* x;
+  const float* z;  // residual, same layout as x, or nullptr
+  const float* scale;
+  const float* bias;
+  float* y;
+  int64_t channels;  // C (real)
+  int64_t padded;    // Cp
+  int64_t spatial;   // H * W
+  int64_t group_channels;
+  int64_t unit;      // channels per task
+  int64_t units;     // tasks per sample
+  float epsilon;
+  bool relu;
+  float* scratch;  // 3 * unit floats per task
+  double* sums;    // 2 * unit doubles per task
+};
+
+constexpr int64_t kChunkValues = 4096;
+constexpr int kUnroll = 4;  // positions in flight: independent accumulator chains
+
+// One block row (B floats, one per channel) as a compiler vector: AVX/AVX-512 registers where the
+// target has them, narrower ones otherwise.
+template <int B> struct Row;
+template <> struct Row<8> { typedef float type __attribute__((vector_size(32))); };
+template <> struct Row<16> { typedef float type __attribute__((vector_size(64))); };
+
+template <int B>
+inline typename Row<B>::type load(const float* p) {
+  typename Row<B>::type v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <int B>
+inline void store(float* p, typename Row<B>::type v) { std::memcpy(p, &v, sizeof v); }
+
+// Per-channel sums of d and d^2, d = x - x[first position], over the positions of one unit's
+// blocks, in one pass. Shifting by a value of the channel keeps the squares small for inputs with
+// a large mean, as a two-pass variance does; float lanes within a chunk, double across chunks.
+template <int B>
+void channel_stats(const float* x, int64_t blocks, int64_t spatial, float* shift, double* s1, double* s2) {
+  using V = typename Row<B>::type;
+  const int64_t chunk = kChunkValues / B;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const float* xb = x + blk * spatial * B;
+    const V k = load<B>(xb);
+    store<B>(shift + blk * B, k);
+    double t1[B] = {0.0}, t2[B] = {0.0};
+    for (int64_t start = 0; start < spatial; start += chunk) {
+      const int64_t end = std::min(start + chunk, spatial);
+      V a1[kUnroll] = {}, a2[kUnroll] = {};
+      int64_t p = start;
+      for (; p + kUnroll <= end; p += kUnroll) {
+        for (int u = 0; u < kUnroll; ++u) {
+          const V d = load<B>(xb + (p + u) * B) - k;
+          a1[u] += d;
+          a2[u] += d * d;
+        }
+      }
+      for (; p < end; ++p) {
+        const V d = load<B>(xb + p * B) - k;
+        a1[0] += d;
+        a2[0] += d * d;
+      }
+      for (int u = 0; u < kUnroll; ++u) {
+        for (int l = 0; l < B; ++l) {
+          t1[l] += a1[u][l];
+          t2[l] += a2[u][l];
+        }
+      }
+    }
+    for (int l = 0; l < B; ++l) {
+      s1[blk * B + l] = t1[l];
+      s2[blk * B + l] = t2[l];
+    }
+  }
+}
+
+template <int B, bool Residual, bool Relu>
+void apply(int64_t blocks, int64_t spatial, const float* x, const float* z, float* y, const float* shift,
+           const float* scale, const float* bias) {  // y may be x: each row is read before it is written
+  using V = typename Row<B>::type;
+  const V zero = {};
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const V m = load<B>(shift + blk * B), a = load<B>(scale + blk * B), b = load<B>(bias + blk * B);
+    const int64_t base = blk * spatial * B;
+    for (int64_t p = 0; p < spatial; ++p) {
+      const int64_t at = base + p * B;
+      V v = (load<B>(x + at) - m) * a + b;
+      if (Residual) v += load<B>(z + at);
+      if (Relu) v = v > zero ? v : zero;
+      store<B>(y + at, v);
+    }
+  }
+}
+
+template <int B>
+void normalize_unit(void* data, size_t task) {
+  const Job& job = *static_cast<const Job*>(data);
+  const int64_t n = static_cast<int64_t>(task) / job.units;
+  const int64_t c0 = (static_cast<int64_t>(task) % job.units) * job.unit;
+  const int64_t count = std::min(c0 + job.unit, job.padded) - c0;  // a multiple of B
+  const int64_t offset = (n * job.padded + c0) * job.spatial;
+  const float* x = job.x + offset;
+  float* shift = job.scratch + 3 * job.unit * static_cast<int64_t>(task);  // this task's own slice
+  float* a = shift + job.unit;
+  float* b = a + job.unit;
+  double* s1 = job.sums + 2 * job.unit * static_cast<int64_t>(task);
+  double* s2 = s1 + job.unit;
+  const int64_t real = std::max<int64_t>(0, std::min(count, job.channels - c0));  // channels past C: padding
+  const int64_t groups = real / job.group_channels;
+  const double n_channel = static_cast<double>(job.spatial);
+  channel_stats<B>(x, count / B, job.spatial, shift, s1, s2);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t first = g * job.group_channels, last = first + job.group_channels;
+    double total = 0.0;
+    for (int64_t c = first; c < last; ++c) total += s1[c] + n_channel * shift[c];
+    const double mean = total / (n_channel * job.group_channels);
+    // sum over the group of (x - mean)^2, from each channel's sums about its own shift k:
+    // s2 + 2 (k - mean) s1 + n (k - mean)^2
+    double squares = 0.0;
+    for (int64_t c = first; c < last; ++c) {
+      const double k = static_cast<double>(shift[c]) - mean;
+      squares += s2[c] + 2.0 * k * s1[c] + n_channel * k * k;
+    }
+    const double var = std::max(0.0, squares / (n_channel * job.group_channels));
+    const float rstd = static_cast<float>(1.0 / std::sqrt(var + job.epsilon));
+    for (int64_t c = first; c < last; ++c) {
+      shift[c] = static_cast<float>(mean);
+      a[c] = rstd * job.scale[c0 + c];
+      b[c] = job.bias[c0 + c];
+    }
+  }
+  for (int64_t c = groups * job.group_channels; c < count; ++c) shift[c] = a[c] = b[c] = 0.0f;  // padding: y = 0
+  const float* z = job.z == nullptr ? nullptr : job.z + offset;
+  float* y = job.y + offset;
+  const int64_t blocks = count / B;
+  if (z != nullptr && job.relu) apply<B, true, true>(blocks, job.spatial, x, z, y, shift, a, b);
+  else if (z != nullptr) apply<B, true, false>(blocks, job.spatial, x, z, y, shift, a, b);
+  else if (job.relu) apply<B, false, true>(blocks, job.spatial, x, z, y, shift, a, b);
+  else apply<B, false, false>(blocks, job.spatial, x, z, y, shift, a, b);
+}
+
+// Y is X's buffer (onnxruntime's alias map): the result is written over the input, which is in
+// cache after the statistics pass, with no second buffer to fill. Only for an X that nothing else
+// reads: nchwc.py fuses a GroupNorm only then.
+size_t ORT_API_CALL alias_input(int** input_index, int** output_index) {
+  *input_index = new int[1]{0};
+  *output_index = new int[1]{0};
+  return 1;
+}
+
+void ORT_API_CALL release_alias(int* input_index, int* output_index) {
+  delete[] input_index;
+  delete[] output_index;
+}
+
+}  // namespace gn_nchwc
+
+// The kernel: inputs X (blocked), scale [C], bias [C], optional Z (blocked residual); attributes
+// num_groups, epsilon, channels (C), block (B: 8 or 16), activation ("" or "Relu").
+struct GroupNormNchwcKernel {
+  GroupNormNchwcKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo kernel_info(info);
+    groups_ = kernel_info.GetAttribute<int64_t>("num_groups");
+    epsilon_ = kernel_info.GetAttribute<float>("epsilon");
+    channels_ = kernel_info.GetAttribute<int64_t>("channels");
+    block_ = kernel_info.GetAttribute<int64_t>("block");
+    relu_ = kernel_info.GetAttribute<std::string>("activation") == "Relu";
+    (void)api;
+    if (groups_ < 1 || channels_ % groups_ != 0 || (block_ != 8 && block_ != 16)) {
+      ORT_CXX_API_THROW("GroupNormNchwc: num_groups must divide channels and block must be 8 or 16",
+                        ORT_INVALID_ARGUMENT);
+    }
+  }
+
+  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
+                      const Ort::Custom::Tensor<float>& scale, const Ort::Custom::Tensor<float>& bias,
+                      std::optional<const Ort::Custom::Tensor<float>*> Z, Ort::Custom::Tensor<float>& Y) {
+    const std::vector<int64_t>& shape = X.Shape();
+    if (shape.size() != 4) return Ort::Status("GroupNormNchwc: X must be [N, Cp, H, W]", ORT_INVALID_ARGUMENT);
+    const int64_t padded = shape[1];
+    if (padded % block_ != 0 || padded < channels_ || padded - channels_ >= block_) {
+      return Ort::Status("GroupNormNchwc: X's channels do not match the channels and block attributes",
+                         ORT_INVALID_ARGUMENT);
+    }
+    if (scale.NumberOfElement() != channels_ || bias.NumberOfElement() != channels_) {
+      return Ort::Status("GroupNormNchwc: scale and bias need one value per channel", ORT_INVALID_ARGUMENT);
+    }
+    const float* z = nullptr;
+    if (Z.has_value() && *Z != nullptr) {
+      if ((*Z)->Shape() != shape) return Ort::Status("GroupNormNchwc: Z must have X's shape", ORT_INVALID_ARGUMENT);
+      z = (*Z)->Data();
+    }
+    float* y = Y.Allocate(shape);
+    const int64_t group_channels = channels_ / groups_;
+    const int64_t unit = std::lcm(group_channels, block_);
+    const int64_t units = (padded + unit - 1) / unit;
+    const size_t tasks = static_cast<size_t>(shape[0] * units);
+    if (tasks == 0 || shape[2] * shape[3] == 0) return Ort::Status(nullptr);
+    std::vector<float> scratch(3 * unit * tasks);
+    std::vector<double> sums(2 * unit * tasks);
+    gn_nchwc::Job job{X.Data(), z, scale.Data(), bias.Data(), y, channels_, padded, shape[2] * shape[3],
+                      group_channels, unit, units, epsilon_, relu_, scratch.data(), sums.data()};
+    Ort::KernelContext(context).ParallelFor(block_ == 16 ? gn_nchwc::normalize_unit<16> : gn_nchwc::normalize_unit<8>,
+                                            tasks, 0, &job);
+    return Ort::Status(nullptr);
+  }
+
+  int64_t groups_ = 0;
+  float epsilon_ = 1e-5f;
+  int64_t channels_ = 0;
+  int64_t block_ = 0;
+  bool relu_ = false;
+};
