@@ -1,6 +1,7 @@
 // ai.gn_convert::GroupNormNchwc: GroupNorm on onnxruntime's blocked NCHWc layout, optionally
-// followed by a residual add and a Relu, for graphs that gn_convert/native/nchwc.py rewrote
-// from onnxruntime's own optimised graph (its NchwcTransformer output).
+// followed by a residual add and an activation (Relu, HardSwish, QuickGelu/SiLU), for graphs that
+// gn_convert/native/nchwc.py rewrote from onnxruntime's own optimised graph (its NchwcTransformer
+// output).
 //
 // Why: onnxruntime runs convolutions on a blocked layout ([N][C/B][H][W][B], B = 8 on AVX2,
 // 16 on AVX-512) and reorders the activation out of it and back around every op it has no
@@ -37,10 +38,13 @@ struct Job {
   int64_t unit;      // channels per task
   int64_t units;     // tasks per sample
   float epsilon;
-  bool relu;
+  int activation;  // an Activation
+  float alpha, beta;
   float* scratch;  // 3 * unit floats per task
   double* sums;    // 2 * unit doubles per task
 };
+
+enum Activation { kNone = 0, kRelu = 1, kHardSwish = 2, kQuickGelu = 3 };
 
 constexpr int64_t kChunkValues = 4096;
 constexpr int kUnroll = 4;  // positions in flight: independent accumulator chains
@@ -103,21 +107,62 @@ void channel_stats(const float* x, int64_t blocks, int64_t spatial, float* shift
   }
 }
 
-template <int B, bool Residual, bool Relu>
-void apply(int64_t blocks, int64_t spatial, const float* x, const float* z, float* y, const float* shift,
+// exp(x) for x in [-87, 87] (clamped): 2^n * p(f), f = x - n ln2 in [-ln2/2, ln2/2], p of degree 6
+// (relative error about 2e-7); n by the 1.5 * 2^23 rounding trick, 2^n built in the exponent bits.
+template <int B>
+inline typename Row<B>::type exp_row(typename Row<B>::type x) {
+  using V = typename Row<B>::type;
+  typedef int32_t I __attribute__((vector_size(sizeof(V))));
+  const V zero = {}, lo = zero - 87.0f, hi = zero + 87.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const V n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
+  const V f = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  V p = zero + 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+template <int B, bool Residual, int Act>
+void apply(const Job& job, int64_t blocks, const float* x, const float* z, float* y, const float* shift,
            const float* scale, const float* bias) {  // y may be x: each row is read before it is written
   using V = typename Row<B>::type;
-  const V zero = {};
+  const V zero = {}, one = zero + 1.0f;
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const V m = load<B>(shift + blk * B), a = load<B>(scale + blk * B), b = load<B>(bias + blk * B);
-    const int64_t base = blk * spatial * B;
-    for (int64_t p = 0; p < spatial; ++p) {
+    const int64_t base = blk * job.spatial * B;
+    for (int64_t p = 0; p < job.spatial; ++p) {
       const int64_t at = base + p * B;
       V v = (load<B>(x + at) - m) * a + b;
       if (Residual) v += load<B>(z + at);
-      if (Relu) v = v > zero ? v : zero;
+      if (Act == kRelu) v = v > zero ? v : zero;
+      if (Act == kHardSwish) {
+        V g = v * job.alpha + job.beta;
+        g = g < zero ? zero : g;
+        v = v * (g > one ? one : g);
+      }
+      if (Act == kQuickGelu) v = v / (one + exp_row<B>(v * -job.alpha));
       store<B>(y + at, v);
     }
+  }
+}
+
+template <int B, bool Residual>
+void apply_activation(const Job& job, int64_t blocks, const float* x, const float* z, float* y, const float* shift,
+                      const float* scale, const float* bias) {
+  switch (job.activation) {
+    case kRelu: return apply<B, Residual, kRelu>(job, blocks, x, z, y, shift, scale, bias);
+    case kHardSwish: return apply<B, Residual, kHardSwish>(job, blocks, x, z, y, shift, scale, bias);
+    case kQuickGelu: return apply<B, Residual, kQuickGelu>(job, blocks, x, z, y, shift, scale, bias);
+    default: return apply<B, Residual, kNone>(job, blocks, x, z, y, shift, scale, bias);
   }
 }
 
@@ -162,10 +207,8 @@ void normalize_unit(void* data, size_t task) {
   const float* z = job.z == nullptr ? nullptr : job.z + offset;
   float* y = job.y + offset;
   const int64_t blocks = count / B;
-  if (z != nullptr && job.relu) apply<B, true, true>(blocks, job.spatial, x, z, y, shift, a, b);
-  else if (z != nullptr) apply<B, true, false>(blocks, job.spatial, x, z, y, shift, a, b);
-  else if (job.relu) apply<B, false, true>(blocks, job.spatial, x, z, y, shift, a, b);
-  else apply<B, false, false>(blocks, job.spatial, x, z, y, shift, a, b);
+  if (z != nullptr) apply_activation<B, true>(job, blocks, x, z, y, shift, a, b);
+  else apply_activation<B, false>(job, blocks, x, z, y, shift, a, b);
 }
 
 // Y is X's buffer (onnxruntime's alias map): the result is written over the input, which is in
@@ -185,7 +228,8 @@ void ORT_API_CALL release_alias(int* input_index, int* output_index) {
 }  // namespace gn_nchwc
 
 // The kernel: inputs X (blocked), scale [C], bias [C], optional Z (blocked residual); attributes
-// num_groups, epsilon, channels (C), block (B: 8 or 16), activation ("" or "Relu").
+// num_groups, epsilon, channels (C), block (B: 8 or 16), activation ("", "Relu", "HardSwish":
+// v * clip(alpha v + beta, 0, 1), or "QuickGelu": v * sigmoid(alpha v)), alpha, beta.
 struct GroupNormNchwcKernel {
   GroupNormNchwcKernel(const OrtApi* api, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo kernel_info(info);
@@ -193,12 +237,28 @@ struct GroupNormNchwcKernel {
     epsilon_ = kernel_info.GetAttribute<float>("epsilon");
     channels_ = kernel_info.GetAttribute<int64_t>("channels");
     block_ = kernel_info.GetAttribute<int64_t>("block");
-    relu_ = kernel_info.GetAttribute<std::string>("activation") == "Relu";
-    (void)api;
-    if (groups_ < 1 || channels_ % groups_ != 0 || (block_ != 8 && block_ != 16)) {
-      ORT_CXX_API_THROW("GroupNormNchwc: num_groups must divide channels and block must be 8 or 16",
-                        ORT_INVALID_ARGUMENT);
+    const std::string activation = kernel_info.GetAttribute<std::string>("activation");
+    const char* names[] = {"", "Relu", "HardSwish", "QuickGelu"};
+    activation_ = -1;
+    for (int i = 0; i < 4; ++i) {
+      if (activation == names[i]) activation_ = i;
     }
+    alpha_ = optional_float(api, info, "alpha", 1.0f);
+    beta_ = optional_float(api, info, "beta", 0.0f);
+    if (groups_ < 1 || channels_ % groups_ != 0 || (block_ != 8 && block_ != 16) || activation_ < 0) {
+      ORT_CXX_API_THROW("GroupNormNchwc: num_groups must divide channels, block must be 8 or 16, and the "
+                        "activation one of '', Relu, HardSwish, QuickGelu", ORT_INVALID_ARGUMENT);
+    }
+  }
+
+  static float optional_float(const OrtApi* api, const OrtKernelInfo* info, const char* name, float fallback) {
+    float value = fallback;
+    OrtStatus* status = api->KernelInfoGetAttribute_float(info, name, &value);
+    if (status != nullptr) {
+      api->ReleaseStatus(status);
+      return fallback;
+    }
+    return value;
   }
 
   Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
@@ -228,7 +288,8 @@ struct GroupNormNchwcKernel {
     std::vector<float> scratch(3 * unit * tasks);
     std::vector<double> sums(2 * unit * tasks);
     gn_nchwc::Job job{X.Data(), z, scale.Data(), bias.Data(), y, channels_, padded, shape[2] * shape[3],
-                      group_channels, unit, units, epsilon_, relu_, scratch.data(), sums.data()};
+                      group_channels, unit, units, epsilon_, activation_, alpha_, beta_, scratch.data(),
+                      sums.data()};
     Ort::KernelContext(context).ParallelFor(block_ == 16 ? gn_nchwc::normalize_unit<16> : gn_nchwc::normalize_unit<8>,
                                             tasks, 0, &job);
     return Ort::Status(nullptr);
@@ -238,5 +299,7 @@ struct GroupNormNchwcKernel {
   float epsilon_ = 1e-5f;
   int64_t channels_ = 0;
   int64_t block_ = 0;
-  bool relu_ = false;
+  int activation_ = 0;
+  float alpha_ = 1.0f;
+  float beta_ = 0.0f;
 };

@@ -86,12 +86,35 @@ class _Graph:
                 self.consumers.setdefault(name, []).append(node)
         self.outputs = {value.name for value in self.model.graph.output}
 
-    def sole_consumer(self, name: str, op_type: str) -> Any | None:
-        """The one node reading ``name`` if it is an ONNX ``op_type`` and ``name`` is not a graph output."""
+    def sole_consumer(self, name: str, op_type: str, domain: str = "") -> Any | None:
+        """The one node reading ``name`` if it is ``op_type`` and ``name`` is not a graph output."""
         users = self.consumers.get(name, [])
-        if len(users) == 1 and users[0].op_type == op_type and users[0].domain == "" and name not in self.outputs:
+        if len(users) == 1 and users[0].op_type == op_type and users[0].domain == domain and name not in self.outputs:
             return users[0]
         return None
+
+    def activation(self, name: str) -> tuple[list[Any], dict[str, Any]]:
+        """The activation reading ``name`` that GroupNormNchwc can fuse: its nodes and the op's attributes.
+
+        Relu; QuickGelu (onnxruntime's fusion of ``x * sigmoid(alpha x)``, SiLU); HardSwish, as
+        onnxruntime leaves it (``HardSigmoid`` and ``Mul`` both reading ``name``) or as one node.
+        """
+        if name in self.outputs:
+            return [], {}
+        if (node := self.sole_consumer(name, "Relu")) is not None:
+            return [node], {"activation": "Relu"}
+        if (node := self.sole_consumer(name, "QuickGelu", "com.microsoft")) is not None:
+            return [node], {"activation": "QuickGelu", "alpha": _attr(node, "alpha", 1.0)}
+        if (node := self.sole_consumer(name, "HardSwish")) is not None:
+            return [node], {"activation": "HardSwish", "alpha": 1.0 / 6.0, "beta": 0.5}
+        users = self.consumers.get(name, [])
+        gate = next((u for u in users if u.op_type == "HardSigmoid" and u.domain == ""), None)
+        if len(users) == 2 and gate is not None and gate.output[0] not in self.outputs:
+            mul = self.sole_consumer(gate.output[0], "Mul")
+            if mul is not None and mul in users and set(mul.input) == {name, gate.output[0]}:
+                return [gate, mul], {"activation": "HardSwish", "alpha": _attr(gate, "alpha", 0.2),
+                                     "beta": _attr(gate, "beta", 0.5)}
+        return [], {}
 
 
 def fuse_groupnorm_nchwc(model: onnx.ModelProto, block: int) -> int:
@@ -121,25 +144,21 @@ def fuse_groupnorm_nchwc(model: onnx.ModelProto, block: int) -> int:
                 and _private(graph, source.input[0], source)):
             new_nodes.append(node)
             continue
-        channels = next(a.i for a in source.attribute if a.name == "channels")
         chain, residual, tail = [node], None, node.output[0]
         add = graph.sole_consumer(tail, "Add")
         if add is not None:
             other = add.input[1] if add.input[0] == tail else add.input[0]
             if other in blocked:
                 chain, residual, tail = chain + [add], blocked[other], add.output[0]
-        relu = graph.sole_consumer(tail, "Relu")
-        if relu is not None:
-            chain, tail = chain + [relu], relu.output[0]
-        elif residual is not None:  # Add without Relu: leave the Add to onnxruntime
-            chain, residual, tail = [node], None, node.output[0]
+        act_nodes, act = graph.activation(tail)
+        if act_nodes:
+            chain, tail = chain + act_nodes, act_nodes[-1].output[0]
+        channels = _attr(source, "channels", 0)
         out = blocked.get(tail, f"{tail}__nchwc")
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         inputs = [source.input[0], node.input[1], node.input[2]] + ([residual] if residual else [])
         new_nodes.append(helper.make_node(FUSED_OP, inputs, [out], name=f"{node.name or tail}_nchwc", domain=OP_DOMAIN,
-                                          num_groups=attrs["num_groups"], epsilon=attrs.get("epsilon", 1e-5),
-                                          channels=channels, block=block,
-                                          activation="Relu" if chain[-1].op_type == "Relu" else ""))
+                                          num_groups=_attr(node, "num_groups", 0), epsilon=_attr(node, "epsilon", 1e-5),
+                                          channels=channels, block=block, **{"activation": "", **act}))
         dropped.update(id(n) for n in chain[1:])
         fused += 1
         for user in graph.consumers.get(tail, []):
@@ -153,6 +172,11 @@ def fuse_groupnorm_nchwc(model: onnx.ModelProto, block: int) -> int:
     del graph.model.graph.node[:]
     graph.model.graph.node.extend(_sorted(_live(new_nodes, graph.outputs)))
     return fused
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    """A node attribute's value, or ``default``."""
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _private(graph: _Graph, name: str, reader: Any) -> bool:
