@@ -87,7 +87,7 @@ def session_options(*, threads: int = 0, level: str = "all", spinning: bool | No
 
 def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: int = 0, level: str = "all",
                  spinning: bool | None = None, library: str | Path | None = None,
-                 disabled_optimizers: Sequence[str] = ()) -> Any:
+                 disabled_optimizers: Sequence[str] = (), blocked: bool | None = None) -> Any:
     """An ``onnxruntime.InferenceSession`` on one provider, failing with one clear line.
 
     Args:
@@ -97,6 +97,10 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
         threads, level, spinning: see :func:`session_options`.
         library: the native kernel library; required for ``cpu-native``, allowed with ``cpu``.
         disabled_optimizers: onnxruntime graph transformers to switch off (experiments).
+        blocked: with the kernel library on the CPU at level ``all``, compute the GroupNorms on
+            onnxruntime's blocked layout (:mod:`gn_convert.native.nchwc`: no reorders around them,
+            the following Add and activation fused). None (default): where this CPU has that
+            layout, else the plain kernel; False: never; True: required.
 
     Raises:
         SessionError: the file is missing or onnxruntime cannot load it (its first line quoted).
@@ -111,6 +115,9 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
                                "`gn-convert native` printed")
     if not isinstance(model, bytes) and not Path(model).is_file():
         raise SessionError(f"ONNX file {model} not found")
+    if library is not None and provider in ("cpu", NATIVE) and level == "all" and not disabled_optimizers \
+            and blocked is not False:
+        model = _blocked(model, library, required=bool(blocked))
     options = session_options(threads=threads, level=level, spinning=spinning, library=library)
     chain = [name] + ([] if name == PROVIDERS["cpu"] else [PROVIDERS["cpu"]])
     what = "the model" if isinstance(model, bytes) else str(model)
@@ -122,6 +129,25 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
     if sess.get_providers()[0] != name:
         raise ProviderUnavailableError(f"onnxruntime could not start {name} for {what} (no GPU visible?)")
     return sess
+
+
+def _blocked(model: str | Path | bytes, library: str | Path, *, required: bool) -> str | Path | bytes:
+    """``model`` with its GroupNorms on the blocked layout, or ``model`` itself where that cannot be
+    (no NCHWc layout here, no GroupNorm to move, a model onnxruntime refuses: the plain session
+    then says why), unless ``required``."""
+    import logging
+
+    from gn_convert.native.nchwc import nchwc_model
+
+    try:
+        data, fused = nchwc_model(model, library)
+    except Exception as err:  # NativeBuildError, or onnxruntime's own types for a model it cannot load
+        if required:
+            raise NativeBuildError(f"cannot move the GroupNorms onto onnxruntime's blocked layout: {first_line(err)}") \
+                from err
+        logging.getLogger(__name__).info("plain native kernel: %s", first_line(err))
+        return model
+    return data if fused else model
 
 
 def run_session(sess: Any, feeds: dict[str, Any], outputs: Sequence[str] | None = None) -> list[Any]:

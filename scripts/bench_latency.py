@@ -77,7 +77,7 @@ NOTES = {
     "inlined": "gn-convert export, target inlined",
     "standard": "gn-convert export, target standard (GroupNormalization-21, one-pass variance)",
     "fast": "function file lowered to the fast target (InstanceNormalization + BatchNormalization affine)",
-    "native": "function file with the native GroupNorm kernel library registered (gn_convert.native)",
+    "native": "function file with the native GroupNorm kernel library registered (gn_convert.native), plain layout",
     "native-nchwc": "native, GroupNorm (+ Add + Relu) on onnxruntime's blocked layout (gn_convert.native.nchwc)",
     "ms-groupnorm": "function file lowered to com.microsoft.GroupNorm (CUDA, NHWC, one-pass variance)",
     "torch-eager": "GN model in torch eager mode (reference)",
@@ -145,19 +145,6 @@ def _native_library() -> Path | None:
         return None
 
 
-def _blocked_model(function_file: Path, library: Path) -> bytes | None:
-    """The function file on onnxruntime's blocked layout, or None (with the reason printed)."""
-    from gn_convert.native.nchwc import nchwc_model
-
-    try:
-        data, fused = nchwc_model(function_file, library)
-    except NativeBuildError as exc:
-        print(f"  native-nchwc: skipped: {exc}", flush=True)
-        return None
-    print(f"  native-nchwc: {fused} GroupNorm layers on the blocked layout", flush=True)
-    return data
-
-
 def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]:
     """Export and time one model at every thread count and spinning setting; print the tables."""
     fp16 = args.provider == "cuda"
@@ -165,7 +152,6 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]
     print(f"{name}: exporting ({', '.join(wanted)})", flush=True)
     paths, gn = export_variants(name, folder, groups=args.groups, size=args.size, fp16=fp16, wanted=wanted)
     library = _native_library() if {"native", "native-nchwc"} & set(wanted) else None
-    blocked = _blocked_model(paths["function"], library) if "native-nchwc" in wanted and library else None
     results = []
     for threads in parse_batches(args.threads):
         torch.set_num_threads(threads)
@@ -174,9 +160,9 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]
             variants: list[Variant] = []
             for variant in wanted:
                 if variant in ("native", "native-nchwc"):
-                    model = paths["function"] if variant == "native" else blocked
-                    if library is not None and model is not None:
-                        session = ort_session(model, threads=threads, custom_ops_library=library, spinning=spin)
+                    if library is not None:
+                        session = ort_session(paths["function"], threads=threads, custom_ops_library=library,
+                                              spinning=spin, blocked=variant == "native-nchwc")
                         variants.append(session_variant(variant, session, note=NOTES[variant]))
                     continue
                 if variant == "torch-eager":

@@ -20,13 +20,13 @@ DEFAULT_SPATIAL = 224
 """Spatial size used when a model's input has symbolic spatial dimensions."""
 
 
-def ort_session(path: str | Path | bytes, *, threads: int, provider: str = "cpu",
+def ort_session(path: str | Path, *, threads: int, provider: str = "cpu",
                 disabled_optimizers: Sequence[str] = (), custom_ops_library: str | Path | None = None,
-                spinning: bool = False) -> Any:
+                spinning: bool = False, blocked: bool | None = None) -> Any:
     """An onnxruntime session for timing: all optimisations, sequential execution, spinning off.
 
     Args:
-        path: the ``.onnx`` file (its external data beside it), or serialised model bytes.
+        path: the ``.onnx`` file (its external data beside it).
         threads: intra-op threads.
         provider: ``cpu`` or ``cuda``.
         disabled_optimizers: onnxruntime graph transformers to switch off (``NchwcTransformer``).
@@ -34,6 +34,8 @@ def ort_session(path: str | Path | bytes, *, threads: int, provider: str = "cpu"
         spinning: let idle pool threads spin (onnxruntime's default). Off by default here: the
             threads of one session keep spinning after its run and steal the cores from the
             next session timed, which biases interleaved measurements.
+        blocked: with ``custom_ops_library``, whether GroupNorm runs on onnxruntime's blocked layout
+            (see :func:`gn_convert.runtime.open_session`).
 
     Raises:
         SessionError: the file is missing or onnxruntime cannot load it.
@@ -42,7 +44,7 @@ def ort_session(path: str | Path | bytes, *, threads: int, provider: str = "cpu"
     if provider not in ("cpu", "cuda"):
         raise BenchError(f"unknown provider {provider!r}; choose cpu or cuda")
     return open_session(path, provider=provider, threads=threads, spinning=spinning,
-                        library=custom_ops_library, disabled_optimizers=disabled_optimizers)
+                        library=custom_ops_library, disabled_optimizers=disabled_optimizers, blocked=blocked)
 
 
 def session_input_shape(session: Any, fallback: Sequence[int] | None = None) -> tuple[int, ...]:

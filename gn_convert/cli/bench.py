@@ -99,7 +99,7 @@ def _bench_once(args: argparse.Namespace, paths: dict[str, Path], library: Path 
     if library is not None:
         sessions["native"] = ort_session(args.model, threads=threads, provider=args.provider,
                                          custom_ops_library=library, spinning=spinning)
-        notes["native"] = f"{args.model} with {library}"
+        notes["native"] = f"{args.model} with {library} (GroupNorm on the blocked layout where this CPU has it)"
     variants = [session_variant(name, s, note=notes[name]) for name, s in sessions.items()]
     shape = session_input_shape(sessions["model"], fallback)
     print(f"\n{threads} thread(s), spinning {'on' if spinning else 'off'}")

@@ -58,8 +58,9 @@ def block_size() -> int:
         return 1
 
 
-def optimized_graph(model: str | Path | bytes, library: str | Path) -> onnx.ModelProto:
-    """The graph onnxruntime runs for ``model`` on this CPU, with the kernel library registered."""
+def optimized_graph(model: str | Path | bytes, library: str | Path) -> tuple[onnx.ModelProto, Any]:
+    """The graph onnxruntime runs for ``model`` on this CPU, with the kernel library registered,
+    and the session that made it."""
     import onnxruntime as ort
 
     from gn_convert.runtime import session_options
@@ -67,9 +68,9 @@ def optimized_graph(model: str | Path | bytes, library: str | Path) -> onnx.Mode
     with tempfile.TemporaryDirectory(prefix="gn-nchwc-") as tmp:
         options = session_options(threads=1, level="all", library=library)
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                             providers=["CPUExecutionProvider"])
-        return onnx.load(options.optimized_model_filepath)
+        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                       providers=["CPUExecutionProvider"])
+        return onnx.load(options.optimized_model_filepath), session
 
 
 @dataclass
@@ -238,18 +239,51 @@ def nchwc_model(model: str | Path | bytes, library: str | Path) -> tuple[bytes, 
         The serialised model, to open with the same library and any optimisation level, and the
         number of GroupNorm nodes moved onto the blocked layout (0: nothing to gain here).
 
+    The rewritten model is checked against onnxruntime's own on one random input
+    (:data:`SELF_CHECK_TOLERANCE`).
+
     Raises:
-        NativeBuildError: this CPU or onnxruntime has no NCHWc layout.
+        NativeBuildError: this CPU or onnxruntime has no NCHWc layout, or the check failed.
     """
     block = block_size()
     if block not in (8, 16):
         raise NativeBuildError(f"onnxruntime has no blocked (NCHWc) layout on this CPU (block {block}); "
                                "use the native kernel on the model as it is")
-    optimized = optimized_graph(model, library)
+    optimized, reference = optimized_graph(model, library)
     fused = fuse_groupnorm_nchwc(optimized, block)
     if not any(o.domain == OP_DOMAIN for o in optimized.opset_import):
         optimized.opset_import.append(helper.make_opsetid(OP_DOMAIN, 1))
     entry = optimized.metadata_props.add()
     entry.key, entry.value = LAYOUT_KEY, f"nchwc{block} (this CPU and onnxruntime only; rebuild elsewhere)"
+    data = optimized.SerializeToString()
+    if fused:
+        _self_check(reference, data, library)
     log.info("%d GroupNorm layers on the blocked layout (block %d)", fused, block)
-    return optimized.SerializeToString(), fused
+    return data, fused
+
+
+SELF_CHECK_TOLERANCE = 1e-3
+"""Largest error of the rewritten model on a random input, relative to the output's largest value:
+float32 rounding differs by about 1e-6; a layout mistake gives errors near 1."""
+
+
+def _self_check(reference: Any, data: bytes, library: str | Path) -> None:
+    """Run the rewritten model and onnxruntime's own on one random input; raise if they differ."""
+    import onnxruntime as ort
+
+    from gn_convert.runtime import session_options
+
+    feeds = {}
+    for value in reference.get_inputs():
+        if value.type != "tensor(float)":
+            return  # nothing to draw: the check is skipped, as for any model we cannot feed
+        shape = [d if isinstance(d, int) and d > 0 else (1 if k == 0 else 64) for k, d in enumerate(value.shape)]
+        feeds[value.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    rewritten = ort.InferenceSession(data, session_options(threads=1, level="all", library=library),
+                                     providers=["CPUExecutionProvider"])
+    for want, got in zip(reference.run(None, feeds), rewritten.run(None, feeds)):
+        want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
+        error = float(np.abs(want - got).max() / max(np.abs(want).max(), 1e-6)) if want.size else 0.0
+        if not error <= SELF_CHECK_TOLERANCE:
+            raise NativeBuildError(f"the blocked-layout rewrite changed the model's output (relative error {error:.1e} "
+                                   "on a random input); open the model without it (blocked=False) and report this")
