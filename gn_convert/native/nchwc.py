@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from gn_convert.errors import NativeBuildError, first_line
+from gn_convert.errors import NativeBuildError, SessionError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,12 @@ def optimized_graph(model: str | Path | bytes, library: str | Path) -> tuple[onn
     with tempfile.TemporaryDirectory(prefix="gn-nchwc-") as tmp:
         options = session_options(threads=1, level="all", library=library)
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                       providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                           providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's own types: Fail, InvalidGraph, NoSuchFile, ...
+            what = "the model" if isinstance(model, bytes) else str(model)
+            raise SessionError(f"onnxruntime cannot load {what}: {first_line(err)}") from err
         return onnx.load(options.optimized_model_filepath), session
 
 
@@ -244,6 +248,7 @@ def nchwc_model(model: str | Path | bytes, library: str | Path) -> tuple[bytes, 
 
     Raises:
         NativeBuildError: this CPU or onnxruntime has no NCHWc layout, or the check failed.
+        SessionError: onnxruntime cannot load ``model``.
     """
     block = block_size()
     if block not in (8, 16):
