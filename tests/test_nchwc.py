@@ -5,7 +5,8 @@ without the residual, groups smaller and larger than the block, padded channels,
 1000); the graph rewrite on small networks: how many GroupNorms moved, which reorders are left,
 the fused activations, and the outputs against onnxruntime's own model; the safety nets (an
 input read by another node is not overwritten, a rewrite that changes the output is refused,
-no blocked layout falls back to the plain kernel).
+no blocked layout falls back to the plain kernel); squeeze-excite's pooling and gating on the
+blocked layout (ScaleNchwc).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from gn_convert.errors import NativeBuildError
-from gn_convert.native import nchwc
+from gn_convert.native import nchwc, nchwc_graph
 from gn_convert.onnx import export_onnx
 from gn_convert.runtime import open_session
 
@@ -125,6 +126,24 @@ def test_kernel_mean_1000(native_library: Path) -> None:
     assert error < MEAN1000_BOUND, error
 
 
+@pytest.mark.parametrize("gate_layout", ["plain", "blocked"])
+def test_scale_kernel(native_library: Path, gate_layout: str) -> None:
+    """ScaleNchwc (squeeze-excite's gating): y = x * s[n, c], the gate plain [N, C, 1, 1] or blocked."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 20, 5, 6)).astype(np.float32)
+    gate = rng.uniform(0, 1, (2, 20, 1, 1)).astype(np.float32)
+    xb = to_blocked(x, BLOCK)
+    gb = to_blocked(gate, BLOCK) if gate_layout == "blocked" else gate
+    node = helper.make_node(nchwc_graph.SCALE_OP, ["x", "s"], ["y"], domain=nchwc.OP_DOMAIN, channels=20, block=BLOCK)
+    graph = helper.make_graph([node], "s", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(xb.shape)),
+                                            helper.make_tensor_value_info("s", TensorProto.FLOAT, list(gb.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(xb.shape))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(nchwc.OP_DOMAIN, 1)])
+    out = open_session(model.SerializeToString(), library=native_library, blocked=False).run(None, {"x": xb, "s": gb})[0]
+    np.testing.assert_array_equal(from_blocked(out, 20, BLOCK), x * gate)
+    assert not from_blocked(out, out.shape[1], BLOCK)[:, 20:].any()
+
+
 def test_kernel_refuses_bad_attributes(native_library: Path) -> None:
     with pytest.raises(Exception, match="activation one of"):
         open_session(kernel_model(BLOCK, 8, 2, False, activation="Gelu"), library=native_library, blocked=False)
@@ -188,8 +207,8 @@ def test_rewrite_moves_every_groupnorm(small_onnx: Path, native_library: Path) -
     data, fused = nchwc.nchwc_model(small_onnx, native_library)
     ops = _ops(data)
     assert fused == 6 and ops[nchwc.FUSED_OP] == 6 and ops["GroupNorm"] == 0
-    # one reorder out, before the pooling; none left around any GroupNorm
-    assert ops["ReorderOutput"] == 1 and ops["ReorderInput"] == 0
+    # the head's pooling runs blocked too: one small reorder out after it; none around any GroupNorm
+    assert ops["ReorderOutput"] == 1 and ops["ReorderInput"] == 0 and ops["GlobalAveragePool"] == 1
     for name in ("Relu", "Add", "HardSigmoid", "QuickGelu", "HardSwish"):
         assert ops[name] == 0, name
     acts = collections.Counter((helper.get_attribute_value(next(a for a in n.attribute if a.name == "activation")).decode(),
@@ -200,6 +219,25 @@ def test_rewrite_moves_every_groupnorm(small_onnx: Path, native_library: Path) -
     meta = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
     assert meta[nchwc.LAYOUT_KEY].startswith(f"nchwc{BLOCK}")
     assert _compare(small_onnx, native_library, data) < 1e-5
+
+
+def test_squeeze_excite_moves_too(tmp_path: Path, native_library: Path) -> None:
+    """MobileNetV3's block: GroupNorm + HardSwish, squeeze-excite (mean, two 1x1 convolutions, HardSigmoid
+    gate, Mul), projection GroupNorm + residual: nothing left on the plain layout but the head's pooling."""
+    from torchvision.ops import SqueezeExcitation
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.Hardswish(),
+                        SqueezeExcitation(32, 8, scale_activation=nn.Hardsigmoid), nn.Conv2d(32, 32, 1),
+                        nn.GroupNorm(8, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    path = tmp_path / "se.onnx"
+    export_onnx(net, path, input_shape=(1, 3, 32, 32))
+    data, fused = nchwc.nchwc_model(path, native_library)
+    ops = collections.Counter((n.domain, n.op_type) for n in onnx.load_from_string(data).graph.node)
+    assert fused == 2 and ops[(nchwc.OP_DOMAIN, nchwc_graph.SCALE_OP)] == 1
+    assert ops[(nchwc.NCHWC_DOMAIN, "GlobalAveragePool")] == 2  # squeeze-excite's mean and the head's
+    assert ops[("", "ReduceMean")] == 0 and ops[("", "Mul")] == 0 and ops[(nchwc.NCHWC_DOMAIN, "ReorderInput")] == 0
+    assert _compare(path, native_library, data) < 1e-5
 
 
 def test_input_read_elsewhere_is_not_overwritten(tmp_path: Path, native_library: Path) -> None:
@@ -224,7 +262,7 @@ def test_groupnorm_outputs_stay_readable(small_onnx: Path, native_library: Path)
 
 
 def test_rewrite_that_changes_the_output_is_refused(small_onnx: Path, native_library: Path, monkeypatch) -> None:
-    original = nchwc.fuse_groupnorm_nchwc
+    original = nchwc_graph.rewrite
 
     def wrong(model: onnx.ModelProto, block: int) -> int:
         fused = original(model, block)
@@ -232,7 +270,7 @@ def test_rewrite_that_changes_the_output_is_refused(small_onnx: Path, native_lib
         next(a for a in node.attribute if a.name == "num_groups").i = 1  # a different normalisation
         return fused
 
-    monkeypatch.setattr(nchwc, "fuse_groupnorm_nchwc", wrong)
+    monkeypatch.setattr(nchwc_graph, "rewrite", wrong)
     with pytest.raises(NativeBuildError, match="changed the model's output"):
         nchwc.nchwc_model(small_onnx, native_library)
     with pytest.raises(NativeBuildError, match="blocked layout"):

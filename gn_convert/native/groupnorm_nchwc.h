@@ -211,6 +211,28 @@ void normalize_unit(void* data, size_t task) {
   else apply_activation<B, false>(job, blocks, x, z, y, shift, a, b);
 }
 
+// Squeeze-excite's gating on the blocked layout: y[n, c, p] = x[n, c, p] * s[n, c], one task per
+// (sample, block). S is [N, Cs, 1, 1], plain (Cs = C) or blocked (Cs = Cp): the same memory order.
+struct ScaleJob {
+  const float* x;
+  const float* s;
+  float* y;
+  int64_t channels, padded, spatial, gate_channels, block;
+};
+
+template <int B>
+void scale_block(void* data, size_t task) {
+  using V = typename Row<B>::type;
+  const ScaleJob& job = *static_cast<const ScaleJob*>(data);
+  const int64_t blocks = job.padded / B;
+  const int64_t n = static_cast<int64_t>(task) / blocks, c0 = (static_cast<int64_t>(task) % blocks) * B;
+  float gate[B];
+  for (int l = 0; l < B; ++l) gate[l] = c0 + l < job.channels ? job.s[n * job.gate_channels + c0 + l] : 0.0f;
+  const V g = load<B>(gate);
+  const int64_t offset = (n * job.padded + c0) * job.spatial;
+  for (int64_t p = 0; p < job.spatial; ++p) store<B>(job.y + offset + p * B, load<B>(job.x + offset + p * B) * g);
+}
+
 // Y is X's buffer (onnxruntime's alias map): the result is written over the input, which is in
 // cache after the statistics pass, with no second buffer to fill. Only for an X that nothing else
 // reads: nchwc.py fuses a GroupNorm only then.
@@ -302,4 +324,39 @@ struct GroupNormNchwcKernel {
   int activation_ = 0;
   float alpha_ = 1.0f;
   float beta_ = 0.0f;
+};
+
+// The kernel: inputs X (blocked), S ([N, C or Cp, 1, 1]); attributes channels (C), block (B).
+struct ScaleNchwcKernel {
+  ScaleNchwcKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    (void)api;
+    Ort::ConstKernelInfo kernel_info(info);
+    channels_ = kernel_info.GetAttribute<int64_t>("channels");
+    block_ = kernel_info.GetAttribute<int64_t>("block");
+    if (block_ != 8 && block_ != 16) ORT_CXX_API_THROW("ScaleNchwc: block must be 8 or 16", ORT_INVALID_ARGUMENT);
+  }
+
+  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
+                      const Ort::Custom::Tensor<float>& S, Ort::Custom::Tensor<float>& Y) {
+    const std::vector<int64_t>& shape = X.Shape();
+    const std::vector<int64_t>& gate = S.Shape();
+    if (shape.size() != 4 || shape[1] % block_ != 0 || shape[1] < channels_) {
+      return Ort::Status("ScaleNchwc: X must be [N, Cp, H, W] with Cp the channels padded to the block",
+                         ORT_INVALID_ARGUMENT);
+    }
+    if (gate.size() != 4 || gate[0] != shape[0] || gate[1] < channels_ || gate[1] > shape[1] || gate[2] != 1 ||
+        gate[3] != 1) {
+      return Ort::Status("ScaleNchwc: S must be [N, C, 1, 1]", ORT_INVALID_ARGUMENT);
+    }
+    float* y = Y.Allocate(shape);
+    gn_nchwc::ScaleJob job{X.Data(), S.Data(), y, channels_, shape[1], shape[2] * shape[3], gate[1], block_};
+    const size_t tasks = static_cast<size_t>(shape[0] * (shape[1] / block_));
+    if (tasks == 0 || job.spatial == 0) return Ort::Status(nullptr);
+    Ort::KernelContext(context).ParallelFor(block_ == 16 ? gn_nchwc::scale_block<16> : gn_nchwc::scale_block<8>,
+                                            tasks, 0, &job);
+    return Ort::Status(nullptr);
+  }
+
+  int64_t channels_ = 0;
+  int64_t block_ = 0;
 };

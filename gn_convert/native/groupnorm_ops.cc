@@ -10,8 +10,8 @@
 // y = (x - mean) * rstd * scale[c] + bias[c] -- the second and third from cache for the
 // blocks of common CNNs. Tasks run on onnxruntime's intra-op thread pool.
 //
-// GroupNormNchwc (groupnorm_nchwc.h) is the same op on onnxruntime's blocked layout, for graphs
-// rewritten by gn_convert/native/nchwc.py.
+// GroupNormNchwc (groupnorm_nchwc.h) is the same op on onnxruntime's blocked layout, and
+// ScaleNchwc squeeze-excite's gating there, for graphs rewritten by gn_convert/native/nchwc.py.
 //
 // Built by gn_convert/native/build.py against onnxruntime's C/C++ API headers.
 
@@ -163,6 +163,7 @@ extern "C" ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOption
       kernels.emplace_back(Ort::Custom::CreateLiteCustomOp<GroupNormNchwcKernel>("GroupNormNchwc", ep));
       kernels.back()->GetAliasMap = gn_nchwc::alias_input;
       kernels.back()->ReleaseAliasMap = gn_nchwc::release_alias;
+      kernels.emplace_back(Ort::Custom::CreateLiteCustomOp<ScaleNchwcKernel>("ScaleNchwc", ep));
       domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
       for (const auto& kernel : kernels) domain->Add(kernel.get());
     }

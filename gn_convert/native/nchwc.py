@@ -8,9 +8,10 @@ GroupNorm network costs over its BatchNorm original (``scripts/PERF.md``).
 
 :func:`nchwc_model` lets onnxruntime optimise the model once, with the native kernel library
 registered, takes the optimised graph it writes (its blocked convolutions and reorders), and
-replaces each ``ReorderOutput -> GroupNorm [-> Add] [-> Relu] -> ReorderInput`` chain by one
+replaces each ``ReorderOutput -> GroupNorm [-> Add] [-> activation] -> ReorderInput`` chain by one
 ``ai.gn_convert::GroupNormNchwc`` node that reads and writes the blocked tensor, with the Add and
-Relu fused (:func:`fuse_groupnorm_nchwc`). The result is for this CPU and this onnxruntime only
+activation fused, and squeeze-excite's pooling and gating by blocked ops too
+(:mod:`gn_convert.native.nchwc_graph`). The result is for this CPU and this onnxruntime only
 (the block size and the reordered weights are baked in), like any model onnxruntime optimised
 offline: make it where it runs. Its metadata says so (``gn_convert.layout``).
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 import functools
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,13 @@ import onnx
 from onnx import helper
 
 from gn_convert.errors import NativeBuildError, SessionError, first_line
+from gn_convert.native import nchwc_graph
+from gn_convert.native.nchwc_graph import FUSED_OP, NCHWC_DOMAIN, OP_DOMAIN
 
 log = logging.getLogger(__name__)
 
-NCHWC_DOMAIN = "com.microsoft.nchwc"
-OP_DOMAIN = "ai.gn_convert"
-FUSED_OP = "GroupNormNchwc"
+__all__ = ["FUSED_OP", "LAYOUT_KEY", "block_size", "nchwc_model", "optimized_graph"]
+
 LAYOUT_KEY = "gn_convert.layout"
 
 
@@ -77,161 +78,6 @@ def optimized_graph(model: str | Path | bytes, library: str | Path) -> tuple[onn
         return onnx.load(options.optimized_model_filepath), session
 
 
-@dataclass
-class _Graph:
-    """Producer and consumer maps of a graph's nodes, by value name."""
-
-    model: onnx.ModelProto
-
-    def __post_init__(self) -> None:
-        self.producer = {out: node for node in self.model.graph.node for out in node.output}
-        self.consumers: dict[str, list[Any]] = {}
-        for node in self.model.graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.outputs = {value.name for value in self.model.graph.output}
-
-    def sole_consumer(self, name: str, op_type: str, domain: str = "") -> Any | None:
-        """The one node reading ``name`` if it is ``op_type`` and ``name`` is not a graph output."""
-        users = self.consumers.get(name, [])
-        if len(users) == 1 and users[0].op_type == op_type and users[0].domain == domain and name not in self.outputs:
-            return users[0]
-        return None
-
-    def activation(self, name: str) -> tuple[list[Any], dict[str, Any]]:
-        """The activation reading ``name`` that GroupNormNchwc can fuse: its nodes and the op's attributes.
-
-        Relu; QuickGelu (onnxruntime's fusion of ``x * sigmoid(alpha x)``, SiLU); HardSwish, as
-        onnxruntime leaves it (``HardSigmoid`` and ``Mul`` both reading ``name``) or as one node.
-        """
-        if name in self.outputs:
-            return [], {}
-        if (node := self.sole_consumer(name, "Relu")) is not None:
-            return [node], {"activation": "Relu"}
-        if (node := self.sole_consumer(name, "QuickGelu", "com.microsoft")) is not None:
-            return [node], {"activation": "QuickGelu", "alpha": _attr(node, "alpha", 1.0)}
-        if (node := self.sole_consumer(name, "HardSwish")) is not None:
-            return [node], {"activation": "HardSwish", "alpha": 1.0 / 6.0, "beta": 0.5}
-        users = self.consumers.get(name, [])
-        gate = next((u for u in users if u.op_type == "HardSigmoid" and u.domain == ""), None)
-        if len(users) == 2 and gate is not None and gate.output[0] not in self.outputs:
-            mul = self.sole_consumer(gate.output[0], "Mul")
-            if mul is not None and mul in users and set(mul.input) == {name, gate.output[0]}:
-                return [gate, mul], {"activation": "HardSwish", "alpha": _attr(gate, "alpha", 0.2),
-                                     "beta": _attr(gate, "beta", 0.5)}
-        return [], {}
-
-
-def fuse_groupnorm_nchwc(model: onnx.ModelProto, block: int) -> int:
-    """Replace each reordered GroupNorm chain of onnxruntime's optimised graph by GroupNormNchwc.
-
-    Args:
-        model: the graph :func:`optimized_graph` returned; edited in place.
-        block: :func:`block_size`.
-
-    Returns:
-        The number of GroupNorm nodes now computed on the blocked layout.
-    """
-    graph = _Graph(model)
-    blocked: dict[str, str] = {}  # NCHW value -> the same value on the blocked layout
-    for node in graph.model.graph.node:
-        if node.domain == NCHWC_DOMAIN and node.op_type == "ReorderOutput":
-            blocked[node.output[0]] = node.input[0]
-        elif node.domain == NCHWC_DOMAIN and node.op_type == "ReorderInput":
-            blocked.setdefault(node.input[0], node.output[0])
-    new_nodes, dropped, fused = [], set(), 0
-    for node in list(graph.model.graph.node):
-        if id(node) in dropped:
-            continue
-        source = graph.producer.get(node.input[0]) if node.input else None
-        if not (node.domain == OP_DOMAIN and node.op_type == "GroupNorm" and source is not None
-                and source.domain == NCHWC_DOMAIN and source.op_type == "ReorderOutput"
-                and _private(graph, source.input[0], source)):
-            new_nodes.append(node)
-            continue
-        chain, residual, tail = [node], None, node.output[0]
-        add = graph.sole_consumer(tail, "Add")
-        if add is not None:
-            other = add.input[1] if add.input[0] == tail else add.input[0]
-            if other in blocked:
-                chain, residual, tail = chain + [add], blocked[other], add.output[0]
-        act_nodes, act = graph.activation(tail)
-        if act_nodes:
-            chain, tail = chain + act_nodes, act_nodes[-1].output[0]
-        channels = _attr(source, "channels", 0)
-        out = blocked.get(tail, f"{tail}__nchwc")
-        inputs = [source.input[0], node.input[1], node.input[2]] + ([residual] if residual else [])
-        new_nodes.append(helper.make_node(FUSED_OP, inputs, [out], name=f"{node.name or tail}_nchwc", domain=OP_DOMAIN,
-                                          num_groups=_attr(node, "num_groups", 0), epsilon=_attr(node, "epsilon", 1e-5),
-                                          channels=channels, block=block, **{"activation": "", **act}))
-        dropped.update(id(n) for n in chain[1:])
-        fused += 1
-        for user in graph.consumers.get(tail, []):
-            if user.domain == NCHWC_DOMAIN and user.op_type == "ReorderInput":
-                _rename_input(graph, user.output[0], out)
-                dropped.add(id(user))
-        blocked[tail] = out
-        if any(id(u) not in dropped for u in graph.consumers.get(tail, [])) or tail in graph.outputs:
-            new_nodes.append(helper.make_node("ReorderOutput", [out], [tail], domain=NCHWC_DOMAIN,
-                                              channels=channels, channels_last=0))
-    del graph.model.graph.node[:]
-    graph.model.graph.node.extend(_sorted(_live(new_nodes, graph.outputs)))
-    return fused
-
-
-def _attr(node: Any, name: str, default: Any) -> Any:
-    """A node attribute's value, or ``default``."""
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
-def _private(graph: _Graph, name: str, reader: Any) -> bool:
-    """Whether ``reader`` is the only node reading ``name``, a value made by a node: GroupNormNchwc
-    writes its result over its input (an alias), so nothing else may read that input."""
-    return (name in graph.producer and name not in graph.outputs
-            and all(user is reader for user in graph.consumers.get(name, [])))
-
-
-def _rename_input(graph: _Graph, old: str, new: str) -> None:
-    """Make every reader of ``old`` read ``new``."""
-    if old == new:
-        return
-    for user in graph.consumers.get(old, []):
-        for i, name in enumerate(user.input):
-            if name == old:
-                user.input[i] = new
-        graph.consumers.setdefault(new, []).append(user)
-
-
-def _live(nodes: list[Any], outputs: set[str]) -> list[Any]:
-    """``nodes`` without reorders whose outputs nobody reads (repeated until none is left)."""
-    while True:
-        read = {name for node in nodes for name in node.input} | outputs
-        kept = [n for n in nodes if not (n.domain == NCHWC_DOMAIN and n.op_type.startswith("Reorder")
-                                           and not any(o in read for o in n.output))]
-        if len(kept) == len(nodes):
-            return kept
-        nodes = kept
-
-
-def _sorted(nodes: list[Any]) -> list[Any]:
-    """``nodes`` in an order where every value is produced before it is read (stable otherwise)."""
-    made = {out for node in nodes for out in node.output}
-    ready: set[str] = set()
-    done, pending = [], list(nodes)
-    while pending:
-        waiting = []
-        for node in pending:
-            if all(name in ready or name not in made for name in node.input if name):
-                done.append(node)
-                ready.update(node.output)
-            else:
-                waiting.append(node)
-        if len(waiting) == len(pending):
-            raise ValueError("the rewritten graph has a cycle")
-        pending = waiting
-    return done
-
-
 def nchwc_model(model: str | Path | bytes, library: str | Path) -> tuple[bytes, int]:
     """``model`` optimised by onnxruntime for this CPU, its GroupNorms on the blocked layout.
 
@@ -255,7 +101,7 @@ def nchwc_model(model: str | Path | bytes, library: str | Path) -> tuple[bytes, 
         raise NativeBuildError(f"onnxruntime has no blocked (NCHWc) layout on this CPU (block {block}); "
                                "use the native kernel on the model as it is")
     optimized, reference = optimized_graph(model, library)
-    fused = fuse_groupnorm_nchwc(optimized, block)
+    fused = nchwc_graph.rewrite(optimized, block)
     if not any(o.domain == OP_DOMAIN for o in optimized.opset_import):
         optimized.opset_import.append(helper.make_opsetid(OP_DOMAIN, 1))
     entry = optimized.metadata_props.add()
