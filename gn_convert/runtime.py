@@ -8,10 +8,13 @@ spinning, gn-convert's native kernel library, and onnxruntime's own exception ty
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 from gn_convert.errors import NativeBuildError, ProviderUnavailableError, SessionError, first_line
+
+log = logging.getLogger(__name__)
 
 #: short provider name -> onnxruntime execution provider
 PROVIDERS: dict[str, str] = {
@@ -135,8 +138,6 @@ def _blocked(model: str | Path | bytes, library: str | Path, *, required: bool) 
     """``model`` with its GroupNorms on the blocked layout, or ``model`` itself where that cannot be
     (no NCHWc layout here, no GroupNorm to move, a model onnxruntime refuses: the plain session
     then says why), unless ``required``."""
-    import logging
-
     from gn_convert.native.nchwc import nchwc_model
 
     try:
@@ -145,7 +146,7 @@ def _blocked(model: str | Path | bytes, library: str | Path, *, required: bool) 
         if required:
             raise NativeBuildError(f"cannot move the GroupNorms onto onnxruntime's blocked layout: {first_line(err)}") \
                 from err
-        logging.getLogger(__name__).info("plain native kernel: %s", first_line(err))
+        log.info("plain native kernel: %s", first_line(err))
         return model
     return data if fused else model
 

@@ -5,8 +5,9 @@
 //
 // Why: onnxruntime runs convolutions on a blocked layout ([N][C/B][H][W][B], B = 8 on AVX2,
 // 16 on AVX-512) and reorders the activation out of it and back around every op it has no
-// blocked kernel for -- the GroupNorm and the Add/Relu after it. Reading the blocked tensor
-// here removes both reorders and fuses the Add/Relu that no longer fuse into the convolution.
+// blocked kernel for -- the GroupNorm, the Add and activation after it, and squeeze-excite's
+// gating. Reading the blocked tensor here removes the reorders and fuses the Add and activation
+// that no longer fuse into the convolution. ScaleNchwc below is squeeze-excite's gating.
 //
 // The tensor has shape [N, Cp, H, W] with Cp = C rounded up to B (the padding channels are
 // zero and stay zero). One task per (sample, unit), where a unit is lcm(C/G, B) channels: whole
@@ -217,7 +218,7 @@ struct ScaleJob {
   const float* x;
   const float* s;
   float* y;
-  int64_t channels, padded, spatial, gate_channels, block;
+  int64_t channels, padded, spatial, gate_channels;
 };
 
 template <int B>
@@ -349,7 +350,7 @@ struct ScaleNchwcKernel {
       return Ort::Status("ScaleNchwc: S must be [N, C, 1, 1]", ORT_INVALID_ARGUMENT);
     }
     float* y = Y.Allocate(shape);
-    gn_nchwc::ScaleJob job{X.Data(), S.Data(), y, channels_, shape[1], shape[2] * shape[3], gate[1], block_};
+    gn_nchwc::ScaleJob job{X.Data(), S.Data(), y, channels_, shape[1], shape[2] * shape[3], gate[1]};
     const size_t tasks = static_cast<size_t>(shape[0] * (shape[1] / block_));
     if (tasks == 0 || job.spatial == 0) return Ort::Status(nullptr);
     Ort::KernelContext(context).ParallelFor(block_ == 16 ? gn_nchwc::scale_block<16> : gn_nchwc::scale_block<8>,
