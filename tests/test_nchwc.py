@@ -150,14 +150,15 @@ def test_kernel_refuses_bad_attributes(native_library: Path) -> None:
 
 
 class Block(nn.Module):
-    """conv -> GN -> activation, with a residual where asked; ``tap`` also reads the conv's output."""
+    """conv -> GN -> activation, with a residual where asked; ``tap`` also reads the conv's output:
+    ``"conv"`` with a convolution (blocked layout), ``"mean"`` with a spatial mean (plain layout)."""
 
-    def __init__(self, channels: int, groups: int, act: nn.Module | None, residual: bool, tap: bool = False) -> None:
+    def __init__(self, channels: int, groups: int, act: nn.Module | None, residual: bool, tap: str = "") -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.norm = nn.GroupNorm(groups, channels)
-        self.act, self.residual = act, residual
-        self.tap = nn.Conv2d(channels, channels, 1) if tap else None
+        self.act, self.residual, self.tap = act, residual, tap
+        self.tap_conv = nn.Conv2d(channels, channels, 1) if tap == "conv" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(x)
@@ -166,10 +167,12 @@ class Block(nn.Module):
             y = y + x
         if self.act is not None:
             y = self.act(y)
-        return y + self.tap(h) if self.tap is not None else y
+        if self.tap == "conv":
+            return y + self.tap_conv(h)
+        return y + h.mean((2, 3), keepdim=True) if self.tap == "mean" else y
 
 
-def small_net(tap: bool = False) -> nn.Module:
+def small_net(tap: str = "") -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(),
                         Block(32, 8, nn.ReLU(), residual=True), Block(32, 4, nn.Hardswish(), residual=False),
@@ -240,9 +243,10 @@ def test_squeeze_excite_moves_too(tmp_path: Path, native_library: Path) -> None:
     assert _compare(path, native_library, data) < 1e-5
 
 
-def test_input_read_elsewhere_is_not_overwritten(tmp_path: Path, native_library: Path) -> None:
+@pytest.mark.parametrize("tap", ["conv", "mean"])
+def test_input_read_elsewhere_is_not_overwritten(tmp_path: Path, native_library: Path, tap: str) -> None:
     path = tmp_path / "tap.onnx"
-    export_onnx(small_net(tap=True), path, input_shape=(1, 3, 32, 32))
+    export_onnx(small_net(tap=tap), path, input_shape=(1, 3, 32, 32))
     data, fused = nchwc.nchwc_model(path, native_library)
     assert fused == 5  # the tapped block's GroupNorm stays on the plain kernel
     assert _ops(data)["GroupNorm"] == 1

@@ -135,8 +135,10 @@ def fuse_groupnorm(model: onnx.ModelProto, block: int) -> int:
         if id(node) in pass_.dropped:
             continue
         source = pass_.producer.get(node.input[0]) if node.input else None
+        # written over its input: only where the GroupNorm is the one reader of the value, in both layouts
         if not (_is(node, "GroupNorm", OP_DOMAIN) and source is not None
-                and _is(source, "ReorderOutput", NCHWC_DOMAIN) and pass_.private(source.input[0], source)):
+                and _is(source, "ReorderOutput", NCHWC_DOMAIN) and pass_.private(source.input[0], source)
+                and pass_.private(node.input[0], node)):
             pass_.nodes.append(node)
             continue
         chain, residual, tail = [node], None, node.output[0]
