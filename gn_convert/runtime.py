@@ -118,10 +118,12 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
                                "`gn-convert native` printed")
     if not isinstance(model, bytes) and not Path(model).is_file():
         raise SessionError(f"ONNX file {model} not found")
+    options = session_options(threads=threads, level=level, spinning=spinning, library=library)
     if library is not None and provider in ("cpu", NATIVE) and level == "all" and not disabled_optimizers \
             and blocked is not False:
-        model = _blocked(model, library, required=bool(blocked))
-    options = session_options(threads=threads, level=level, spinning=spinning, library=library)
+        sess = _open_blocked(model, library, options, required=bool(blocked))
+        if sess is not None:
+            return sess
     chain = [name] + ([] if name == PROVIDERS["cpu"] else [PROVIDERS["cpu"]])
     what = "the model" if isinstance(model, bytes) else str(model)
     try:
@@ -134,21 +136,27 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
     return sess
 
 
-def _blocked(model: str | Path | bytes, library: str | Path, *, required: bool) -> str | Path | bytes:
-    """``model`` with its GroupNorms on the blocked layout, or ``model`` itself where that cannot be
-    (no NCHWc layout here, no GroupNorm to move, a model onnxruntime refuses: the plain session
-    then says why), unless ``required``."""
-    from gn_convert.native.nchwc import nchwc_model
+def _open_blocked(model: str | Path | bytes, library: str | Path, options: Any, *, required: bool) -> Any | None:
+    """A CPU session of ``model`` with its GroupNorms on the blocked layout, checked against
+    onnxruntime's own model; None where that cannot be (no NCHWc layout here, no GroupNorm to
+    move, a model onnxruntime refuses: the plain session then says why), unless ``required``."""
+    import onnxruntime as ort
+
+    from gn_convert.native.nchwc import blocked_graph, check_blocked
 
     try:
-        data, fused = nchwc_model(model, library)
-    except Exception as err:  # NativeBuildError, or onnxruntime's own types for a model it cannot load
+        data, fused, reference = blocked_graph(model, library)
+        if not fused:
+            return None
+        sess = ort.InferenceSession(data, options, providers=[PROVIDERS["cpu"]])
+        check_blocked(reference, sess)
+        return sess
+    except Exception as err:  # NativeBuildError, SessionError, or onnxruntime's own types
         if required:
             raise NativeBuildError(f"cannot move the GroupNorms onto onnxruntime's blocked layout: {first_line(err)}") \
                 from err
         log.info("plain native kernel: %s", first_line(err))
-        return model
-    return data if fused else model
+        return None
 
 
 def run_session(sess: Any, feeds: dict[str, Any], outputs: Sequence[str] | None = None) -> list[Any]:

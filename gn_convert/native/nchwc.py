@@ -34,7 +34,7 @@ from gn_convert.native.nchwc_graph import FUSED_OP, NCHWC_DOMAIN, OP_DOMAIN
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FUSED_OP", "LAYOUT_KEY", "block_size", "nchwc_model", "optimized_graph"]
+__all__ = ["FUSED_OP", "LAYOUT_KEY", "block_size", "blocked_graph", "check_blocked", "nchwc_model", "optimized_graph"]
 
 LAYOUT_KEY = "gn_convert.layout"
 
@@ -87,15 +87,27 @@ def nchwc_model(model: str | Path | bytes, library: str | Path) -> tuple[bytes, 
 
     Returns:
         The serialised model, to open with the same library and any optimisation level, and the
-        number of GroupNorm nodes moved onto the blocked layout (0: nothing to gain here).
-
-    The rewritten model is checked against onnxruntime's own on one random input
-    (:data:`SELF_CHECK_TOLERANCE`).
+        number of GroupNorm nodes moved onto the blocked layout (0: nothing to gain here). A
+        rewritten model has passed :func:`check_blocked`.
 
     Raises:
         NativeBuildError: this CPU or onnxruntime has no NCHWc layout, or the check failed.
         SessionError: onnxruntime cannot load ``model``.
     """
+    import onnxruntime as ort
+
+    from gn_convert.runtime import session_options
+
+    data, fused, reference = blocked_graph(model, library)
+    if fused:
+        check_blocked(reference, ort.InferenceSession(data, session_options(threads=1, level="all", library=library),
+                                                      providers=["CPUExecutionProvider"]))
+    return data, fused
+
+
+def blocked_graph(model: str | Path | bytes, library: str | Path) -> tuple[bytes, int, Any]:
+    """The rewritten model (not yet checked), the number of GroupNorms moved, and onnxruntime's own
+    session of ``model`` to check it against (:func:`check_blocked`). Raises as :func:`nchwc_model`."""
     block = block_size()
     if block not in (8, 16):
         raise NativeBuildError(f"onnxruntime has no blocked (NCHWc) layout on this CPU (block {block}); "
@@ -106,11 +118,8 @@ def nchwc_model(model: str | Path | bytes, library: str | Path) -> tuple[bytes, 
         optimized.opset_import.append(helper.make_opsetid(OP_DOMAIN, 1))
     entry = optimized.metadata_props.add()
     entry.key, entry.value = LAYOUT_KEY, f"nchwc{block} (this CPU and onnxruntime only; rebuild elsewhere)"
-    data = optimized.SerializeToString()
-    if fused:
-        _self_check(reference, data, library)
     log.info("%d GroupNorm layers on the blocked layout (block %d)", fused, block)
-    return data, fused
+    return optimized.SerializeToString(), fused, reference
 
 
 SELF_CHECK_TOLERANCE = 1e-3
@@ -118,20 +127,18 @@ SELF_CHECK_TOLERANCE = 1e-3
 float32 rounding differs by about 1e-6; a layout mistake gives errors near 1."""
 
 
-def _self_check(reference: Any, data: bytes, library: str | Path) -> None:
-    """Run the rewritten model and onnxruntime's own on one random input; raise if they differ."""
-    import onnxruntime as ort
+def check_blocked(reference: Any, rewritten: Any) -> None:
+    """Run the rewritten model's session and onnxruntime's own on one random input.
 
-    from gn_convert.runtime import session_options
-
+    Raises:
+        NativeBuildError: they differ by more than :data:`SELF_CHECK_TOLERANCE`.
+    """
     feeds = {}
     for value in reference.get_inputs():
         if value.type != "tensor(float)":
             return  # nothing to draw: the check is skipped, as for any model we cannot feed
         shape = [d if isinstance(d, int) and d > 0 else (1 if k == 0 else 64) for k, d in enumerate(value.shape)]
         feeds[value.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    rewritten = ort.InferenceSession(data, session_options(threads=1, level="all", library=library),
-                                     providers=["CPUExecutionProvider"])
     for want, got in zip(reference.run(None, feeds), rewritten.run(None, feeds)):
         want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
         error = float(np.abs(want - got).max() / max(np.abs(want).max(), 1e-6)) if want.size else 0.0
