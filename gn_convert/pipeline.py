@@ -189,8 +189,9 @@ def run_pipeline(opts: PipelineOptions, *, stages: Stages | None = None,
         from gn_convert.surgery.dp import check_dp_ready, make_dp_ready
 
         with stages("dp-ready", "making the model trainable under Opacus DP-SGD"):
-            converted = make_dp_ready(converted)
-            check_dp_ready(converted, torch.randn(2, 3, *source.input_size, generator=torch.Generator().manual_seed(0)))
+            example = torch.randn(2, 3, *source.input_size, generator=torch.Generator().manual_seed(0))
+            converted = make_dp_ready(converted, example)
+            check_dp_ready(converted, example)
     with staged_folder(out, opts.force) as tmp:
         with stages("save", f"saving to {out}"):
             kwargs = {} if opts.num_classes is None else {"num_classes": opts.num_classes}

@@ -97,7 +97,7 @@ def test_dp_ready_refuses_batchnorm_left_and_training_dependent_inplace_code() -
                 y += 1
             return y
 
-    with pytest.raises(UnsupportableLayerError, match="Moody DP-ready.*depends on training mode"):
+    with pytest.raises(UnsupportableLayerError, match=r"make 0 \(Moody\) DP-ready.*depends on training mode"):
         make_dp_ready(nn.Sequential(Moody(), nn.GroupNorm(1, 3)))
 
 

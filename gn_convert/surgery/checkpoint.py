@@ -143,7 +143,9 @@ def load_converted(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
         if config.get("dp_ready"):
             from gn_convert.surgery.dp import make_dp_ready
 
-            return make_dp_ready(converted)  # trainable under Opacus, in training mode, as it was saved
+            size = config.get("input_size")
+            example = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0)) if size else None
+            return make_dp_ready(converted, example)  # trainable under Opacus, in training mode, as it was saved
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{folder}/{CONFIG_FILE} is incomplete ({err}); convert again") from None
     except GnConvertError as err:

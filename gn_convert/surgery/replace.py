@@ -83,8 +83,8 @@ def convert(
         plan: a precomputed plan (from :func:`gn_convert.plan` or a saved checkpoint).
         inplace: modify ``model`` itself instead of a deep copy.
         dp_ready: also make the result trainable under Opacus DP-SGD as it is (activations and
-            in-place tensor operations out of place, training mode; see
-            :func:`gn_convert.surgery.dp.make_dp_ready`).
+            in-place tensor operations out of place, training mode, proved on ``example_input``
+            or a probe built from the first layer; see :func:`gn_convert.surgery.dp.make_dp_ready`).
 
     Returns:
         The converted module (``model`` itself when ``inplace``, unless ``dp_ready`` had to
@@ -114,5 +114,5 @@ def convert(
     if dp_ready:
         from gn_convert.surgery.dp import make_dp_ready
 
-        target = make_dp_ready(target)
+        target = make_dp_ready(target, example_input)
     return target
