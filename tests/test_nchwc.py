@@ -12,6 +12,7 @@ blocked layout (ScaleNchwc).
 from __future__ import annotations
 
 import collections
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from gn_convert.errors import NativeBuildError
+from gn_convert.errors import NativeBuildError, OptionError
 from gn_convert.native import nchwc, nchwc_graph
 from gn_convert.onnx import export_onnx
 from gn_convert.runtime import open_session
@@ -326,3 +327,65 @@ def test_cli_blocked_bad_input(problem: str, native_library: Path, tmp_path: Pat
     expected = {"missing": "not found", "no groupnorm": "no GroupNorm", "corrupt": "cannot load"}[problem]
     assert expected in error_line()
     assert not out.exists() and not list(tmp_path.glob("out.onnx*"))
+
+
+@pytest.mark.parametrize("options, problem", [
+    ({"level": "basic"}, "optimisation level 'all'"),
+    ({"disabled_optimizers": ["NchwcTransformer"]}, "not disabled: NchwcTransformer"),
+    ({"provider": "cuda"}, "the CPU provider"),
+    ({"library": None}, "the native kernel library"),
+])
+def test_blocked_true_is_enforced_never_a_silent_plain_session(small_onnx: Path, options: dict, problem: str) -> None:
+    kwargs = {"library": "libgn_convert_ops.so", **options}
+    with pytest.raises(OptionError, match=f"blocked=True needs .*{re.escape(problem)}"):
+        open_session(small_onnx, blocked=True, **kwargs)
+
+
+def test_blocked_true_without_a_groupnorm_to_move_is_an_error(tmp_path: Path, native_library: Path) -> None:
+    path = tmp_path / "conv.onnx"
+    export_onnx(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16)).eval(), path, input_shape=(1, 3, 16, 16),
+                allow_batchnorm=True)
+    with pytest.raises(NativeBuildError, match="no GroupNorm of this model runs on the blocked layout"):
+        open_session(path, library=native_library, blocked=True)
+    assert open_session(path, library=native_library).get_providers()[0] == "CPUExecutionProvider"
+
+
+class FakeInput:
+    def __init__(self, name: str, type_: str, shape: list) -> None:
+        self.name, self.type, self.shape = name, type_, shape
+
+
+class FakeSession:
+    """A session stand-in: y = x * scale (+ the integer input), wrong from ``wrong_from_batch`` on."""
+
+    def __init__(self, wrong_from_batch: int = 0, fail: bool = False) -> None:
+        self.wrong_from_batch, self.fail, self.feeds = wrong_from_batch, fail, []
+
+    def get_inputs(self) -> list:
+        return [FakeInput("x", "tensor(float)", ["batch", 4, "h", "w"]), FakeInput("k", "tensor(int64)", [1])]
+
+    def run(self, _outputs, feeds: dict) -> list:
+        if self.fail:
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : shape mismatch\nsecond line")
+        self.feeds.append({k: v.copy() for k, v in feeds.items()})
+        y = feeds["x"] * 2 + feeds["k"]
+        wrong = self.wrong_from_batch and feeds["x"].shape[0] >= self.wrong_from_batch
+        return [y + 1 if wrong else y]
+
+
+def test_self_check_feeds_every_input_at_two_batches_and_two_seeds() -> None:
+    reference = FakeSession()
+    assert nchwc.check_blocked(reference, FakeSession()) == 0.0
+    assert [f["x"].shape[0] for f in reference.feeds] == [1, 1, 3, 3]
+    assert all(f["k"].dtype == np.int64 and f["x"].shape[1:] == (4, 64, 64) for f in reference.feeds)
+    assert not np.array_equal(reference.feeds[0]["x"], reference.feeds[1]["x"])  # two seeds
+
+
+def test_self_check_catches_an_error_only_a_larger_batch_shows() -> None:
+    with pytest.raises(NativeBuildError, match=r"changed the model's output .* batch 3, seed 0"):
+        nchwc.check_blocked(FakeSession(), FakeSession(wrong_from_batch=2))
+
+
+def test_self_check_turns_onnxruntime_failures_into_one_line() -> None:
+    with pytest.raises(NativeBuildError, match=r"onnxruntime failed on a random input \(batch 1\): .*shape mismatch$"):
+        nchwc.check_blocked(FakeSession(), FakeSession(fail=True))

@@ -34,7 +34,8 @@ from gn_convert.native.nchwc_graph import FUSED_OP, NCHWC_DOMAIN, OP_DOMAIN
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FUSED_OP", "LAYOUT_KEY", "block_size", "blocked_graph", "check_blocked", "nchwc_model", "optimized_graph"]
+__all__ = ["FUSED_OP", "LAYOUT_KEY", "block_size", "blocked_graph", "blocked_session", "check_blocked", "nchwc_model",
+           "optimized_graph"]
 
 LAYOUT_KEY = "gn_convert.layout"
 
@@ -64,7 +65,7 @@ def optimized_graph(model: str | Path | bytes, library: str | Path) -> tuple[onn
     and the session that made it."""
     import onnxruntime as ort
 
-    from gn_convert.runtime import session_options
+    from gn_convert.runtime.options import session_options
 
     with tempfile.TemporaryDirectory(prefix="gn-nchwc-") as tmp:
         options = session_options(threads=1, level="all", library=library)
@@ -94,15 +95,27 @@ def nchwc_model(model: str | Path | bytes, library: str | Path) -> tuple[bytes, 
         NativeBuildError: this CPU or onnxruntime has no NCHWc layout, or the check failed.
         SessionError: onnxruntime cannot load ``model``.
     """
+    from gn_convert.runtime.options import session_options
+
+    _, data, fused = blocked_session(model, library, session_options(threads=1, level="all", library=library))
+    return data, fused
+
+
+def blocked_session(model: str | Path | bytes, library: str | Path, options: Any) -> tuple[Any | None, bytes, int]:
+    """A CPU session of the rewritten model (opened with ``options``, which must register
+    ``library``) after :func:`check_blocked` passed on it, the model's bytes, and the number of
+    GroupNorms moved; the session is None when none moved. Raises as :func:`nchwc_model`."""
     import onnxruntime as ort
 
-    from gn_convert.runtime import session_options
-
     data, fused, reference = blocked_graph(model, library)
-    if fused:
-        check_blocked(reference, ort.InferenceSession(data, session_options(threads=1, level="all", library=library),
-                                                      providers=["CPUExecutionProvider"]))
-    return data, fused
+    if not fused:
+        return None, data, 0
+    try:
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's own types: Fail, InvalidGraph, ...
+        raise NativeBuildError(f"onnxruntime cannot load the blocked-layout model: {first_line(err)}") from err
+    check_blocked(reference, session)
+    return session, data, fused
 
 
 def blocked_graph(model: str | Path | bytes, library: str | Path) -> tuple[bytes, int, Any]:
@@ -125,23 +138,65 @@ def blocked_graph(model: str | Path | bytes, library: str | Path) -> tuple[bytes
 SELF_CHECK_TOLERANCE = 1e-3
 """Largest error of the rewritten model on a random input, relative to the output's largest value:
 float32 rounding differs by about 1e-6; a layout mistake gives errors near 1."""
+SELF_CHECK_SEEDS = (0, 1)
+SELF_CHECK_BATCHES = (1, 3)
+"""The self-check's inputs: every seed at every batch size (where the batch axis is dynamic)."""
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+                "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
-def check_blocked(reference: Any, rewritten: Any) -> None:
-    """Run the rewritten model's session and onnxruntime's own on one random input.
+def check_feeds(inputs: Any, seed: int, batch: int) -> dict[str, np.ndarray]:
+    """Random feeds for every input of a session: normal floats, small non-negative integers
+    (indices, counts), random booleans; symbolic axes get ``batch`` (the first) or 64.
 
     Raises:
-        NativeBuildError: they differ by more than :data:`SELF_CHECK_TOLERANCE`.
+        NativeBuildError: an input of a type that cannot be drawn (a string, a sequence).
     """
+    rng = np.random.default_rng(seed)
     feeds = {}
-    for value in reference.get_inputs():
-        if value.type != "tensor(float)":
-            return  # nothing to draw: the check is skipped, as for any model we cannot feed
-        shape = [d if isinstance(d, int) and d > 0 else (1 if k == 0 else 64) for k, d in enumerate(value.shape)]
-        feeds[value.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    for want, got in zip(reference.run(None, feeds), rewritten.run(None, feeds)):
-        want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
-        error = float(np.abs(want - got).max() / max(np.abs(want).max(), 1e-6)) if want.size else 0.0
-        if not error <= SELF_CHECK_TOLERANCE:
-            raise NativeBuildError(f"the blocked-layout rewrite changed the model's output (relative error {error:.1e} "
-                                   "on a random input); open the model without it (blocked=False) and report this")
+    for value in inputs:
+        dtype = _NUMPY_TYPES.get(value.type)
+        if dtype is None:
+            raise NativeBuildError(f"cannot check the blocked rewrite: input {value.name!r} is {value.type}")
+        shape = [d if isinstance(d, int) and d > 0 else (batch if k == 0 else 64) for k, d in enumerate(value.shape)]
+        if np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feeds[value.name] = rng.random(shape) < 0.5
+        else:
+            feeds[value.name] = rng.integers(0, 4, shape).astype(dtype)
+    return feeds
+
+
+def check_blocked(reference: Any, rewritten: Any) -> float:
+    """Run the rewritten model's session and onnxruntime's own on random inputs: every input of the
+    model, at batch 1 and 3 (where the batch axis is dynamic), with two seeds.
+
+    Returns:
+        The largest error relative to the output's largest value.
+
+    Raises:
+        NativeBuildError: they differ by more than :data:`SELF_CHECK_TOLERANCE`, or either session
+            fails on the input (onnxruntime's first line quoted).
+    """
+    dynamic = any(not isinstance(v.shape[0], int) or v.shape[0] <= 0 for v in reference.get_inputs() if v.shape)
+    worst = 0.0
+    for batch in SELF_CHECK_BATCHES if dynamic else SELF_CHECK_BATCHES[:1]:
+        for seed in SELF_CHECK_SEEDS:
+            feeds = check_feeds(reference.get_inputs(), seed, batch)
+            try:
+                pairs = zip(reference.run(None, feeds), rewritten.run(None, feeds))
+            except Exception as err:  # onnxruntime's own types, raised at run time
+                raise NativeBuildError(f"cannot check the blocked rewrite: onnxruntime failed on a random input "
+                                       f"(batch {batch}): {first_line(err)}") from err
+            for want, got in pairs:
+                want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
+                error = float(np.abs(want - got).max() / max(np.abs(want).max(), 1e-6)) if want.size else 0.0
+                if not error <= SELF_CHECK_TOLERANCE:
+                    raise NativeBuildError(
+                        f"the blocked-layout rewrite changed the model's output (relative error {error:.1e} on a random "
+                        f"input, batch {batch}, seed {seed}); open the model without it (blocked=False) and report this")
+                worst = max(worst, error)
+    return worst

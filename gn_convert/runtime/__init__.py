@@ -1,4 +1,4 @@
-"""The one place gn-convert opens onnxruntime sessions.
+"""The one place gn-convert opens onnxruntime sessions (options and providers: :mod:`.options`).
 
 Parity, the latency harness and the Triton server all call :func:`open_session`: the
 execution provider by short name, the optimisation level, intra-op threads, thread-pool
@@ -12,81 +12,12 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from gn_convert.errors import NativeBuildError, ProviderUnavailableError, SessionError, first_line
+from gn_convert.errors import NativeBuildError, OptionError, ProviderUnavailableError, SessionError, first_line
+from gn_convert.runtime.options import LEVELS, NATIVE, PROVIDERS, check_provider, session_options
+
+__all__ = ["LEVELS", "NATIVE", "PROVIDERS", "check_provider", "open_session", "run_session", "session_options"]
 
 log = logging.getLogger(__name__)
-
-#: short provider name -> onnxruntime execution provider
-PROVIDERS: dict[str, str] = {
-    "cpu": "CPUExecutionProvider",
-    "cpu-native": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
-NATIVE = "cpu-native"
-"""The CPU provider with gn-convert's native GroupNorm kernel registered (:mod:`gn_convert.native`)."""
-LEVELS: tuple[str, ...] = ("off", "basic", "all")
-
-
-def check_provider(provider: str) -> str:
-    """onnxruntime's name for a short provider name that this onnxruntime offers.
-
-    Raises:
-        SessionError: an unknown name.
-        ProviderUnavailableError: this onnxruntime build lacks the provider.
-    """
-    import onnxruntime as ort
-
-    if provider not in PROVIDERS:
-        raise SessionError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
-    name = PROVIDERS[provider]
-    offered = ort.get_available_providers()
-    if name not in offered:
-        hint = "install onnxruntime-gpu on a machine with an NVIDIA GPU" if provider in ("cuda", "tensorrt") \
-            else "reinstall onnxruntime"
-        raise ProviderUnavailableError(f"{name} is not available in this onnxruntime ({ort.__version__}, "
-                                       f"providers: {', '.join(offered)}); {hint}")
-    return name
-
-
-def session_options(*, threads: int = 0, level: str = "all", spinning: bool | None = None,
-                    library: str | Path | None = None) -> Any:
-    """onnxruntime ``SessionOptions`` as gn-convert uses them.
-
-    Args:
-        threads: intra-op threads (0: onnxruntime's default, one per core).
-        level: graph optimisation ``off``, ``basic`` or ``all``.
-        spinning: whether idle pool threads spin; None keeps onnxruntime's default (on). Timing
-            wants it off: spinning threads of one session steal the cores of the next one timed.
-        library: a custom-op library to register (gn-convert's native kernel).
-
-    Raises:
-        SessionError: an unknown level.
-        NativeBuildError: onnxruntime refuses to load ``library``.
-    """
-    import onnxruntime as ort
-
-    levels = {"off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    if level not in levels:
-        raise SessionError(f"unknown optimisation level {level!r}; choose one of {', '.join(LEVELS)}")
-    options = ort.SessionOptions()
-    if library is not None:
-        try:
-            options.register_custom_ops_library(str(library))
-        except Exception as err:  # onnxruntime raises its own types (Fail, RuntimeError)
-            raise NativeBuildError(f"onnxruntime cannot load {library}: {first_line(err)}; rebuild it with "
-                                   "`gn-convert native --force`") from err
-    options.graph_optimization_level = levels[level]
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    if spinning is not None:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return options
-
 
 def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: int = 0, level: str = "all",
                  spinning: bool | None = None, library: str | Path | None = None,
@@ -103,15 +34,19 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
         blocked: with the kernel library on the CPU at level ``all``, compute the GroupNorms on
             onnxruntime's blocked layout (:mod:`gn_convert.native.nchwc`: no reorders around them,
             the following Add and activation fused). None (default): where this CPU has that
-            layout, else the plain kernel; False: never; True: required.
+            layout, else the plain kernel; False: never; True: required (an error where it cannot be).
 
     Raises:
+        OptionError: ``blocked=True`` with options that rule it out (no library, a GPU provider, a
+            level other than ``all``, disabled optimizers).
         SessionError: the file is missing or onnxruntime cannot load it (its first line quoted).
         ProviderUnavailableError: the provider is absent or could not start.
         NativeBuildError: ``cpu-native`` without a library, or a library onnxruntime refuses.
     """
     import onnxruntime as ort
 
+    if blocked:
+        _check_blocked_options(provider, level, library, disabled_optimizers)
     name = check_provider(provider)
     if provider == NATIVE and library is None:
         raise NativeBuildError("the cpu-native provider needs the kernel library: pass the path that "
@@ -136,20 +71,30 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
     return sess
 
 
+def _check_blocked_options(provider: str, level: str, library: str | Path | None,
+                           disabled_optimizers: Sequence[str]) -> None:
+    """Raise when ``blocked=True`` cannot be honoured with these options (never a silent plain session)."""
+    problems = [problem for problem, present in (
+        ("the native kernel library (library=)", library is None),
+        (f"the CPU provider (not {provider})", provider not in ("cpu", NATIVE)),
+        (f"optimisation level 'all' (not {level!r})", level != "all"),
+        (f"onnxruntime's optimizers (not disabled: {', '.join(disabled_optimizers)})", bool(disabled_optimizers)),
+    ) if present]
+    if problems:
+        raise OptionError(f"blocked=True needs {' and '.join(problems)}; drop blocked=True or change those options")
+
+
 def _open_blocked(model: str | Path | bytes, library: str | Path, options: Any, *, required: bool) -> Any | None:
     """A CPU session of ``model`` with its GroupNorms on the blocked layout, checked against
     onnxruntime's own model; None where that cannot be (no NCHWc layout here, no GroupNorm to
     move, a model onnxruntime refuses: the plain session then says why), unless ``required``."""
-    import onnxruntime as ort
-
-    from gn_convert.native.nchwc import blocked_graph, check_blocked
+    from gn_convert.native.nchwc import blocked_session
 
     try:
-        data, fused, reference = blocked_graph(model, library)
-        if not fused:
-            return None
-        sess = ort.InferenceSession(data, options, providers=[PROVIDERS["cpu"]])
-        check_blocked(reference, sess)
+        sess, _, fused = blocked_session(model, library, options)
+        if sess is None:
+            raise NativeBuildError("no GroupNorm of this model runs on the blocked layout (none follows a convolution)")
+        log.info("native kernel on the blocked layout: %d GroupNorm layers", fused)
         return sess
     except Exception as err:  # NativeBuildError, SessionError, or onnxruntime's own types
         if required:

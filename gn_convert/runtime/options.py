@@ -1,0 +1,84 @@
+"""onnxruntime's providers by short name and the ``SessionOptions`` gn-convert opens sessions with.
+
+The lowest layer of :mod:`gn_convert.runtime`: it knows nothing of gn-convert's graphs, so graph
+passes that must open a session of their own (the blocked-layout rewrite) use it without
+depending on the session factory that uses them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gn_convert.errors import NativeBuildError, ProviderUnavailableError, SessionError, first_line
+
+#: short provider name -> onnxruntime execution provider
+PROVIDERS: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cpu-native": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+NATIVE = "cpu-native"
+"""The CPU provider with gn-convert's native GroupNorm kernel registered (:mod:`gn_convert.native`)."""
+LEVELS: tuple[str, ...] = ("off", "basic", "all")
+
+
+def check_provider(provider: str) -> str:
+    """onnxruntime's name for a short provider name that this onnxruntime offers.
+
+    Raises:
+        SessionError: an unknown name.
+        ProviderUnavailableError: this onnxruntime build lacks the provider.
+    """
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise SessionError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    name = PROVIDERS[provider]
+    offered = ort.get_available_providers()
+    if name not in offered:
+        hint = "install onnxruntime-gpu on a machine with an NVIDIA GPU" if provider in ("cuda", "tensorrt") \
+            else "reinstall onnxruntime"
+        raise ProviderUnavailableError(f"{name} is not available in this onnxruntime ({ort.__version__}, "
+                                       f"providers: {', '.join(offered)}); {hint}")
+    return name
+
+
+def session_options(*, threads: int = 0, level: str = "all", spinning: bool | None = None,
+                    library: str | Path | None = None) -> Any:
+    """onnxruntime ``SessionOptions`` as gn-convert uses them.
+
+    Args:
+        threads: intra-op threads (0: onnxruntime's default, one per core).
+        level: graph optimisation ``off``, ``basic`` or ``all``.
+        spinning: whether idle pool threads spin; None keeps onnxruntime's default (on). Timing
+            wants it off: spinning threads of one session steal the cores of the next one timed.
+        library: a custom-op library to register (gn-convert's native kernel).
+
+    Raises:
+        SessionError: an unknown level.
+        NativeBuildError: onnxruntime refuses to load ``library``.
+    """
+    import onnxruntime as ort
+
+    levels = {"off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if level not in levels:
+        raise SessionError(f"unknown optimisation level {level!r}; choose one of {', '.join(LEVELS)}")
+    options = ort.SessionOptions()
+    if library is not None:
+        try:
+            options.register_custom_ops_library(str(library))
+        except Exception as err:  # onnxruntime raises its own types (Fail, RuntimeError)
+            raise NativeBuildError(f"onnxruntime cannot load {library}: {first_line(err)}; rebuild it with "
+                                   "`gn-convert native --force`") from err
+    options.graph_optimization_level = levels[level]
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    if spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
