@@ -27,6 +27,7 @@ from gn_convert.atomic import staged_folder
 from gn_convert.errors import DeployError
 from gn_convert.deploy.extra import model_config_pb2
 from gn_convert.deploy.onnx_io import ModelIO, read_model_io
+from gn_convert.deploy.served_check import check_served
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +219,9 @@ def write_triton_repo(
     """Write a Triton model repository entry ``REPO/NAME`` for an exported ONNX model.
 
     The model folder is assembled under a temporary name, its config parsed back with
-    Triton's own ``ModelConfig`` protobuf and checked (:func:`check_model_dir`), and only then
-    renamed into place; other models in ``repo_dir`` are left alone.
+    Triton's own ``ModelConfig`` protobuf and checked (:func:`check_model_dir`), a shipped kernel
+    checked as the server will run it, and only then renamed into place; other models in
+    ``repo_dir`` are left alone.
 
     Args:
         onnx_path: the exported model (custom-op function form, inlined, or standard).
@@ -237,6 +239,9 @@ def write_triton_repo(
         native_ops: gn-convert's native GroupNorm kernel library (``gn-convert native``) to ship
             in the model folder and load with ``model_operations``, or None. It must be built
             for the server's CPU and against headers no newer than the server's onnxruntime.
+            The model is run here as the server will run it (the library registered, every
+            onnxruntime optimisation, the plain kernel) and compared with the model without the
+            library (:func:`gn_convert.deploy.served_check.check_served`) before it is written.
         server_repo: where the server mounts the repository (default ``/models``); the
             library's path in the config is ``SERVER_REPO/NAME/libgn_convert_ops.so``.
         force: replace an existing ``REPO/NAME``.
@@ -283,6 +288,9 @@ def write_triton_repo(
             (tmp / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels))
         (tmp / CONFIG_FILE).write_text(text_format.MessageToString(config))
         check_model_dir(tmp, expected=config)
+        if native_ops is not None:
+            error = check_served(tmp / VERSION / MODEL_FILE, tmp / native_ops.name)
+            log.info("the native kernel as the server runs it matches the model without it (max_rel %.1e)", error)
     model_dir = Path(repo_dir).absolute() / name
     log.info("wrote Triton model %s (%d inputs, %d outputs, max_batch_size %d, %s)", model_dir,
              len(io.inputs), len(io.outputs), max_batch_size, instance)

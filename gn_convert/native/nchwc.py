@@ -31,6 +31,7 @@ from onnx import helper
 from gn_convert.errors import NativeBuildError, SessionError, first_line
 from gn_convert.native import nchwc_graph
 from gn_convert.native.nchwc_graph import FUSED_OP, NCHWC_DOMAIN, OP_DOMAIN
+from gn_convert.runtime.compare import compare_sessions
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,11 @@ def blocked_session(model: str | Path | bytes, library: str | Path, options: Any
     return session, data, fused
 
 
+SELF_CHECK_TOLERANCE = 1e-3
+"""Largest error of the rewritten model on a random input, relative to the output's largest value:
+float32 rounding differs by about 1e-6; a layout mistake gives errors near 1."""
+
+
 def blocked_graph(model: str | Path | bytes, library: str | Path) -> tuple[bytes, int, Any]:
     """The rewritten model (not yet checked), the number of GroupNorms moved, and onnxruntime's own
     session of ``model`` to check it against (:func:`check_blocked`). Raises as :func:`nchwc_model`."""
@@ -135,44 +141,10 @@ def blocked_graph(model: str | Path | bytes, library: str | Path) -> tuple[bytes
     return optimized.SerializeToString(), fused, reference
 
 
-SELF_CHECK_TOLERANCE = 1e-3
-"""Largest error of the rewritten model on a random input, relative to the output's largest value:
-float32 rounding differs by about 1e-6; a layout mistake gives errors near 1."""
-SELF_CHECK_SEEDS = (0, 1)
-SELF_CHECK_BATCHES = (1, 3)
-"""The self-check's inputs: every seed at every batch size (where the batch axis is dynamic)."""
-
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-                "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
-
-
-def check_feeds(inputs: Any, seed: int, batch: int) -> dict[str, np.ndarray]:
-    """Random feeds for every input of a session: normal floats, small non-negative integers
-    (indices, counts), random booleans; symbolic axes get ``batch`` (the first) or 64.
-
-    Raises:
-        NativeBuildError: an input of a type that cannot be drawn (a string, a sequence).
-    """
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for value in inputs:
-        dtype = _NUMPY_TYPES.get(value.type)
-        if dtype is None:
-            raise NativeBuildError(f"cannot check the blocked rewrite: input {value.name!r} is {value.type}")
-        shape = [d if isinstance(d, int) and d > 0 else (batch if k == 0 else 64) for k, d in enumerate(value.shape)]
-        if np.issubdtype(dtype, np.floating):
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype is np.bool_:
-            feeds[value.name] = rng.random(shape) < 0.5
-        else:
-            feeds[value.name] = rng.integers(0, 4, shape).astype(dtype)
-    return feeds
-
-
 def check_blocked(reference: Any, rewritten: Any) -> float:
     """Run the rewritten model's session and onnxruntime's own on random inputs: every input of the
-    model, at batch 1 and 3 (where the batch axis is dynamic), with two seeds.
+    model, at batch 1 and 3 (where the batch axis is dynamic), with two seeds
+    (:func:`gn_convert.runtime.compare.compare_sessions`).
 
     Returns:
         The largest error relative to the output's largest value.
@@ -181,22 +153,5 @@ def check_blocked(reference: Any, rewritten: Any) -> float:
         NativeBuildError: they differ by more than :data:`SELF_CHECK_TOLERANCE`, or either session
             fails on the input (onnxruntime's first line quoted).
     """
-    dynamic = any(not isinstance(v.shape[0], int) or v.shape[0] <= 0 for v in reference.get_inputs() if v.shape)
-    worst = 0.0
-    for batch in SELF_CHECK_BATCHES if dynamic else SELF_CHECK_BATCHES[:1]:
-        for seed in SELF_CHECK_SEEDS:
-            feeds = check_feeds(reference.get_inputs(), seed, batch)
-            try:
-                pairs = zip(reference.run(None, feeds), rewritten.run(None, feeds))
-            except Exception as err:  # onnxruntime's own types, raised at run time
-                raise NativeBuildError(f"cannot check the blocked rewrite: onnxruntime failed on a random input "
-                                       f"(batch {batch}): {first_line(err)}") from err
-            for want, got in pairs:
-                want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
-                error = float(np.abs(want - got).max() / max(np.abs(want).max(), 1e-6)) if want.size else 0.0
-                if not error <= SELF_CHECK_TOLERANCE:
-                    raise NativeBuildError(
-                        f"the blocked-layout rewrite changed the model's output (relative error {error:.1e} on a random "
-                        f"input, batch {batch}, seed {seed}); open the model without it (blocked=False) and report this")
-                worst = max(worst, error)
-    return worst
+    return compare_sessions(reference, rewritten, "the blocked-layout rewrite", NativeBuildError,
+                            SELF_CHECK_TOLERANCE, hint="open the model without it (blocked=False) and report this")

@@ -19,7 +19,7 @@ from gn_convert.errors import GnConvertError, ParityError, first_line
 from gn_convert.parity.inputs import InputSet, image_set, random_sets
 from gn_convert.parity.localise import layer_values, localise
 from gn_convert.parity.metrics import compare
-from gn_convert.parity.providers import LEVELS, Availability, availability, parse_providers
+from gn_convert.parity.providers import LEVELS, Availability, availability, levels_for, parse_providers, session_kwargs
 from gn_convert.runtime import open_session, run_session
 from gn_convert.parity.report import InvarianceResult, ParityReport, ParityRow
 from gn_convert.parity.tolerances import HARD_INPUT_FACTOR, Tolerance, tolerance_for
@@ -175,7 +175,9 @@ def check_parity(
             (:data:`gn_convert.parity.DEFAULT_TOLERANCES`).
         localise_failures: name the first failing GroupNorm layer of each failing run.
         native_library: the kernel library for ``cpu-native`` (default: one built here for
-            this CPU; pass the library you ship to check that one).
+            this CPU; pass the library you ship to check that one). ``cpu-native`` at level
+            ``all`` runs the plain kernel, as a server that registers the library does, and a
+            further ``blocked`` row runs gn-convert's blocked-layout session where this CPU has it.
 
     Returns:
         The :class:`ParityReport`; ``report.passed`` is the verdict.
@@ -206,7 +208,7 @@ def check_parity(
                 report.skipped[name] = found.reason
                 continue
             tolerance = tolerance_for(name, report.dtype, tolerances)
-            for level in levels:
+            for level in levels_for(found, levels):
                 given = (name, report.dtype) in (tolerances or {})  # a user's bound is taken literally
                 try:
                     _run_provider(report, model, onnx_model, Path(onnx_path), found, level, tolerance, sets, refs,
@@ -228,7 +230,7 @@ def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.Model
         SessionError, ProviderUnavailableError, NativeBuildError: the session cannot start or run.
     """
     name = provider.name
-    sess = open_session(path, provider=name, level=level, library=provider.library)
+    sess = open_session(path, provider=name, **session_kwargs(provider, level))
     feed_type = np.float16 if report.dtype == "float16" else np.float32
     input_name = sess.get_inputs()[0].name
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from gn_convert.onnx.reading import groupnorm_layers
 from gn_convert.parity.metrics import compare
-from gn_convert.parity.providers import Availability
+from gn_convert.parity.providers import Availability, session_kwargs
 from gn_convert.runtime import open_session, run_session
 from gn_convert.surgery.observe import register_output_hook
 
@@ -100,15 +100,15 @@ def localise(model: nn.Module, onnx_model: onnx.ModelProto, x: torch.Tensor, pro
         onnx_model: the exported model.
         x: the input that made the check fail (float32, the model's device).
         provider: the provider (and its kernel library, for ``cpu-native``).
-        level: ``off`` or ``all``.
+        level: ``off``, ``all`` or ``blocked`` (:data:`gn_convert.parity.providers.BLOCKED`).
         max_rel: the per-layer bound.
 
     Returns:
         The per-layer errors and the first layer above ``max_rel``.
     """
     pairs = layer_values(onnx_model, {name for name, _ in model.named_modules()})
-    sess = open_session(_with_outputs(onnx_model, [v for _, v in pairs]), provider=provider.name, level=level,
-                        library=provider.library)
+    sess = open_session(_with_outputs(onnx_model, [v for _, v in pairs]), provider=provider.name,
+                        **session_kwargs(provider, level))
     feed = x.cpu().numpy().astype(_numpy_type(sess))
     names = [o.name for o in sess.get_outputs()]
     got = dict(zip(names, run_session(sess, {sess.get_inputs()[0].name: feed})))

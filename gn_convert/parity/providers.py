@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 from gn_convert.errors import GnConvertError, ParityError
 from gn_convert.runtime import NATIVE, PROVIDERS, check_provider, session_options
 
 LEVELS: tuple[str, ...] = ("off", "all")
+BLOCKED = "blocked"
+"""A parity row of ``cpu-native`` at level ``all`` on onnxruntime's blocked layout, as gn-convert's own
+sessions run it; ``cpu-native``'s ``all`` row is the plain kernel under every onnxruntime
+optimisation, as a server that registers the library (Triton's ``model_operations``) runs it."""
 
 
 @dataclass(frozen=True)
@@ -63,3 +68,22 @@ def availability(name: str, library: str | Path | None = None) -> Availability:
         return Availability(name, True, library=path)
     except GnConvertError as err:
         return Availability(name, False, str(err))
+
+
+def levels_for(provider: Availability, levels: Sequence[str]) -> list[str]:
+    """The rows one provider runs: ``levels``, and for ``cpu-native`` with ``all`` also
+    :data:`BLOCKED` where this CPU has onnxruntime's blocked layout."""
+    rows = list(levels)
+    if provider.name == NATIVE and "all" in rows:
+        from gn_convert.native.nchwc import block_size
+
+        if block_size() in (8, 16):
+            rows.insert(rows.index("all") + 1, BLOCKED)
+    return rows
+
+
+def session_kwargs(provider: Availability, level: str) -> dict[str, Any]:
+    """``open_session`` keyword arguments for one row (a level of :data:`LEVELS` or :data:`BLOCKED`)."""
+    if level == BLOCKED:
+        return {"level": "all", "library": provider.library, "blocked": True}
+    return {"level": level, "library": provider.library, "blocked": False if provider.library is not None else None}
