@@ -389,3 +389,13 @@ def test_self_check_catches_an_error_only_a_larger_batch_shows() -> None:
 def test_self_check_turns_onnxruntime_failures_into_one_line() -> None:
     with pytest.raises(NativeBuildError, match=r"cannot check the blocked-layout rewrite: onnxruntime failed on a random input \(batch 1\): .*shape mismatch$"):
         nchwc.check_blocked(FakeSession(), FakeSession(fail=True))
+
+
+@pytest.mark.parametrize("attributes, alpha", [({}, 1.702), ({"alpha": 1.0}, 1.0)])
+def test_quick_gelu_without_alpha_takes_the_contrib_schema_default(attributes: dict, alpha: float) -> None:
+    gelu = helper.make_node("QuickGelu", ["y"], ["z"], domain="com.microsoft", **attributes)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"]), gelu], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])])
+    nodes, attrs = nchwc_graph._Rewrite(helper.make_model(graph)).activation("y")
+    assert nodes == [gelu] and attrs == {"activation": "QuickGelu", "alpha": pytest.approx(alpha)}

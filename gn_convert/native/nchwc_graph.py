@@ -26,6 +26,9 @@ NCHWC_DOMAIN = "com.microsoft.nchwc"
 OP_DOMAIN = "ai.gn_convert"
 FUSED_OP = "GroupNormNchwc"
 SCALE_OP = "ScaleNchwc"
+QUICK_GELU_ALPHA = 1.702
+"""``com.microsoft.QuickGelu``'s ``alpha`` when the node has none (its contrib schema's default;
+onnxruntime's SiLU fusion writes 1.0 explicitly)."""
 _GATE_DEPTH = 8
 """Most nodes between a squeeze (the mean) and the gate that multiplies (convolutions, activations, reorders)."""
 
@@ -102,7 +105,7 @@ class _Rewrite:
         if (node := self.sole_consumer(name, "Relu")) is not None:
             return [node], {"activation": "Relu"}
         if (node := self.sole_consumer(name, "QuickGelu", "com.microsoft")) is not None:
-            return [node], {"activation": "QuickGelu", "alpha": _attr(node, "alpha", 1.0)}
+            return [node], {"activation": "QuickGelu", "alpha": _attr(node, "alpha", QUICK_GELU_ALPHA)}
         if (node := self.sole_consumer(name, "HardSwish")) is not None:
             return [node], {"activation": "HardSwish", "alpha": 1.0 / 6.0, "beta": 0.5}
         users = self.consumers.get(name, [])
