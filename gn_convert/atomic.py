@@ -9,6 +9,12 @@ and renamed into place when complete:
 - :func:`staged_folder`: a whole output folder (``.NAME.PID.partial``); an existing folder
   being replaced is first renamed ``.NAME.PID.old`` and removed only once the new one is in place.
 
+Replacing touches only what gn-convert wrote: every staged folder carries a marker file
+(:data:`MARKER`), and ``force`` replaces a non-empty folder only when it has that marker (or is a
+checkpoint of an earlier version: a ``config.json`` of format ``gn-convert/...``). The current
+folder, any folder above it and the file system's root are never replaced, and a folder staged
+``within`` a parent (a model in a Triton repository) must be a direct child of it.
+
 A failed, interrupted (Ctrl-C) or terminated (SIGTERM: ``kill``, ``timeout``, a CI cancel,
 ``docker stop``) run leaves nothing behind: SIGTERM is turned into ``SystemExit`` for the
 duration of the block, so the same clean-up runs. What a killed process (SIGKILL, power loss)
@@ -19,6 +25,7 @@ no longer runs is removed, and an ``.old`` folder whose destination is missing i
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -33,6 +40,8 @@ from gn_convert.errors import OutputError
 
 log = logging.getLogger(__name__)
 
+MARKER = ".gn-convert"
+"""The file every folder gn-convert stages holds: what makes it replaceable with ``force``."""
 _SIDE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<kind>tmp|partial|old)$")
 
 
@@ -211,24 +220,56 @@ def staged_files(destination: str | Path) -> Iterator[Stage]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def check_output_folder(path: str | Path, force: bool = False, option: str = "--out") -> Path:
+def written_by_gn_convert(folder: Path) -> bool:
+    """Whether ``folder`` was written by gn-convert: it holds :data:`MARKER`, or it is a checkpoint
+    of an earlier version (``config.json`` of format ``gn-convert/...``)."""
+    if (folder / MARKER).is_file():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and str(config.get("format", "")).startswith("gn-convert/")
+
+
+def _refuse_protected(path: Path, option: str, within: Path | None) -> None:
+    """Refuse destinations that replacing would wreck: the current folder or one above it, the
+    root, or (with ``within``) anything but a direct child of ``within``."""
+    real = path.resolve()
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents or real == real.parent:
+        raise OutputError(f"{path} is the current folder or one above it; gn-convert never replaces it: choose a new "
+                          f"folder for {option}")
+    if within is not None and real.parent != within.resolve():
+        raise OutputError(f"{path} is not a folder inside {within}; choose a plain name for {option}")
+
+
+def check_output_folder(path: str | Path, force: bool = False, option: str = "--out",
+                        within: str | Path | None = None) -> Path:
     """Fail fast, before any work, if ``path`` cannot become a new output folder.
 
     Args:
         path: the folder to create or replace.
-        force: whether an existing non-empty folder may be replaced.
+        force: whether an existing non-empty folder that gn-convert wrote may be replaced.
         option: how the user chose ``path``, for the messages (``--out``, ``--triton-repo``).
+        within: the folder ``path`` must lie directly in (a Triton repository), or None.
 
     Raises:
-        OutputError: ``path`` exists (and ``force`` is False), is a file, or its parent is not
-            a writable folder.
+        OutputError: ``path`` exists (and ``force`` is False, or gn-convert did not write it), is
+            a file, is the current folder or above it (or outside ``within``), or its parent is
+            not a writable folder.
     """
     path = Path(path).absolute()
+    _refuse_protected(path, option, Path(within).absolute() if within is not None else None)
     sweep_stale(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"output {path} exists and is not a folder; choose another {option}")
-    if path.exists() and any(path.iterdir()) and not force:
-        raise OutputError(f"output folder {path} exists; pass --force to replace it or choose another {option}")
+    if path.exists() and any(path.iterdir()):
+        if not force:
+            raise OutputError(f"output folder {path} exists; pass --force to replace it or choose another {option}")
+        if not written_by_gn_convert(path):
+            raise OutputError(f"output folder {path} holds files gn-convert did not write; --force replaces only "
+                              f"folders gn-convert wrote: choose another {option}")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -240,21 +281,25 @@ def check_output_folder(path: str | Path, force: bool = False, option: str = "--
 
 
 @contextlib.contextmanager
-def staged_folder(path: str | Path, force: bool = False, option: str = "--out") -> Iterator[Path]:
+def staged_folder(path: str | Path, force: bool = False, option: str = "--out",
+                  within: str | Path | None = None) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``path`` only if the block succeeds.
 
     On failure (an exception, Ctrl-C or SIGTERM) the temporary folder is removed and ``path``
     is left as it was. An existing ``path`` is renamed aside, not deleted, until the new folder
-    is in place; if the swap itself fails it is put back.
+    is in place; if the swap itself fails it is put back. The folder gets :data:`MARKER`.
 
     Raises:
-        OutputError: see :func:`check_output_folder`, or the folder cannot be created.
+        OutputError: see :func:`check_output_folder` (checked again here, just before writing),
+            or the folder cannot be created.
     """
-    path = check_output_folder(path, force, option)
+    path = check_output_folder(path, force, option, within)
     tmp = _side(path, "partial")
     try:
         tmp.mkdir(parents=True, exist_ok=False)
+        (tmp / MARKER).write_text(json.dumps({"written_by": "gn-convert"}) + "\n")
     except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise _output_error(path, err) from err
     try:
         with terminate_as_exit():

@@ -138,16 +138,15 @@ def check_options(opts: PipelineOptions) -> tuple[Path, Path | None]:
         from gn_convert.deploy.extra import model_config_pb2
 
         model_config_pb2()
-        target = opts.triton_repo / _triton_name(opts, out)
-        if target.exists() and not opts.force:
-            raise DeployError(f"{target} exists; pass --force to replace it or choose another --triton-name")
+        check_output_folder(opts.triton_repo / _triton_name(opts, out), opts.force, "--triton-name",
+                            within=opts.triton_repo)
     return out, library
 
 
 def _triton_name(opts: PipelineOptions, out: Path) -> str:
-    from gn_convert.deploy.triton_repo import default_name
+    from gn_convert.deploy.triton_repo import check_model_name, default_name
 
-    return opts.triton_name or default_name(out / "model.onnx")
+    return check_model_name(opts.triton_name or default_name(out / "model.onnx"))
 
 
 def run_pipeline(opts: PipelineOptions, *, stages: Stages | None = None,

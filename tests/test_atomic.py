@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gn_convert.atomic import atomic_file, staged_files, staged_folder, sweep_stale
+from gn_convert.atomic import MARKER, atomic_file, check_output_folder, staged_files, staged_folder, sweep_stale
 from gn_convert.errors import OutputError
 
 WRITER = """
@@ -53,6 +53,7 @@ def test_sigterm_during_a_staged_write_removes_the_partial(kind: str, tmp_path: 
     dest = tmp_path / ("out" if kind == "folder" else "model.onnx")
     if kind == "folder":
         dest.mkdir()
+        (dest / MARKER).write_text("{}")  # an earlier output of gn-convert's
         (dest / "keep.txt").write_text("the previous output")
     script = tmp_path.parent / f"{tmp_path.name}-writer.py"
     script.write_text(textwrap.dedent(WRITER))
@@ -105,8 +106,8 @@ def test_sweep_restores_a_folder_a_killed_run_had_moved_aside(tmp_path: Path) ->
 
 def test_replacing_a_folder_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path: Path, monkeypatch) -> None:
     dest = tmp_path / "out"
-    dest.mkdir()
-    (dest / "old.txt").write_text("old")
+    with staged_folder(dest) as tmp:  # a folder gn-convert wrote: --force may replace it
+        (tmp / "old.txt").write_text("old")
     with pytest.raises(RuntimeError):
         with staged_folder(dest, force=True) as tmp:
             (tmp / "new.txt").write_text("new")
@@ -127,7 +128,7 @@ def test_replacing_a_folder_keeps_the_old_one_until_the_new_one_is_in_place(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (dest / "old.txt").read_text() == "old"
     with staged_folder(dest, force=True) as tmp:
         (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in dest.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in dest.iterdir()) == [MARKER, "new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -156,3 +157,42 @@ def test_atomic_file_and_staged_files_leave_nothing_on_failure(tmp_path: Path) -
         files = stage.commit()
     assert [p.name for p in files] == ["m.onnx", "m.onnx.data"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_force_replaces_only_folders_gn_convert_wrote(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputError, match="holds files gn-convert did not write; --force replaces only folders"):
+        with staged_folder(mine, force=True):
+            pass
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    legacy = tmp_path / "legacy"  # a checkpoint of an earlier version, without the marker
+    legacy.mkdir()
+    (legacy / "config.json").write_text('{"format": "gn-convert/1"}')
+    check_output_folder(legacy, force=True)
+
+
+@pytest.mark.parametrize("where", [".", "..", "/"])
+def test_the_current_folder_and_those_above_it_are_never_replaced(tmp_path: Path, monkeypatch, where: str) -> None:
+    work = tmp_path / "a" / "work"
+    work.mkdir(parents=True)
+    (work / MARKER).write_text("{}")  # even a folder gn-convert wrote
+    (work / "notes.txt").write_text("keep")
+    monkeypatch.chdir(work)
+    with pytest.raises(OutputError, match="is the current folder or one above it"):
+        with staged_folder(Path(where), force=True):
+            pass
+    assert (work / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("name", [".", "..", "sub/../..", "other"])
+def test_a_folder_staged_within_a_repository_must_be_its_direct_child(tmp_path: Path, name: str) -> None:
+    repo = tmp_path / "repo"
+    (repo / "other").mkdir(parents=True)
+    (repo / "sub").mkdir()
+    target = repo / name if name != "other" else tmp_path / "outside"
+    with pytest.raises(OutputError, match="is not a folder inside|current folder or one above"):
+        with staged_folder(target, force=True, within=repo):
+            pass
+    assert (repo / "other").is_dir()

@@ -225,7 +225,7 @@ def test_pipeline_stage_writes_model_with_the_weights_categories(tmp_path: Path,
                                  "labels": True, "native_ops": None}}
     assert (model_dir / "labels.txt").read_text().splitlines() == categories
     assert [t.name for t in parsed(model_dir).input] == ["input"]
-    with pytest.raises(DeployError, match="exists; pass --force.*--triton-name"):
+    with pytest.raises(OutputError, match="exists; pass --force.*--triton-name"):
         check_options(opts)
     with pytest.raises(OptionError, match="drop --no-onnx"):
         check_options(_options(tmp_path / "r2", out, onnx=False))
@@ -252,3 +252,46 @@ def test_a_model_path_that_is_a_file_names_the_deploy_options(tmp_path: Path) ->
         write_triton_repo(_tiny_onnx(tmp_path / "tiny.onnx", "n"), tmp_path / "repo", force=True)
     assert "choose another --triton-repo or --name" in str(info.value) and "--out" not in str(info.value)
     assert (tmp_path / "repo" / "tiny").read_text() == "not a folder"
+
+
+@needs_serve
+@pytest.mark.parametrize("name", [".", "..", ".hidden", "a/b", "model\n"])
+def test_names_that_are_not_plain_folder_names_are_refused_and_the_repository_kept(
+        name: str, tmp_path: Path, exports) -> None:
+    """Defect: `deploy --name . --force` (or ..) replaced the whole repository: the pattern took
+    '.', '..' and a trailing newline, and repo/'.' is the repository itself."""
+    repo = tmp_path / "repo"
+    write_triton_repo(exports.exported("resnet18").path, repo, name="other")
+    with pytest.raises(DeployError, match="must be letters, digits"):
+        write_triton_repo(exports.exported("resnet18").path, repo, name=name, force=True)
+    assert sorted(p.name for p in repo.iterdir()) == ["other"] and (repo / "other" / "config.pbtxt").is_file()
+
+
+@needs_serve
+def test_cli_deploy_dot_name_and_main_command_dot_triton_name_leave_the_repository(
+        tmp_path: Path, exports, error_line) -> None:
+    repo = tmp_path / "repo"
+    write_triton_repo(exports.exported("resnet18").path, repo, name="other")
+    assert main(["deploy", str(exports.exported("resnet18").path), "--triton-repo", str(repo), "--name", ".",
+                 "--force"]) == 2
+    assert "model name '.' must be" in error_line()
+    out = tmp_path / "gn"
+    assert main(["resnet18", "--weights", "none", "--out", str(out), "--triton-repo", str(repo),
+                 "--triton-name", "..", "--force"]) == 2  # refused before any work
+    assert "model name '..' must be" in error_line()
+    assert sorted(p.name for p in repo.iterdir()) == ["other"] and not out.exists()
+
+
+def test_out_dot_force_never_replaces_the_current_folder(tmp_path: Path, monkeypatch, error_line) -> None:
+    """Defect: `--out . --force` run inside a folder replaced its contents (a user's file was deleted)."""
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    assert main(["resnet18", "--weights", "none", "--no-onnx", "--out", ".", "--force"]) == 2
+    assert "is the current folder or one above it" in error_line()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "data.csv").write_text("1,2")
+    assert main(["resnet18", "--weights", "none", "--no-onnx", "--out", str(theirs), "--force"]) == 2
+    assert "holds files gn-convert did not write" in error_line()
+    assert (theirs / "data.csv").read_text() == "1,2"

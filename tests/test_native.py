@@ -407,3 +407,17 @@ def test_a_library_that_kills_the_process_is_one_line(tmp_path: Path, monkeypatc
     monkeypatch.setattr(served_check.subprocess, "run", lambda *a, **k: Killed())
     with pytest.raises(DeployError, match=r"crashed onnxruntime on this machine \(SIGILL: built for another CPU\?\)"):
         served_check.check_served(tmp_path / "m.onnx", tmp_path / "lib.so")
+
+
+def test_native_builds_are_cached_per_cpu_and_portable_ones_are_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect: the key held the text -march=native but not the CPU: a shared cache handed an
+    AVX-512 build to a CPU without it (SIGILL)."""
+    native_flags, portable_flags = ["-O3", "-march=native"], ["-O3", f"-march={PORTABLE_MARCH}"]
+    here = native_build.build_key(native_flags, 29, "g++ 12")
+    assert "flags" in native_build.cpu_identity()  # this Linux x86 machine: model name and feature flags
+    monkeypatch.setattr(native_build, "cpu_identity", lambda: "model name : Another CPU\nflags : sse2 avx512f")
+    assert native_build.build_key(native_flags, 29, "g++ 12") != here
+    portable = native_build.build_key(portable_flags, 29, "g++ 12")
+    monkeypatch.setattr(native_build, "cpu_identity", lambda: "model name : A third CPU\nflags : sse2")
+    assert native_build.build_key(portable_flags, 29, "g++ 12") == portable
+    assert native_build.build_key(native_flags, 30, "g++ 12") != native_build.build_key(native_flags, 29, "g++ 12")

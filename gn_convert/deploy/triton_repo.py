@@ -38,7 +38,19 @@ VERSION = "1"
 INSTANCE_KINDS = ("cpu", "gpu")
 DEFAULT_SERVER_REPO = "/models"
 """Where the Triton container mounts the repository (``-v REPO:/models``)."""
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+"""A model name, matched whole (``fullmatch``): a plain folder name, never ``.``, ``..`` or hidden."""
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if it is a valid model name for a repository folder.
+
+    Raises:
+        DeployError: it is not (``.``, ``..``, a leading dot, a slash, a newline, ...).
+    """
+    if not NAME_PATTERN.fullmatch(name):
+        raise DeployError(f"model name {name!r} must be letters, digits, '_', '.' and '-', not starting with '.'")
+    return name
 
 
 def default_name(onnx_path: str | Path) -> str:
@@ -255,9 +267,7 @@ def write_triton_repo(
         OutputError: the repository cannot be written, or ``REPO/NAME`` exists without ``force``.
     """
     onnx_path = Path(onnx_path)
-    name = name or default_name(onnx_path)
-    if not NAME_PATTERN.match(name):
-        raise DeployError(f"model name {name!r} must use only letters, digits, '_', '.' and '-'")
+    name = check_model_name(name or default_name(onnx_path))
     if instance not in INSTANCE_KINDS:
         raise DeployError(f"instance must be one of {', '.join(INSTANCE_KINDS)}, not {instance!r}")
     if instance_count < 1:
@@ -280,7 +290,7 @@ def write_triton_repo(
                           labels_output=labels_output, op_library=op_library)
     from google.protobuf import text_format
 
-    with staged_folder(Path(repo_dir) / name, force, option="--triton-repo or --name") as tmp:
+    with staged_folder(Path(repo_dir) / name, force, option="--triton-repo or --name", within=repo_dir) as tmp:
         _write_model(onnx_path, tmp / VERSION, inlined)
         if native_ops is not None:
             shutil.copy2(native_ops, tmp / native_ops.name)

@@ -4,7 +4,9 @@
 ``~/.cache/gn_convert/native/<key>/libgn_convert_ops.so``, where the key hashes everything that
 changes the binary, and returns the cached file on later calls. The library is for the machine
 that built it (``-march=native`` by default): on another CPU, build it there, or choose a
-portable ``march`` (``x86-64-v3``).
+portable ``march`` (``x86-64-v3``). A ``-march=native`` build's key includes this CPU's model
+and feature flags, so a cache shared between machines (an NFS home, a container image) never
+hands one CPU's build to another (an AVX-512 build on a CPU without it dies with SIGILL).
 
 Load it with ``SessionOptions.register_custom_ops_library(path)`` (:func:`session_options`), or
 in Triton with ``model_operations { op_library_filename: ... }`` (``gn-convert deploy
@@ -60,6 +62,27 @@ def _compiler_id(cxx: str) -> str:
     return (done.stdout.splitlines() or [cxx])[0]
 
 
+def cpu_identity() -> str:
+    """This CPU's model and feature flags (``/proc/cpuinfo``'s first processor; elsewhere what
+    :mod:`platform` knows), for the cache key of builds that target this CPU."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace").split("\n\n")[0]
+    except OSError:
+        text = ""
+    wanted = ("model name", "flags", "vendor_id", "cpu family", "model", "Features", "CPU implementer", "CPU part")
+    fields = [line.strip() for line in text.splitlines() if line.split(":")[0].strip() in wanted]
+    return "\n".join(fields) or f"{platform.machine()} {platform.processor()}"
+
+
+def build_key(flags: list[str], header_api: int, compiler_id: str) -> str:
+    """The cache folder's name: a hash of the sources, the headers' API, the flags, the compiler
+    and, for ``-march=native``, :func:`cpu_identity`."""
+    parts = [SOURCE.read_text(), *(h.read_text() for h in HEADERS), str(header_api), " ".join(flags), compiler_id]
+    if any(flag in ("-march=native", "-mcpu=native", "-mtune=native") for flag in flags):
+        parts.append(cpu_identity())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def build_library(include: str | Path | None = None, *, march: str = DEFAULT_MARCH, fetch: bool = True,
                   force: bool = False) -> Path:
     """Compile the native kernel library (or return the cached build).
@@ -85,10 +108,7 @@ def build_library(include: str | Path | None = None, *, march: str = DEFAULT_MAR
                                "GN_CONVERT_ORT_INCLUDE at older headers")
     cxx = compiler()
     flags = [*_FLAGS, f"-march={march}"]
-    sources = [SOURCE.read_text(), *(h.read_text() for h in HEADERS)]
-    key_text = "\n".join([*sources, str(header_api), " ".join(flags), _compiler_id(cxx)])
-    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
-    target = cache_root() / "native" / key / LIBRARY_NAME
+    target = cache_root() / "native" / build_key(flags, header_api, _compiler_id(cxx)) / LIBRARY_NAME
     if target.is_file() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
