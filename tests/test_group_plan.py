@@ -159,3 +159,25 @@ def test_testing_helpers_restore_each_modules_own_mode() -> None:
     before = _modes(head)
     predictions(head, torch.randn(5, 3, 10, 10))
     assert _modes(head) == before
+
+
+@pytest.mark.parametrize("policy", ["divisor", "gcd"])
+def test_min_channels_per_group_bounds_every_policy_and_is_recorded(policy: str) -> None:
+    import torchvision
+
+    model = torchvision.models.mobilenet_v3_small()
+    plain = gn_convert.plan(model, 8, policy=policy)
+    bounded = gn_convert.plan(model, 8, policy=policy, min_channels_per_group=4)
+    for before, after in zip(plain.converted, bounded.converted):
+        assert after.num_channels // after.num_groups >= min(4, after.num_channels)
+        if before.num_channels // before.num_groups >= 4:
+            assert after.num_groups == before.num_groups
+        else:
+            assert after.num_groups < before.num_groups and after.fallback
+            assert "at least 4 channels per group" in after.reason
+    assert any(layer.num_channels == 16 and layer.num_groups == 4 for layer in bounded.converted)  # 16 ch: 4 groups
+    tiny = gn_convert.plan(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)), 32,
+                           min_channels_per_group=8)
+    assert tiny.converted[0].num_groups == 1  # narrower than the bound: one group
+    with pytest.raises(GroupPlanError, match="min_channels_per_group must be >= 1"):
+        gn_convert.plan(model, 8, min_channels_per_group=0)

@@ -17,7 +17,8 @@ import gn_convert
 from gn_convert.errors import GroupPlanError, OptionError
 from gn_convert.fidelity import distributed as ddp
 from gn_convert.fidelity.blocks import find_blocks
-from gn_convert.fidelity.group_search import candidates, fidelity_plan
+from gn_convert.fidelity.group_search import fidelity_plan, layer_errors
+from gn_convert.surgery.plan import candidates
 from gn_convert.fidelity.metrics import agreement_metrics, statistics_spread
 from gn_convert.fidelity.reconstruct import reconstruct
 from gn_convert.fidelity.recover import recover
@@ -117,12 +118,26 @@ def test_fidelity_plan_honours_min_channels_per_group(digits) -> None:
     images = list(digits.data.train.tensors[0][:64].split(32))
     plan = fidelity_plan(digits.model, images, 32, min_channels_per_group=16)
     assert all(layer.num_channels // layer.num_groups >= 16 for layer in plan.converted)
-    with pytest.raises(GroupPlanError, match="channels per group"):
-        fidelity_plan(digits.model, images, 32, min_channels_per_group=1024)
+    wide = fidelity_plan(digits.model, images, 32, min_channels_per_group=1024)  # wider than every layer
+    assert {layer.num_groups for layer in wide.converted} == {1}  # one group: the whole layer
+
+
+@pytest.mark.slow
+def test_fidelity_is_a_policy_of_plan_with_the_measurement_injected(digits) -> None:
+    images = list(digits.data.train.tensors[0][:128].split(32))
+    direct = gn_convert.plan(digits.model, 32, policy="fidelity", measure=layer_errors(digits.model, images),
+                             example_input=images[0][:1])
+    assert direct.to_dict() == fidelity_plan(digits.model, images, 32).to_dict()
+    asked = []
+    fixed = gn_convert.plan(digits.model, 32, policy="fidelity", min_channels_per_group=4,
+                            measure=lambda options: asked.append(options) or {n: {min(c): 0.0} for n, c in options.items()})
+    assert all(min(c) == 1 and all(n // g >= 4 for g in c) for n, c in
+               ((layer.num_channels, asked[0][layer.name]) for layer in fixed.converted))
+    assert {layer.num_groups for layer in fixed.converted} == {1} and {layer.measured_error for layer in fixed.converted} == {0.0}
 
 
 def test_plain_plan_refuses_the_fidelity_policy_with_a_hint() -> None:
-    with pytest.raises(GroupPlanError, match="recover"):
+    with pytest.raises(GroupPlanError, match="pass measure=.*recover"):
         gn_convert.plan(torchvision_resnet18(), 32, policy="fidelity")
 
 

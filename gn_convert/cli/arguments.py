@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from gn_convert.fidelity.calibration import ORDERS
-from gn_convert.fidelity.group_search import POLICY as FIDELITY
 from gn_convert.fidelity.moments import FITS
 from gn_convert.fidelity.options import TRAINABLE
 from gn_convert.onnx.targets import DEFAULT_TARGET, TARGETS
 from gn_convert.surgery.initialize import INITS
-from gn_convert.surgery.plan import POLICIES
+from gn_convert.surgery.plan import FIDELITY, POLICIES
 
 DEFAULT_GROUPS = 32
 
@@ -63,7 +62,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("group plan")
     g.add_argument("--groups", "-g", type=int, help=f"GroupNorm groups per layer (default {DEFAULT_GROUPS})")
     g.add_argument("--group-size", type=int, help="channels per group, instead of --groups")
-    g.add_argument("--policy", choices=[*POLICIES, FIDELITY], default=POLICIES[0],
+    g.add_argument("--policy", choices=list(POLICIES), default=POLICIES[0],
                    help="when the groups do not divide a layer's channels: largest divisor <= G "
                    "(divisor, default), gcd(G, C), or refuse (strict); fidelity (with --recover): per layer, "
                    "the count up to G that keeps its output closest to BatchNorm's, measured on --data")

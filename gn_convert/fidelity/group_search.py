@@ -1,6 +1,8 @@
-"""The fidelity-aware group plan: per layer, the group count that keeps its output closest to BN's.
+"""The measurement behind the fidelity policy of :func:`gn_convert.plan`: per layer, how close each
+candidate group count keeps its output to BN's.
 
-For each BatchNorm layer with C channels, every divisor G' of C up to the requested G (and with
+The plan itself is made by :func:`gn_convert.plan` (``policy="fidelity"``, ``measure=``
+:func:`layer_errors`); :func:`fidelity_plan` is that call in one line. For each BatchNorm layer with C channels, every divisor G' of C up to the requested G (and with
 at least ``min_channels_per_group`` channels per group) is a candidate. On the teacher's own
 inputs to the layer, the candidate's normalised output (GroupNorm without affine) is fitted to
 the BatchNorm output channel by channel (the variance-preserving fit of
@@ -17,7 +19,6 @@ at G=1, 28.4% as instance norm) keep the default plan.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Iterable
 
@@ -29,17 +30,11 @@ from gn_convert.errors import GroupPlanError
 from gn_convert.fidelity.moments import Moments
 from gn_convert.fidelity.pairs import forward_hooks
 from gn_convert.modes import eval_mode
-from gn_convert.surgery.plan import GroupPlan, batchnorm_layers, plan as default_plan
+from gn_convert.surgery.plan import FIDELITY, GroupPlan, Measure, batchnorm_layers, candidates, plan as default_plan
 
 log = logging.getLogger(__name__)
 
-POLICY = "fidelity"
-
-
-def candidates(channels: int, groups: int, min_channels_per_group: int = 1) -> list[int]:
-    """The divisors of ``channels`` up to ``groups`` with at least ``min_channels_per_group`` channels each."""
-    return [g for g in range(1, min(groups, channels) + 1)
-            if channels % g == 0 and channels // g >= min_channels_per_group]
+POLICY = FIDELITY
 
 
 def measure_errors(teacher: nn.Module, images: Iterable[torch.Tensor], options: dict[str, list[int]],
@@ -75,10 +70,26 @@ def measure_errors(teacher: nn.Module, images: Iterable[torch.Tensor], options: 
     return errors
 
 
+def layer_errors(teacher: nn.Module, images: Iterable[torch.Tensor]) -> Measure:
+    """The ``measure`` of :func:`gn_convert.plan`'s fidelity policy: each candidate's error on ``images``.
+
+    Raises:
+        GroupPlanError: no images.
+    """
+    batches = list(images)
+    if not batches:
+        raise GroupPlanError("the fidelity plan needs some images (real or synthetic) to measure on")
+    states = {name: state for name, _, state in batchnorm_layers(teacher)}
+
+    def measure(options: dict[str, list[int]]) -> dict[str, dict[int, float]]:
+        return measure_errors(teacher, batches, options, {n: states[n].eps for n in options})
+    return measure
+
+
 def fidelity_plan(teacher: nn.Module, images: Iterable[torch.Tensor], groups: int = 32, *,
                   min_channels_per_group: int = 1, example_input: torch.Tensor | None = None,
                   **plan_options: object) -> GroupPlan:
-    """A :class:`GroupPlan` whose group counts are chosen by measured fidelity (see the module docstring).
+    """``gn_convert.plan(teacher, groups, policy="fidelity", measure=layer_errors(teacher, images))``.
 
     Args:
         teacher: the BatchNorm model.
@@ -92,35 +103,12 @@ def fidelity_plan(teacher: nn.Module, images: Iterable[torch.Tensor], groups: in
         The plan, policy ``fidelity``; each converted layer's ``measured_error`` and reason say why.
 
     Raises:
-        GroupPlanError: a layer has no candidate (``min_channels_per_group`` above its width).
+        GroupPlanError: no images.
     """
     batches = list(images)
-    if not batches:
-        raise GroupPlanError("the fidelity plan needs some images (real or synthetic) to measure on")
-    base = default_plan(teacher, groups, example_input=example_input if example_input is not None else batches[0][:1],
-                        **plan_options)
-    states = {name: state for name, _, state in batchnorm_layers(teacher)}
-    options = {}
-    for layer in base.converted:
-        found = candidates(layer.num_channels, groups, min_channels_per_group)
-        if not found:
-            raise GroupPlanError(f"layer {layer.name} ({layer.num_channels} channels) has no group count with at "
-                                 f"least {min_channels_per_group} channels per group")
-        options[layer.name] = found
-    errors = measure_errors(teacher, batches, options, {n: states[n].eps for n in options})
-    layers = []
-    for layer in base.layers:
-        if layer.action != "convert" or layer.name not in errors:
-            layers.append(layer)
-            continue
-        measured = errors[layer.name]
-        best = min(measured, key=lambda g: (round(measured[g], 6), -g))  # ties: more groups
-        default = layer.num_groups
-        reason = (f"fidelity: G={best} error {measured[best]:.3f}"
-                  + (f" (G={default}: {measured[default]:.3f})" if default in measured and default != best else ""))
-        elements = None if layer.elements_per_group is None else layer.elements_per_group * default // best
-        layers.append(dataclasses.replace(layer, num_groups=best, fallback=best != groups, reason=reason,
-                                          measured_error=round(measured[best], 6), elements_per_group=elements))
-    result = GroupPlan(groups, None, POLICY, layers)
+    measure = layer_errors(teacher, batches)
+    result = default_plan(teacher, groups, policy=POLICY, min_channels_per_group=min_channels_per_group,
+                          measure=measure, example_input=example_input if example_input is not None else batches[0][:1],
+                          **plan_options)  # type: ignore[arg-type]
     log.info("fidelity plan: %s", result.summary())
     return result

@@ -9,14 +9,23 @@ Policies for a channel count C that the requested groups G do not divide:
 - ``divisor`` (default): the largest divisor of C that is <= G.
 - ``gcd``: gcd(G, C) groups (what Opacus does).
 - ``strict``: refuse, with an error naming the layer.
+- ``fidelity``: per layer, the divisor of C up to G whose GroupNorm output is closest to the
+  BatchNorm output, measured on images by a ``measure`` the caller injects
+  (:func:`gn_convert.fidelity.group_search.layer_errors`); the measured error is recorded.
 
 With ``group_size=K`` (channels per group) instead of ``groups``, the target is C / K groups;
 when K does not divide C, ``divisor`` takes the smallest group size >= K that divides C,
 ``gcd`` takes groups of gcd(K, C) channels, and ``strict`` refuses.
+
+``min_channels_per_group=K`` bounds every policy from below: a layer whose chosen groups would
+hold fewer than K channels (the narrow layers of mobile networks at G=32 become one-channel
+groups, instance norm) gets the largest divisor of C that keeps K channels per group (one group
+when C < K), and the plan records it as a fallback with its reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import math
@@ -32,8 +41,11 @@ from gn_convert.surgery.registry import BatchNormState, read_batchnorm, unknown_
 
 log = logging.getLogger(__name__)
 
-POLICIES: tuple[str, ...] = ("divisor", "gcd", "strict")
+POLICIES: tuple[str, ...] = ("divisor", "gcd", "strict", "fidelity")
+FIDELITY = "fidelity"
 OnSingle = Literal["error", "skip"]
+Measure = Callable[[dict[str, list[int]]], dict[str, dict[int, float]]]
+"""``measure(candidates)``: layer name -> candidate group counts in, layer name -> {count: error} out."""
 
 
 @dataclass(frozen=True)
@@ -135,9 +147,8 @@ def choose_groups(
         GroupPlanError: the request is impossible (G < 1, K < 1, unknown policy, or
             ``strict`` with a non-dividing request).
     """
-    if policy == "fidelity":
-        raise GroupPlanError("the fidelity policy measures each layer on data: use gn_convert.recover(..., "
-                             "policy='fidelity') or `gn-convert MODEL --data DIR --recover --policy fidelity`")
+    if policy == FIDELITY:
+        policy = "divisor"  # the request's own count, before measurement (plan() measures the rest)
     if policy not in POLICIES:
         raise GroupPlanError(f"unknown group policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if group_size is not None:
@@ -168,6 +179,24 @@ def choose_groups(
         d for d in range(1, min(groups, channels) + 1) if channels % d == 0
     )
     return chosen, f"{groups} does not divide {channels}; using {chosen} ({policy})"
+
+
+def candidates(channels: int, groups: int, min_channels_per_group: int = 1) -> list[int]:
+    """The divisors of ``channels`` up to ``groups`` with at least ``min_channels_per_group``
+    channels each (``[1]`` when even one group is narrower than that)."""
+    found = [g for g in range(1, min(groups, channels) + 1)
+             if channels % g == 0 and channels // g >= min_channels_per_group]
+    return found or [1]
+
+
+def _bounded(channels: int, num_groups: int, reason: str, min_channels_per_group: int) -> tuple[int, str]:
+    """``num_groups`` lowered, if needed, so that each group keeps ``min_channels_per_group`` channels."""
+    if channels // num_groups >= min_channels_per_group:
+        return num_groups, reason
+    bounded = max(candidates(channels, num_groups, min_channels_per_group))
+    note = f"{num_groups} groups would hold {channels // num_groups} channels each; using {bounded} " \
+           f"(at least {min_channels_per_group} channels per group)"
+    return bounded, f"{reason}; {note}" if reason else note
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module, BatchNormState]]:
@@ -228,6 +257,8 @@ def plan(
     *,
     group_size: int | None = None,
     policy: str = "divisor",
+    min_channels_per_group: int = 1,
+    measure: Measure | None = None,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     on_single: OnSingle = "error",
@@ -241,7 +272,11 @@ def plan(
         groups: requested groups per layer (default 32, as in Wu & He).
         group_size: channels per group, instead of ``groups``.
         policy: what to do when the request does not divide a layer's channels:
-            ``divisor`` (default), ``gcd`` or ``strict``.
+            ``divisor`` (default), ``gcd`` or ``strict``; or ``fidelity`` (per layer, the
+            measured best count up to ``groups``; needs ``measure``).
+        min_channels_per_group: the smallest group any layer may get (default 1: none).
+        measure: with ``policy="fidelity"``, the measurement of each layer's candidates, e.g.
+            ``gn_convert.fidelity.group_search.layer_errors(model, images)``.
         include: fnmatch patterns of layer names to convert (default: all).
         exclude: fnmatch patterns of layer names to leave as BatchNorm.
         on_single: ``error`` (default) refuses a layer whose groups would normalise a single
@@ -255,12 +290,18 @@ def plan(
 
     Raises:
         NoBatchNormError: the model has no BatchNorm and ``allow_no_bn`` is False.
-        GroupPlanError: the request is impossible for some layer.
+        GroupPlanError: the request is impossible for some layer, or ``fidelity`` without ``measure``.
         UnsupportableLayerError: a group would hold a single value and ``on_single='error'``.
     """
     include, exclude = list(include or []), list(exclude or [])
     if on_single not in ("error", "skip"):
         raise GroupPlanError(f"on_single must be 'error' or 'skip', got {on_single!r}")
+    if min_channels_per_group < 1:
+        raise GroupPlanError(f"min_channels_per_group must be >= 1, got {min_channels_per_group}")
+    if policy == FIDELITY and (measure is None or group_size is not None):
+        raise GroupPlanError("the fidelity policy measures each layer on images: pass measure= (gn_convert.fidelity."
+                             "group_search.layer_errors(model, images)) and groups, not group_size; or use "
+                             "gn_convert.recover(..., policy='fidelity'), `--recover --policy fidelity --data DIR`")
     choose_groups(max(group_size or 1, groups or 1), groups, group_size, policy)  # validate the request
     layers = batchnorm_layers(model)
     _refuse_unknown_forward([layer for layer in layers if not _excluded(layer[0], include, exclude)])
@@ -273,8 +314,11 @@ def plan(
     spatial = _spatial_sizes(model, example_input)
     result = GroupPlan(groups, group_size, policy)
     for name, _module, state in layers:
-        result.layers.append(_plan_layer(name, _module, state, groups, group_size, policy,
+        result.layers.append(_plan_layer(name, _module, state, groups, group_size, policy, min_channels_per_group,
                                          include, exclude, on_single, spatial.get(name)))
+    if policy == FIDELITY:
+        assert measure is not None and groups is not None
+        result.layers = _measured(result.layers, groups, min_channels_per_group, measure)
     for layer in result.fallbacks:
         log.info("group plan fallback at %s: %s", layer.name, layer.reason)
     for layer in result.untouched:
@@ -290,6 +334,7 @@ def _plan_layer(
     groups: int | None,
     group_size: int | None,
     policy: str,
+    min_channels_per_group: int,
     include: list[str],
     exclude: list[str],
     on_single: str,
@@ -303,6 +348,7 @@ def _plan_layer(
         num_groups, reason = choose_groups(state.num_channels, groups, group_size, policy)
     except GroupPlanError as err:
         raise GroupPlanError(f"layer {name}: {err}") from None
+    num_groups, reason = _bounded(state.num_channels, num_groups, reason, min_channels_per_group)
     per_channel = spatial if spatial is not None else (1 if state.min_rank == 2 else None)
     elements = None if per_channel is None else per_channel * state.num_channels // num_groups
     if elements == 1:
@@ -316,3 +362,25 @@ def _plan_layer(
         return LayerPlan(**base, num_groups=None, action="skip", reason=why, elements_per_group=1)
     return LayerPlan(**base, num_groups=num_groups, fallback=bool(reason), reason=reason,
                      elements_per_group=elements)
+
+
+def _measured(layers: list[LayerPlan], groups: int, min_channels_per_group: int, measure: Measure) -> list[LayerPlan]:
+    """The fidelity policy: each converted layer takes the candidate count with the smallest measured error."""
+    options = {layer.name: candidates(layer.num_channels, groups, min_channels_per_group)
+               for layer in layers if layer.action == "convert"}
+    errors = measure(options)
+    chosen = []
+    for layer in layers:
+        measured = errors.get(layer.name)
+        if layer.action != "convert" or not measured:
+            chosen.append(layer)
+            continue
+        best = min(measured, key=lambda g: (round(measured[g], 6), -g))  # ties: more groups
+        default = layer.num_groups
+        reason = (f"fidelity: G={best} error {measured[best]:.3f}"
+                  + (f" (G={default}: {measured[default]:.3f})" if default in measured and default != best else ""))
+        elements = None if layer.elements_per_group is None or default is None else \
+            layer.elements_per_group * default // best
+        chosen.append(dataclasses.replace(layer, num_groups=best, fallback=best != groups, reason=reason,
+                                          measured_error=round(measured[best], 6), elements_per_group=elements))
+    return chosen
