@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from gn_convert._version import __version__
+from gn_convert import strict_json
 from gn_convert.atomic import check_output_folder, staged_folder
 from gn_convert.errors import DeployError, OptionError
 from gn_convert.load.weights import ModelSource, load_model, resolve_source
@@ -165,8 +166,6 @@ def run_pipeline(opts: PipelineOptions, *, stages: Stages | None = None,
     Raises:
         GnConvertError: bad input, checked before any work where possible.
     """
-    import json
-
     out, library = check_options(opts)
     stages = stages or Stages()
     source = resolve_source(opts.model, opts.weights)
@@ -214,7 +213,7 @@ def run_pipeline(opts: PipelineOptions, *, stages: Stages | None = None,
             "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "report.json").write_text(strict_json.dumps(report, indent=2))
     return report
 
 

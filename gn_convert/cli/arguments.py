@@ -62,6 +62,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("group plan")
     g.add_argument("--groups", "-g", type=int, help=f"GroupNorm groups per layer (default {DEFAULT_GROUPS})")
     g.add_argument("--group-size", type=int, help="channels per group, instead of --groups")
+    g.add_argument("--min-channels-per-group", type=int, default=1, metavar="K",
+                   help="the smallest group any layer may get (default 1; e.g. 4 keeps narrow layers from "
+                   "becoming instance norm at --groups 32)")
     g.add_argument("--policy", choices=list(POLICIES), default=POLICIES[0],
                    help="when the groups do not divide a layer's channels: largest divisor <= G "
                    "(divisor, default), gcd(G, C), or refuse (strict); fidelity (with --recover): per layer, "
@@ -86,7 +89,8 @@ def plan_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser | None
     if args.groups is not None and args.group_size is not None and parser is not None:
         parser.error("--groups and --group-size exclude each other; give one")
     groups = args.groups if args.groups is not None else (None if args.group_size else DEFAULT_GROUPS)
-    return dict(groups=groups, group_size=args.group_size, policy=args.policy, include=args.include,
+    return dict(groups=groups, group_size=args.group_size, policy=args.policy,
+                min_channels_per_group=args.min_channels_per_group, include=args.include,
                 exclude=args.exclude, on_single="skip" if args.skip_unsupportable else "error",
                 allow_no_bn=args.allow_no_bn)
 
@@ -98,8 +102,6 @@ def add_recover_arguments(parser: argparse.ArgumentParser) -> None:
                    help="bring the converted model back to the original's function on --data (a folder, or "
                    "'synthetic' for images synthesised from the teacher) within --budget")
     g.add_argument("--budget", type=duration, default=900.0, help="time for the recovery: 900, 15m, 1h (default 15m)")
-    g.add_argument("--min-channels-per-group", type=int, default=1,
-                   help="with --policy fidelity: the smallest group allowed (default 1)")
     g.add_argument("--synthetic", type=int, default=0, metavar="N",
                    help="add N images synthesised from the teacher's BatchNorm statistics (256 with --data synthetic)")
     g.add_argument("--synthetic-dir", type=Path, help="also write the synthetic images there as PNG files")
@@ -108,7 +110,9 @@ def add_recover_arguments(parser: argparse.ArgumentParser) -> None:
 def recover_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict[str, Any] | None:
     """The keyword arguments of :func:`gn_convert.recover`, or None without ``--recover``.
 
-    ``--policy fidelity`` needs ``--recover``, and ``--recover`` needs ``--data``.
+    ``--policy fidelity`` needs ``--recover``, and ``--recover`` needs ``--data``. The group plan
+    options, ``--init``, ``--lr``, ``--batch-size`` and ``--feature-weight`` are passed on as
+    given; ``--calibrate`` and ``--finetune-steps`` are refused (recover runs its own stages).
     """
     if not args.recover:
         if args.policy == FIDELITY and parser is not None:
@@ -116,12 +120,19 @@ def recover_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser | N
         return None
     if args.data is None and parser is not None:
         parser.error("--recover needs --data DIR (a folder of images) or --data synthetic")
+    if (args.calibrate or args.steps) and parser is not None:
+        parser.error("--recover runs its own distillation within --budget: drop --calibrate and --finetune-steps")
     data = "synthetic" if str(args.data) == "synthetic" and not args.data.exists() else args.data
     kwargs = plan_kwargs(args, parser)
-    return dict(data=data, groups=kwargs["groups"] or DEFAULT_GROUPS, policy=args.policy, budget=args.budget,
-                min_channels_per_group=args.min_channels_per_group, synthetic=args.synthetic,
-                synthetic_dir=args.synthetic_dir, batch_size=min(args.batch_size, 16), seed=args.seed,
-                holdout=args.holdout, input_size=args.input_size, eval_data=args.eval_data)
+    kwargs.pop("allow_no_bn")
+    found = dict(data=data, init=args.init, budget=args.budget, lr=args.lr, synthetic=args.synthetic,
+                 synthetic_dir=args.synthetic_dir, seed=args.seed, holdout=args.holdout, input_size=args.input_size,
+                 eval_data=args.eval_data, **kwargs)
+    if args.batch_size is not None:
+        found["batch_size"] = args.batch_size
+    if args.feature_weight is not None:
+        found["feature_weight"] = args.feature_weight
+    return found
 
 
 def add_target_argument(group: Any, flag: str) -> None:
@@ -155,7 +166,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser, steps_flag: str = "--
                    help="calibration order (greedy, the best measured; independent is one cheap pass)")
     g.add_argument(steps_flag, dest="steps", type=int, default=default_steps, metavar="N",
                    help=f"distillation steps (default {default_steps or 0})")
-    g.add_argument("--batch-size", type=int, default=32, help="global batch per step (32)")
+    g.add_argument("--batch-size", type=int, help="global batch per step (32; with --recover 16)")
     g.add_argument("--accumulate", type=int, default=1, help="micro-batches per step per process (1)")
     g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (1e-4; "
                    "try 1e-2 with --trainable gn-affine)")
@@ -163,7 +174,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser, steps_flag: str = "--
     g.add_argument("--gn-lr-scale", type=float, default=1.0, help="lr multiplier of GroupNorm affines (1)")
     g.add_argument("--temperature", type=float, default=2.0, help="KL temperature (2)")
     g.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy weight with labels (0: off)")
-    g.add_argument("--feature-weight", type=float, default=0.0, help="GroupNorm-output loss weight (0: off)")
+    g.add_argument("--feature-weight", type=float,
+                   help="GroupNorm-output loss weight (0: off; with --recover 1)")
     g.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations (25)")
     g.add_argument("--target-agreement", type=float, help="stop once held-out agreement reaches this (0-1)")
     g.add_argument("--seed", type=int, default=0, help="seed of the split, data order and augmentation (0)")
@@ -177,10 +189,11 @@ def fidelity_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if not (args.calibrate or args.steps):
         return {}
     return dict(data=args.data, calibrate_batches=args.calibrate, calibrate_method=args.calibrate_method,
-                calibrate_order=args.calibrate_order, steps=args.steps, batch_size=args.batch_size,
+                calibrate_order=args.calibrate_order, steps=args.steps,
+                batch_size=32 if args.batch_size is None else args.batch_size,
                 seed=args.seed, holdout=args.holdout, input_size=args.input_size, lr=args.lr,
                 trainable=args.trainable, gn_lr_scale=args.gn_lr_scale, temperature=args.temperature,
-                ce_weight=args.ce_weight, feature_weight=args.feature_weight, eval_every=args.eval_every,
+                ce_weight=args.ce_weight, feature_weight=args.feature_weight or 0.0, eval_every=args.eval_every,
                 target_agreement=args.target_agreement, eval_data=args.eval_data, accumulate=args.accumulate,
                 flip=not args.no_flip, num_workers=args.workers)
 
@@ -206,6 +219,39 @@ class ProgressBar:
         shown = {"loss": f"{info.loss:.4f}"}
         if info.agreement is not None:
             shown["agree"] = f"{info.agreement:.3f}"
+        self.bar.set_postfix(shown, refresh=True)
+
+    def close(self) -> None:
+        """Close the bar if it was opened."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+class BudgetBar:
+    """A tqdm bar over a time budget, for ``--recover``: it advances with the seconds spent and shows
+    what the last progress event was (a synthesis batch, a fitted block, a distillation step)."""
+
+    def __init__(self, budget: float, label: str = "recovering") -> None:
+        import time
+
+        self.budget, self.label, self.bar, self.clock = budget, label, None, time.perf_counter
+        self.start = self.clock()
+        self.enabled = is_main_process()
+
+    def __call__(self, info: Any) -> None:
+        """Advance to the seconds spent; show the event (its class name and step, when it has one)."""
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=round(self.budget), desc=self.label, unit="s", dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}")
+        self.bar.n = min(round(self.clock() - self.start), round(self.budget))
+        step = getattr(info, "step", None)
+        shown = {"stage": getattr(info, "stage", type(info).__name__)}
+        if step is not None:
+            shown["step"] = str(step)
         self.bar.set_postfix(shown, refresh=True)
 
     def close(self) -> None:

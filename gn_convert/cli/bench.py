@@ -7,7 +7,6 @@ survives the 2x drift of a shared machine; absolute milliseconds do not).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from gn_convert.bench.limits import limit_lines, onnx_groupnorm_traffic
 from gn_convert.errors import BenchError
 from gn_convert.bench.variants import ort_session, session_input_shape, session_variant
 from gn_convert.onnx.reading import read_model
+from gn_convert import strict_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                 results.append({"spinning": spinning == "on", **result.to_dict()})
     if args.json:
         with atomic_file(args.json) as out:
-            out.write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
+            out.write_text(strict_json.dumps(results if len(results) > 1 else results[0], indent=2))
     return 0
 
 

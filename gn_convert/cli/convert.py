@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gn_convert.cli import deploy as deploy_cli
-from gn_convert.cli.arguments import (ProgressBar, add_distill_arguments, add_native_library_argument,
+from gn_convert.cli.arguments import (BudgetBar, ProgressBar, add_distill_arguments, add_native_library_argument,
                                       add_plan_arguments, add_recover_arguments, add_target_argument,
                                       fidelity_kwargs, fidelity_lines, plan_kwargs, recover_kwargs, stderr_sink)
 from gn_convert.pipeline import PARITY_BATCH, PipelineOptions, parity_failed, run_pipeline
@@ -76,15 +76,27 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"  ... {len(fallbacks) - SHOWN_FALLBACKS} more fallbacks in report.json")
     recovery = report.get("recovery")
     if recovery:
-        lines += [f"recovery on {recovery['heldout']} held-out images, {recovery['seconds']:.0f} s:"]
-        lines += [f"  {s['name']:12} {s['seconds']:7.1f} s  agreement {s['agreement']:.3f}" for s in recovery["stages"]]
+        lines += [f"recovery on {recovery['heldout']} held-out views of {recovery['heldout_photos']} photos, "
+                  f"{recovery['seconds']:.0f} s (held-out agreement, KL, fit on the training photos):"]
+        lines += [f"  {s['name']:12} {s['seconds']:7.1f} s  agreement {_fraction(s['agreement'])}  "
+                  f"KL {_number(s['scores'].get('kl'))}  fit {_fraction(s['scores'].get('fit'))}"
+                  for s in recovery["stages"]]
+        lines += [f"  warning: {w}" for w in recovery["warnings"]]
     return lines + fidelity_lines(report)
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the pipeline; returns the exit code (1 when the parity check failed)."""
     opts = options_from(args)
-    bar = ProgressBar(args.steps) if args.steps else None
+    bar = BudgetBar(args.budget) if args.recover else ProgressBar(args.steps) if args.steps else None
     try:
         report = run_pipeline(opts, stages=Stages(stderr_sink), progress=bar)
     finally:

@@ -11,7 +11,6 @@ continues a killed run from it exactly. Under ``torchrun`` the run is data-paral
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +25,7 @@ from gn_convert.load.weights import load_model
 from gn_convert.stages import Stages
 from gn_convert.surgery.checkpoint import load_converted, read_config, save
 from gn_convert.surgery.plan import GroupPlan
+from gn_convert import strict_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
              model_kwargs=config.get("model_kwargs"), source_weights=config.get("source_weights"),
              weights_format="pt" if config.get("weights_file", "").endswith(".pt") else "safetensors",
              extra=keep)
-        (tmp / "report.json").write_text(json.dumps({"source": str(args.checkpoint), **report,
+        (tmp / "report.json").write_text(strict_json.dumps({"source": str(args.checkpoint), **report,
                                                      "timings_s": stages.timings}, indent=2))
     if not args.keep_state:
         shutil.rmtree(state_dir, ignore_errors=True)

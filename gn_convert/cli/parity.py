@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from gn_convert.atomic import atomic_file
 from gn_convert.surgery.checkpoint import load_converted
 from gn_convert.cli.arguments import add_native_library_argument
 from gn_convert.cli.export import parse_shape
+from gn_convert import strict_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     if args.json:
         with atomic_file(args.json) as tmp:
-            tmp.write_text(json.dumps(report.to_dict(), indent=2))
+            tmp.write_text(strict_json.dumps(report.to_dict(), indent=2))
     return 0 if report.passed else 1

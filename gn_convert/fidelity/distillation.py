@@ -20,6 +20,7 @@ process with the same batch; only rank 0 logs, reports progress and writes check
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from dataclasses import asdict
@@ -38,6 +39,7 @@ from gn_convert.fidelity.losses import FeatureTaps, kl_loss, label_loss
 from gn_convert.fidelity.options import (TRAINABLE, DistillOptions, DistillResult, EvalPoint, StepInfo, lr_factor,
                                          param_groups, trainable_only)
 from gn_convert.fidelity.pairs import norm_pairs
+from gn_convert.modes import eval_mode
 from gn_convert.fidelity.train_state import check_compatible, load_state, save_state
 from gn_convert.surgery.registry import is_batchnorm
 
@@ -76,7 +78,8 @@ def distill(
 
     Args:
         student: the converted GroupNorm model (from :func:`gn_convert.convert`).
-        teacher: the BatchNorm model it was converted from; frozen, run in eval mode.
+        teacher: the BatchNorm model it was converted from; frozen, run in eval mode (its own
+            mode and device are left as they were: a copy runs on ``device`` when it lives elsewhere).
         data: a folder (ImageFolder or plain images), Dataset, DataLoader or DataSplit; see
             :func:`gn_convert.data.sources.load_data`. A held-out part (``holdout``, default 10%) is
             kept for evaluation unless ``eval_data`` is given.
@@ -100,7 +103,8 @@ def distill(
         device: where to compute (default CUDA when available); torchrun picks per rank.
         callback: called on rank 0 with a :class:`StepInfo` after every step.
         **options: more :class:`DistillOptions` fields (``time_limit``: stop, evaluated, once
-            this many seconds have passed; ``mixup``: blend each training image with
+            this many seconds have passed, the learning rate annealing with the time spent so that
+            the schedule ends with the time; ``mixup``: blend each training image with
             another, weight ~ Beta(mixup, mixup), the same blend for teacher and student, as in
             function matching (Beyer et al. 2022); ``accumulate``, ``warmup_steps``,
             ``weight_decay``, ``seed``, ``holdout``, ``augment``, ``flip``, ``amp``,
@@ -157,8 +161,9 @@ class _Run:
         self.folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.callback = callback if procs.is_main else None
         student.to(procs.device)
-        teacher.to(procs.device).eval()
-        self.taps = FeatureTaps(norm_pairs(student, teacher))
+        here = next(iter(teacher.parameters()), torch.empty(0)).device
+        self.teacher = teacher if here == procs.device else copy.deepcopy(teacher).to(procs.device)
+        self.taps = FeatureTaps(norm_pairs(student, self.teacher))
         self.groups = param_groups(student, opts)
         self.optimizer = torch.optim.AdamW(self.groups)
         use_amp = opts.amp and procs.device.type == "cuda"
@@ -285,8 +290,18 @@ class _Run:
             loss = loss + self.opts.feature_weight * self.taps.loss()
         return loss
 
+    def _schedule_step(self) -> float:
+        """Where the learning-rate schedule stands: the step, or, with ``time_limit``, the share of
+        the time spent times the steps when that is further (the schedule ends with the time, so a
+        slower machine anneals fully in fewer steps instead of stopping at a high rate). Processes
+        agree on it (their mean elapsed time)."""
+        if self.opts.time_limit is None:
+            return float(self.step)
+        elapsed = ddp.all_sum([time.perf_counter() - self.started], self.procs)[0] / self.procs.world_size
+        return max(float(self.step), elapsed / self.opts.time_limit * self.opts.steps)
+
     def _one_step(self, model: nn.Module, batches: Iterator[Any]) -> float:
-        factor = lr_factor(self.step, self.opts.steps, self.opts.warmup)
+        factor = lr_factor(self._schedule_step(), self.opts.steps, self.opts.warmup)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         torch.manual_seed(ddp.mix_seed(self.opts.seed, self.step, self.procs.rank))
@@ -312,7 +327,8 @@ class _Run:
         """Run (or resume) the distillation; returns the result."""
         params = [p for g in self.groups for p in g["params"]]
         opts, stopped = self.opts, False
-        with trainable_only(self.student, params), self.taps, torch.random.fork_rng(devices=self._rng_devices()):
+        with trainable_only(self.student, params), self.taps, torch.random.fork_rng(devices=self._rng_devices()), \
+                eval_mode(self.teacher):  # the caller's teacher keeps its own mode afterwards
             if not (resume and self._load()):
                 self._evaluate()
             stopped = self._reached(self.history[-1]) if self.history else False

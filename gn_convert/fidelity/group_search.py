@@ -30,7 +30,7 @@ from gn_convert.errors import GroupPlanError
 from gn_convert.fidelity.moments import Moments
 from gn_convert.fidelity.pairs import forward_hooks
 from gn_convert.modes import eval_mode
-from gn_convert.surgery.plan import FIDELITY, GroupPlan, Measure, batchnorm_layers, candidates, plan as default_plan
+from gn_convert.surgery.plan import FIDELITY, GroupPlan, Measure, batchnorm_layers, plan as default_plan
 
 log = logging.getLogger(__name__)
 

@@ -143,8 +143,9 @@ class DistillResult:
                 "seconds": self.seconds, "history": [asdict(p) for p in self.history]}
 
 
-def lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Multiplier of the base learning rate at ``step``: linear warmup, then cosine to 0."""
+def lr_factor(step: float, steps: int, warmup: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (fractional steps allowed): linear warmup,
+    then cosine to 0."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(steps - warmup, 1)

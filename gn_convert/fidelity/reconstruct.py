@@ -50,6 +50,7 @@ class BlockFit:
         error_after: the same after fitting.
         seconds: wall time spent on the block.
         reverted: the fit made the probe error worse, so the block's parameters were put back.
+        completed: whether it ran all the steps it planned (False: its time ran out first).
     """
 
     name: str
@@ -58,14 +59,17 @@ class BlockFit:
     error_after: float
     seconds: float
     reverted: bool = False
+    completed: bool = True
 
 
 @dataclass
 class ReconstructionReport:
-    """What :func:`reconstruct` did: one :class:`BlockFit` per block, in execution order."""
+    """What :func:`reconstruct` did: one :class:`BlockFit` per block, in execution order, and whether
+    every block was fitted for all its planned steps (``completed``; False when the budget ran out)."""
 
     blocks: list[BlockFit] = field(default_factory=list)
     seconds: float = 0.0
+    completed: bool = True
 
     def summary(self) -> str:
         """One line: blocks fitted, steps, mean error before and after."""
@@ -79,7 +83,7 @@ class ReconstructionReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return {"seconds": self.seconds, "blocks": [asdict(b) for b in self.blocks]}
+        return {"seconds": self.seconds, "completed": self.completed, "blocks": [asdict(b) for b in self.blocks]}
 
 
 def block_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -142,9 +146,11 @@ def reconstruct(
             left = None if budget_s is None else (budget_s - (time.perf_counter() - start)) / (len(blocks) - k)
             if left is not None and left <= 0:
                 log.info("reconstruction budget spent: %d of %d blocks fitted", k, len(blocks))
+                report.completed = False
                 break
             fit = _fit_block(block, student, teacher, batches, probe, left, steps_per_block, lr, trainable, reuse)
             report.blocks.append(fit)
+            report.completed = report.completed and fit.completed
             log.info("block %s: error %.4f -> %.4f in %d steps", fit.name, fit.error_before, fit.error_after,
                      fit.steps)
             if callback is not None:
@@ -191,6 +197,7 @@ def _fit_block(block: Block, student: nn.Module, teacher: nn.Module, batches: It
                 total, sized = max(steps, min(max_steps, int(budget_s / per_step))), True
             if budget_s is not None and time.perf_counter() - started > budget_s:
                 break
+    completed = steps >= total
     with torch.no_grad():
         after = float(block_error(block.forward(s_parts, probe_in), probe_target))
         reverted = not after <= before  # never leave a block worse than it came (NaN included)
@@ -198,4 +205,4 @@ def _fit_block(block: Block, student: nn.Module, teacher: nn.Module, batches: It
             for p, value in zip(params, original):
                 p.copy_(value)
     return BlockFit(block.name, steps, before, before if reverted else after, round(time.perf_counter() - started, 2),
-                    reverted)
+                    reverted, completed)

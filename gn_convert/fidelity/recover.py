@@ -1,28 +1,24 @@
 """``recover``: the whole recovery job in one call, within a time budget.
 
-Convert (default or fidelity-aware plan, data-free bn-stats init), then the stages asked for,
-all within ``budget`` seconds, with held-out top-1 agreement with the teacher measured after
-each stage:
+Convert through the same path as :func:`gn_convert.convert` (the same plan options, policies
+and init), then run the stages asked for within ``budget`` seconds:
 
 - ``distill`` (default): knowledge distillation from the frozen BatchNorm teacher on fresh
-  augmented crops, KL on the logits plus a loss on every GroupNorm output (a dense target per
-  layer), optionally with mixup (the same blended view for teacher and student);
+  augmented views of the training photos: KL on the logits plus a loss on every GroupNorm
+  output (a dense target per layer); its learning rate anneals with the *time* spent, so a busy
+  machine gets fewer steps but a finished schedule, never a half-done one;
 - ``reconstruct``: block-wise reconstruction (:mod:`gn_convert.fidelity.reconstruct`) first.
 
-The defaults follow what was measured on a real ImageNet EfficientNet-Lite0 at G=32 with 12
-training photos (scripts/real_network_fidelity.py, README "Recovery"): distillation with the
-feature loss at the model's own resolution was the best use of the time (14.0% -> 17.3% held-out
-top-1 agreement in 356 CPU-s); block reconstruction (7.7-9.3%) and mixup on every batch (5.0%,
-at 128 px) lowered held-out agreement while raising it on the training photos. With so few
-photos, what limits the result is the data; the fidelity plan (``policy="fidelity"``) is the
-lever that moves held-out agreement most (37% with no training at all).
+After each stage the student is scored on held-out photos that no step trains on
+(:mod:`gn_convert.fidelity.recover_data`: the split is by photo, several fixed views of each),
+and on fresh views of the training photos (the fit). The state with the lowest held-out KL is
+kept, so a stage that made things worse is undone and the call always returns the best state it
+reached. The result carries both figures and warnings when the fit runs ahead of the held-out
+agreement, when held-out photos look like views of training photos, or when the budget ran out
+before a stage finished its planned work.
 
-A stage that lowers held-out agreement is undone (the held-out images are a split of ``data``,
-or ``eval_data``: give distinct photos there to catch overfitting to a few). Without data,
-images are synthesised from the teacher's BatchNorm statistics first
-(:mod:`gn_convert.fidelity.synthesize`). The budget is shared between the stages by
-:data:`SHARES` (of what is left when each starts); each stage sizes its own steps from its
-measured speed, so the whole call ends within about the budget on any machine.
+The caller's models are never moved, put in another mode or changed: the teacher is copied to
+the device when it lives elsewhere, and the student (a given one too) is a copy.
 """
 
 from __future__ import annotations
@@ -30,173 +26,38 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from gn_convert.data.items import split_batch
-from gn_convert.data.sources import DataSplit, load_data, split_indices
-from gn_convert.data.transforms import model_transforms
+from gn_convert.data.sources import DataSplit
 from gn_convert.errors import OptionError
 from gn_convert.fidelity.distillation import distill
-from gn_convert.fidelity.group_search import POLICY as FIDELITY, fidelity_plan
-from gn_convert.fidelity.options import EvalPoint
+from gn_convert.fidelity.group_search import layer_errors
+from gn_convert.fidelity.pairs import norm_pairs
 from gn_convert.fidelity.reconstruct import reconstruct
+from gn_convert.fidelity.recover_data import SYNTHETIC, AugmentedTensors, RecoveryData, recovery_data, same_scene_share
+from gn_convert.fidelity.recovery import Clock, Judge, Progress, RecoveryResult, StageResult, overfit_warning
 from gn_convert.fidelity.synthesize import synthesize, write_pngs
 from gn_convert.modes import eval_mode
-from gn_convert.fidelity.pairs import norm_pairs
-from gn_convert.surgery.plan import GroupPlan, LayerPlan, plan as make_plan
+from gn_convert.surgery.plan import FIDELITY, GroupPlan, LayerPlan, plan as make_plan
 from gn_convert.surgery.registry import is_batchnorm
 from gn_convert.surgery.replace import convert
 
 log = logging.getLogger(__name__)
 
-#: share of the remaining budget each stage may use when it starts
-SHARES: dict[str, float] = {"synthesize": 0.3, "reconstruct": 0.45, "distill": 1.0}
-RESERVE = 0.06
 STAGES: tuple[str, ...] = ("reconstruct", "distill")
 DEFAULT_STAGES: tuple[str, ...] = ("distill",)
-SYNTHETIC = "synthetic"
 PLAN_BATCHES = 4
-
-
-@dataclass
-class StageResult:
-    """One stage of :func:`recover`: its time, the held-out agreement after it, its own report."""
-
-    name: str
-    seconds: float
-    agreement: float
-    detail: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class RecoveryResult:
-    """What :func:`recover` returns.
-
-    Attributes:
-        model: the student (every BatchNorm the plan converted is a GroupNorm), eval mode.
-        plan: the group plan it was converted with (per-layer choices and reasons).
-        stages: one :class:`StageResult` per stage, ``convert`` first.
-        history: the distillation's held-out evaluations.
-        heldout: held-out images the agreement was measured on.
-        seconds: wall time of the call.
-    """
-
-    model: nn.Module
-    plan: GroupPlan
-    stages: list[StageResult] = field(default_factory=list)
-    history: list[EvalPoint] = field(default_factory=list)
-    heldout: int = 0
-    seconds: float = 0.0
-
-    @property
-    def agreement(self) -> float:
-        """The held-out top-1 agreement after the last stage."""
-        return self.stages[-1].agreement if self.stages else float("nan")
-
-    def summary(self) -> str:
-        """One line per stage: its time and the held-out agreement after it."""
-        lines = [f"{s.name:12} {s.seconds:7.1f} s  agreement {s.agreement:.3f}" for s in self.stages]
-        return "\n".join([f"recovery on {self.heldout} held-out images ({self.plan.summary()}):", *lines])
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (without the model)."""
-        return {"plan": self.plan.to_dict(), "heldout": self.heldout, "seconds": self.seconds,
-                "agreement": self.agreement, "stages": [asdict(s) for s in self.stages],
-                "history": [asdict(p) for p in self.history]}
-
-
-class AugmentedTensors(Dataset):
-    """Images held as tensors, each fetch a new random-resized crop and flip (for synthetic images)."""
-
-    def __init__(self, images: torch.Tensor, size: int) -> None:
-        from torchvision.transforms import v2
-
-        self.images = images.detach().cpu()
-        self.transform = v2.Compose([v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True),
-                                     v2.RandomHorizontalFlip()])
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[index]), -1
-
-
-def _endless(dataset: Dataset, batch_size: int, device: torch.device, seed: int) -> Iterator[torch.Tensor]:
-    """Shuffled batches of ``dataset``, epoch after epoch (a smaller last batch only when it is all there is)."""
-    size = len(dataset)  # type: ignore[arg-type]
-    if size == 0:
-        raise OptionError("recover has no training image left after the held-out split; add data")
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=size >= batch_size,
-                                generator=gen):
-            yield split_batch(batch)[0].to(device)
-
-
-@torch.no_grad()
-def _predictions(model: nn.Module, dataset: Dataset | None, device: torch.device) -> torch.Tensor:
-    if dataset is None:
-        return torch.empty(0, dtype=torch.long)
-    with eval_mode(model):
-        return torch.cat([model(split_batch(b)[0].to(device)).argmax(1).cpu()
-                          for b in DataLoader(dataset, batch_size=64)])
-
-
-class _Clock:
-    """The budget: what is left, and each stage's share of it.
-
-    A reserve of :data:`RESERVE` of the budget is kept for the held-out evaluations after each
-    stage and the bookkeeping between them, so that the whole call ends within the budget.
-    """
-
-    def __init__(self, budget: float) -> None:
-        if budget <= 0:
-            raise OptionError(f"the budget must be positive, got {budget}")
-        self.budget, self.start = budget, time.perf_counter()
-        self.reserve = RESERVE * budget
-
-    def elapsed(self) -> float:
-        return round(time.perf_counter() - self.start, 2)
-
-    def left(self) -> float:
-        return max(self.budget - (time.perf_counter() - self.start), 0.0)
-
-    def share(self, stage: str) -> float:
-        return max(self.left() - self.reserve, 0.0) * SHARES[stage]
-
-
-def _split(data: Any, teacher: nn.Module, clock: _Clock, opts: dict[str, Any]) -> tuple[DataSplit, dict[str, Any]]:
-    """The training and held-out images: real, synthetic, or real enlarged by synthetic."""
-    synthetic = int(opts["synthetic"])
-    if isinstance(data, str) and data == SYNTHETIC:
-        synthetic = synthetic or 256
-        data = None
-    real = None if data is None else load_data(data, weights=opts["weights"], input_size=opts["input_size"],
-                                               holdout=opts["holdout"], seed=opts["seed"],
-                                               eval_data=opts["eval_data"])
-    if not synthetic:
-        if real is None:
-            raise OptionError("recover needs data: a folder or Dataset of images, or data='synthetic'")
-        return real, {}
-    budget = clock.share("synthesize") if real is None else clock.share("synthesize") / 3
-    images, report = synthesize(teacher, synthetic, size=opts["synthetic_size"], budget_s=budget, seed=opts["seed"])
-    detail = report.to_dict()
-    if opts["synthetic_dir"] is not None:  # a new folder: an existing one is refused, never replaced
-        detail["folder"] = str(write_pngs(images, opts["synthetic_dir"])[0].parent)
-    size = opts["input_size"] or (model_transforms(opts["weights"]).crop_size if opts["weights"] is not None
-                                  else opts["synthetic_size"])
-    if real is not None:
-        return DataSplit(ConcatDataset([real.train, AugmentedTensors(images, size)]), real.heldout, False), detail
-    train_idx, held_idx = split_indices(len(images), opts["holdout"], opts["seed"])
-    held = torch.nn.functional.interpolate(images[held_idx], size=(size, size), mode="bilinear", antialias=True)
-    return DataSplit(AugmentedTensors(images[train_idx], size), TensorDataset(held.cpu()), False), detail
+COMPLETE = 0.9
+"""A distillation that ran at least this share of the steps planned from its measured speed counts as
+complete (its learning rate always anneals with the time; fewer steps mean a busier machine)."""
+SAME_SCENE_WARNING = 0.5
+__all__ = ["AugmentedTensors", "DEFAULT_STAGES", "STAGES", "SYNTHETIC", "recover"]
 
 
 def recover(
@@ -204,9 +65,14 @@ def recover(
     data: Any = None,
     *,
     teacher: nn.Module | None = None,
-    groups: int = 32,
+    groups: int | None = 32,
+    group_size: int | None = None,
     policy: str = "divisor",
     min_channels_per_group: int = 1,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    on_single: str = "error",
+    init: str = "bn-stats",
     budget: float = 900.0,
     stages: tuple[str, ...] | None = None,
     batch_size: int = 16,
@@ -228,96 +94,171 @@ def recover(
     """Convert ``model`` to GroupNorm and bring it back to its function within ``budget`` seconds.
 
     Args:
-        model: the BatchNorm model (the teacher; not changed), or an already converted student
-            when ``teacher`` is given.
-        data: a folder, Dataset, DataLoader or DataSplit of images (a held-out part is kept, see
-            ``holdout``), or ``"synthetic"`` for a data-free recovery.
+        model: the BatchNorm model (the teacher; never changed), or an already converted
+            student when ``teacher`` is given (it is copied, not changed).
+        data: a folder of photos (a tenth of the files, at least one, are held out), a Dataset
+            or DataSplit, ``"synthetic"`` for a data-free recovery, or None with ``synthetic``.
         teacher: the BatchNorm original, when ``model`` is already converted.
-        groups: the requested group count (the largest allowed with ``policy="fidelity"``).
-        policy: ``divisor``, ``gcd``, ``strict`` (see :func:`gn_convert.plan`) or ``fidelity``
-            (per layer, the count up to ``groups`` that keeps the output closest to BN's).
-        min_channels_per_group: the fidelity plan's smallest group.
+        groups, group_size, policy, min_channels_per_group, include, exclude, on_single: the
+            group plan, as in :func:`gn_convert.plan`; ``policy="fidelity"`` measures each
+            layer's candidates on training images.
+        init: ``bn-stats`` or ``identity``, as in :func:`gn_convert.convert`.
         budget: wall-clock seconds for everything after loading.
-        stages: which of ``reconstruct`` and ``distill`` to run, in order. Default: ``distill`` with
-            real data; none with ``data="synthetic"`` (measured: distilling on images synthesised from
-            the BatchNorm statistics lowered real-photo agreement, 14.0% -> 3.0% on EfficientNet-Lite0
-            and 89.2% -> 42.3% on the digits ResNet; data-free, the images choose the fidelity plan).
+        stages: which of ``reconstruct`` and ``distill`` to run, in order. Default: ``distill``
+            with real data; none with ``data="synthetic"`` (measured: distilling on images
+            synthesised from the BatchNorm statistics lowered real-photo agreement, 14.0% ->
+            3.0% on EfficientNet-Lite0; data-free, the images choose the fidelity plan).
         batch_size, lr, mixup, feature_weight: distillation (see :func:`gn_convert.distill`).
         reconstruct_lr: Adam's learning rate of block reconstruction.
         synthetic: synthetic images to make from the teacher (added to ``data``; 256 by default
             when ``data="synthetic"``).
         synthetic_size: their side in pixels.
-        synthetic_dir: also write them there as PNG files.
-        weights, input_size: the model's preprocessing for folder images.
-        holdout, eval_data: the held-out images (see :func:`gn_convert.data.load_data`).
+        synthetic_dir: also write them there as PNG files (a new folder).
+        weights, input_size: the model's preprocessing (crop size, normalisation).
+        holdout: fraction (or count) of the photos held out when there is no ``eval_data``.
+        eval_data: photos of other scenes to score on (a folder or Dataset); then all of
+            ``data`` trains.
         seed: seed of splits, orders and augmentations.
         device: where to compute (default: CUDA when available).
-        callback: called after every distillation step (progress).
+        callback: called with a :class:`~gn_convert.fidelity.recovery.Progress` as each stage
+            starts and after every synthesis batch, fitted block and distillation step.
 
     Returns:
-        The :class:`RecoveryResult`.
+        The :class:`~gn_convert.fidelity.recovery.RecoveryResult`.
 
     Raises:
         OptionError: no data, an unknown stage, or a student without its teacher.
         ModelMismatchError, DataError, GroupPlanError: see the stages.
     """
-    clock = _Clock(budget)
+    clock = Clock(budget)
     if stages is None:
         stages = () if isinstance(data, str) and data == SYNTHETIC else DEFAULT_STAGES
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise OptionError(f"unknown recovery stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    given_student = teacher is not None
     if teacher is None:
         if not any(is_batchnorm(m) for m in model.modules()):
             raise OptionError("the model has no BatchNorm layer: pass the converted student with its teacher=")
         teacher = model
-    teacher = teacher.to(device).eval()
-    opts = dict(synthetic=synthetic, synthetic_size=synthetic_size, synthetic_dir=synthetic_dir, weights=weights,
-                input_size=input_size, holdout=holdout, eval_data=eval_data, seed=seed)
-    split, synth_detail = _split(data, teacher, clock, opts)
-    batch_size = max(1, min(batch_size, len(split.train)))  # type: ignore[arg-type]  # a few images: smaller batches
-    reference = _predictions(teacher, split.heldout, device)
-    results: list[StageResult] = []
-    if synth_detail:
-        results.append(StageResult("synthesize", synth_detail["seconds"], float("nan"), synth_detail))
+    if given_student:
+        norm_pairs(model, teacher)  # refuse a mismatched pair before any work
+    teacher = _on_device(teacher, device)
 
-    def agreement(student: nn.Module) -> float:
-        found = _predictions(student, split.heldout, device)
-        return float((found == reference).float().mean()) if len(reference) else float("nan")
+    def tell(info: Any) -> None:
+        if callback is not None:
+            callback(info)
 
-    started = time.perf_counter()
-    batches = _endless(split.train, batch_size, device, seed)
-    if model is teacher:
-        layer_plan = _plan(teacher, batches, groups, policy, min_channels_per_group)
-        student = convert(teacher, plan=layer_plan).to(device)
-    else:
-        student, layer_plan = model.to(device), _student_plan(model, teacher)
-    results.append(StageResult("convert", round(time.perf_counter() - started, 2), agreement(student),
-                               {"plan": layer_plan.summary()}))
-    history: list[EvalPoint] = []
-    for stage in stages:
+    with eval_mode(teacher):
+        results: list[StageResult] = []
+        opts = dict(weights=weights, input_size=input_size, holdout=holdout, eval_data=eval_data, seed=seed,
+                    synthetic=synthetic)
+
+        def synthesise(count: int) -> torch.Tensor:
+            share = clock.share("synthesize") / (1 if data is None or data == SYNTHETIC else 3)
+            images, report = synthesize(teacher, count, size=synthetic_size, budget_s=share, seed=seed,
+                                        callback=lambda k: tell(Progress("synthesize", k)))
+            detail = report.to_dict()
+            if synthetic_dir is not None:  # a new folder: an existing one is refused, never replaced
+                detail["folder"] = str(write_pngs(images, synthetic_dir)[0].parent)
+            results.append(StageResult("synthesize", report.seconds, float("nan"), detail=detail,
+                                       completed=report.completed))
+            return images
+
+        found = recovery_data(data, teacher, opts, synthesise)
+        judge = Judge(teacher, found.heldout, found.groups, found.fit)
+        warnings = list(found.warnings) + _same_scene(teacher, found)
         started = time.perf_counter()
-        before = {k: v.detach().clone() for k, v in student.state_dict().items()}
-        if clock.left() < clock.reserve:
-            log.warning("no budget left for %s: skipped", stage)
-            results.append(StageResult(stage, 0.0, results[-1].agreement, {"skipped": "no budget left"}))
-            continue
-        if stage == "reconstruct":
-            report = reconstruct(student, teacher, batches, budget_s=clock.share("reconstruct"), lr=reconstruct_lr)
-            detail, after = report.to_dict(), agreement(student)
+        if batch_size > len(found.train):  # type: ignore[arg-type]
+            log.warning("batch size %d lowered to the %d training images", batch_size, len(found.train))
+            batch_size = len(found.train)  # type: ignore[arg-type]
+        batches = _endless(found.train, batch_size, device, seed)
+        if given_student:
+            student = _on_device(model, device, always_copy=True)
+            layer_plan = _student_plan(student, teacher)
         else:
-            detail, history = _distill(student, teacher, split, clock, batch_size=batch_size, lr=lr, mixup=mixup,
-                                       feature_weight=feature_weight, seed=seed, device=device, callback=callback)
-            after = history[-1].agreement if history else agreement(student)  # its last evaluation is the end state
-        if after < results[-1].agreement:  # a stage that lowered held-out agreement is undone
-            student.load_state_dict(before)
-            detail["undone"] = f"held-out agreement fell from {results[-1].agreement:.3f} to {after:.3f}"
-            log.warning("%s lowered held-out agreement (%.3f -> %.3f): undone", stage, results[-1].agreement, after)
-            after = results[-1].agreement
-        results.append(StageResult(stage, round(time.perf_counter() - started, 2), after, detail))
-        log.info("%s: held-out agreement %.3f", stage, results[-1].agreement)
-    return RecoveryResult(student.eval(), layer_plan, results, history, len(reference), clock.elapsed())
+            layer_plan = _plan(teacher, batches, dict(groups=groups, group_size=group_size, policy=policy,
+                                                      min_channels_per_group=min_channels_per_group, include=include,
+                                                      exclude=exclude, on_single=on_single))
+            student = convert(teacher, plan=layer_plan, init=init).to(device)
+        results.append(_scored("convert", student, judge, started, {"plan": layer_plan.summary()}))
+        history: list[Any] = []
+        for stage in stages:
+            started = time.perf_counter()
+            tell(Progress(stage))
+            if clock.left() < clock.reserve:
+                log.warning("no budget left for %s: skipped", stage)
+                results.append(StageResult(stage, 0.0, results[-1].agreement, results[-1].scores, False,
+                                           {"skipped": "no budget left"}))
+                continue
+            if stage == "reconstruct":
+                fitted = iter(range(1, 1 << 30))
+                report = reconstruct(student, teacher, batches, budget_s=clock.share("reconstruct"), lr=reconstruct_lr,
+                                     callback=lambda _fit: tell(Progress("reconstruct", next(fitted))))
+                detail, completed = report.to_dict(), report.completed
+            else:
+                detail, history, completed = _distill(student, teacher, found, clock, batch_size=batch_size, lr=lr,
+                                                      mixup=mixup, feature_weight=feature_weight, seed=seed,
+                                                      device=device,
+                                                      callback=lambda info: tell(Progress("distill", info.step)))
+            results.append(_scored(stage, student, judge, started, detail, completed))
+        judge.restore_best(student)
+        kept = _kept(results)
+        if kept != results[-1].name:
+            warnings.append(f"{results[-1].name} raised the held-out KL; the state after {kept} is returned")
+        if not all(r.completed for r in results):
+            warnings.append("the budget ran out before every stage did the work it planned (see each stage's "
+                            "completed and detail); the best state reached is returned: a larger budget, or a "
+                            "quieter machine, would let it finish")
+        kept_scores = next(r.scores for r in results if r.name == kept)
+        warnings += [w for w in (overfit_warning(kept_scores),) if w]
+    for line in warnings:
+        log.warning(line)
+    return RecoveryResult(student.eval(), layer_plan, results, history, len(found.heldout), len(set(found.groups)),
+                          clock.elapsed(), warnings, kept)
+
+
+def _kept(results: list[StageResult]) -> str:
+    """The stage whose end state had the lowest held-out KL (the first on ties; synthesis has none)."""
+    scored = [r for r in results if r.name != "synthesize"]
+    return min(scored, key=lambda r: r.scores.get("kl", float("inf")) if r.scores.get("kl") == r.scores.get("kl")
+               else float("inf")).name
+
+
+def _on_device(model: nn.Module, device: torch.device, always_copy: bool = False) -> nn.Module:
+    """``model`` itself when it already lives on ``device`` (and no copy is asked), else a copy there."""
+    here = next(iter(model.parameters()), torch.empty(0)).device
+    return copy.deepcopy(model).to(device) if always_copy or here != device else model
+
+
+def _scored(name: str, student: nn.Module, judge: Judge, started: float, detail: dict[str, Any],
+            completed: bool = True) -> StageResult:
+    scores = judge.score(student)
+    if judge.keep_best(student, scores):
+        detail = {**detail, "best_so_far": True}
+    log.info("%s: held-out agreement %.3f, KL %.3f, fit %.3f", name, scores["top1"], scores["kl"], scores["fit"])
+    return StageResult(name, round(time.perf_counter() - started, 2), scores["top1"], scores, completed, detail)
+
+
+def _same_scene(teacher: nn.Module, found: RecoveryData) -> list[str]:
+    share = same_scene_share(teacher, found.heldout, found.groups, found.fit)
+    if share < SAME_SCENE_WARNING:
+        return []
+    return [f"{share:.0%} of the held-out photos look like views of training photos (many files, few scenes?): "
+            "the held-out agreement flatters the result; pass eval_data (--eval-data) with photos of other scenes"]
+
+
+def _endless(dataset: Dataset, batch_size: int, device: torch.device, seed: int) -> Iterator[torch.Tensor]:
+    """Shuffled batches of ``dataset``, epoch after epoch (a smaller last batch only when it is all there is)."""
+    size = len(dataset)  # type: ignore[arg-type]
+    if size == 0:
+        raise OptionError("recover has no training image left after the held-out split; add data")
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=size >= batch_size,
+                                generator=gen):
+            yield split_batch(batch)[0].to(device)
 
 
 def _student_plan(student: nn.Module, teacher: nn.Module) -> GroupPlan:
@@ -327,38 +268,35 @@ def _student_plan(student: nn.Module, teacher: nn.Module) -> GroupPlan:
     return GroupPlan(None, None, "given", layers)
 
 
-def _plan(teacher: nn.Module, batches: Iterator[torch.Tensor], groups: int, policy: str,
-          min_channels_per_group: int) -> GroupPlan:
-    if policy == FIDELITY:
-        return fidelity_plan(teacher, [next(batches) for _ in range(PLAN_BATCHES)], groups,
-                             min_channels_per_group=min_channels_per_group)
-    example = next(batches)[:1]
-    return make_plan(teacher, groups, policy=policy, example_input=example)
+def _plan(teacher: nn.Module, batches: Iterator[torch.Tensor], options: dict[str, Any]) -> GroupPlan:
+    """The group plan through :func:`gn_convert.plan`; the fidelity policy measures on training views."""
+    images = [next(batches) for _ in range(PLAN_BATCHES if options["policy"] == FIDELITY else 1)]
+    measure = layer_errors(teacher, images) if options["policy"] == FIDELITY else None
+    return make_plan(teacher, example_input=images[0][:1], measure=measure, **options)
 
 
-def _distill(student: nn.Module, teacher: nn.Module, split: DataSplit, clock: _Clock, *, batch_size: int,
+def _distill(student: nn.Module, teacher: nn.Module, found: RecoveryData, clock: Clock, *, batch_size: int,
              device: torch.device, callback: Callable[[Any], None] | None,
-             **options: Any) -> tuple[dict[str, Any], list[EvalPoint]]:
-    """Distil for as many steps as the rest of the budget allows (the step time is measured first)."""
-    per_step = _step_seconds(student, teacher, split, batch_size, device)
-    heldout = len(split.heldout) if split.heldout is not None else 0
-    evals = 2
-    eval_cost = evals * heldout * per_step / batch_size / 3
+             **options: Any) -> tuple[dict[str, Any], list[Any], bool]:
+    """Distil for the rest of the budget: the step count is estimated from the measured step time,
+    and the learning rate anneals with the time spent, so the schedule ends with the budget."""
+    per_step = _step_seconds(student, teacher, found.train, batch_size, device)
     share = clock.share("distill")
-    steps = max(1, int((share - eval_cost) / per_step))
-    log.info("distilling %d steps (%.2f s a step) in the %.0f s left", steps, per_step, clock.left())
-    result = distill(student, teacher, split, steps=steps, batch_size=batch_size, eval_every=max(1, steps // evals),
-                     device=device, callback=callback, time_limit=max(share - eval_cost / evals, per_step),
-                     **options)
-    return result.to_dict(), result.history
+    steps = max(1, int(share / per_step))
+    log.info("distilling about %d steps (%.2f s a step) in the %.0f s left", steps, per_step, clock.left())
+    split = DataSplit(found.train, None, False)
+    result = distill(student, teacher, split, steps=steps, batch_size=batch_size, eval_every=steps + 1,
+                     device=device, callback=callback, time_limit=share, **options)
+    detail = result.to_dict()
+    detail["planned_steps"] = steps
+    return detail, result.history, result.steps >= COMPLETE * steps
 
 
-def _step_seconds(student: nn.Module, teacher: nn.Module, split: DataSplit, batch_size: int,
+def _step_seconds(student: nn.Module, teacher: nn.Module, train: Dataset, batch_size: int,
                   device: torch.device) -> float:
     """Seconds of one distillation step, measured on a copy (teacher forward, student forward and backward)."""
     probe = copy.deepcopy(student).train()
-    x = next(iter(DataLoader(split.train, batch_size=batch_size)))
-    x = split_batch(x)[0].to(device)
+    x = split_batch(next(iter(DataLoader(train, batch_size=batch_size))))[0].to(device)
     times = []
     for _ in range(2):
         begin = time.perf_counter()

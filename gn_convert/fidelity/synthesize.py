@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ class SynthesisReport:
         size: their side in pixels.
         steps: optimisation steps per batch.
         seconds: wall time.
+        completed: whether every batch ran all its steps (False: the budget cut some short).
         stat_error: per BatchNorm layer, the relative error of the synthetic images' channel
             statistics against the running ones (``|mean - running_mean| / sqrt(running_var)``
             and ``|var - running_var| / running_var``, averaged over channels, then the larger
@@ -53,6 +54,7 @@ class SynthesisReport:
     size: int
     steps: int
     seconds: float
+    completed: bool = True
     stat_error: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -128,6 +130,7 @@ def synthesize(
     std: Sequence[float] = IMAGENET_STD,
     seed: int = 0,
     budget_s: float | None = None,
+    callback: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, SynthesisReport]:
     """Synthesise ``count`` images whose batch statistics match the teacher's BatchNorm layers.
 
@@ -144,6 +147,7 @@ def synthesize(
         mean, std: the normalisation of the model's inputs (pixels are kept in [0, 1] before it).
         seed: seed of the initial noise and the jitter.
         budget_s: stop early (with fewer steps per batch) to stay within this many seconds.
+        callback: called with the number of batches done after each batch (progress).
 
     Returns:
         The images, normalised like model inputs, ``(count, 3, size, size)`` on the teacher's
@@ -161,7 +165,7 @@ def synthesize(
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    taps, start, made = _StatTaps(layers), time.perf_counter(), []
+    taps, start, made, completed = _StatTaps(layers), time.perf_counter(), [], True
     batches = [min(batch_size, count - k) for k in range(0, count, batch_size)]
     with eval_mode(teacher), forward_hooks(taps.hooks()):
         for k, n in enumerate(batches):
@@ -183,13 +187,16 @@ def synthesize(
                 with torch.no_grad():  # keep pixels in [0, 1] before normalisation
                     x.copy_(torch.maximum(torch.minimum(x, (1 - m) / s), -m / s))
                 if share is not None and time.perf_counter() - began > share:
+                    completed = step == steps - 1
                     break
             made.append(x.detach())
+            if callback is not None:
+                callback(k + 1)
         images = torch.cat(made)[:count]
         with torch.no_grad():
             teacher(images)
         errors = taps.errors()
-    report = SynthesisReport(len(images), size, steps, round(time.perf_counter() - start, 2), errors)
+    report = SynthesisReport(len(images), size, steps, round(time.perf_counter() - start, 2), completed, errors)
     log.info("synthesised %d images at %dx%d in %.0f s; worst BatchNorm statistics error %.3f",
              len(images), size, size, report.seconds, report.worst_stat_error)
     return images, report

@@ -26,6 +26,7 @@ from gn_convert.surgery.plan import GroupPlan
 from gn_convert.load.names import build_model
 from gn_convert.load.state_dict import load_weights_into, read_state_dict
 from gn_convert.surgery.replace import convert
+from gn_convert import strict_json
 
 FORMAT = "gn-convert/1"
 CONFIG_FILE = "config.json"
@@ -91,7 +92,7 @@ def save(
         **(extra or {}),
     }
     with atomic_file(folder / CONFIG_FILE) as tmp:
-        tmp.write_text(json.dumps(config, indent=2))
+        tmp.write_text(strict_json.dumps(config, indent=2))
     return folder
 
 

@@ -1,0 +1,235 @@
+"""The images a recovery trains on and is judged on, split by source photo.
+
+:func:`recovery_data` turns what the user gave (a folder, a Dataset, ``"synthetic"``, a
+:class:`~gn_convert.data.sources.DataSplit`, or a folder plus synthetic images) into:
+
+- ``train``: a Dataset whose every fetch is a fresh augmented view (random-resized crop, flip);
+- ``heldout``: fixed views of photos that training never sees (the split is by file, and a
+  file is a photo: several seeded views of each held-out photo, so that one photo counts as a
+  group of correlated crops, not as several independent ones);
+- ``fit``: fixed fresh views of the *training* photos, to compare fit with generalisation;
+- ``warnings``: what makes the held-out figure less trustworthy (few held-out photos, files that
+  look like views of the same scenes, no real images at all).
+
+``eval_data`` replaces the held-out split: give photos of other scenes there.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from gn_convert.data.folders import ImageFiles, scan_folder
+from gn_convert.data.items import LabelledItems, split_batch
+from gn_convert.data.sources import DataSplit, load_data, split_indices
+from gn_convert.data.transforms import model_transforms
+from gn_convert.errors import OptionError
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC = "synthetic"
+VIEWS = 8
+"""Fixed views per held-out photo (the centre crop and seeded random-resized crops)."""
+MAX_HELDOUT_VIEWS = 512
+FIT_VIEWS = 128
+FEW_PHOTOS = 8
+"""Below this many held-out photos the held-out figure gets a warning."""
+SAME_SCENE = 0.9
+"""Cosine similarity of the teacher's pooled features above which two files look like views of one scene."""
+
+
+@dataclass
+class RecoveryData:
+    """What a recovery trains on and is judged on (see the module docstring).
+
+    Attributes:
+        train: items ``(image, label)``, a fresh augmented view per fetch.
+        heldout: fixed held-out views ``(N, C, H, W)``.
+        groups: the source (photo) of each held-out view, for intervals over photos.
+        fit: fixed views of the training images.
+        input_size: the side of the views, in pixels.
+        description: one line saying what the data are.
+        warnings: reasons to distrust the held-out figure.
+    """
+
+    train: Dataset
+    heldout: torch.Tensor
+    groups: list[str]
+    fit: torch.Tensor
+    input_size: int
+    description: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+class AugmentedTensors(Dataset):
+    """Images held as tensors, each fetch a new random-resized crop and flip (for synthetic images)."""
+
+    def __init__(self, images: torch.Tensor, size: int) -> None:
+        from torchvision.transforms import v2
+
+        self.images = images.detach().cpu()
+        self.transform = v2.Compose([v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True),
+                                     v2.RandomHorizontalFlip()])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), -1
+
+
+class SeededViews(Dataset):
+    """``views`` fixed views of each image file: the centre crop, then seeded random-resized crops."""
+
+    def __init__(self, files: list[Path], views: int, size: int, seed: int, weights: Any = None) -> None:
+        from torchvision.transforms import v2
+
+        self.files, self.views, self.seed = files, views, seed
+        prep = model_transforms(weights, size)
+        self.centre = prep.eval
+        self.random = v2.Compose([v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True), v2.ToImage(),
+                                  v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])
+
+    def __len__(self) -> int:
+        return len(self.files) * self.views
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        file, view = divmod(index, self.views)
+        with Image.open(self.files[file]) as img:
+            image = img.convert("RGB")
+            if view == 0:
+                return self.centre(image), -1
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed * 1_000_003 + index)
+                return self.random(image), -1
+
+
+def _stack(dataset: Dataset, limit: int | None = None) -> torch.Tensor:
+    count = len(dataset) if limit is None else min(limit, len(dataset))  # type: ignore[arg-type]
+    return torch.stack([split_batch(dataset[i][0][None])[0][0] for i in range(count)])
+
+
+def _fresh_views(train: Dataset, count: int, seed: int) -> torch.Tensor:
+    """``count`` augmented views of training items, drawn with a fixed seed (no training batch draws them)."""
+    size = len(train)  # type: ignore[arg-type]
+    rng = random.Random(seed + 7919)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 7919)
+        return torch.stack([LabelledItems(train)[rng.randrange(size)][0] for _ in range(count)])
+
+
+def _folder(data: Any, opts: dict[str, Any], size: int) -> tuple[Dataset, torch.Tensor, list[str], str]:
+    scan = scan_folder(data)
+    prep = model_transforms(opts["weights"], size)
+    if opts["eval_data"] is not None:
+        train_idx = list(range(len(scan.files)))
+        heldout, groups = _eval_views(opts["eval_data"], opts, size)
+    else:
+        train_idx, held_idx = split_indices(len(scan.files), opts["holdout"], opts["seed"])
+        held_files = [scan.files[i] for i in held_idx][:MAX_HELDOUT_VIEWS]
+        views = max(1, min(VIEWS, MAX_HELDOUT_VIEWS // max(len(held_files), 1)))
+        heldout = _stack(SeededViews(held_files, views, size, opts["seed"], opts["weights"]))
+        groups = [f.name for f in held_files for _ in range(views)]
+    labels = [scan.labels[i] for i in train_idx] if scan.labels is not None else None
+    train = ImageFiles([scan.files[i] for i in train_idx], labels, prep.train)
+    return train, heldout, groups, f"folder {scan.root}: {len(train_idx)} training photos"
+
+
+def _eval_views(eval_data: Any, opts: dict[str, Any], size: int) -> tuple[torch.Tensor, list[str]]:
+    """Fixed views of a separate evaluation source: a folder (views of every photo) or a Dataset."""
+    if isinstance(eval_data, (str, Path)):
+        files = scan_folder(eval_data).files[:MAX_HELDOUT_VIEWS]
+        views = max(1, min(VIEWS, MAX_HELDOUT_VIEWS // len(files)))
+        return _stack(SeededViews(files, views, size, opts["seed"], opts["weights"])), \
+            [f.name for f in files for _ in range(views)]
+    split = load_data(eval_data, weights=opts["weights"], input_size=size, holdout=0, augment=False)
+    images = _stack(split.train, MAX_HELDOUT_VIEWS * VIEWS)
+    return images, [str(i) for i in range(len(images))]
+
+
+def recovery_data(data: Any, teacher: nn.Module, opts: dict[str, Any],
+                  synthesise: Any = None) -> RecoveryData:
+    """Assemble a recovery's data (see the module docstring).
+
+    Args:
+        data: a folder, Dataset, DataLoader, DataSplit, ``"synthetic"`` or None.
+        teacher: the BatchNorm model (for synthetic images and the same-scene check).
+        opts: ``weights``, ``input_size``, ``holdout``, ``eval_data``, ``seed``, ``synthetic``
+            (count of synthetic images to add).
+        synthesise: ``synthesise(count) -> images (N, 3, S, S)`` (normalised), for synthetic data.
+
+    Raises:
+        OptionError: no data at all.
+        DataError: an unreadable source, or a split that leaves nothing to train on.
+    """
+    synthetic = int(opts.get("synthetic") or 0)
+    if isinstance(data, str) and data == SYNTHETIC:
+        data, synthetic = None, synthetic or 256
+    if data is None and not synthetic:
+        raise OptionError("recover needs data: a folder or Dataset of images, or data='synthetic'")
+    size = opts["input_size"] or model_transforms(opts["weights"]).crop_size
+    warnings: list[str] = []
+    if isinstance(data, (str, Path)) and Path(data).is_dir():
+        train, heldout, groups, description = _folder(data, opts, size)
+    elif data is not None:
+        split = load_data(data, weights=opts["weights"], input_size=size, holdout=opts["holdout"],
+                          seed=opts["seed"], eval_data=opts["eval_data"])
+        train, description = split.train, split.description
+        heldout = _stack(split.heldout, MAX_HELDOUT_VIEWS) if split.heldout is not None else torch.empty(0)
+        groups = [str(i) for i in range(len(heldout))]
+        if not isinstance(data, DataSplit) and opts["eval_data"] is None:
+            warnings.append("the held-out items are a split of the dataset's items; if several items come from "
+                            "one photo, the held-out agreement flatters the result: pass eval_data with other photos")
+    else:
+        train, description = None, "no real images"
+        heldout, groups = _eval_views(opts["eval_data"], opts, size) if opts["eval_data"] is not None else \
+            (torch.empty(0), [])
+    if synthetic:
+        images = synthesise(synthetic)
+        if train is None and not len(heldout):
+            train_idx, held_idx = split_indices(len(images), opts["holdout"], opts["seed"])
+            resized = torch.nn.functional.interpolate(images[held_idx], size=(size, size), mode="bilinear",
+                                                      antialias=True)
+            heldout, groups = resized.cpu(), [f"synthetic-{i}" for i in held_idx]
+            images = images[train_idx]
+            warnings.append("no real held-out images: agreement is measured on synthetic ones and says little "
+                            "about photos; pass eval_data with real photos")
+        extra = AugmentedTensors(images, size)
+        train = extra if train is None else ConcatDataset([LabelledItems(train), extra])
+        description += f" + {len(images)} synthetic images"
+    fit = _fresh_views(train, min(FIT_VIEWS, max(len(heldout), 32)), opts["seed"])
+    photos = len(set(groups))
+    if 0 < photos < FEW_PHOTOS:
+        warnings.append(f"only {photos} held-out photos: the held-out agreement is a coarse estimate; pass eval_data "
+                        "with more photos of other scenes")
+    return RecoveryData(train, heldout, groups, fit, size, description, warnings)
+
+
+def same_scene_share(teacher: nn.Module, heldout: torch.Tensor, groups: list[str], fit: torch.Tensor) -> float:
+    """The share of held-out photos whose centre view looks like a view of a training photo: the
+    cosine similarity of the teacher's pooled features (the input of its last linear layer) to
+    some training view is above :data:`SAME_SCENE`."""
+    linear = [m for m in teacher.modules() if isinstance(m, nn.Linear)]
+    if not linear or not len(heldout) or not len(fit):
+        return 0.0
+    seen: list[torch.Tensor] = []
+    handle = linear[-1].register_forward_pre_hook(lambda _m, args: seen.append(args[0].flatten(1).float()))
+    first = sorted({g: i for i, g in reversed(list(enumerate(groups)))}.values())
+    device = next(teacher.parameters()).device
+    try:
+        with torch.no_grad():
+            for x in (heldout[first], fit):
+                teacher(x.to(device))
+    finally:
+        handle.remove()
+    held, train = (torch.nn.functional.normalize(t, dim=1) for t in seen[:2])
+    return float(((held @ train.T).max(1).values > SAME_SCENE).float().mean())
+

@@ -1,0 +1,192 @@
+"""What a recovery reports, how it is judged, and its time budget.
+
+- :class:`Judge`: the held-out and fit views with the teacher's outputs on them, computed once;
+  :meth:`Judge.score` measures a student the same way every time (top-1 agreement, agreement
+  where the teacher is confident, top-5, KL, a bootstrap interval over photos) and
+  :meth:`Judge.keep_best` keeps the state with the lowest held-out KL seen so far (KL, not
+  top-1: on a few dozen photos top-1 moves by whole photos, KL moves smoothly).
+- :class:`StageResult`, :class:`RecoveryResult`: per stage and overall, the fit (fresh views of
+  the training photos) beside the held-out agreement, warnings when the two part ways, and a
+  JSON form with no NaN (``null`` instead; strict JSON parsers reject NaN).
+- :class:`Clock`: the wall-clock budget and each stage's share of it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gn_convert.errors import OptionError
+from gn_convert.fidelity.metrics import agreement_metrics, logits
+from gn_convert.strict_json import json_safe
+from gn_convert.surgery.plan import GroupPlan
+
+OVERFIT_GAP = 0.15
+"""Fit above held-out agreement by more than this: the result says more varied images would help."""
+SHARES: dict[str, float] = {"synthesize": 0.3, "reconstruct": 0.45, "distill": 1.0}
+"""Share of the remaining budget each stage may use when it starts."""
+RESERVE = 0.06
+"""Share of the budget kept for the evaluations between stages and the bookkeeping."""
+
+
+class Judge:
+    """Scores students on fixed held-out and fit views against the teacher (see the module docstring)."""
+
+    def __init__(self, teacher: nn.Module, heldout: torch.Tensor, groups: list[str], fit: torch.Tensor) -> None:
+        self.heldout, self.groups, self.fit = heldout, groups, fit
+        self.teacher_heldout = logits(teacher, heldout) if len(heldout) else torch.empty(0)
+        self.teacher_fit = logits(teacher, fit) if len(fit) else torch.empty(0)
+        self.best_kl = math.inf
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def score(self, student: nn.Module) -> dict[str, float]:
+        """``heldout`` metrics (see :func:`gn_convert.fidelity.metrics.agreement_metrics`) and ``fit``."""
+        found: dict[str, float] = {"fit": math.nan}
+        if len(self.fit):
+            found["fit"] = float((logits(student, self.fit).argmax(1) == self.teacher_fit.argmax(1)).float().mean())
+        if len(self.heldout):
+            found.update(agreement_metrics(logits(student, self.heldout), self.teacher_heldout, self.groups,
+                                           resamples=500))
+        else:
+            found.update(top1=math.nan, confident=math.nan, kl=math.nan)
+        return found
+
+    def keep_best(self, student: nn.Module, scores: dict[str, float]) -> bool:
+        """Remember ``student``'s state if its held-out KL is the lowest so far; True when it was."""
+        kl = scores.get("kl", math.nan)
+        if self.best_state is not None and not kl < self.best_kl:
+            return False
+        self.best_kl = kl if math.isfinite(kl) else self.best_kl
+        self.best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        return True
+
+    def restore_best(self, student: nn.Module) -> None:
+        """Load the best state kept (no-op when none was kept)."""
+        if self.best_state is not None:
+            student.load_state_dict(self.best_state)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a recovery's progress callback receives: the stage at work and, where it counts them, the step
+    (a synthesis batch, a fitted block, a distillation step)."""
+
+    stage: str
+    step: int | None = None
+
+
+@dataclass
+class StageResult:
+    """One stage of a recovery.
+
+    Attributes:
+        name: ``convert``, ``synthesize``, ``reconstruct`` or ``distill``.
+        seconds: its wall time.
+        agreement: held-out top-1 agreement after it (the state kept).
+        scores: every held-out metric after it, and ``fit``.
+        completed: whether it did all the work it planned within its share of the budget.
+        detail: the stage's own report.
+    """
+
+    name: str
+    seconds: float
+    agreement: float
+    scores: dict[str, float] = field(default_factory=dict)
+    completed: bool = True
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RecoveryResult:
+    """What :func:`gn_convert.recover` returns.
+
+    Attributes:
+        model: the student, in eval mode.
+        plan: the group plan it was converted with (per-layer choices and reasons).
+        stages: one :class:`StageResult` per stage, ``convert`` first.
+        history: the distillation's held-out evaluations.
+        heldout: held-out views the agreement was measured on.
+        heldout_photos: distinct photos among them.
+        seconds: wall time of the call.
+        warnings: reasons to distrust the held-out figure, or to give more varied images.
+        kept: the stage whose end state the model is (the lowest held-out KL).
+    """
+
+    model: nn.Module
+    plan: GroupPlan
+    stages: list[StageResult] = field(default_factory=list)
+    history: list[Any] = field(default_factory=list)
+    heldout: int = 0
+    heldout_photos: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    kept: str = "convert"
+
+    @property
+    def agreement(self) -> float:
+        """The held-out top-1 agreement of the model returned."""
+        return self.scores.get("top1", math.nan)
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Every held-out metric of the model returned, and its fit."""
+        return next((s.scores for s in self.stages if s.name == self.kept), {})
+
+    @property
+    def completed(self) -> bool:
+        """Whether every stage did all its planned work within the budget."""
+        return all(stage.completed for stage in self.stages)
+
+    def summary(self) -> str:
+        """One line per stage (time, held-out agreement and KL, fit), then the warnings."""
+        lines = [f"recovery: {self.heldout} held-out views of {self.heldout_photos} photos ({self.plan.summary()}); "
+                 f"the model is the state after {self.kept}"]
+        for s in self.stages:
+            kl, fit = s.scores.get("kl", math.nan), s.scores.get("fit", math.nan)
+            lines.append(f"{s.name:12} {s.seconds:7.1f} s  held-out agreement {s.agreement:.3f}  KL {kl:.2f}  "
+                         f"fit {fit:.3f}{'' if s.completed else '  (budget ran out)'}")
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
+
+    def to_dict(self) -> dict[str, Any]:
+        """A strict-JSON-ready dict (without the model; NaN as None)."""
+        return json_safe({"plan": self.plan.to_dict(), "heldout": self.heldout, "heldout_photos": self.heldout_photos,
+                          "seconds": self.seconds, "agreement": self.agreement, "scores": self.scores,
+                          "completed": self.completed, "warnings": self.warnings, "kept": self.kept,
+                          "stages": [asdict(s) for s in self.stages],
+                          "history": [asdict(p) for p in self.history]})
+
+
+def overfit_warning(scores: dict[str, float]) -> str | None:
+    """The warning when the fit exceeds the held-out agreement by more than :data:`OVERFIT_GAP`."""
+    fit, held = scores.get("fit", math.nan), scores.get("top1", math.nan)
+    if math.isfinite(fit) and math.isfinite(held) and fit - held > OVERFIT_GAP:
+        return (f"fit on the training photos ({fit:.0%}) exceeds held-out agreement ({held:.0%}) by "
+                f"{fit - held:.0%}: more varied images would help more than more time")
+    return None
+
+
+class Clock:
+    """The budget: what is left, and each stage's share of it (a :data:`RESERVE` is kept)."""
+
+    def __init__(self, budget: float) -> None:
+        if not budget > 0:
+            raise OptionError(f"the budget must be positive, got {budget}")
+        self.budget, self.start = budget, time.perf_counter()
+        self.reserve = RESERVE * budget
+
+    def elapsed(self) -> float:
+        """Seconds since the start."""
+        return round(time.perf_counter() - self.start, 2)
+
+    def left(self) -> float:
+        """Seconds left of the budget."""
+        return max(self.budget - (time.perf_counter() - self.start), 0.0)
+
+    def share(self, stage: str) -> float:
+        """Seconds ``stage`` may use now."""
+        return max(self.left() - self.reserve, 0.0) * SHARES[stage]
