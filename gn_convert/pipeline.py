@@ -178,7 +178,8 @@ def run_pipeline(opts: PipelineOptions, *, stages: Stages | None = None,
         with stages("plan", "planning groups"):
             layer_plan = plan(model, example_input=torch.zeros(1, 3, *source.input_size), **opts.plan)
         with stages("convert", f"converting ({layer_plan.summary()})"):
-            converted = convert(model, plan=layer_plan, init=opts.init)
+            probe = torch.randn(2, 3, *source.input_size, generator=torch.Generator().manual_seed(0))
+            converted = convert(model, plan=layer_plan, init=opts.init, example_input=probe)
     if opts.fidelity and opts.recover is None:
         from gn_convert.fidelity.stage import run_fidelity
 

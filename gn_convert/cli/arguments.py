@@ -75,6 +75,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                    help="convert only layers whose name matches (fnmatch; repeatable)")
     g.add_argument("--exclude", action="append", metavar="PATTERN",
                    help="leave layers whose name matches as BatchNorm (fnmatch; repeatable)")
+    g.add_argument("--fold", action="append", metavar="PATTERN",
+                   help="fold matching BatchNorm layers into the convolution before them instead of converting them "
+                   "(exact; for layers you will not train, e.g. 'features.[0-5].*'; fnmatch; repeatable)")
     g.add_argument("--skip-unsupportable", action="store_true",
                    help="leave layers whose groups would hold one value as BatchNorm, instead of failing")
     g.add_argument("--allow-no-bn", action="store_true",
@@ -91,7 +94,7 @@ def plan_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser | None
     groups = args.groups if args.groups is not None else (None if args.group_size else DEFAULT_GROUPS)
     return dict(groups=groups, group_size=args.group_size, policy=args.policy,
                 min_channels_per_group=args.min_channels_per_group, include=args.include,
-                exclude=args.exclude, on_single="skip" if args.skip_unsupportable else "error",
+                exclude=args.exclude, fold=args.fold, on_single="skip" if args.skip_unsupportable else "error",
                 allow_no_bn=args.allow_no_bn)
 
 

@@ -71,6 +71,7 @@ def recover(
     min_channels_per_group: int = 1,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
+    fold: Iterable[str] | None = None,
     on_single: str = "error",
     init: str = "bn-stats",
     budget: float = 900.0,
@@ -99,9 +100,9 @@ def recover(
         data: a folder of photos (a tenth of the files, at least one, are held out), a Dataset
             or DataSplit, ``"synthetic"`` for a data-free recovery, or None with ``synthetic``.
         teacher: the BatchNorm original, when ``model`` is already converted.
-        groups, group_size, policy, min_channels_per_group, include, exclude, on_single: the
-            group plan, as in :func:`gn_convert.plan`; ``policy="fidelity"`` measures each
-            layer's candidates on training images.
+        groups, group_size, policy, min_channels_per_group, include, exclude, fold, on_single:
+            the group plan, as in :func:`gn_convert.plan`; ``policy="fidelity"`` measures each
+            layer's candidates on training images; folded layers stay exact.
         init: ``bn-stats`` or ``identity``, as in :func:`gn_convert.convert`.
         budget: wall-clock seconds for everything after loading.
         stages: which of ``reconstruct`` and ``distill`` to run, in order. Default: ``distill``
@@ -180,8 +181,8 @@ def recover(
         else:
             layer_plan = _plan(teacher, batches, dict(groups=groups, group_size=group_size, policy=policy,
                                                       min_channels_per_group=min_channels_per_group, include=include,
-                                                      exclude=exclude, on_single=on_single))
-            student = convert(teacher, plan=layer_plan, init=init).to(device)
+                                                      exclude=exclude, fold=fold, on_single=on_single))
+            student = convert(teacher, plan=layer_plan, init=init, example_input=next(batches)[:2]).to(device)
         results.append(_scored("convert", student, judge, started, {"plan": layer_plan.summary()}))
         history: list[Any] = []
         for stage in stages:

@@ -138,14 +138,15 @@ def load_converted(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
         model = build_model(config["architecture"], init_weights=False, **config.get("model_kwargs", {}))
     try:
         plan = GroupPlan.from_dict(config["plan"])
-        converted = convert(model, plan=plan, init="identity", inplace=built)
+        size = config.get("input_size")
+        example = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0)) if size else None
+        converted = convert(model, plan=plan, init="identity", inplace=built, example_input=example,
+                            prove=False)  # the weights are loaded next
         state = read_state_dict(Path(folder) / config["weights_file"])
         load_weights_into(converted, state, f"checkpoint {folder}")
         if config.get("dp_ready"):
             from gn_convert.surgery.dp import make_dp_ready
 
-            size = config.get("input_size")
-            example = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0)) if size else None
             return make_dp_ready(converted, example)  # trainable under Opacus, in training mode, as it was saved
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{folder}/{CONFIG_FILE} is incomplete ({err}); convert again") from None

@@ -59,8 +59,9 @@ class LayerPlan:
         num_groups: GroupNorm groups, or None when the layer is left as it is.
         eps: epsilon copied from the BatchNorm layer.
         affine: whether the layer has an affine transform.
-        action: ``convert``, ``skip`` (unsupportable, left as BatchNorm) or ``exclude`` (by
-            the user's patterns).
+        action: ``convert``, ``skip`` (unsupportable, left as BatchNorm), ``exclude`` (by
+            the user's patterns) or ``fold`` (absorbed by the convolution before it, by the
+            user's fold patterns; see :mod:`gn_convert.surgery.fold`).
         fallback: True when ``num_groups`` differs from the requested target.
         reason: why the layer fell back or was skipped; empty otherwise.
         elements_per_group: values each group normalises per sample, when known.
@@ -103,14 +104,20 @@ class GroupPlan:
     @property
     def untouched(self) -> list[LayerPlan]:
         """Layers left as BatchNorm (skipped or excluded)."""
-        return [layer for layer in self.layers if layer.action != "convert"]
+        return [layer for layer in self.layers if layer.action in ("skip", "exclude")]
+
+    @property
+    def folded(self) -> list[LayerPlan]:
+        """Layers folded into the convolution before them."""
+        return [layer for layer in self.layers if layer.action == "fold"]
 
     def summary(self) -> str:
-        """One line: how many layers convert, fall back and stay BatchNorm."""
+        """One line: how many layers convert, fall back, fold and stay BatchNorm."""
         target = f"G={self.groups}" if self.group_size is None else f"group_size={self.group_size}"
+        folded = f", {len(self.folded)} folded into their convolutions" if self.folded else ""
         return (
             f"{len(self.converted)} BatchNorm layers -> GroupNorm ({target}, policy={self.policy}), "
-            f"{len(self.fallbacks)} fallbacks, {len(self.untouched)} left as BatchNorm"
+            f"{len(self.fallbacks)} fallbacks{folded}, {len(self.untouched)} left as BatchNorm"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,6 +268,7 @@ def plan(
     measure: Measure | None = None,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
+    fold: Iterable[str] | None = None,
     on_single: OnSingle = "error",
     allow_no_bn: bool = False,
     example_input: torch.Tensor | None = None,
@@ -279,6 +287,8 @@ def plan(
             ``gn_convert.fidelity.group_search.layer_errors(model, images)``.
         include: fnmatch patterns of layer names to convert (default: all).
         exclude: fnmatch patterns of layer names to leave as BatchNorm.
+        fold: fnmatch patterns of layer names to fold into the convolution before them instead
+            (exact: for layers that will not be trained; applied by :func:`gn_convert.convert`).
         on_single: ``error`` (default) refuses a layer whose groups would normalise a single
             value per sample (the output would be constant); ``skip`` leaves it as BatchNorm.
         allow_no_bn: return an empty plan instead of raising when there is no BatchNorm.
@@ -293,7 +303,7 @@ def plan(
         GroupPlanError: the request is impossible for some layer, or ``fidelity`` without ``measure``.
         UnsupportableLayerError: a group would hold a single value and ``on_single='error'``.
     """
-    include, exclude = list(include or []), list(exclude or [])
+    include, exclude, fold = list(include or []), list(exclude or []), list(fold or [])
     if on_single not in ("error", "skip"):
         raise GroupPlanError(f"on_single must be 'error' or 'skip', got {on_single!r}")
     if min_channels_per_group < 1:
@@ -314,6 +324,10 @@ def plan(
     spatial = _spatial_sizes(model, example_input)
     result = GroupPlan(groups, group_size, policy)
     for name, _module, state in layers:
+        if _matches(name, fold):
+            result.layers.append(LayerPlan(name, type(_module).__name__, state.num_channels, None, state.eps,
+                                           state.affine, action="fold", reason="folded into the layer before it"))
+            continue
         result.layers.append(_plan_layer(name, _module, state, groups, group_size, policy, min_channels_per_group,
                                          include, exclude, on_single, spatial.get(name)))
     if policy == FIDELITY:

@@ -61,27 +61,36 @@ def convert(
     *,
     group_size: int | None = None,
     policy: str = "divisor",
+    min_channels_per_group: int = 1,
     init: str = "bn-stats",
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
+    fold: Iterable[str] | None = None,
     on_single: OnSingle = "error",
     allow_no_bn: bool = False,
     example_input: torch.Tensor | None = None,
     plan: GroupPlan | None = None,
     inplace: bool = False,
     dp_ready: bool = False,
+    prove: bool = True,
 ) -> nn.Module:
     """Replace every BatchNorm layer of ``model`` with GroupNorm.
 
     Args:
         model: any module with BatchNorm1d/2d/3d, SyncBatchNorm or FrozenBatchNorm2d layers
             (and their subclasses).
-        groups, group_size, policy, include, exclude, on_single, allow_no_bn, example_input:
+        groups, group_size, policy, min_channels_per_group, include, exclude, on_single, allow_no_bn,
+        example_input:
             how to plan the groups; see :func:`gn_convert.plan`. Ignored when ``plan`` is given.
+        fold: fnmatch patterns of BatchNorm layers to fold into the convolution before them
+            instead of converting them (exact, proved on ``example_input`` or a probe input; see
+            :mod:`gn_convert.surgery.fold`). Ignored when ``plan`` is given (its ``fold`` actions count).
         init: ``bn-stats`` (default; data-free init from the BatchNorm statistics) or
             ``identity`` (weight 1, bias 0, as Opacus does).
         plan: a precomputed plan (from :func:`gn_convert.plan` or a saved checkpoint).
         inplace: modify ``model`` itself instead of a deep copy.
+        prove: prove folded layers exact on the example (False only for placeholder weights
+            that are overwritten next, as :func:`gn_convert.load_converted` does).
         dp_ready: also make the result trainable under Opacus DP-SGD as it is (activations and
             in-place tensor operations out of place, training mode, proved on ``example_input``
             or a probe built from the first layer; see :func:`gn_convert.surgery.dp.make_dp_ready`).
@@ -96,10 +105,17 @@ def convert(
     if init not in INITS:
         raise GroupPlanError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     if plan is None:
-        plan = make_plan(model, groups, group_size=group_size, policy=policy, include=include,
-                         exclude=exclude, on_single=on_single, allow_no_bn=allow_no_bn,
+        plan = make_plan(model, groups, group_size=group_size, policy=policy,
+                         min_channels_per_group=min_channels_per_group, include=include,
+                         exclude=exclude, fold=fold, on_single=on_single, allow_no_bn=allow_no_bn,
                          example_input=example_input)
     target = model if inplace else copy.deepcopy(model)
+    if plan.folded:
+        from gn_convert.surgery.equivalence import probe_input
+        from gn_convert.surgery.fold import fold_batchnorm
+
+        example = example_input if example_input is not None else probe_input(target)
+        fold_batchnorm(target, [layer.name for layer in plan.folded], example, prove=prove)
     found = {name: (module, state) for name, module, state in batchnorm_layers(target)}
     for layer in plan.converted:
         module, state = found.get(layer.name, (None, None))
