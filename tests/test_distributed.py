@@ -115,3 +115,38 @@ def test_two_gloo_processes_under_torchrun_match_one_process(tmp_path, tiny_teac
     assert float((a - b).abs().max()) < 1e-4
     assert float((a - start).abs().max()) > 1e-2  # both trained
     assert json.loads(Path(str(out) + ".json").read_text()) == [p.agreement for p in single.history]
+
+
+RECOVER = """
+import json, os, sys
+import torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from helpers.models import make_tiny_teacher
+from gn_convert.fidelity.recover import recover
+from gn_convert.testing.synthetic import SyntheticImages
+teacher = make_tiny_teacher()
+result = recover(teacher, SyntheticImages(count=64, shape=(3, 12, 12), num_classes=5, seed=7), budget=20,
+                 batch_size=8, stages=("reconstruct", "distill"), checkpoint_dir=sys.argv[2])
+torch.save(result.model.state_dict(), sys.argv[1] + os.environ["RANK"])
+if os.environ["RANK"] == "0":
+    json.dump(result.to_dict(), open(sys.argv[1] + ".json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_recover_runs_under_torchrun_with_one_state_on_every_process(tmp_path) -> None:
+    script = tmp_path / "recover.py"
+    script.write_text(textwrap.dedent(RECOVER.format(tests=str(TESTS))))
+    out, state = tmp_path / "model.pt", tmp_path / "state"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(out), str(state)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = (torch.load(f"{out}{rank}", weights_only=True) for rank in (0, 1))
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the processes stayed in step
+    report = json.loads(Path(f"{out}.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["convert", "reconstruct", "distill"]
+    assert report["stages"][2]["detail"]["steps"] >= 1 and (state / "recover.pt").is_file()
+    assert (state / "distill" / "state.pt").is_file()

@@ -7,6 +7,7 @@ scikit-learn's digits; those tests are slow); mechanics on a small seeded CNN.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import time
 
@@ -327,3 +328,30 @@ def test_a_folder_mixed_with_synthetic_images_needs_no_input_size(tiny_teacher, 
     folder = _photo_folder(tmp_path / "photos", 12, size=16)
     result = recover(tiny_teacher, folder, budget=8, synthetic=8, synthetic_size=12, stages=())
     assert result.heldout_photos == 1 and result.stages[0].name == "synthesize"
+
+
+def test_a_stopped_recovery_resumes_after_the_stages_it_finished(tiny_teacher, tmp_path, monkeypatch) -> None:
+    from gn_convert.errors import CheckpointError
+    recover_module = importlib.import_module("gn_convert.fidelity.recover")
+
+    data = SyntheticImages(64, (3, 12, 12), num_classes=5)
+    state = tmp_path / "state"
+
+    def stopped(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recover_module, "distill", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        recover(tiny_teacher, data, budget=12, batch_size=8, stages=("reconstruct", "distill"), checkpoint_dir=state)
+    monkeypatch.undo()
+    saved = torch.load(state / "recover.pt", weights_only=True)
+    assert [r["name"] for r in saved["results"]] == ["convert", "reconstruct"]
+    resumed = recover(tiny_teacher, data, budget=12, batch_size=8, stages=("reconstruct", "distill"),
+                      checkpoint_dir=state, resume=True)
+    assert [s.name for s in resumed.stages] == ["convert", "reconstruct", "distill"]
+    assert resumed.stages[1].seconds == saved["results"][1]["seconds"]  # not run again
+    with pytest.raises(CheckpointError, match="options differ .*lr"):
+        recover(tiny_teacher, data, budget=12, batch_size=8, lr=1e-2, stages=("reconstruct", "distill"),
+                checkpoint_dir=state, resume=True)
+    with pytest.raises(OptionError, match="resume needs the checkpoint_dir"):
+        recover(tiny_teacher, data, budget=5, resume=True)

@@ -116,6 +116,28 @@ def all_sum(values: list[float], procs: Processes) -> list[float]:
     return tensor.tolist()
 
 
+def from_main(value: Any, procs: Processes) -> Any:
+    """Rank 0's ``value`` on every process (a decision all ranks must share; identity in one process).
+
+    Only picklable plain values (numbers, strings, dicts, lists, plans) belong here.
+    """
+    if not procs.distributed:
+        return value
+    box = [value if procs.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def average_gradients(params: list[nn.Parameter], procs: Processes) -> None:
+    """Average the gradients of ``params`` over the processes (for updates outside DDP's wrapper)."""
+    if not procs.distributed:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(procs.world_size)
+
+
 def barrier(procs: Processes) -> None:
     """Wait for every process (no-op in a single process)."""
     if procs.distributed:

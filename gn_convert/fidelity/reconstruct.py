@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from gn_convert.errors import OptionError
+from gn_convert.fidelity import distributed as ddp
 from gn_convert.fidelity.blocks import Block, find_blocks
 from gn_convert.fidelity.options import trainable_only
 from gn_convert.fidelity.pairs import capture_io
@@ -111,6 +112,7 @@ def reconstruct(
     reuse: int = 2,
     blocks: list[Block] | None = None,
     callback: Callable[[BlockFit], None] | None = None,
+    procs: ddp.Processes | None = None,
 ) -> ReconstructionReport:
     """Fit every block of ``student`` (in place) to the teacher's block outputs, in order.
 
@@ -126,6 +128,9 @@ def reconstruct(
         reuse: optimizer steps on each captured (input, target) pair.
         blocks: the blocks to fit (default :func:`find_blocks`).
         callback: called after each block with its :class:`BlockFit`.
+        procs: the processes of a distributed run (torchrun): each fits on its own batches, the
+            gradients are averaged and rank 0's decisions (step counts, reverts) are shared, so
+            every process ends with the same student. None: one process.
 
     Returns:
         The :class:`ReconstructionReport`.
@@ -143,12 +148,14 @@ def reconstruct(
     report = ReconstructionReport()
     with eval_mode(student, teacher):
         for k, block in enumerate(blocks):
-            left = None if budget_s is None else (budget_s - (time.perf_counter() - start)) / (len(blocks) - k)
+            left = None if budget_s is None else \
+                ddp.from_main((budget_s - (time.perf_counter() - start)) / (len(blocks) - k), procs or ddp.Processes())
             if left is not None and left <= 0:
                 log.info("reconstruction budget spent: %d of %d blocks fitted", k, len(blocks))
                 report.completed = False
                 break
-            fit = _fit_block(block, student, teacher, batches, probe, left, steps_per_block, lr, trainable, reuse)
+            fit = _fit_block(block, student, teacher, batches, probe, left, steps_per_block, lr, trainable, reuse,
+                             procs or ddp.Processes())
             report.blocks.append(fit)
             report.completed = report.completed and fit.completed
             log.info("block %s: error %.4f -> %.4f in %d steps", fit.name, fit.error_before, fit.error_after,
@@ -162,7 +169,7 @@ def reconstruct(
 
 def _fit_block(block: Block, student: nn.Module, teacher: nn.Module, batches: Iterator[torch.Tensor],
                probe: torch.Tensor, budget_s: float | None, max_steps: int, lr: float, trainable: str,
-               reuse: int) -> BlockFit:
+               reuse: int, procs: ddp.Processes) -> BlockFit:
     started = time.perf_counter()
     s_parts, t_parts = block.parts(student), block.parts(teacher)
 
@@ -190,17 +197,18 @@ def _fit_block(block: Block, student: nn.Module, teacher: nn.Module, batches: It
                 loss = block_error(block.forward(s_parts, inputs), target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                ddp.average_gradients(params, procs)
                 optimizer.step()
                 steps += 1
             if not sized and steps >= PROBE_STEPS:  # the block's speed is known: fit its steps to its budget
                 per_step = (time.perf_counter() - started) / steps
-                total, sized = max(steps, min(max_steps, int(budget_s / per_step))), True
-            if budget_s is not None and time.perf_counter() - started > budget_s:
+                total, sized = ddp.from_main(max(steps, min(max_steps, int(budget_s / per_step))), procs), True
+            if budget_s is not None and ddp.from_main(time.perf_counter() - started > budget_s, procs):
                 break
     completed = steps >= total
     with torch.no_grad():
         after = float(block_error(block.forward(s_parts, probe_in), probe_target))
-        reverted = not after <= before  # never leave a block worse than it came (NaN included)
+        reverted = ddp.from_main(not after <= before, procs)  # never leave a block worse than it came (NaN too)
         if reverted:
             for p, value in zip(params, original):
                 p.copy_(value)

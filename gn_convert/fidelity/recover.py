@@ -24,6 +24,7 @@ the device when it lives elsewhere, and the student (a given one too) is a copy.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -36,11 +37,13 @@ from torch.utils.data import DataLoader, Dataset
 from gn_convert.data.items import split_batch
 from gn_convert.data.sources import DataSplit
 from gn_convert.errors import OptionError
+from gn_convert.fidelity import distributed as ddp
 from gn_convert.fidelity.distillation import distill
 from gn_convert.fidelity.group_search import layer_errors
 from gn_convert.fidelity.pairs import norm_pairs
 from gn_convert.fidelity.reconstruct import reconstruct
 from gn_convert.fidelity.recover_data import SYNTHETIC, AugmentedTensors, RecoveryData, recovery_data, same_scene_share
+from gn_convert.fidelity.recover_state import load_recovery, save_recovery
 from gn_convert.fidelity.recovery import Clock, Judge, Progress, RecoveryResult, StageResult, overfit_warning
 from gn_convert.fidelity.synthesize import synthesize, write_pngs
 from gn_convert.modes import eval_mode
@@ -53,6 +56,8 @@ log = logging.getLogger(__name__)
 STAGES: tuple[str, ...] = ("reconstruct", "distill")
 DEFAULT_STAGES: tuple[str, ...] = ("distill",)
 PLAN_BATCHES = 4
+CHECKPOINT_EVERY = 25
+"""Distillation steps between saved states when the recovery has a checkpoint folder."""
 COMPLETE = 0.9
 """A distillation that ran at least this share of the steps planned from its measured speed counts as
 complete (its learning rate always anneals with the time; fewer steps mean a busier machine)."""
@@ -91,6 +96,8 @@ def recover(
     seed: int = 0,
     device: torch.device | str | None = None,
     callback: Callable[[Any], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> RecoveryResult:
     """Convert ``model`` to GroupNorm and bring it back to its function within ``budget`` seconds.
 
@@ -123,6 +130,15 @@ def recover(
         device: where to compute (default: CUDA when available).
         callback: called with a :class:`~gn_convert.fidelity.recovery.Progress` as each stage
             starts and after every synthesis batch, fitted block and distillation step.
+        checkpoint_dir: keep the run's state there after each stage (and during distillation),
+            so that a stopped run can be resumed.
+        resume: go on from ``checkpoint_dir``'s state (the same options are required).
+
+    Under ``torchrun`` (gloo on CPU, NCCL on GPU) the same call runs on every process: the
+    training images are drawn per process, distillation is data-parallel (DDP) and block
+    reconstruction averages its gradients, rank 0's decisions (the plan, the step counts, the
+    state kept) are shared, and the budget is spent by all processes together. Only rank 0
+    logs, reports progress, writes checkpoints and synthetic images.
 
     Returns:
         The :class:`~gn_convert.fidelity.recovery.RecoveryResult`.
@@ -131,93 +147,191 @@ def recover(
         OptionError: no data, an unknown stage, or a student without its teacher.
         ModelMismatchError, DataError, GroupPlanError: see the stages.
     """
-    clock = Clock(budget)
     if stages is None:
         stages = () if isinstance(data, str) and data == SYNTHETIC else DEFAULT_STAGES
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise OptionError(f"unknown recovery stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if resume and checkpoint_dir is None:
+        raise OptionError("resume needs the checkpoint_dir of the run to resume")
     given_student = teacher is not None
-    if teacher is None:
-        if not any(is_batchnorm(m) for m in model.modules()):
-            raise OptionError("the model has no BatchNorm layer: pass the converted student with its teacher=")
-        teacher = model
+    if teacher is None and not any(is_batchnorm(m) for m in model.modules()):
+        raise OptionError("the model has no BatchNorm layer: pass the converted student with its teacher=")
     if given_student:
         norm_pairs(model, teacher)  # refuse a mismatched pair before any work
-    teacher = _on_device(teacher, device)
+    procs = ddp.setup(device)
+    try:
+        run = _Recovery(procs, Clock(budget), callback, checkpoint_dir)
+        return run.go(model, teacher if given_student else model, data, stages, given_student, dict(
+            plan=dict(groups=groups, group_size=group_size, policy=policy, min_channels_per_group=min_channels_per_group,
+                      include=include, exclude=exclude, fold=fold, on_single=on_single),
+            data=dict(weights=weights, input_size=input_size, holdout=holdout, eval_data=eval_data, seed=seed,
+                      synthetic=synthetic),
+            synthetic=dict(size=synthetic_size, folder=synthetic_dir),
+            distill=dict(batch_size=batch_size, lr=lr, mixup=mixup, feature_weight=feature_weight, seed=seed),
+            init=init, reconstruct_lr=reconstruct_lr, resume=resume))
+    finally:
+        ddp.teardown(procs)
 
-    def tell(info: Any) -> None:
-        if callback is not None:
-            callback(info)
 
-    with eval_mode(teacher):
-        results: list[StageResult] = []
-        opts = dict(weights=weights, input_size=input_size, holdout=holdout, eval_data=eval_data, seed=seed,
-                    synthetic=synthetic)
+class _Recovery:
+    """One recovery in one process (of one, or of several under torchrun)."""
 
-        def synthesise(count: int) -> torch.Tensor:
-            share = clock.share("synthesize") / (1 if data is None or data == SYNTHETIC else 3)
-            images, report = synthesize(teacher, count, size=synthetic_size, budget_s=share, seed=seed,
-                                        callback=lambda k: tell(Progress("synthesize", k)))
-            detail = report.to_dict()
-            if synthetic_dir is not None:  # a new folder: an existing one is refused, never replaced
-                detail["folder"] = str(write_pngs(images, synthetic_dir)[0].parent)
-            results.append(StageResult("synthesize", report.seconds, float("nan"), detail=detail,
-                                       completed=report.completed))
-            return images
+    def __init__(self, procs: ddp.Processes, clock: Clock, callback: Callable[[Any], None] | None,
+                 checkpoint_dir: str | Path | None) -> None:
+        self.procs, self.clock, self.device = procs, clock, procs.device
+        self.callback = callback if procs.is_main else None
+        self.folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.results: list[StageResult] = []
+        self.planned: dict[str, int] = {}
 
-        found = recovery_data(data, teacher, opts, synthesise)
-        judge = Judge(teacher, found.heldout, found.groups, found.fit)
-        warnings = list(found.warnings) + _same_scene(teacher, found)
+    def tell(self, info: Any) -> None:
+        """Pass progress to the caller's callback (rank 0 only)."""
+        if self.callback is not None:
+            self.callback(info)
+
+    def go(self, model: nn.Module, teacher: nn.Module, data: Any, stages: tuple[str, ...], given_student: bool,
+           opts: dict[str, Any]) -> RecoveryResult:
+        """Data, conversion (or the saved state), each stage not yet done, the best state kept."""
+        teacher = _on_device(teacher, self.device)
+        with eval_mode(teacher):
+            found = recovery_data(data, teacher, opts["data"], lambda n: self._synthesise(teacher, n, data, opts))
+            judge = Judge(teacher, found.heldout, found.groups, found.fit)
+            warnings = list(found.warnings) + _same_scene(teacher, found)
+            batch_size = opts["distill"]["batch_size"]
+            if batch_size > len(found.train):  # type: ignore[arg-type]
+                log.warning("batch size %d lowered to the %d training images", batch_size, len(found.train))
+                opts["distill"]["batch_size"] = batch_size = len(found.train)  # type: ignore[arg-type]
+            batches = _endless(found.train, batch_size, self.device, opts["data"]["seed"], self.procs.rank)
+            student, layer_plan = self._start(model, teacher, batches, judge, given_student, opts)
+            history: list[Any] = []
+            for stage in stages:
+                if any(r.name == stage for r in self.results):
+                    continue  # done before the run was stopped (resume)
+                history = self._stage(stage, student, teacher, found, batches, judge, opts) or history
+                self._save(layer_plan, student, judge, opts)
+            judge.restore_best(student)
+            kept = _kept(self.results)
+            warnings += _closing_warnings(self.results, kept)
+        if self.procs.is_main:
+            for line in warnings:
+                log.warning(line)
+        return RecoveryResult(student.eval(), layer_plan, self.results, history, len(found.heldout),
+                              len(set(found.groups)), self.clock.elapsed(), warnings, kept)
+
+    def _synthesise(self, teacher: nn.Module, count: int, data: Any, opts: dict[str, Any]) -> torch.Tensor:
+        share = self.clock.share("synthesize") / (1 if data is None or data == SYNTHETIC else 3)
+        images, report = synthesize(teacher, count, size=opts["synthetic"]["size"], budget_s=share,
+                                    seed=opts["data"]["seed"], callback=lambda k: self.tell(Progress("synthesize", k)))
+        detail = report.to_dict()
+        folder = opts["synthetic"]["folder"]
+        if folder is not None and self.procs.is_main:  # a new folder: an existing one is refused, never replaced
+            detail["folder"] = str(write_pngs(images, folder)[0].parent)
+        self.results.append(StageResult("synthesize", report.seconds, float("nan"), detail=detail,
+                                        completed=report.completed))
+        return images
+
+    def _start(self, model: nn.Module, teacher: nn.Module, batches: Iterator[torch.Tensor], judge: Judge,
+               given_student: bool, opts: dict[str, Any]) -> tuple[nn.Module, GroupPlan]:
+        """The student and its plan: from the saved state (resume), the given student, or a conversion."""
         started = time.perf_counter()
-        if batch_size > len(found.train):  # type: ignore[arg-type]
-            log.warning("batch size %d lowered to the %d training images", batch_size, len(found.train))
-            batch_size = len(found.train)  # type: ignore[arg-type]
-        batches = _endless(found.train, batch_size, device, seed)
+        saved = load_recovery(self.folder, _trajectory(opts)) if opts["resume"] and self.folder else None
         if given_student:
-            student = _on_device(model, device, always_copy=True)
+            student = _on_device(model, self.device, always_copy=True)
             layer_plan = _student_plan(student, teacher)
         else:
-            layer_plan = _plan(teacher, batches, dict(groups=groups, group_size=group_size, policy=policy,
-                                                      min_channels_per_group=min_channels_per_group, include=include,
-                                                      exclude=exclude, fold=fold, on_single=on_single))
-            student = convert(teacher, plan=layer_plan, init=init, example_input=next(batches)[:2]).to(device)
-        results.append(_scored("convert", student, judge, started, {"plan": layer_plan.summary()}))
+            layer_plan = saved_plan(saved) or ddp.from_main(_plan(teacher, batches, opts["plan"]), self.procs)
+            student = convert(teacher, plan=layer_plan, init=opts["init"], example_input=next(batches)[:2],
+                              prove=saved is None).to(self.device)
+        if saved is not None:
+            student.load_state_dict(saved["student"])
+            judge.best_state, judge.best_kl = saved["best"], saved["best_kl"]
+            self.results, self.planned = saved["results"], saved["planned"]
+            self.clock.start -= saved["elapsed"]
+            log.info("resuming after %s (%.0f s spent)", ", ".join(r.name for r in self.results), saved["elapsed"])
+        else:
+            self.results.append(self._scored("convert", student, judge, started, {"plan": layer_plan.summary()}))
+        return student, layer_plan
+
+    def _stage(self, stage: str, student: nn.Module, teacher: nn.Module, found: RecoveryData,
+               batches: Iterator[torch.Tensor], judge: Judge, opts: dict[str, Any]) -> list[Any]:
+        started = time.perf_counter()
+        self.tell(Progress(stage))
         history: list[Any] = []
-        for stage in stages:
-            started = time.perf_counter()
-            tell(Progress(stage))
-            if clock.left() < clock.reserve:
-                log.warning("no budget left for %s: skipped", stage)
-                results.append(StageResult(stage, 0.0, results[-1].agreement, results[-1].scores, False,
-                                           {"skipped": "no budget left"}))
-                continue
-            if stage == "reconstruct":
-                fitted = iter(range(1, 1 << 30))
-                report = reconstruct(student, teacher, batches, budget_s=clock.share("reconstruct"), lr=reconstruct_lr,
-                                     callback=lambda _fit: tell(Progress("reconstruct", next(fitted))))
-                detail, completed = report.to_dict(), report.completed
-            else:
-                detail, history, completed = _distill(student, teacher, found, clock, batch_size=batch_size, lr=lr,
-                                                      mixup=mixup, feature_weight=feature_weight, seed=seed,
-                                                      device=device,
-                                                      callback=lambda info: tell(Progress("distill", info.step)))
-            results.append(_scored(stage, student, judge, started, detail, completed))
-        judge.restore_best(student)
-        kept = _kept(results)
-        if kept != results[-1].name:
-            warnings.append(f"{results[-1].name} raised the held-out KL; the state after {kept} is returned")
-        if not all(r.completed for r in results):
-            warnings.append("the budget ran out before every stage did the work it planned (see each stage's "
-                            "completed and detail); the best state reached is returned: a larger budget, or a "
-                            "quieter machine, would let it finish")
-        kept_scores = next(r.scores for r in results if r.name == kept)
-        warnings += [w for w in (overfit_warning(kept_scores),) if w]
-    for line in warnings:
-        log.warning(line)
-    return RecoveryResult(student.eval(), layer_plan, results, history, len(found.heldout), len(set(found.groups)),
-                          clock.elapsed(), warnings, kept)
+        if ddp.from_main(self.clock.left() < self.clock.reserve, self.procs):
+            log.warning("no budget left for %s: skipped", stage)
+            last = self.results[-1]
+            self.results.append(StageResult(stage, 0.0, last.agreement, last.scores, False, {"skipped": "no budget left"}))
+            return history
+        if stage == "reconstruct":
+            fitted = iter(range(1, 1 << 30))
+            report = reconstruct(student, teacher, batches, budget_s=self.clock.share("reconstruct"),
+                                 lr=opts["reconstruct_lr"], procs=self.procs,
+                                 callback=lambda _fit: self.tell(Progress("reconstruct", next(fitted))))
+            detail, completed = report.to_dict(), report.completed
+        else:
+            detail, history, completed = self._distill(student, teacher, found, opts)
+        self.results.append(self._scored(stage, student, judge, started, detail, completed))
+        return history
+
+    def _distill(self, student: nn.Module, teacher: nn.Module, found: RecoveryData,
+                 opts: dict[str, Any]) -> tuple[dict[str, Any], list[Any], bool]:
+        """Distil for the rest of the budget: the step count is estimated from the measured step time
+        (rank 0's), and the learning rate anneals with the time spent, so the schedule ends with the budget."""
+        batch_size = opts["distill"]["batch_size"]
+        share = ddp.from_main(self.clock.share("distill"), self.procs)
+        if "distill" not in self.planned:
+            per_step = _step_seconds(student, teacher, found.train, batch_size // self.procs.world_size, self.device)
+            self.planned["distill"] = ddp.from_main(max(1, int(share / per_step)), self.procs)
+        steps = self.planned["distill"]
+        log.info("distilling about %d steps in the %.0f s left", steps, self.clock.left())
+        folder = self.folder / "distill" if self.folder is not None else None
+        result = distill(student, teacher, DataSplit(found.train, None, False), steps=steps, eval_every=steps + 1,
+                         device=self.device, callback=lambda info: self.tell(Progress("distill", info.step)),
+                         time_limit=share, checkpoint_dir=folder, checkpoint_every=CHECKPOINT_EVERY if folder else 0,
+                         resume=opts["resume"], **opts["distill"])
+        detail = {**result.to_dict(), "planned_steps": steps}
+        return detail, result.history, result.steps >= COMPLETE * steps
+
+    def _scored(self, name: str, student: nn.Module, judge: Judge, started: float, detail: dict[str, Any],
+                completed: bool = True) -> StageResult:
+        scores = ddp.from_main(judge.score(student), self.procs)  # every process keeps the same state
+        if judge.keep_best(student, scores):
+            detail = {**detail, "best_so_far": True}
+        log.info("%s: held-out agreement %.3f, KL %.3f, fit %.3f", name, scores["top1"], scores["kl"], scores["fit"])
+        return StageResult(name, round(time.perf_counter() - started, 2), scores["top1"], scores, completed, detail)
+
+    def _save(self, layer_plan: GroupPlan, student: nn.Module, judge: Judge, opts: dict[str, Any]) -> None:
+        if self.folder is None:
+            return
+        if self.procs.is_main:
+            save_recovery(self.folder, plan=layer_plan.to_dict(), results=self.results, student=student.state_dict(),
+                          best=judge.best_state, best_kl=judge.best_kl, elapsed=self.clock.elapsed(),
+                          planned=self.planned, options=_trajectory(opts))
+        ddp.barrier(self.procs)
+
+
+def _trajectory(opts: dict[str, Any]) -> dict[str, Any]:
+    """The options a resumed run must share with the run it resumes (plain values only)."""
+    plan = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in opts["plan"].items()}
+    return json.loads(json.dumps({**plan, **opts["distill"], "init": opts["init"]}, default=str))
+
+
+def saved_plan(saved: dict[str, Any] | None) -> GroupPlan | None:
+    """The plan stored in a saved recovery state, or None."""
+    return GroupPlan.from_dict(saved["plan"]) if saved is not None else None
+
+
+def _closing_warnings(results: list[StageResult], kept: str) -> list[str]:
+    warnings = []
+    if kept != results[-1].name:
+        warnings.append(f"{results[-1].name} raised the held-out KL; the state after {kept} is returned")
+    if not all(r.completed for r in results):
+        warnings.append("the budget ran out before every stage did the work it planned (see each stage's "
+                        "completed and detail); the best state reached is returned: a larger budget, or a "
+                        "quieter machine, would let it finish")
+    kept_scores = next(r.scores for r in results if r.name == kept)
+    return warnings + [w for w in (overfit_warning(kept_scores),) if w]
 
 
 def _kept(results: list[StageResult]) -> str:
@@ -233,15 +347,6 @@ def _on_device(model: nn.Module, device: torch.device, always_copy: bool = False
     return copy.deepcopy(model).to(device) if always_copy or here != device else model
 
 
-def _scored(name: str, student: nn.Module, judge: Judge, started: float, detail: dict[str, Any],
-            completed: bool = True) -> StageResult:
-    scores = judge.score(student)
-    if judge.keep_best(student, scores):
-        detail = {**detail, "best_so_far": True}
-    log.info("%s: held-out agreement %.3f, KL %.3f, fit %.3f", name, scores["top1"], scores["kl"], scores["fit"])
-    return StageResult(name, round(time.perf_counter() - started, 2), scores["top1"], scores, completed, detail)
-
-
 def _same_scene(teacher: nn.Module, found: RecoveryData) -> list[str]:
     share = same_scene_share(teacher, found.heldout, found.groups, found.fit)
     if share < SAME_SCENE_WARNING:
@@ -250,12 +355,14 @@ def _same_scene(teacher: nn.Module, found: RecoveryData) -> list[str]:
             "the held-out agreement flatters the result; pass eval_data (--eval-data) with photos of other scenes"]
 
 
-def _endless(dataset: Dataset, batch_size: int, device: torch.device, seed: int) -> Iterator[torch.Tensor]:
-    """Shuffled batches of ``dataset``, epoch after epoch (a smaller last batch only when it is all there is)."""
+def _endless(dataset: Dataset, batch_size: int, device: torch.device, seed: int,
+             rank: int = 0) -> Iterator[torch.Tensor]:
+    """Shuffled batches of ``dataset``, epoch after epoch (a smaller last batch only when it is all there is);
+    each process of a distributed run draws its own order (``rank``)."""
     size = len(dataset)  # type: ignore[arg-type]
     if size == 0:
         raise OptionError("recover has no training image left after the held-out split; add data")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(ddp.mix_seed(seed, rank) if rank else seed)
     while True:
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=size >= batch_size,
                                 generator=gen):
@@ -274,23 +381,6 @@ def _plan(teacher: nn.Module, batches: Iterator[torch.Tensor], options: dict[str
     images = [next(batches) for _ in range(PLAN_BATCHES if options["policy"] == FIDELITY else 1)]
     measure = layer_errors(teacher, images) if options["policy"] == FIDELITY else None
     return make_plan(teacher, example_input=images[0][:1], measure=measure, **options)
-
-
-def _distill(student: nn.Module, teacher: nn.Module, found: RecoveryData, clock: Clock, *, batch_size: int,
-             device: torch.device, callback: Callable[[Any], None] | None,
-             **options: Any) -> tuple[dict[str, Any], list[Any], bool]:
-    """Distil for the rest of the budget: the step count is estimated from the measured step time,
-    and the learning rate anneals with the time spent, so the schedule ends with the budget."""
-    per_step = _step_seconds(student, teacher, found.train, batch_size, device)
-    share = clock.share("distill")
-    steps = max(1, int(share / per_step))
-    log.info("distilling about %d steps (%.2f s a step) in the %.0f s left", steps, per_step, clock.left())
-    split = DataSplit(found.train, None, False)
-    result = distill(student, teacher, split, steps=steps, batch_size=batch_size, eval_every=steps + 1,
-                     device=device, callback=callback, time_limit=share, **options)
-    detail = result.to_dict()
-    detail["planned_steps"] = steps
-    return detail, result.history, result.steps >= COMPLETE * steps
 
 
 def _step_seconds(student: nn.Module, teacher: nn.Module, train: Dataset, batch_size: int,
