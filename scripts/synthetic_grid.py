@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     from PIL import Image
 
-    from real_network_fidelity import efficientnet_lite0
+    from _study_models import efficientnet_lite0
 
     images, report = synthesize(efficientnet_lite0(), args.count, size=args.size, batch_size=32, steps=300,
                                 budget_s=args.budget)
