@@ -11,16 +11,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
-
-from gn_convert.atomic import atomic_file
 from gn_convert.cli.arguments import add_native_library_argument
-from gn_convert.bench.harness import BenchResult, parse_batches, run_bench
-from gn_convert.bench.limits import limit_lines, onnx_groupnorm_traffic
 from gn_convert.errors import BenchError
-from gn_convert.bench.variants import ort_session, session_input_shape, session_variant
-from gn_convert.onnx.reading import read_model
+
+if TYPE_CHECKING:  # the parser is built without onnx or onnxruntime; run() imports them
+    import onnx
+
+    from gn_convert.bench.harness import BenchResult
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _input_fallback(path: Path) -> tuple[int, ...] | None:
     """The sample shape recorded by the exporter (``gn_convert.input_shape``), if any."""
+    from gn_convert.onnx.reading import read_model
+
     props = {p.key: p.value for p in read_model(path, load_external_data=False).metadata_props}
     dims = [int(d) for d in props.get("gn_convert.input_shape", "").split(",") if d.strip()]
     return tuple(dims[1:]) if len(dims) >= 3 else None
@@ -59,6 +60,10 @@ def _input_fallback(path: Path) -> tuple[int, ...] | None:
 
 def run(args: argparse.Namespace) -> int:
     """Time the models and print one table per thread count and spinning setting; 0 on success."""
+    from gn_convert.atomic import atomic_file
+    from gn_convert.bench.harness import parse_batches
+    from gn_convert.onnx.reading import read_model
+
     batches = parse_batches(args.batch)
     if args.native and args.provider != "cpu":
         raise BenchError("--native is a CPU kernel; use it with --provider cpu")
@@ -93,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
 def _bench_once(args: argparse.Namespace, paths: dict[str, Path], library: Path | None, threads: int,
                 spinning: bool, batches: list[int], fallback: tuple[int, ...] | None) -> BenchResult:
     """One interleaved timing of every session at one thread count and spinning setting."""
+    from gn_convert.bench.harness import run_bench
+    from gn_convert.bench.variants import ort_session, session_input_shape, session_variant
+
     sessions = {name: ort_session(path, threads=threads, provider=args.provider, spinning=spinning)
                 for name, path in paths.items()}
     notes = {**{name: str(path) for name, path in paths.items()}, "fast": f"{args.model} lowered by to_fast"}
@@ -110,6 +118,8 @@ def _bench_once(args: argparse.Namespace, paths: dict[str, Path], library: Path 
 
 def _limits(model: onnx.ModelProto, result: BenchResult, threads: int) -> list[str]:
     """The physical-limit lines of a function-form model (none when its shapes cannot be inferred)."""
+    from gn_convert.bench.limits import limit_lines, onnx_groupnorm_traffic
+
     try:
         traffic = {m.batch: onnx_groupnorm_traffic(model, (m.batch, *result.input_shape)) for m in result.measurements}
     except ValueError as err:

@@ -6,14 +6,18 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gn_convert.cli import deploy as deploy_cli
 from gn_convert.cli.arguments import (ProgressBar, add_distill_arguments, add_native_library_argument,
                                       add_plan_arguments, add_recover_arguments, add_target_argument,
                                       fidelity_kwargs, fidelity_lines, plan_kwargs, recover_kwargs, stderr_sink)
-from gn_convert.pipeline import PARITY_BATCH, PipelineOptions, parity_failed, run_pipeline
-from gn_convert.stages import Stages
+
+if TYPE_CHECKING:  # the parser is built without torch; run() imports the pipeline
+    from gn_convert.pipeline import PipelineOptions
+
+PARITY_BATCH = 2
+"""The default larger batch of the parity check (:data:`gn_convert.pipeline.PARITY_BATCH`)."""
 
 SHOWN_FALLBACKS = 5
 
@@ -56,6 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def options_from(args: argparse.Namespace) -> PipelineOptions:
     """The :class:`PipelineOptions` of parsed ``convert`` options."""
+    from gn_convert.pipeline import PipelineOptions
+
     return PipelineOptions(
         model=args.model, weights=args.weights, num_classes=args.num_classes, out=args.out, force=args.force,
         weights_format=args.format, plan=plan_kwargs(args, getattr(args, "parser", None)), init=args.init,
@@ -83,6 +89,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the pipeline; returns the exit code (1 when the parity check failed)."""
+    from gn_convert.pipeline import parity_failed, run_pipeline
+    from gn_convert.stages import Stages
+
     opts = options_from(args)
     bar = ProgressBar(args.steps) if args.steps else None
     try:

@@ -21,11 +21,6 @@ from gn_convert.atomic import check_output_folder, staged_folder
 from gn_convert.cli.arguments import (ProgressBar, add_distill_arguments, fidelity_kwargs, fidelity_lines,
                                       is_main_process, stderr_sink)
 from gn_convert.errors import CheckpointError, DataError
-from gn_convert.fidelity.stage import run_fidelity
-from gn_convert.load.weights import load_model
-from gn_convert.stages import Stages
-from gn_convert.surgery.checkpoint import load_converted, read_config, save
-from gn_convert.surgery.plan import GroupPlan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -57,6 +52,8 @@ def _teacher(args: argparse.Namespace, config: dict[str, Any]) -> tuple[str, Any
             untrained weights without ``--teacher-weights`` (a new random teacher on every run,
             resume and rank would make the numbers meaningless).
     """
+    from gn_convert.load.weights import load_model
+
     architecture = args.teacher or config.get("architecture")
     recorded = config.get("source_weights") or "DEFAULT"
     weights = args.teacher_weights or recorded
@@ -73,6 +70,11 @@ def _teacher(args: argparse.Namespace, config: dict[str, Any]) -> tuple[str, Any
 
 def run(args: argparse.Namespace) -> int:
     """Run the ``finetune`` command; returns the exit code."""
+    from gn_convert.fidelity.stage import run_fidelity
+    from gn_convert.stages import Stages
+    from gn_convert.surgery.checkpoint import load_converted, read_config, save
+    from gn_convert.surgery.plan import GroupPlan
+
     if args.data is None:
         raise DataError("finetune needs --data DIR (a folder of images or of class subfolders)")
     out = check_output_folder(args.out or Path(f"{args.checkpoint}-finetuned"), args.force)

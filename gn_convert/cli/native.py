@@ -8,8 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gn_convert.native import build_library
-from gn_convert.native.build import DEFAULT_MARCH
+from gn_convert.native.build import DEFAULT_MARCH, build_library
 from gn_convert.native.headers import ENV_VAR
 
 
