@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 from types import ModuleType
@@ -43,14 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+GLOBAL_FLAGS = re.compile(r"-v+|--verbose")
+"""The top-level options that take no value and may precede the command (``-v``, ``-vv``)."""
+TOP_LEVEL_EXITS = ("-h", "--help", "--version")
+
+
 def _with_default_command(argv: list[str]) -> list[str]:
-    """Insert ``convert`` when the first positional argument is not a command."""
+    """Insert ``convert`` unless the command line names a command.
+
+    Top-level flags (``-v``) are skipped; the first other word decides: a command name is kept,
+    ``-h``/``--help``/``--version`` are the top-level parser's, and anything else (a model name, or
+    an option of the main command such as ``--groups 8``, which takes a value) starts the
+    ``convert`` command, so ``gn-convert --groups 8 resnet18`` is ``gn-convert convert --groups 8
+    resnet18``.
+    """
     for i, arg in enumerate(argv):
-        if arg.startswith("-"):
-            if arg in ("-h", "--help", "--version"):
-                return argv
+        if GLOBAL_FLAGS.fullmatch(arg):
             continue
-        return argv if arg in COMMANDS else [*argv[:i], "convert", *argv[i:]]
+        if arg in COMMANDS or arg in TOP_LEVEL_EXITS:
+            return argv
+        return [*argv[:i], "convert", *argv[i:]]
     return argv
 
 
