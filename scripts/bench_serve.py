@@ -30,7 +30,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from gn_convert import convert
-from gn_convert.deploy import TritonModelServer, find_free_port
+from gn_convert.deploy import TritonModelServer
 from gn_convert.load.names import build_model
 from gn_convert.onnx.export import export_onnx
 
@@ -108,8 +108,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         inputs = [rng.standard_normal((1, 3, args.size, args.size), dtype=np.float32)
                   for _ in range(args.requests)]
-        with TritonModelServer(path, name=args.model, http_port=find_free_port(),
-                               grpc_port=find_free_port(), metrics_port=find_free_port(),
+        with TritonModelServer(path, name=args.model, http_port=0,
                                threads=args.threads) as server:
             paths: dict[str, Callable[[np.ndarray], Any]] = {"onnxruntime (local)": lambda x: session.run(None, {"input": x})}
             opened = []

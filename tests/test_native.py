@@ -194,12 +194,11 @@ def test_triton_repo_ships_the_portable_library_and_loads_it_by_model_operations
 @pytest.mark.slow
 def test_local_triton_server_runs_the_native_kernel(library: Path, exports) -> None:
     pytest.importorskip("pytriton", reason="the serve extra is not installed")
-    from gn_convert.deploy.server import TritonModelServer, find_free_port
+    from gn_convert.deploy.server import TritonModelServer
     from helpers.triton import STARTUP_TIMEOUT_S, client, infer
 
     path = exports.exported("resnet18").path
-    server = TritonModelServer(path, name="resnet18", http_port=find_free_port(), grpc_port=find_free_port(),
-                               metrics_port=find_free_port(), native_ops=library,
+    server = TritonModelServer(path, name="resnet18", http_port=0, native_ops=library,
                                startup_timeout_s=STARTUP_TIMEOUT_S)
     x = exports.crops(3).numpy()
     body = _session(str(path), None).run(None, {"input": x})[0]
