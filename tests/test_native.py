@@ -1,8 +1,9 @@
 """The native GroupNorm kernel (gn_convert.native): numbers against float64 torch, proof that
 onnxruntime runs the kernel instead of the op's function body, and the build's errors.
 
-Building needs a C++ compiler and onnxruntime's headers (fetched from npm when absent); where
-either is missing, the kernel tests are skipped with the reason.
+Building needs a C++ compiler and onnxruntime's headers (the user's: the tests build in their session's
+cache and never fetch, see ``tests/conftest.py``); where either is missing, the kernel tests are skipped
+with the reason.
 """
 
 from __future__ import annotations
@@ -104,6 +105,15 @@ def test_exported_model_agrees_with_its_function_body(library: Path, name: str, 
     assert _custom_nodes_after_optimisation(str(report.path), library, tmp_path) == len(report.layers)
 
 
+def test_the_tests_build_the_kernel_in_their_session_cache_not_the_users(library: Path,
+                                                                        native_cache_in_session_temp: Path) -> None:
+    """Defect: the fixture built into the real ~/.cache (and could fetch 150 MB of headers there)."""
+    assert native_cache_in_session_temp in library.parents
+    assert Path.home() / ".cache" not in library.parents
+    assert os.environ[native_headers.NO_FETCH_VAR] == "1"
+    assert native_headers.cache_root() == native_cache_in_session_temp
+
+
 def test_cached_build_is_reused_and_force_rebuilds(library: Path) -> None:
     before = library.stat().st_mtime_ns
     assert build_library() == library and library.stat().st_mtime_ns == before
@@ -131,6 +141,8 @@ def test_missing_compiler_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_no_headers_and_no_fetching_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(native_headers.ENV_VAR, raising=False)
+    monkeypatch.delenv(native_headers.CACHE_VAR, raising=False)  # the session's cache: this test's own instead
+    monkeypatch.delenv(native_headers.NO_FETCH_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(native_headers, "SYSTEM_DIRS", ())
     with pytest.raises(NativeBuildError, match="headers were not found; set GN_CONVERT_ORT_INCLUDE"):
@@ -344,6 +356,8 @@ def test_a_tampered_header_archive_is_refused_and_nothing_is_cached(tmp_path: Pa
     fake_npm.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_npm.parent}:{os.environ['PATH']}")
     monkeypatch.delenv(native_headers.ENV_VAR, raising=False)
+    monkeypatch.delenv(native_headers.CACHE_VAR, raising=False)  # the session's cache: this test's own instead
+    monkeypatch.delenv(native_headers.NO_FETCH_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(native_headers, "SYSTEM_DIRS", ())
     with pytest.raises(NativeBuildError, match="does not match its pinned SHA-512"):
@@ -360,6 +374,8 @@ def test_cached_headers_are_checked_against_their_pins(library: Path, tmp_path: 
     if real != native_headers.cache_root() / "ort-headers":
         pytest.skip(f"headers come from {real}, not gn-convert's cache")
     assert native_headers.mismatched_headers(real) == []
+    monkeypatch.delenv(native_headers.CACHE_VAR, raising=False)  # the session's cache: this test's own instead
+    monkeypatch.delenv(native_headers.NO_FETCH_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cached = native_headers.cache_root() / "ort-headers"
     shutil.copytree(real, cached)

@@ -6,10 +6,12 @@ onnxruntime's Python wheel ships no headers. They come, in this order, from:
    ``onnxruntime_cxx_api.h``, e.g. the ``include/`` folder of an onnxruntime release archive;
 2. the system include folders (``/usr/include/onnxruntime``, ``/usr/local/include/onnxruntime``,
    ``/usr/local/include``), where a packaged onnxruntime puts them;
-3. gn-convert's cache (``~/.cache/gn_convert/ort-headers``), filled by 4;
+3. gn-convert's cache (``$GN_CONVERT_CACHE/ort-headers``, default ``~/.cache/gn_convert/ort-headers``),
+   filled by 4;
 4. a registry package that carries Microsoft's headers: the npm package
    ``com.github.asus4.onnxruntime`` (about 150 MB; its iOS framework carries them), fetched
-   once with ``npm pack`` when ``npm`` is on the PATH.
+   once with ``npm pack`` when ``npm`` is on the PATH (never where ``GN_CONVERT_NO_FETCH`` is
+   set: an offline build machine, the test suite).
 
 Supply chain. Source 4 is a third-party repackaging, so nothing in it is trusted by name: the
 archive's SHA-512 is pinned (:data:`ARCHIVE_SHA512`, the registry's own ``dist.integrity``,
@@ -64,8 +66,15 @@ HEADER_SHA256 = {
 log = logging.getLogger(__name__)
 
 
+CACHE_VAR = "GN_CONVERT_CACHE"
+NO_FETCH_VAR = "GN_CONVERT_NO_FETCH"
+
+
 def cache_root() -> Path:
-    """gn-convert's cache folder (``$XDG_CACHE_HOME/gn_convert``, default ``~/.cache/gn_convert``)."""
+    """gn-convert's cache folder: ``$GN_CONVERT_CACHE``, else ``$XDG_CACHE_HOME/gn_convert``, default
+    ``~/.cache/gn_convert`` (headers and kernel builds)."""
+    if os.environ.get(CACHE_VAR):
+        return Path(os.environ[CACHE_VAR])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gn_convert"
 
 
@@ -169,7 +178,8 @@ def find_headers(include: str | Path | None = None, fetch: bool = True) -> Path:
 
     Args:
         include: a folder to use instead of the search (overrides ``GN_CONVERT_ORT_INCLUDE``).
-        fetch: fetch them from the npm registry when found nowhere else.
+        fetch: fetch them from the npm registry when found nowhere else (never where
+            ``GN_CONVERT_NO_FETCH`` is set).
 
     Returns:
         The folder holding them.
@@ -177,6 +187,7 @@ def find_headers(include: str | Path | None = None, fetch: bool = True) -> Path:
     Raises:
         NativeBuildError: a given folder lacks them, or none was found (and fetching was off or failed).
     """
+    fetch = fetch and not os.environ.get(NO_FETCH_VAR)
     given = include if include is not None else os.environ.get(ENV_VAR)
     if given:
         folder = Path(given)
@@ -200,5 +211,6 @@ def find_headers(include: str | Path | None = None, fetch: bool = True) -> Path:
                                    "delete the folder, or allow fetching them again")
     if not fetch:
         raise NativeBuildError(f"onnxruntime's C++ headers were not found; set {ENV_VAR} to an onnxruntime "
-                               "include/ folder, or allow fetching them from npm")
+                               f"include/ folder, or allow fetching them from npm (`gn-convert native` without "
+                               f"--no-fetch and {NO_FETCH_VAR})")
     return fetch_headers(cache_root() / "ort-headers")
