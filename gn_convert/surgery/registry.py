@@ -168,10 +168,12 @@ def _read_torch_batchnorm(bn: nn.Module) -> BatchNormState:
     )
 
 
-_TIMM = ("timm.layers.norm_act", "timm.models.layers.norm_act")  # timm >= 0.9, and older releases
+_TIMM = "timm.layers.norm_act"
+"""Where timm defines its norm-act layers from 0.9 on (the floor of the ``timm`` extra; ``timm.models.layers``
+re-exports the same classes)."""
 
 
-@register_batchnorm(FrozenBatchNorm2d, *(f"{where}.FrozenBatchNormAct2d" for where in _TIMM))
+@register_batchnorm(FrozenBatchNorm2d, f"{_TIMM}.FrozenBatchNormAct2d")
 def _read_frozen_batchnorm(bn: nn.Module) -> BatchNormState:
     """torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d: affine and statistics are
     buffers, never trained."""
@@ -191,18 +193,16 @@ def _read_frozen_batchnorm(bn: nn.Module) -> BatchNormState:
     )
 
 
-@register_replacement(*(f"{where}.{name}" for where in _TIMM
-                        for name in ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")))
+@register_replacement(*(f"{_TIMM}.{name}" for name in ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")))
 def _norm_act_replacement(bn: nn.Module, group_norm: nn.GroupNorm) -> nn.Module:
     """timm's norm + drop + activation layers -> timm's ``GroupNormAct`` with copies of the
     layer's own ``drop`` and ``act`` modules (same activation, same in-place flag, same eps)."""
     from timm.layers import GroupNormAct  # the model is made of timm layers, so timm is installed
 
-    weight = group_norm.weight
     out = GroupNormAct(group_norm.num_channels, group_norm.num_groups, eps=group_norm.eps,
-                       affine=group_norm.affine, apply_act=False,
-                       device=weight.device if weight is not None else None,
-                       dtype=weight.dtype if weight is not None else None)
+                       affine=group_norm.affine, apply_act=False)  # no device=/dtype= before timm 1.0.17
+    if group_norm.weight is not None:
+        out = out.to(device=group_norm.weight.device, dtype=group_norm.weight.dtype)
     out.load_state_dict(group_norm.state_dict())
     for mine, theirs in zip(out.parameters(), group_norm.parameters()):
         mine.requires_grad_(theirs.requires_grad)
