@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -224,7 +225,7 @@ def _recover_stage(opts: PipelineOptions, model: nn.Module, stages: Stages,
     from gn_convert.fidelity.recover import recover
     from gn_convert.load.weights import default_weights_enum
 
-    options = dict(opts.recover)
+    options = dict(opts.recover or {})
     options.setdefault("groups", opts.plan.get("groups") or 32)
     options.setdefault("weights", default_weights_enum(opts.model))
     budget = options.get("budget", 900.0)

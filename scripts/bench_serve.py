@@ -18,11 +18,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -66,7 +68,8 @@ def timed(call: Callable[[np.ndarray], Any], inputs: list[np.ndarray]) -> list[f
     return latencies
 
 
-def concurrent(make_call: Callable[[], tuple[Callable, Any]], inputs: list[np.ndarray], clients: int) -> tuple[list[float], float]:
+def concurrent(make_call: Callable[[], tuple[Callable, Any]], inputs: list[np.ndarray],
+               clients: int) -> tuple[list[float], float]:
     """Latencies and wall time of ``inputs`` spread over ``clients`` threads, one client each."""
     def worker(part: list[np.ndarray]) -> list[float]:
         call, client = make_call()
@@ -129,7 +132,8 @@ def main() -> None:
             results = [(label, latencies[label], walls[label]) for label in paths]
             if args.clients:
                 for protocol in CLIENTS:
-                    lat, wall = concurrent(lambda p=protocol: served_call(server, p, args.model), inputs, args.clients)
+                    lat, wall = concurrent(functools.partial(served_call, server, protocol, args.model), inputs,
+                                           args.clients)
                     results.append((f"triton {protocol}, {args.clients} clients", lat, wall))
             for client in opened:
                 client.close()

@@ -27,7 +27,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "synthetic_grid.png")
     args = parser.parse_args()
     from PIL import Image
-
     from real_network_fidelity import efficientnet_lite0
 
     images, report = synthesize(efficientnet_lite0(), args.count, size=args.size, batch_size=32, steps=300,

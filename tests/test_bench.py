@@ -12,7 +12,6 @@ import time
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 import torch
 
 from gn_convert.bench.harness import Variant, parse_batches, run_bench, summarize, time_interleaved

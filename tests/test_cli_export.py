@@ -13,8 +13,8 @@ import torch
 
 import gn_convert
 from gn_convert.cli import main
-from gn_convert.onnx import read_model
 from gn_convert.load.names import build_model
+from gn_convert.onnx import read_model
 from gn_convert.onnx.op import groupnorm_nodes
 from helpers.models import SIZE
 

@@ -176,7 +176,8 @@ def test_native_provider_reports_why_it_is_unavailable(monkeypatch: pytest.Monke
     def refuse(*args: object, **kwargs: object) -> Path:
         raise NativeBuildError("no C++ compiler found")
     monkeypatch.setattr(native_build, "build_library", refuse)
-    report = check_parity(exports.converted("resnet18"), exports.exported("resnet18").path, providers="cpu-native", levels=("all",))
+    report = check_parity(exports.converted("resnet18"), exports.exported("resnet18").path, providers="cpu-native",
+                          levels=("all",))
     assert report.skipped == {"cpu-native": "no C++ compiler found"}
 
 

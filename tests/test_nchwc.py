@@ -387,7 +387,8 @@ def test_self_check_catches_an_error_only_a_larger_batch_shows() -> None:
 
 
 def test_self_check_turns_onnxruntime_failures_into_one_line() -> None:
-    with pytest.raises(NativeBuildError, match=r"cannot check the blocked-layout rewrite: onnxruntime failed on a random input \(batch 1\): .*shape mismatch$"):
+    expected = r"cannot check the blocked-layout rewrite: onnxruntime failed on a random input \(batch 1\): .*shape mismatch$"
+    with pytest.raises(NativeBuildError, match=expected):
         nchwc.check_blocked(FakeSession(), FakeSession(fail=True))
 
 

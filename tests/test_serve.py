@@ -16,9 +16,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -31,7 +32,7 @@ from helpers.triton import STARTUP_TIMEOUT_S, client, infer
 
 try:
     import pytriton.triton  # noqa: F401
-    import tritonclient.grpc as grpcclient
+    import tritonclient.grpc  # noqa: F401 (the gRPC client: skip the module without it)
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 except ImportError as err:

@@ -14,12 +14,12 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Sequence
 
 from gn_convert._version import __version__
-from gn_convert.errors import GnConvertError
 from gn_convert.cli import bench, convert, deploy, export, finetune, listing, native, parity, serve
+from gn_convert.errors import GnConvertError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 

@@ -198,7 +198,8 @@ class ProgressBar:
     (so errors before training print alone) and only on rank 0."""
 
     def __init__(self, total: int, label: str = "distilling") -> None:
-        self.total, self.label, self.bar = total, label, None
+        self.total, self.label = total, label
+        self.bar: Any = None
         self.enabled = is_main_process()
 
     def __call__(self, info: Any) -> None:

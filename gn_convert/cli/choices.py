@@ -11,7 +11,8 @@ default of None: the API function's own default applies unless the option is giv
 from __future__ import annotations
 
 import importlib
-from typing import Iterator, Sequence, overload
+from collections.abc import Iterator, Sequence
+from typing import overload
 
 
 class LazyChoices(Sequence[str]):

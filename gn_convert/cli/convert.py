@@ -9,9 +9,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gn_convert.cli import deploy as deploy_cli
-from gn_convert.cli.arguments import (ProgressBar, add_distill_arguments, add_native_library_argument,
-                                      add_plan_arguments, add_recover_arguments, add_target_argument,
-                                      fidelity_kwargs, fidelity_lines, plan_kwargs, recover_kwargs, stderr_sink)
+from gn_convert.cli.arguments import (
+    ProgressBar,
+    add_distill_arguments,
+    add_native_library_argument,
+    add_plan_arguments,
+    add_recover_arguments,
+    add_target_argument,
+    fidelity_kwargs,
+    fidelity_lines,
+    plan_kwargs,
+    recover_kwargs,
+    stderr_sink,
+)
 
 if TYPE_CHECKING:  # the parser is built without torch; run() imports the pipeline
     from gn_convert.pipeline import PipelineOptions

@@ -10,7 +10,6 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from gn_convert.cli.arguments import add_plan_arguments, add_target_argument, plan_kwargs, stderr_sink
@@ -64,7 +63,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 class _Source:
     """A model to export, with what the export records about it."""
 
-    model: "nn.Module"
+    model: nn.Module
     metadata: dict[str, str] = field(default_factory=dict)
     size: tuple[int, ...] | None = None
     keeps_batchnorm: bool = False

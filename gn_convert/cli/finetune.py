@@ -18,8 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from gn_convert.atomic import check_output_folder, staged_folder
-from gn_convert.cli.arguments import (ProgressBar, add_distill_arguments, fidelity_kwargs, fidelity_lines,
-                                      is_main_process, stderr_sink)
+from gn_convert.cli.arguments import (
+    ProgressBar,
+    add_distill_arguments,
+    fidelity_kwargs,
+    fidelity_lines,
+    is_main_process,
+    stderr_sink,
+)
 from gn_convert.errors import CheckpointError, DataError
 
 

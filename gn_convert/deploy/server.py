@@ -18,18 +18,19 @@ import sysconfig
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Sequence
+from typing import Any
 
-import numpy as np
+from numpy.typing import NDArray
 
-from gn_convert.errors import DeployError, ServerError
 from gn_convert.deploy.extra import require
-from gn_convert.deploy.ports import AUTO, busy_port, check_ports_free, find_free_port, free_ports
-from gn_convert.runtime import open_session
 from gn_convert.deploy.onnx_io import ModelIO, read_model_io
+from gn_convert.deploy.ports import AUTO, busy_port, check_ports_free, find_free_port, free_ports
 from gn_convert.deploy.triton_repo import NAME_PATTERN, default_name
+from gn_convert.errors import DeployError, ServerError
+from gn_convert.runtime import open_session
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _scope_server_env(triton: Any) -> None:
     triton._initialize_server = initialize_scoped
 
 
-def make_infer_func(session: Any, io: ModelIO) -> Callable[..., dict[str, np.ndarray]]:
+def make_infer_func(session: Any, io: ModelIO) -> Callable[..., dict[str, NDArray[Any]]]:
     """A pytriton inference callable: one onnxruntime run per batch Triton forms.
 
     Args:
@@ -104,12 +105,12 @@ def make_infer_func(session: Any, io: ModelIO) -> Callable[..., dict[str, np.nda
     input_names = [t.name for t in io.inputs]
     output_names = [t.name for t in io.outputs]
 
-    @batch
-    def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(**inputs: NDArray[Any]) -> dict[str, NDArray[Any]]:
         results = session.run(output_names, {n: inputs[n] for n in input_names})
         return dict(zip(output_names, results))
 
-    return infer
+    batched: Callable[..., dict[str, NDArray[Any]]] = batch(infer)  # pytriton's decorator, applied untyped
+    return batched
 
 
 class TritonModelServer:
@@ -242,7 +243,7 @@ class TritonModelServer:
         """True while the server process and the model's proxy run."""
         return self._triton is not None and self._triton.is_alive()
 
-    def start(self) -> "TritonModelServer":
+    def start(self) -> TritonModelServer:
         """Start the server and wait, at most ``startup_timeout_s``, until the model is ready.
 
         The server process is started from a thread that lives as long as the server: the
@@ -271,7 +272,7 @@ class TritonModelServer:
     def _ports(self) -> dict[str, int]:
         return {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}
 
-    def _start_once(self) -> "TritonModelServer":
+    def _start_once(self) -> TritonModelServer:
         """One start on the requested ports, the ones asked as 0 chosen afresh."""
         chosen = iter(free_ports(self.host, self._requested.count(AUTO)))
         self.http_port, self.grpc_port, self.metrics_port = (next(chosen) if port == AUTO else port
@@ -323,7 +324,7 @@ class TritonModelServer:
         self.stop()
         self._tmp.cleanup()
 
-    def __enter__(self) -> "TritonModelServer":
+    def __enter__(self) -> TritonModelServer:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -55,7 +55,8 @@ def build_timm(name: str, *, num_classes: int | None = None, pretrained: bool = 
     """``timm.create_model`` for ``timm/...`` (weights initialised, or pretrained)."""
     check_timm_name(name)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    return timm_module().create_model(name[len(PREFIX):], pretrained=pretrained, **kwargs)
+    model: nn.Module = timm_module().create_model(name[len(PREFIX):], pretrained=pretrained, **kwargs)
+    return model
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,6 @@ def load_model(name: str, weights: str = "DEFAULT", *, num_classes: int | None =
             raise WeightsError(f"--num-classes does not apply to pretrained {name}; use a local weights file")
         return load_timm_pretrained(name, reachable=_reachable).eval()
     model = build_model(name, num_classes=num_classes, init_weights=spec.kind == "none")
-    if spec.kind == "file":
+    if spec.path is not None:  # a file
         load_weights_into(model, read_state_dict(spec.path), f"weights file {spec.path}")
     return model.eval()

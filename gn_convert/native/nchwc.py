@@ -41,7 +41,7 @@ __all__ = ["FUSED_OP", "LAYOUT_KEY", "block_size", "blocked_graph", "blocked_ses
 LAYOUT_KEY = "gn_convert.layout"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def block_size() -> int:
     """onnxruntime's NCHWc block size on this CPU (8 with AVX2, 16 with AVX-512; 1: none).
 

@@ -190,11 +190,11 @@ def fuse_squeeze_excite(model: onnx.ModelProto, block: int) -> int:
             moved += 1
             continue
         gated = _gated(pass_, node, pooled) if _is(node, "Mul") else None
-        if gated is None:
+        channels = pass_.channels(gated[0]) if gated is not None else None
+        if gated is None or channels is None:
             pass_.nodes.append(node)
             continue
         value, gate = gated
-        channels = pass_.channels(value)
         gate_producer = pass_.producer.get(gate)
         if gate_producer is not None and _is(gate_producer, "ReorderOutput", NCHWC_DOMAIN):
             gate = gate_producer.input[0]  # the blocked gate: [N, Cp, 1, 1] is [N][Cp] in memory as well

@@ -22,9 +22,9 @@ from torch import nn
 from gn_convert._version import __version__
 from gn_convert.atomic import atomic_file
 from gn_convert.errors import CheckpointError, GnConvertError, OutputError
-from gn_convert.surgery.plan import GroupPlan
 from gn_convert.load.names import build_model
 from gn_convert.load.state_dict import load_weights_into, read_state_dict
+from gn_convert.surgery.plan import GroupPlan
 from gn_convert.surgery.replace import convert
 
 FORMAT = "gn-convert/1"
