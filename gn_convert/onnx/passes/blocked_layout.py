@@ -1,5 +1,6 @@
-"""The graph passes behind :mod:`gn_convert.native.nchwc`: onnxruntime's optimised graph, edited so
-that GroupNorm, the Add and activation after it, and squeeze-excite run on the blocked layout.
+"""The blocked-layout graph passes behind :mod:`gn_convert.native.nchwc`: onnxruntime's optimised graph,
+edited so that GroupNorm, the Add and activation after it, and squeeze-excite run on the blocked layout.
+Pure ONNX: it reads and writes ``onnx.ModelProto`` and imports nothing of onnxruntime.
 
 onnxruntime's graph marks the layout with its reorders: ``ReorderOutput`` (blocked -> plain, with
 the real channel count) and ``ReorderInput`` (plain -> blocked). Each pass replaces plain-layout
