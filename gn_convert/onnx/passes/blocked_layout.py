@@ -236,7 +236,7 @@ def _spatial_mean(model: onnx.ModelProto, node: Any) -> bool:
 
 
 def _is(node: Any, op_type: str, domain: str = "") -> bool:
-    return node.op_type == op_type and node.domain == domain
+    return bool(node.op_type == op_type and node.domain == domain)
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
