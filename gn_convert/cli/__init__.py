@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+API_WORDS = re.compile(r'\b(weights|num_classes)=(?:"([^"]*)"|([^\s,;)]+))')
+"""An API argument in an error message (``weights="none"``, ``num_classes=N``): the library speaks
+the API's words, and the command line says them as its options (``--weights none``)."""
+
+
+def cli_words(message: str) -> str:
+    """``message`` with the API's argument spellings turned into the command's options."""
+    return API_WORDS.sub(lambda m: f"--{m[1].replace('_', '-')} {m[2] if m[2] is not None else m[3]}", message)
+
+
 GLOBAL_FLAGS = re.compile(r"-v+|--verbose")
 """The top-level options that take no value and may precede the command (``-v``, ``-vv``)."""
 TOP_LEVEL_EXITS = ("-h", "--help", "--version")
@@ -82,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except GnConvertError as err:
-        print(f"gn-convert: error: {err}", file=sys.stderr)
+        print(f"gn-convert: error: {cli_words(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("gn-convert: interrupted", file=sys.stderr)
