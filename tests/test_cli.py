@@ -153,6 +153,17 @@ def test_holdout_outside_zero_one_is_refused_by_argparse(value: str, tmp_path: P
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag", ["--data", "--eval-data"])
+def test_data_without_a_stage_that_uses_it_is_refused(flag: str, tmp_path: Path, capsys) -> None:
+    """Defect: `--data DIR` without --calibrate, --finetune-steps or --recover was silently ignored."""
+    argv = ["resnet18", "--weights", "none", flag, str(tmp_path), "--out", str(tmp_path / "o")]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "Traceback" not in err
+    assert f"gn-convert: error: {flag} given, but no stage uses data: add --calibrate N, --finetune-steps N or " \
+           f"--recover, or drop {flag}" in err.splitlines()
+    assert not (tmp_path / "o").exists()
+
+
 def test_groups_and_group_size_together_are_refused(tmp_path: Path, capsys) -> None:
     argv = ["resnet18", "--weights", "none", "--groups", "8", "--group-size", "4", "--out", str(tmp_path / "o")]
     assert _exit_code(argv) == 2

@@ -22,6 +22,7 @@ from gn_convert.cli.arguments import (
     recover_kwargs,
     stderr_sink,
 )
+from gn_convert.errors import OptionError
 
 if TYPE_CHECKING:  # the parser is built without torch; run() imports the pipeline
     from gn_convert.pipeline import PipelineOptions
@@ -69,8 +70,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def options_from(args: argparse.Namespace) -> PipelineOptions:
-    """The :class:`PipelineOptions` of parsed ``convert`` options."""
+    """The :class:`PipelineOptions` of parsed ``convert`` options.
+
+    Raises:
+        OptionError: ``--data`` (or ``--eval-data``) without a stage that uses it, which would
+            silently be ignored.
+    """
     from gn_convert.pipeline import PipelineOptions
+
+    unused = [flag for flag, value in (("--data", args.data), ("--eval-data", args.eval_data)) if value is not None]
+    if unused and not (args.calibrate or args.steps or args.recover):
+        raise OptionError(f"{' and '.join(unused)} given, but no stage uses data: add --calibrate N, --finetune-steps N "
+                          f"or --recover, or drop {unused[0]}")
 
     return PipelineOptions(
         model=args.model, weights=args.weights, num_classes=args.num_classes, out=args.out, force=args.force,
