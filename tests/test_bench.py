@@ -134,6 +134,17 @@ def test_cli_bench_prints_ratios_against_baseline(tmp_path, capsys, exports) -> 
     medians = {(m["variant"], m["batch"]): m["median_ms"] for m in data["measurements"]}
     for m in data["measurements"]:  # every ratio is its median over the baseline's, at its own batch
         assert m["ratio"] == pytest.approx(m["median_ms"] / medians[("baseline", m["batch"])], rel=1e-3)
+    # the note says what the fast variant is, in the user's words (defect: "lowered by to_fast")
+    assert data["notes"]["fast"] == f"{model} lowered to the fast target (InstanceNormalization per group, as " \
+        "`gn-convert export --target fast` writes it)" and "to_fast" not in text
+
+
+def test_cli_bench_help_lists_each_spinning_mode_once(capsys) -> None:
+    """Defect: the help showed `--spinning {off,on,off,on}`."""
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{off,on,off,on}" not in text and "--spinning MODE" in text and "off, on, or off,on (both)" in text
 
 
 def test_cli_bench_missing_file_is_one_line_exit_2(tmp_path, capsys) -> None:

@@ -38,8 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", default="1,8", metavar="B[,B...]", help="batch sizes (default 1,8)")
     p.add_argument("--threads", default=str(min(os.cpu_count() or 1, 4)), metavar="N[,N...]",
                    help="onnxruntime intra-op threads; several (1,2) time each (default: CPU count, at most 4)")
-    p.add_argument("--spinning", choices=("off", "on", "off,on"), default="off",
-                   help="idle pool threads spin (onnxruntime's default) or not (default off: fair interleaving)")
+    p.add_argument("--spinning", choices=("off", "on", "off,on"), default="off", metavar="MODE",
+                   help="off, on, or off,on (both): idle pool threads spin (onnxruntime's default) or not "
+                   "(default off: fair interleaving)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per batch size (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch size (default 2)")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider (default cpu)")
@@ -103,7 +104,8 @@ def _bench_once(args: argparse.Namespace, paths: dict[str, Path], library: Path 
 
     sessions = {name: ort_session(path, threads=threads, provider=args.provider, spinning=spinning)
                 for name, path in paths.items()}
-    notes = {**{name: str(path) for name, path in paths.items()}, "fast": f"{args.model} lowered by to_fast"}
+    notes = {**{name: str(path) for name, path in paths.items()}, "fast": f"{args.model} lowered to the fast target "
+             "(InstanceNormalization per group, as `gn-convert export --target fast` writes it)"}
     if library is not None:
         sessions["native"] = ort_session(args.model, threads=threads, provider=args.provider,
                                          custom_ops_library=library, spinning=spinning)
