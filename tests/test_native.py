@@ -366,6 +366,47 @@ def test_a_tampered_header_archive_is_refused_and_nothing_is_cached(tmp_path: Pa
     assert not (tmp_path / "cache" / "gn_convert" / "ort-headers").exists()
 
 
+def test_every_onnxruntime_header_the_build_includes_is_pinned(library: Path) -> None:
+    """Defect: onnxruntime_c_api.h includes onnxruntime_ep_c_api.h, which was compiled in unchecked."""
+    real = find_headers(fetch=False)
+    if native_headers.mismatched_headers(real):
+        pytest.skip(f"headers come from {real}, not the pinned set")
+    done = native_build.subprocess.run([native_build.compiler(), "-std=c++17", "-MM", f"-I{real}",
+                                        str(native_build.SOURCE)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    included = {Path(word).name for word in done.stdout.replace("\\\n", " ").split()
+                if Path(word).parent == real}
+    assert included == set(native_headers.HEADER_SHA256), included ^ set(native_headers.HEADER_SHA256)
+    assert sorted(p.name for p in real.glob("*.h")) == sorted(native_headers.HEADER_SHA256)  # and no other
+
+
+def test_the_header_cache_keeps_only_the_pinned_headers(library: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    real = find_headers(fetch=False)
+    if native_headers.mismatched_headers(real):
+        pytest.skip(f"headers come from {real}, not the pinned set")
+    monkeypatch.delenv(native_headers.ENV_VAR, raising=False)
+    monkeypatch.setenv(native_headers.CACHE_VAR, str(tmp_path))
+    monkeypatch.setattr(native_headers, "SYSTEM_DIRS", ())
+    shutil.copytree(real, tmp_path / "ort-headers")
+    (tmp_path / "ort-headers" / "coreml_provider_factory.h").write_text("// not pinned\n")
+    assert find_headers(fetch=False) == tmp_path / "ort-headers"
+    assert not (tmp_path / "ort-headers" / "coreml_provider_factory.h").exists()
+
+
+def test_the_onnxruntime_floor_serves_the_pinned_headers_api() -> None:
+    """Defect: the headers were API 29 while onnxruntime>=1.20 was declared (a build for 1.20 refused)."""
+    import re
+
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    floor = int(re.search(r'^\s*"onnxruntime>=1\.(\d+)', text, re.M).group(1))
+    assert floor >= native_headers.PINNED_API and floor >= 30  # 1.30: the first precise LayerNormalization
+    assert native_headers.runtime_api_version() >= floor
+    assert not re.search(r"^gpu\s*=", text, re.M)  # the extra installed onnxruntime-gpu over onnxruntime
+
+
 def test_cached_headers_are_checked_against_their_pins(library: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil

@@ -232,3 +232,21 @@ def test_an_unknown_provider_or_dtype_has_no_borrowed_tolerance(provider: str, d
     assert tolerance_for("cpu", "float16") == DEFAULT_TOLERANCES[("cpu", "float16")]
     given = Tolerance(1e-2, 0.99, 1e-3)
     assert tolerance_for(provider, dtype, {(provider, dtype): given}) is given
+
+
+@pytest.mark.parametrize(("installed", "expected"), [
+    (["onnxruntime"], "on a machine with an NVIDIA GPU, replace onnxruntime with onnxruntime-gpu: pip uninstall"),
+    (["onnxruntime", "onnxruntime-gpu"], "onnxruntime and onnxruntime-gpu are both installed and overwrite each "
+                                         "other's files: pip uninstall -y onnxruntime onnxruntime-gpu && pip install")])
+def test_the_cuda_skip_reason_says_how_to_install_onnxruntime_gpu(monkeypatch, installed: list[str],
+                                                                   expected: str) -> None:
+    import onnxruntime as ort
+
+    from gn_convert.errors import ProviderUnavailableError
+    from gn_convert.runtime import options
+
+    monkeypatch.setattr(options, "installed_runtimes", lambda: installed)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ProviderUnavailableError, match="^CUDAExecutionProvider is not available") as info:
+        options.check_provider("cuda")
+    assert expected in str(info.value) and "\n" not in str(info.value)

@@ -57,12 +57,19 @@ ARCHIVE_SHA512 = "BkzxduSZ9IkeDP6Q8lz2TFU2ie7hSSvS7ZIfzMooExoq0CNzJnuuGaUJ7IsojB
 """SHA-512 (base64, npm's ``dist.integrity``) of the ``com.github.asus4.onnxruntime-0.4.9.tgz`` archive."""
 HEADER_SHA256 = {
     "onnxruntime_c_api.h": "acc0cf4b3f28d39339c76770d76164bb7a0637dc89f5fde764b4017b632f6743",
+    "onnxruntime_ep_c_api.h": "e6c986c9e98583f8113b2c6bc3864814883b806d501cf24da4d239c45753e235",
+    "onnxruntime_error_code.h": "5ce3b054e798eced8d14f5b86e98692fd33470463f96194ce0700a2d53dd8721",
     "onnxruntime_cxx_api.h": "9c63ed5bf0427ddf1c10a99aca0beeec77318ce77d2ea6f7ae76d7d933660f67",
     "onnxruntime_cxx_inline.h": "c508dbb7d8203003a2584b8712118cb88e5b4ef1e1c7876a9974156fb7489301",
     "onnxruntime_float16.h": "88b242845d25981633a0bbd1c148e273cf8bfb016ea3f57c4af41a06530f72b0",
     "onnxruntime_lite_custom_op.h": "5ac84897a95ee5fa5b5bbbeb84dd51f0768e83b293716b147f114e63b28fdf85",
 }
-"""SHA-256 of each header the kernel compiles against, as that archive ships them (ORT C API 29)."""
+"""SHA-256 of every header the kernel's build includes, directly or through another (``onnxruntime_c_api.h``
+includes ``onnxruntime_ep_c_api.h`` and ``onnxruntime_error_code.h``), as that archive ships them. The
+cache holds these files and no others, so a header outside the pinned set cannot be compiled in
+(``tests/test_native.py`` lists the build's includes with ``-MM`` and checks them against this map)."""
+PINNED_API = 29
+"""The C API version of the pinned headers; ``pyproject.toml``'s onnxruntime floor is at least 1.{PINNED_API}."""
 log = logging.getLogger(__name__)
 
 
@@ -112,6 +119,15 @@ def mismatched_headers(folder: Path) -> list[str]:
             if not (folder / name).is_file() or hashlib.sha256((folder / name).read_bytes()).hexdigest() != expected]
 
 
+def _remove_unpinned(folder: Path) -> None:
+    """Delete headers in gn-convert's cache that are not pinned (an earlier version extracted every
+    header of the archive): a build must not include a file nobody checked."""
+    for path in folder.glob("*.h"):
+        if path.name not in HEADER_SHA256:
+            log.info("removing %s from the header cache: it is not one of the pinned headers", path.name)
+            path.unlink()
+
+
 def runtime_api_version() -> int:
     """The newest C API version the installed onnxruntime serves (its minor version number)."""
     import onnxruntime
@@ -156,7 +172,7 @@ def fetch_headers(dest: Path) -> Path:
         with tarfile.open(archives[0], "r:gz") as archive:
             for member in archive:
                 name = member.name.rsplit("/", 1)[-1]
-                if member.isfile() and _NPM_HEADER_DIR in member.name and name.endswith(".h") \
+                if member.isfile() and _NPM_HEADER_DIR in member.name and name in HEADER_SHA256 \
                         and not (staged / name).exists():
                     source = archive.extractfile(member)
                     if source is not None:
@@ -203,6 +219,7 @@ def find_headers(include: str | Path | None = None, fetch: bool = True) -> Path:
     if has_headers(cached):
         changed = mismatched_headers(cached)
         if not changed:
+            _remove_unpinned(cached)
             return cached
         log.warning("cached onnxruntime headers %s differ from the pinned ones (%s); fetching them again",
                     cached, ", ".join(changed))
