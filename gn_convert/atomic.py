@@ -33,10 +33,12 @@ import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from gn_convert.errors import OutputError
+from gn_convert.file_system import current_umask, unwritable_reason
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,13 @@ _SIDE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<kind>tmp|partial|old)$")
 
 def _output_error(path: Path, err: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {err.strerror or err}; choose a writable location")
+
+
+def _apply_umask(path: Path) -> None:
+    """Give ``path`` the mode a file created by ``open`` gets: ``0o666 & ~umask``, plus the executable
+    bits its writer set (a compiled library), masked the same way."""
+    umask = current_umask()
+    os.chmod(path, (0o666 | (path.stat().st_mode & 0o111)) & ~umask)
 
 
 def _side(path: Path, kind: str) -> Path:
@@ -114,6 +123,10 @@ def terminate_as_exit() -> Iterator[None]:
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
+    The file gets the user's umask (``0o666 & ~umask``, executable bits kept where the writer set
+    them), as a file opened directly would, whatever mode the writer created the temporary with
+    (safetensors writes 0600).
+
     Raises:
         OutputError: the destination cannot be written.
     """
@@ -123,6 +136,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     try:
         with terminate_as_exit():
             yield tmp
+            _apply_umask(tmp)
             os.replace(tmp, path)
     except OSError as err:
         raise _output_error(path, err) from err
@@ -276,7 +290,8 @@ def check_output_folder(path: str | Path, force: bool = False, option: str = "--
     try:  # a real probe: permission bits say nothing for root, or on read-only mounts
         tempfile.TemporaryDirectory(dir=parent, prefix=".gn-convert-probe-").cleanup()
     except OSError as err:
-        raise OutputError(f"cannot write under {parent} ({err.strerror or err}); choose a writable {option}") from err
+        raise OutputError(f"cannot write under {parent}: {unwritable_reason(parent, err)}; choose a writable "
+                          f"{option}") from err
     return path
 
 

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from gn_convert._version import __version__
 from gn_convert import strict_json
+from gn_convert._version import __version__
 from gn_convert.atomic import check_output_folder, staged_folder
 from gn_convert.errors import DeployError, OptionError
 from gn_convert.load.weights import ModelSource, load_model, resolve_source
@@ -224,7 +225,7 @@ def _recover_stage(opts: PipelineOptions, model: nn.Module, stages: Stages,
     from gn_convert.fidelity.recover import recover
     from gn_convert.load.weights import default_weights_enum
 
-    options = dict(opts.recover)
+    options = dict(opts.recover or {})
     options.setdefault("groups", opts.plan.get("groups") or 32)
     options.setdefault("weights", default_weights_enum(opts.model))
     budget = options.get("budget", 900.0)

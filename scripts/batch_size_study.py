@@ -45,9 +45,10 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,7 +104,7 @@ class StudyConfig:
     weight_decay: float = 1e-4
 
     @classmethod
-    def fast(cls, seed: int = 0) -> "StudyConfig":
+    def fast(cls, seed: int = 0) -> StudyConfig:
         """The test's version: one seed, a third of the fine-tuning and scratch steps."""
         return cls(seeds=(seed,), pretrain_epochs=3.0, finetune_epochs=1.0, scratch_epochs=2.0)
 
@@ -246,7 +247,7 @@ def starting_points(regime: str, pretrained: nn.Module, num_classes: int, cfg: S
     """
     torch.manual_seed(1000 + seed)
     if regime == "finetune":
-        bn = copy.deepcopy(pretrained)
+        bn: Any = copy.deepcopy(pretrained)
         bn[-1] = nn.Linear(bn[-1].in_features, num_classes)
     else:
         bn = small_resnet(num_classes, cfg.width)

@@ -93,6 +93,7 @@ def _export_torch_default(model: nn.Module, path: Path, shape: tuple[int, ...], 
         program = torch.onnx.export(source, (example,), dynamo=True, opset_version=20, optimize=True,
                                     dynamic_shapes=({0: "batch"},), input_names=["input"],
                                     output_names=["output"], verbose=False)
+    assert program is not None  # the dynamo exporter always returns one
     program.save(str(path))
     if fp16:
         model.float()

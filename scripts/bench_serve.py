@@ -18,11 +18,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -30,7 +32,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from gn_convert import convert
-from gn_convert.deploy import TritonModelServer, find_free_port
+from gn_convert.deploy import TritonModelServer
 from gn_convert.load.names import build_model
 from gn_convert.onnx.export import export_onnx
 
@@ -66,7 +68,8 @@ def timed(call: Callable[[np.ndarray], Any], inputs: list[np.ndarray]) -> list[f
     return latencies
 
 
-def concurrent(make_call: Callable[[], tuple[Callable, Any]], inputs: list[np.ndarray], clients: int) -> tuple[list[float], float]:
+def concurrent(make_call: Callable[[], tuple[Callable, Any]], inputs: list[np.ndarray],
+               clients: int) -> tuple[list[float], float]:
     """Latencies and wall time of ``inputs`` spread over ``clients`` threads, one client each."""
     def worker(part: list[np.ndarray]) -> list[float]:
         call, client = make_call()
@@ -108,8 +111,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         inputs = [rng.standard_normal((1, 3, args.size, args.size), dtype=np.float32)
                   for _ in range(args.requests)]
-        with TritonModelServer(path, name=args.model, http_port=find_free_port(),
-                               grpc_port=find_free_port(), metrics_port=find_free_port(),
+        with TritonModelServer(path, name=args.model, http_port=0,
                                threads=args.threads) as server:
             paths: dict[str, Callable[[np.ndarray], Any]] = {"onnxruntime (local)": lambda x: session.run(None, {"input": x})}
             opened = []
@@ -130,7 +132,8 @@ def main() -> None:
             results = [(label, latencies[label], walls[label]) for label in paths]
             if args.clients:
                 for protocol in CLIENTS:
-                    lat, wall = concurrent(lambda p=protocol: served_call(server, p, args.model), inputs, args.clients)
+                    lat, wall = concurrent(functools.partial(served_call, server, protocol, args.model), inputs,
+                                           args.clients)
                     results.append((f"triton {protocol}, {args.clients} clients", lat, wall))
             for client in opened:
                 client.close()

@@ -54,9 +54,10 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -193,7 +194,7 @@ def trainable_parameters(tail: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def noise_multiplier(epsilon: float, delta: float, sample_rate: float, epochs: int) -> float:
     """The noise multiplier ``make_private_with_epsilon`` would choose (its own call; cached, 2 s each)."""
     from opacus.accountants.utils import get_noise_multiplier

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
+from _study_models import efficientnet_lite0
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from gn_convert.load.names import build_model
 from gn_convert.testing.digits import digits, fit_classifier, predictions
-from _study_models import efficientnet_lite0
 from gn_convert.testing.photo_sets import HELDOUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops, _crop, normalise, photo
 
 #: a model -> (frozen body, trainable tail without the head); both share the model's modules
@@ -76,7 +77,7 @@ def _select(x: torch.Tensor, y: torch.Tensor, low: int, high: int) -> tuple[torc
     return x[keep], y[keep] - low
 
 
-def _resnet_split(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+def _resnet_split(model: Any) -> tuple[nn.Module, nn.Module]:
     """torchvision ResNet: body = stem and layers 1-3, tail = layer4 and pooling."""
     body = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3)
     return body, nn.Sequential(model.layer4, nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -109,7 +110,7 @@ def digits_network(epochs: int = 6, size: int = 16, seed: int = 0) -> Network:
 class _LiteBody(nn.Module):
     """EfficientNet-Lite's stem and all MBConv blocks but the last."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__()
         self.stem, self.bn, self.act = model._conv_stem, model._bn0, model._swish
         self.blocks = nn.Sequential(*model._blocks[:-1])
@@ -118,7 +119,7 @@ class _LiteBody(nn.Module):
         return self.blocks(self.act(self.bn(self.stem(x))))
 
 
-def _lite_split(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+def _lite_split(model: Any) -> tuple[nn.Module, nn.Module]:
     """EfficientNet-Lite: tail = the last MBConv block, the head convolution, its norm, pooling."""
     tail = nn.Sequential(model._blocks[-1], model._conv_head, model._bn1, copy.deepcopy(model._swish),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -190,7 +191,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
     for conv_name, bn_name in pairs:
         if conv_name is None:
             raise ValueError(f"{bn_name}: its input is not a convolution's output; cannot fold it")
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        conv: Any = model.get_submodule(conv_name)
+        bn = model.get_submodule(bn_name)
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"{bn_name} runs twice; cannot fold it")
         _replace(model, conv_name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn))

@@ -65,7 +65,7 @@ def _inits(teacher: Any, groups: int, batches: int) -> list[dict[str, Any]]:
 
 def _distillations(teacher: Any, groups: int, steps: int, batches: int) -> list[dict[str, Any]]:
     rows = []
-    runs = [(name, "bn-stats", kwargs) for name, kwargs in DISTILLATIONS.items()]
+    runs: list[tuple[str, str, Any]] = [(name, "bn-stats", kwargs) for name, kwargs in DISTILLATIONS.items()]
     runs.append(("all params, lr 1e-4", "greedy calibration", dict(lr=1e-4)))
     for name, init, kwargs in runs:
         model = convert(teacher.model, groups)
@@ -96,7 +96,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     teacher = train_digits_teacher(args.epochs, size=args.size)
-    rows = [{"stage": "teacher (BatchNorm)", "steps": 0, "accuracy": teacher.accuracy, "agreement": 1.0,
+    rows: list[dict[str, Any]] = [{"stage": "teacher (BatchNorm)", "steps": 0, "accuracy": teacher.accuracy, "agreement": 1.0,
              "seconds": round(teacher.seconds, 1)}]
     rows += _inits(teacher, args.groups, args.batches)
     rows += _distillations(teacher, args.groups, args.steps, args.batches)

@@ -72,7 +72,7 @@ def parse_manifest(text: str) -> tuple[Photo, ...]:
             header = line.strip("[] ").split()
         elif fields and len(header) == 3 and len(fields) in (4, 5):
             stem = PurePosixPath(fields[3]).with_suffix("").as_posix().replace("/", "-")
-            photos.append(Photo(header[0], header[1], f"{header[2]}/{fields[3]}", *fields[:3],
+            photos.append(Photo(header[0], header[1], f"{header[2]}/{fields[3]}", fields[0], fields[1], fields[2],
                                 (fields[4:] or [""])[0], f"{header[0]}__{stem}"))
         elif fields:
             problems.append(f"line {number}")

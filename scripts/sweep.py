@@ -93,7 +93,7 @@ def dense_row(name: str, folder: Path) -> dict[str, Any]:
     }
     images = photo_crops(1, size, seed=1)
     with torch.no_grad():
-        eager = student(list(images)) if detection else first_output(student(images))
+        eager: Any = student(list(images)) if detection else first_output(student(images))
     row["eager_ok"] = bool(torch.isfinite(eager[0]["boxes"] if detection else eager).all())
     if detection:
         row["export"] = ("the whole model is not exported: torchvision detection models take a list of images and "

@@ -26,9 +26,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=240.0, help="seconds")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "synthetic_grid.png")
     args = parser.parse_args()
-    from PIL import Image
-
     from _study_models import efficientnet_lite0
+    from PIL import Image
 
     images, report = synthesize(efficientnet_lite0(), args.count, size=args.size, batch_size=32, steps=300,
                                 budget_s=args.budget)

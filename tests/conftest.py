@@ -6,11 +6,13 @@ under pytest's session temporary folder. Callers must not modify what a fixture 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
+from filelock import FileLock
 from torch import nn
 
 from helpers.models import DIGITS_EPOCHS, DIGITS_SIZE, Exports, Models, make_tiny_teacher
@@ -49,16 +51,44 @@ def exports(tmp_path_factory: pytest.TempPathFactory, nontrivial: Models) -> Exp
     return Exports(tmp_path_factory.mktemp("onnx"), nontrivial)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_cache_in_session_temp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """gn-convert's cache (kernel builds, headers) is a folder of this test session, shared by its xdist
+    workers; nothing is built into ``~/.cache`` and nothing is fetched (``GN_CONVERT_NO_FETCH``). The
+    headers are the user's, found first: ``$GN_CONVERT_ORT_INCLUDE``, the system's, or the pinned ones
+    ``gn-convert native`` fetched into the user's cache (copied, and checked against their pins again)."""
+    from gn_convert.errors import NativeBuildError
+    from gn_convert.native.headers import CACHE_VAR, NO_FETCH_VAR, cache_root, find_headers
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder, above each worker's
+    cache = shared / "gn-convert-cache"
+    try:
+        headers: Path | None = find_headers(fetch=False)
+    except NativeBuildError:
+        headers = None
+    with FileLock(str(shared / "gn-convert-cache.lock")):
+        if headers is not None and headers == cache_root() / "ort-headers" and not (cache / "ort-headers").exists():
+            shutil.copytree(headers, cache / "ort-headers")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_VAR, str(cache))
+        patch.setenv(NO_FETCH_VAR, "1")
+        yield cache
+
+
 @pytest.fixture(scope="session")
-def native_library() -> Path:
-    """The native kernel library built for this CPU; the test is skipped where it cannot build."""
+def native_library(native_cache_in_session_temp: Path) -> Path:
+    """The native kernel library built for this CPU, in the session's cache; the tests that use it are
+    skipped, with the reason, where it cannot be built (no compiler, no headers)."""
     from gn_convert.errors import NativeBuildError
     from gn_convert.native import build_library
 
     try:
-        return build_library()
+        with FileLock(str(native_cache_in_session_temp.parent / "gn-convert-cache.lock")):  # one build for all workers
+            return build_library()
     except NativeBuildError as err:
-        pytest.skip(f"native kernel not buildable here: {err}")
+        pytest.skip(f"native kernel not available here: {err}")
 
 
 @pytest.fixture

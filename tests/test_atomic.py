@@ -196,3 +196,39 @@ def test_a_folder_staged_within_a_repository_must_be_its_direct_child(tmp_path: 
         with staged_folder(target, force=True, within=repo):
             pass
     assert (repo / "other").is_dir()
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_written_atomically_get_the_users_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """Defect: model.safetensors was 0600 (safetensors writes its file so) beside 0644 outputs."""
+    import stat
+
+    import torch
+
+    import gn_convert
+    from gn_convert.atomic import atomic_file
+
+    old = os.umask(umask)
+    try:
+        with atomic_file(tmp_path / "private.bin") as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)  # as a writer that ignores the umask
+            os.close(fd)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+        layer_plan = gn_convert.plan(model, 2)
+        gn_convert.save(gn_convert.convert(model, plan=layer_plan), tmp_path / "ck", plan=layer_plan)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "private.bin").stat().st_mode) == mode
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((tmp_path / "ck" / name).stat().st_mode) == mode, name
+
+
+@pytest.mark.skipif(not Path("/proc/self/mounts").exists(), reason="no /proc here")
+def test_an_output_on_a_kernel_file_system_names_the_real_reason() -> None:
+    """Defect: --out /proc/x said "cannot write under /proc (No such file or directory)"."""
+    from gn_convert.atomic import check_output_folder
+    from gn_convert.errors import OutputError
+
+    with pytest.raises(OutputError, match=r"^cannot write under /proc: it is on the kernel's proc file system, which "
+                                          r"holds no files of its own; choose a writable --out$"):
+        check_output_folder("/proc/gn-convert-out")

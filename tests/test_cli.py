@@ -104,6 +104,35 @@ def test_model_names_do_not_collide_with_commands() -> None:
     assert not set(COMMANDS) & set(gn_convert.list_models())
 
 
+@pytest.mark.parametrize("argv", [["--groups", "8", "resnet18"], ["-v", "--groups", "8", "resnet18"],
+                                  ["--weights", "none", "-g", "8", "resnet18", "--no-onnx"],
+                                  ["resnet18", "--groups", "8"], ["convert", "--groups", "8", "resnet18"]])
+def test_options_before_the_model_name_parse_as_the_main_command(argv: list[str]) -> None:
+    """Defect: `gn-convert --groups 8 resnet18` took `8` for the model and failed to parse."""
+    from gn_convert.cli import _with_default_command, build_parser
+
+    args = build_parser().parse_args(_with_default_command(argv))
+    assert (args.command, args.model, args.groups) == ("convert", "resnet18", 8)
+
+
+@pytest.mark.parametrize(("argv", "command"), [(["list"], "list"), (["-v", "list"], "list"),
+                                               (["-vv", "export", "gn-x", "-o", "x.onnx"], "export"),
+                                               (["parity", "m.onnx", "--checkpoint", "ck"], "parity"),
+                                               (["bench", "m.onnx", "--batch", "1"], "bench")])
+def test_subcommands_still_parse_with_top_level_flags_first(argv: list[str], command: str) -> None:
+    from gn_convert.cli import _with_default_command, build_parser
+
+    assert build_parser().parse_args(_with_default_command(argv)).command == command
+
+
+def test_main_command_runs_with_its_options_before_the_model_name(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "o"
+    code, stdout, _ = _run(capsys, "--groups", "8", "--weights", "none", "--no-onnx", "--out", str(out), "resnet18")
+    assert code == 0 and "20 BatchNorm layers -> GroupNorm" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert {layer["num_groups"] for layer in config["plan"]["layers"]} == {8}
+
+
 
 def _exit_code(argv: list[str]) -> int:
     """main()'s exit status, whether argparse exits (SystemExit) or main returns it."""
@@ -121,6 +150,17 @@ def test_holdout_outside_zero_one_is_refused_by_argparse(value: str, tmp_path: P
         assert _exit_code([*argv, "--holdout", value]) == 2
         err = capsys.readouterr().err
         assert "--holdout" in err and ("not in [0, 1)" in err or "is not a number" in err), err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag", ["--data", "--eval-data"])
+def test_data_without_a_stage_that_uses_it_is_refused(flag: str, tmp_path: Path, capsys) -> None:
+    """Defect: `--data DIR` without --calibrate, --finetune-steps or --recover was silently ignored."""
+    argv = ["resnet18", "--weights", "none", flag, str(tmp_path), "--out", str(tmp_path / "o")]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "Traceback" not in err
+    assert f"gn-convert: error: {flag} given, but no stage uses data: add --calibrate N, --finetune-steps N or " \
+           f"--recover, or drop {flag}" in err.splitlines()
     assert not (tmp_path / "o").exists()
 
 

@@ -13,8 +13,8 @@ import torch
 
 import gn_convert
 from gn_convert.cli import main
-from gn_convert.onnx import read_model
 from gn_convert.load.names import build_model
+from gn_convert.onnx import read_model
 from gn_convert.onnx.op import groupnorm_nodes
 from helpers.models import SIZE
 
@@ -136,7 +136,9 @@ def test_parity_command_bad_input_one_line_exit_2(case: str, checkpoint: Path, t
 def test_main_command_writes_model_onnx_and_parity_into_report(tmp_path: Path, capsys) -> None:
     out = tmp_path / "gn-resnet18"
     assert main(["resnet18", "--weights", "none", "-o", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [".gn-convert", "config.json", "model.onnx", "model.safetensors", "report.json"]
+    # .gn-convert: the marker of every folder gn-convert stages (gn_convert.atomic.MARKER), what --force checks
+    assert sorted(p.name for p in out.iterdir()) == [".gn-convert", "config.json", "model.onnx", "model.safetensors",
+                                                     "report.json"]
     report = json.loads((out / "report.json").read_text())
     assert report["onnx"]["counts"]["custom"] == 20 and report["onnx"]["input_shape"] == [1, 3, 224, 224]
     assert report["parity"]["passed"] is True and report["parity"]["onnx_path"] == "model.onnx"

@@ -115,3 +115,17 @@ def test_finetune_of_an_untrained_conversion_needs_teacher_weights(tmp_path, wor
     assert not (tmp_path / "o").exists()
     assert main([*args, "--out", str(tmp_path / "o2"), "--teacher-weights", str(workspace[0])]) == 0
     assert (tmp_path / "o2" / "model.safetensors").is_file()
+
+
+def test_run_finetune_is_the_command_without_the_cli(tmp_path, workspace) -> None:
+    """The finetune command's orchestration is a Python function (gn_convert.finetune.run_finetune)."""
+    from gn_convert.finetune import FinetuneOptions, run_finetune
+
+    _, data, checkpoint = workspace
+    opts = FinetuneOptions(checkpoint, data=data, out=tmp_path / "py",
+                           fidelity=dict(steps=2, input_size=16, batch_size=8, eval_every=2, holdout=0.2))
+    report = run_finetune(opts)
+    assert [p["step"] for p in report["finetune"]["history"]] == [0, 2]
+    assert json.loads((tmp_path / "py" / "report.json").read_text())["finetune"]["steps"] == 2
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in load_converted(tmp_path / "py").modules()) == 20
+    assert not (tmp_path / "py.train-state").exists()

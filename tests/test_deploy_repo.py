@@ -13,8 +13,14 @@ import onnxruntime as ort
 import pytest
 
 from gn_convert.cli import main
-from gn_convert.deploy import (DeployError, ServeExtraMissingError, TritonModelServer, labels_beside, read_model_io,
-                               write_triton_repo)
+from gn_convert.deploy import (
+    DeployError,
+    ServeExtraMissingError,
+    TritonModelServer,
+    labels_beside,
+    read_model_io,
+    write_triton_repo,
+)
 from gn_convert.errors import OptionError, OutputError
 from gn_convert.pipeline import PipelineOptions, _deploy_stage, check_options
 from gn_convert.stages import Stages
@@ -23,7 +29,7 @@ from helpers.triton import parsed
 
 MISSING = ""
 try:
-    from google.protobuf import text_format
+    from google.protobuf import text_format  # noqa: F401 (the config text format: skip the module without it)
     from tritonclient.grpc import model_config_pb2 as pb
 except ImportError as err:
     pb = None

@@ -4,7 +4,7 @@ break a naive rewrite (in-place statements whose result is dropped, chains, alia
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

@@ -232,7 +232,7 @@ class _Warns(nn.Module):
         self.conv, self.gn = nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        warnings.warn("the user's own warning", UserWarning)
+        warnings.warn("the user's own warning", UserWarning, stacklevel=2)
         return self.gn(self.conv(x))
 
 

@@ -1,8 +1,9 @@
 """The native GroupNorm kernel (gn_convert.native): numbers against float64 torch, proof that
 onnxruntime runs the kernel instead of the op's function body, and the build's errors.
 
-Building needs a C++ compiler and onnxruntime's headers (fetched from npm when absent); where
-either is missing, the kernel tests are skipped with the reason.
+Building needs a C++ compiler and onnxruntime's headers (the user's: the tests build in their session's
+cache and never fetch, see ``tests/conftest.py``); where either is missing, the kernel tests are skipped
+with the reason.
 """
 
 from __future__ import annotations
@@ -104,6 +105,15 @@ def test_exported_model_agrees_with_its_function_body(library: Path, name: str, 
     assert _custom_nodes_after_optimisation(str(report.path), library, tmp_path) == len(report.layers)
 
 
+def test_the_tests_build_the_kernel_in_their_session_cache_not_the_users(library: Path,
+                                                                        native_cache_in_session_temp: Path) -> None:
+    """Defect: the fixture built into the real ~/.cache (and could fetch 150 MB of headers there)."""
+    assert native_cache_in_session_temp in library.parents
+    assert Path.home() / ".cache" not in library.parents
+    assert os.environ[native_headers.NO_FETCH_VAR] == "1"
+    assert native_headers.cache_root() == native_cache_in_session_temp
+
+
 def test_cached_build_is_reused_and_force_rebuilds(library: Path) -> None:
     before = library.stat().st_mtime_ns
     assert build_library() == library and library.stat().st_mtime_ns == before
@@ -131,6 +141,8 @@ def test_missing_compiler_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_no_headers_and_no_fetching_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(native_headers.ENV_VAR, raising=False)
+    monkeypatch.delenv(native_headers.CACHE_VAR, raising=False)  # the session's cache: this test's own instead
+    monkeypatch.delenv(native_headers.NO_FETCH_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(native_headers, "SYSTEM_DIRS", ())
     with pytest.raises(NativeBuildError, match="headers were not found; set GN_CONVERT_ORT_INCLUDE"):
@@ -164,7 +176,8 @@ def test_native_provider_reports_why_it_is_unavailable(monkeypatch: pytest.Monke
     def refuse(*args: object, **kwargs: object) -> Path:
         raise NativeBuildError("no C++ compiler found")
     monkeypatch.setattr(native_build, "build_library", refuse)
-    report = check_parity(exports.converted("resnet18"), exports.exported("resnet18").path, providers="cpu-native", levels=("all",))
+    report = check_parity(exports.converted("resnet18"), exports.exported("resnet18").path, providers="cpu-native",
+                          levels=("all",))
     assert report.skipped == {"cpu-native": "no C++ compiler found"}
 
 
@@ -194,12 +207,11 @@ def test_triton_repo_ships_the_portable_library_and_loads_it_by_model_operations
 @pytest.mark.slow
 def test_local_triton_server_runs_the_native_kernel(library: Path, exports) -> None:
     pytest.importorskip("pytriton", reason="the serve extra is not installed")
-    from gn_convert.deploy.server import TritonModelServer, find_free_port
+    from gn_convert.deploy.server import TritonModelServer
     from helpers.triton import STARTUP_TIMEOUT_S, client, infer
 
     path = exports.exported("resnet18").path
-    server = TritonModelServer(path, name="resnet18", http_port=find_free_port(), grpc_port=find_free_port(),
-                               metrics_port=find_free_port(), native_ops=library,
+    server = TritonModelServer(path, name="resnet18", http_port=0, native_ops=library,
                                startup_timeout_s=STARTUP_TIMEOUT_S)
     x = exports.crops(3).numpy()
     body = _session(str(path), None).run(None, {"input": x})[0]
@@ -345,11 +357,54 @@ def test_a_tampered_header_archive_is_refused_and_nothing_is_cached(tmp_path: Pa
     fake_npm.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_npm.parent}:{os.environ['PATH']}")
     monkeypatch.delenv(native_headers.ENV_VAR, raising=False)
+    monkeypatch.delenv(native_headers.CACHE_VAR, raising=False)  # the session's cache: this test's own instead
+    monkeypatch.delenv(native_headers.NO_FETCH_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(native_headers, "SYSTEM_DIRS", ())
     with pytest.raises(NativeBuildError, match="does not match its pinned SHA-512"):
         find_headers()
     assert not (tmp_path / "cache" / "gn_convert" / "ort-headers").exists()
+
+
+def test_every_onnxruntime_header_the_build_includes_is_pinned(library: Path) -> None:
+    """Defect: onnxruntime_c_api.h includes onnxruntime_ep_c_api.h, which was compiled in unchecked."""
+    real = find_headers(fetch=False)
+    if native_headers.mismatched_headers(real):
+        pytest.skip(f"headers come from {real}, not the pinned set")
+    done = native_build.subprocess.run([native_build.compiler(), "-std=c++17", "-MM", f"-I{real}",
+                                        str(native_build.SOURCE)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    included = {Path(word).name for word in done.stdout.replace("\\\n", " ").split()
+                if Path(word).parent == real}
+    assert included == set(native_headers.HEADER_SHA256), included ^ set(native_headers.HEADER_SHA256)
+    assert sorted(p.name for p in real.glob("*.h")) == sorted(native_headers.HEADER_SHA256)  # and no other
+
+
+def test_the_header_cache_keeps_only_the_pinned_headers(library: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    real = find_headers(fetch=False)
+    if native_headers.mismatched_headers(real):
+        pytest.skip(f"headers come from {real}, not the pinned set")
+    monkeypatch.delenv(native_headers.ENV_VAR, raising=False)
+    monkeypatch.setenv(native_headers.CACHE_VAR, str(tmp_path))
+    monkeypatch.setattr(native_headers, "SYSTEM_DIRS", ())
+    shutil.copytree(real, tmp_path / "ort-headers")
+    (tmp_path / "ort-headers" / "coreml_provider_factory.h").write_text("// not pinned\n")
+    assert find_headers(fetch=False) == tmp_path / "ort-headers"
+    assert not (tmp_path / "ort-headers" / "coreml_provider_factory.h").exists()
+
+
+def test_the_onnxruntime_floor_serves_the_pinned_headers_api() -> None:
+    """Defect: the headers were API 29 while onnxruntime>=1.20 was declared (a build for 1.20 refused)."""
+    import re
+
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    floor = int(re.search(r'^\s*"onnxruntime>=1\.(\d+)', text, re.M).group(1))
+    assert floor >= native_headers.PINNED_API and floor >= 30  # 1.30: the first precise LayerNormalization
+    assert native_headers.runtime_api_version() >= floor
+    assert not re.search(r"^gpu\s*=", text, re.M)  # the extra installed onnxruntime-gpu over onnxruntime
 
 
 def test_cached_headers_are_checked_against_their_pins(library: Path, tmp_path: Path,
@@ -361,6 +416,8 @@ def test_cached_headers_are_checked_against_their_pins(library: Path, tmp_path: 
     if real != native_headers.cache_root() / "ort-headers":
         pytest.skip(f"headers come from {real}, not gn-convert's cache")
     assert native_headers.mismatched_headers(real) == []
+    monkeypatch.delenv(native_headers.CACHE_VAR, raising=False)  # the session's cache: this test's own instead
+    monkeypatch.delenv(native_headers.NO_FETCH_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cached = native_headers.cache_root() / "ort-headers"
     shutil.copytree(real, cached)

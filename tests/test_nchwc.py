@@ -23,8 +23,9 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from gn_convert.errors import NativeBuildError, OptionError
-from gn_convert.native import nchwc, nchwc_graph
+from gn_convert.native import nchwc
 from gn_convert.onnx import export_onnx
+from gn_convert.onnx.passes import blocked_layout
 from gn_convert.runtime import open_session
 
 BLOCK = nchwc.block_size()
@@ -135,7 +136,7 @@ def test_scale_kernel(native_library: Path, gate_layout: str) -> None:
     gate = rng.uniform(0, 1, (2, 20, 1, 1)).astype(np.float32)
     xb = to_blocked(x, BLOCK)
     gb = to_blocked(gate, BLOCK) if gate_layout == "blocked" else gate
-    node = helper.make_node(nchwc_graph.SCALE_OP, ["x", "s"], ["y"], domain=nchwc.OP_DOMAIN, channels=20, block=BLOCK)
+    node = helper.make_node(blocked_layout.SCALE_OP, ["x", "s"], ["y"], domain=nchwc.OP_DOMAIN, channels=20, block=BLOCK)
     graph = helper.make_graph([node], "s", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(xb.shape)),
                                             helper.make_tensor_value_info("s", TensorProto.FLOAT, list(gb.shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(xb.shape))])
@@ -238,7 +239,7 @@ def test_squeeze_excite_moves_too(tmp_path: Path, native_library: Path) -> None:
     export_onnx(net, path, input_shape=(1, 3, 32, 32))
     data, fused = nchwc.nchwc_model(path, native_library)
     ops = collections.Counter((n.domain, n.op_type) for n in onnx.load_from_string(data).graph.node)
-    assert fused == 2 and ops[(nchwc.OP_DOMAIN, nchwc_graph.SCALE_OP)] == 1
+    assert fused == 2 and ops[(nchwc.OP_DOMAIN, blocked_layout.SCALE_OP)] == 1
     assert ops[(nchwc.NCHWC_DOMAIN, "GlobalAveragePool")] == 2  # squeeze-excite's mean and the head's
     assert ops[("", "ReduceMean")] == 0 and ops[("", "Mul")] == 0 and ops[(nchwc.NCHWC_DOMAIN, "ReorderInput")] == 0
     assert _compare(path, native_library, data) < 1e-5
@@ -267,7 +268,7 @@ def test_groupnorm_outputs_stay_readable(small_onnx: Path, native_library: Path)
 
 
 def test_rewrite_that_changes_the_output_is_refused(small_onnx: Path, native_library: Path, monkeypatch) -> None:
-    original = nchwc_graph.rewrite
+    original = blocked_layout.rewrite
 
     def wrong(model: onnx.ModelProto, block: int) -> int:
         fused = original(model, block)
@@ -275,7 +276,7 @@ def test_rewrite_that_changes_the_output_is_refused(small_onnx: Path, native_lib
         next(a for a in node.attribute if a.name == "num_groups").i = 1  # a different normalisation
         return fused
 
-    monkeypatch.setattr(nchwc_graph, "rewrite", wrong)
+    monkeypatch.setattr(blocked_layout, "rewrite", wrong)
     with pytest.raises(NativeBuildError, match="changed the model's output"):
         nchwc.nchwc_model(small_onnx, native_library)
     with pytest.raises(NativeBuildError, match="blocked layout"):
@@ -387,7 +388,8 @@ def test_self_check_catches_an_error_only_a_larger_batch_shows() -> None:
 
 
 def test_self_check_turns_onnxruntime_failures_into_one_line() -> None:
-    with pytest.raises(NativeBuildError, match=r"cannot check the blocked-layout rewrite: onnxruntime failed on a random input \(batch 1\): .*shape mismatch$"):
+    expected = r"cannot check the blocked-layout rewrite: onnxruntime failed on a random input \(batch 1\): .*shape mismatch$"
+    with pytest.raises(NativeBuildError, match=expected):
         nchwc.check_blocked(FakeSession(), FakeSession(fail=True))
 
 
@@ -397,5 +399,5 @@ def test_quick_gelu_without_alpha_takes_the_contrib_schema_default(attributes: d
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"]), gelu], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])])
-    nodes, attrs = nchwc_graph._Rewrite(helper.make_model(graph)).activation("y")
+    nodes, attrs = blocked_layout._Rewrite(helper.make_model(graph)).activation("y")
     assert nodes == [gelu] and attrs == {"activation": "QuickGelu", "alpha": pytest.approx(alpha)}

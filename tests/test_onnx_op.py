@@ -16,8 +16,19 @@ import pytest
 
 from gn_convert.onnx.lowering.function import set_body
 from gn_convert.onnx.op import BODIES, DOMAIN, OP_TYPE, function_proto, schema
-from helpers.onnx_cases import (FP16_BOUND, FP32_BOUND, FP32_MEAN1000_BOUND, LEVELS, SHAPES_GROUPS, inputs,
-                                one_node_model, reference, relative_error, run, shape_id)
+from helpers.onnx_cases import (
+    FP16_BOUND,
+    FP32_BOUND,
+    FP32_MEAN1000_BOUND,
+    LEVELS,
+    SHAPES_GROUPS,
+    inputs,
+    one_node_model,
+    reference,
+    relative_error,
+    run,
+    shape_id,
+)
 
 
 @pytest.mark.parametrize("level", LEVELS, ids=str)
@@ -100,11 +111,24 @@ def test_standard_groupnormalization21_loses_precision_at_mean_1000() -> None:
     shape, groups, eps = (2, 8, 16, 16), 4, 1e-5
     feeds = inputs(shape, 1000.0, np.float32)
     ours = relative_error(feeds, groups, eps, one_node_model(shape, groups, eps, onnx.TensorProto.FLOAT), LEVELS["opt-all"])
-    standard = {name: relative_error(feeds, groups, eps, one_node_model(shape, groups, eps, onnx.TensorProto.FLOAT, op="standard"),
-                                     level) for name, level in LEVELS.items()}
+    standard_model = one_node_model(shape, groups, eps, onnx.TensorProto.FLOAT, op="standard")
+    standard = {name: relative_error(feeds, groups, eps, standard_model, level) for name, level in LEVELS.items()}
     scale = float(np.abs(reference(feeds, groups, eps)).max())
     print(f"\nmean 1000, {shape}, G={groups}, output scale {scale:.2f}; max abs error vs float64: ours "
           f"{ours * scale:.2e}, standard GroupNormalization-21 "
           + ", ".join(f"{name} {err * scale:.2e}" for name, err in standard.items()))
     assert ours < FP32_MEAN1000_BOUND
     assert min(standard.values()) > 100 * ours
+
+
+@pytest.mark.parametrize(("shape", "groups"), [((2, 64, 28, 28), 32), ((2, 32, 56, 56), 1), ((3, 8, 5, 7), 4)],
+                         ids=shape_id)
+def test_default_body_is_within_2e5_of_float64_at_mean_1000(shape: tuple[int, ...], groups: int) -> None:
+    """The default body's precision is onnxruntime's LayerNormalization's: measured 9.2e-6 at mean 1000 on
+    onnxruntime 1.30-1.32, up to 5.7e-4 on 1.29 and 0.21 on 1.20 (a one-pass variance), hence the floor
+    onnxruntime>=1.30 in pyproject.toml."""
+    feeds = inputs(shape, 1000.0, np.float32)
+    model = one_node_model(shape, groups, 1e-5, onnx.TensorProto.FLOAT)
+    model.ir_version = 10  # as torch's exporter writes it: older onnxruntime releases load it too
+    for name, level in LEVELS.items():
+        assert relative_error(feeds, groups, 1e-5, model, level) < 2e-5, name

@@ -7,7 +7,6 @@ import copy
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -15,8 +14,8 @@ from torch import nn
 
 from gn_convert.errors import OnnxFileError, ParityError, SessionError
 from gn_convert.onnx import export_onnx
-from gn_convert.parity import check_parity, compare
 from gn_convert.parity import check as parity_check
+from gn_convert.parity import check_parity, compare
 from gn_convert.parity.providers import availability
 from gn_convert.parity.tolerances import DEFAULT_TOLERANCES, Tolerance, tolerance_for
 from gn_convert.testing.photos import photo_crops
@@ -103,7 +102,8 @@ def test_image_folder_adds_an_input_set(tmp_path: Path, exports) -> None:
     for i, crop in enumerate(photo_crops(3, 80, seed=5)):
         pixels = ((crop - crop.min()) / (crop.max() - crop.min()) * 255).byte().permute(1, 2, 0).numpy()
         Image.fromarray(pixels).save(tmp_path / f"{i}.png")
-    report = check_parity(exports.converted("resnet18"), exports.exported("resnet18").path, levels=("all",), batch=2, images=tmp_path)
+    report = check_parity(exports.converted("resnet18"), exports.exported("resnet18").path, levels=("all",), batch=2,
+                          images=tmp_path)
     rows = [r for r in report.rows if r.inputs == "images"]
     assert [r.batch for r in rows] == [1, 2] and all(r.passed for r in rows)
 
@@ -112,7 +112,8 @@ def test_mismatched_and_invalid_files_are_refused(tmp_path: Path, exports) -> No
     with pytest.raises(ParityError, match="GroupNorm layer features"):
         check_parity(exports.converted("resnet18"), exports.exported("mobilenet_v3_small").path)
     other = nn.Sequential(nn.Conv2d(5, 4, 3), nn.GroupNorm(2, 4)).eval()
-    with pytest.raises(ParityError, match=r"fails in PyTorch \(RuntimeError: .*expected input\[1, 3, 64, 64\] to have 5 channels"):
+    expected = r"fails in PyTorch \(RuntimeError: .*expected input\[1, 3, 64, 64\] to have 5 channels"
+    with pytest.raises(ParityError, match=expected):
         check_parity(other, exports.exported("resnet18").path)
     (tmp_path / "x.onnx").write_bytes(b"not an onnx file at all")
     with pytest.raises(OnnxFileError, match="not a readable ONNX model"):
@@ -231,3 +232,21 @@ def test_an_unknown_provider_or_dtype_has_no_borrowed_tolerance(provider: str, d
     assert tolerance_for("cpu", "float16") == DEFAULT_TOLERANCES[("cpu", "float16")]
     given = Tolerance(1e-2, 0.99, 1e-3)
     assert tolerance_for(provider, dtype, {(provider, dtype): given}) is given
+
+
+@pytest.mark.parametrize(("installed", "expected"), [
+    (["onnxruntime"], "on a machine with an NVIDIA GPU, replace onnxruntime with onnxruntime-gpu: pip uninstall"),
+    (["onnxruntime", "onnxruntime-gpu"], "onnxruntime and onnxruntime-gpu are both installed and overwrite each "
+                                         "other's files: pip uninstall -y onnxruntime onnxruntime-gpu && pip install")])
+def test_the_cuda_skip_reason_says_how_to_install_onnxruntime_gpu(monkeypatch, installed: list[str],
+                                                                   expected: str) -> None:
+    import onnxruntime as ort
+
+    from gn_convert.errors import ProviderUnavailableError
+    from gn_convert.runtime import options
+
+    monkeypatch.setattr(options, "installed_runtimes", lambda: installed)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ProviderUnavailableError, match="^CUDAExecutionProvider is not available") as info:
+        options.check_provider("cuda")
+    assert expected in str(info.value) and "\n" not in str(info.value)

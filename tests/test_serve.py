@@ -16,22 +16,23 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from gn_convert.deploy import DeployError, TritonModelServer, find_free_port
+from gn_convert.deploy import DeployError, TritonModelServer
 from gn_convert.testing.photos import photo_crops
 from helpers.models import SIZE
 from helpers.triton import STARTUP_TIMEOUT_S, client, infer
 
 try:
     import pytriton.triton  # noqa: F401
-    import tritonclient.grpc as grpcclient
+    import tritonclient.grpc  # noqa: F401 (the gRPC client: skip the module without it)
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 except ImportError as err:
@@ -54,9 +55,8 @@ def local(model_path: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def server(model_path: Path) -> Iterator[TritonModelServer]:
-    server = TritonModelServer(model_path, name="resnet18", http_port=find_free_port(),
-                               grpc_port=find_free_port(), metrics_port=find_free_port(),
-                               max_batch_size=8, startup_timeout_s=STARTUP_TIMEOUT_S)
+    server = TritonModelServer(model_path, name="resnet18", http_port=0, max_batch_size=8,
+                               startup_timeout_s=STARTUP_TIMEOUT_S)
     try:
         yield server.start()
     finally:
@@ -138,8 +138,7 @@ def test_port_in_use_is_refused_before_start(model_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        server = TritonModelServer(model_path, http_port=find_free_port(), grpc_port=port,
-                                   metrics_port=find_free_port())
+        server = TritonModelServer(model_path, http_port=0, grpc_port=port, metrics_port=0)
         try:
             with pytest.raises(DeployError, match=f"cannot listen on 127.0.0.1:{port} for gRPC"):
                 server.start()
@@ -148,17 +147,52 @@ def test_port_in_use_is_refused_before_start(model_path: Path) -> None:
             server.close()
 
 
+def test_port_zero_asks_the_kernel_for_distinct_free_ports() -> None:
+    from gn_convert.deploy.ports import free_ports
+
+    ports = free_ports("127.0.0.1", 3)
+    assert len(set(ports)) == 3 and 0 not in ports
+    for port in ports:  # nothing listens on them
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_a_chosen_port_taken_before_the_server_binds_it_is_chosen_again(model_path: Path, monkeypatch) -> None:
+    """The race of find-a-free-port-then-bind: another process takes the chosen port in between."""
+    from gn_convert.deploy import server as server_module
+
+    real = server_module.free_ports
+    with socket.socket() as thief:
+        thief.bind(("127.0.0.1", 0))
+        thief.listen()
+        stolen = thief.getsockname()[1]
+        calls: list[int] = []
+
+        def racy(host: str, count: int) -> list[int]:
+            calls.append(count)
+            ports = real(host, count)
+            return [stolen, *ports[1:]] if len(calls) == 1 else ports
+
+        monkeypatch.setattr(server_module, "free_ports", racy)
+        server = TritonModelServer(model_path, name="raced", http_port=0, startup_timeout_s=STARTUP_TIMEOUT_S)
+        try:
+            server.start()
+            assert server.is_ready() and calls == [3, 3] and stolen not in (server.http_port, server.grpc_port)
+        finally:
+            server.close()
+
+
 def test_cli_serve_stops_gracefully_on_sigterm(model_path: Path, tmp_path: Path) -> None:
-    port = find_free_port()
     cmd = [sys.executable, "-c", "import sys; from gn_convert.cli import main; sys.exit(main())",
-           "serve", str(model_path), "--name", "cli-model", "--port", str(port),
-           "--grpc-port", str(find_free_port()), "--metrics-port", str(find_free_port()),
+           "serve", str(model_path), "--name", "cli-model", "--port", "0",
            "--startup-timeout", str(STARTUP_TIMEOUT_S)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         line = proc.stdout.readline()  # printed once the model is ready
         assert line.startswith("serving cli-model:"), proc.stderr.read() if proc.poll() is not None else line
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))  # --port 0: the port it chose
+        assert port != 0
         with contextlib.closing(httpclient.InferenceServerClient(f"127.0.0.1:{port}")) as c:
             assert c.is_model_ready("cli-model")
         proc.send_signal(signal.SIGTERM)
@@ -179,8 +213,7 @@ def test_cli_serve_stops_gracefully_on_sigterm(model_path: Path, tmp_path: Path)
 def test_served_on_cuda_matches_a_local_cuda_session(model_path: Path) -> None:
     local_cuda = ort.InferenceSession(str(model_path), providers=["CUDAExecutionProvider"])
     x = photo_crops(2, SIZE, seed=14).numpy()
-    with TritonModelServer(model_path, name="resnet18", http_port=find_free_port(), grpc_port=find_free_port(),
-                           metrics_port=find_free_port(), provider="cuda",
+    with TritonModelServer(model_path, name="resnet18", http_port=0, provider="cuda",
                            startup_timeout_s=STARTUP_TIMEOUT_S) as cuda_server:
         assert cuda_server.uses_gpu
         with client(cuda_server, "grpc") as c:
@@ -188,8 +221,7 @@ def test_served_on_cuda_matches_a_local_cuda_session(model_path: Path) -> None:
 
 
 def _own_server(model_path: Path) -> TritonModelServer:
-    return TritonModelServer(model_path, name="resnet18", http_port=find_free_port(), grpc_port=find_free_port(),
-                             metrics_port=find_free_port(), startup_timeout_s=STARTUP_TIMEOUT_S)
+    return TritonModelServer(model_path, name="resnet18", http_port=0, startup_timeout_s=STARTUP_TIMEOUT_S)
 
 
 def test_stop_ends_the_server_and_frees_its_ports(model_path: Path) -> None:

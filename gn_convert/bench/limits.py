@@ -15,8 +15,9 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ def groupnorm_traffic(model: nn.Module, input_shape: Sequence[int], dtype: torch
     return Traffic(len(sizes), sum(sizes) * element)
 
 
-def onnx_groupnorm_traffic(model: "onnx.ModelProto", input_shape: Sequence[int]) -> Traffic:
+def onnx_groupnorm_traffic(model: onnx.ModelProto, input_shape: Sequence[int]) -> Traffic:
     """:func:`groupnorm_traffic` from a function-form ONNX file: the input shape of every
     ``ai.gn_convert::GroupNorm`` node, by shape inference at ``input_shape`` (batch included)."""
     import onnx

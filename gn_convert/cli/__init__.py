@@ -11,14 +11,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Sequence
 
 from gn_convert._version import __version__
-from gn_convert.errors import GnConvertError
 from gn_convert.cli import bench, convert, deploy, export, finetune, listing, native, parity, serve
+from gn_convert.errors import GnConvertError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -43,14 +44,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+API_WORDS = re.compile(r'\b(weights|num_classes)=(?:"([^"]*)"|([^\s,;)]+))')
+"""An API argument in an error message (``weights="none"``, ``num_classes=N``): the library speaks
+the API's words, and the command line says them as its options (``--weights none``)."""
+
+
+def cli_words(message: str) -> str:
+    """``message`` with the API's argument spellings turned into the command's options."""
+    return API_WORDS.sub(lambda m: f"--{m[1].replace('_', '-')} {m[2] if m[2] is not None else m[3]}", message)
+
+
+GLOBAL_FLAGS = re.compile(r"-v+|--verbose")
+"""The top-level options that take no value and may precede the command (``-v``, ``-vv``)."""
+TOP_LEVEL_EXITS = ("-h", "--help", "--version")
+
+
 def _with_default_command(argv: list[str]) -> list[str]:
-    """Insert ``convert`` when the first positional argument is not a command."""
+    """Insert ``convert`` unless the command line names a command.
+
+    Top-level flags (``-v``) are skipped; the first other word decides: a command name is kept,
+    ``-h``/``--help``/``--version`` are the top-level parser's, and anything else (a model name, or
+    an option of the main command such as ``--groups 8``, which takes a value) starts the
+    ``convert`` command, so ``gn-convert --groups 8 resnet18`` is ``gn-convert convert --groups 8
+    resnet18``.
+    """
     for i, arg in enumerate(argv):
-        if arg.startswith("-"):
-            if arg in ("-h", "--help", "--version"):
-                return argv
+        if GLOBAL_FLAGS.fullmatch(arg):
             continue
-        return argv if arg in COMMANDS else [*argv[:i], "convert", *argv[i:]]
+        if arg in COMMANDS or arg in TOP_LEVEL_EXITS:
+            return argv
+        return [*argv[:i], "convert", *argv[i:]]
     return argv
 
 
@@ -69,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except GnConvertError as err:
-        print(f"gn-convert: error: {err}", file=sys.stderr)
+        print(f"gn-convert: error: {cli_words(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("gn-convert: interrupted", file=sys.stderr)

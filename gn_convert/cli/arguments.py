@@ -1,7 +1,10 @@
 """Option groups shared by several subcommands, and the helpers that turn them into API calls.
 
 Choices come from the API's own maps (``POLICIES``, ``INITS``, ``FITS``, ``ORDERS``, ``TARGETS``,
-``TRAINABLE``), so the CLI never keeps a second list.
+``TRAINABLE``), so the CLI never keeps a second list; they are read through
+:class:`~gn_convert.cli.choices.LazyChoices`, so that building the parser imports no torch. Each
+such option's default is the API's own (the map's first name; ``tests/test_cli_startup.py`` checks
+that they agree).
 """
 
 from __future__ import annotations
@@ -12,14 +15,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gn_convert.fidelity.calibration import ORDERS
-from gn_convert.fidelity.moments import FITS
-from gn_convert.fidelity.options import TRAINABLE
-from gn_convert.onnx.targets import DEFAULT_TARGET, TARGETS
-from gn_convert.surgery.initialize import INITS
-from gn_convert.surgery.plan import FIDELITY, POLICIES
+from gn_convert.cli.choices import LazyChoices
 
 DEFAULT_GROUPS = 32
+FIDELITY = "fidelity"
+"""``--policy fidelity`` (:data:`gn_convert.surgery.plan.FIDELITY`)."""
+POLICY_CHOICES = LazyChoices("gn_convert.surgery.plan:POLICIES")
+INIT_CHOICES = LazyChoices("gn_convert.surgery.initialize:INITS")
+FIT_CHOICES = LazyChoices("gn_convert.fidelity.moments:FITS")
+ORDER_CHOICES = LazyChoices("gn_convert.fidelity.calibration:ORDERS")
+TRAINABLE_CHOICES = LazyChoices("gn_convert.fidelity.options:TRAINABLE")
+TARGET_CHOICES = LazyChoices("gn_convert.onnx.targets:TARGETS")
 
 
 def fraction(text: str) -> float:
@@ -65,12 +71,12 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-channels-per-group", type=int, default=1, metavar="K",
                    help="the smallest group any layer may get (default 1; e.g. 4 keeps narrow layers from "
                    "becoming instance norm at --groups 32)")
-    g.add_argument("--policy", choices=list(POLICIES), default=POLICIES[0],
-                   help="when the groups do not divide a layer's channels: largest divisor <= G "
+    g.add_argument("--policy", choices=POLICY_CHOICES, default="divisor", metavar="POLICY",
+                   help="%(choices)s: when the groups do not divide a layer's channels: largest divisor <= G "
                    "(divisor, default), gcd(G, C), or refuse (strict); fidelity (with --recover): per layer, "
                    "the count up to G that keeps its output closest to BatchNorm's, measured on --data")
-    g.add_argument("--init", choices=list(INITS), default=next(iter(INITS)),
-                   help="GroupNorm affine init: from the BatchNorm statistics (default) or identity")
+    g.add_argument("--init", choices=INIT_CHOICES, default="bn-stats", metavar="INIT",
+                   help="%(choices)s: GroupNorm affine init: from the BatchNorm statistics (default) or identity")
     g.add_argument("--include", action="append", metavar="PATTERN",
                    help="convert only layers whose name matches (fnmatch; repeatable)")
     g.add_argument("--exclude", action="append", metavar="PATTERN",
@@ -140,8 +146,8 @@ def recover_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser | N
 
 def add_target_argument(group: Any, flag: str) -> None:
     """``--target``/``--onnx-target`` with the export targets as choices."""
-    group.add_argument(flag, choices=list(TARGETS), default=DEFAULT_TARGET,
-                       help=f"ONNX form (default {DEFAULT_TARGET}; see `gn-convert export -h`)")
+    group.add_argument(flag, choices=TARGET_CHOICES, default="function", metavar="TARGET",
+                       help="ONNX form: %(choices)s (default %(default)s; see `gn-convert export -h`)")
 
 
 def add_native_library_argument(group: Any) -> None:
@@ -163,17 +169,19 @@ def add_distill_arguments(parser: argparse.ArgumentParser, steps_flag: str = "--
     g.add_argument("--input-size", type=int, help="crop side in pixels (default: the model's preset)")
     g.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="calibrate the GroupNorm affines on N batches of --data first (default 0: off)")
-    g.add_argument("--calibrate-method", choices=list(FITS), default=next(iter(FITS)),
-                   help="calibration fit (variance)")
-    g.add_argument("--calibrate-order", choices=list(ORDERS), default=next(iter(ORDERS)),
-                   help="calibration order (greedy, the best measured; independent is one cheap pass)")
+    g.add_argument("--calibrate-method", choices=FIT_CHOICES, default="variance", metavar="FIT",
+                   help="calibration fit: %(choices)s (default %(default)s)")
+    g.add_argument("--calibrate-order", choices=ORDER_CHOICES, default="greedy", metavar="ORDER",
+                   help="calibration order: %(choices)s (default greedy, the best measured; independent is one "
+                   "cheap pass)")
     g.add_argument(steps_flag, dest="steps", type=int, default=default_steps, metavar="N",
                    help=f"distillation steps (default {default_steps or 0})")
     g.add_argument("--batch-size", type=int, help="global batch per step (32; with --recover 16)")
     g.add_argument("--accumulate", type=int, default=1, help="micro-batches per step per process (1)")
     g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (1e-4; "
                    "try 1e-2 with --trainable gn-affine)")
-    g.add_argument("--trainable", choices=TRAINABLE, default=TRAINABLE[0], help="parameters to train (all)")
+    g.add_argument("--trainable", choices=TRAINABLE_CHOICES, default="all", metavar="WHICH",
+                   help="parameters to train: %(choices)s (default %(default)s)")
     g.add_argument("--gn-lr-scale", type=float, default=1.0, help="lr multiplier of GroupNorm affines (1)")
     g.add_argument("--temperature", type=float, default=2.0, help="KL temperature (2)")
     g.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy weight with labels (0: off)")
@@ -206,7 +214,8 @@ class ProgressBar:
     (so errors before training print alone) and only on rank 0."""
 
     def __init__(self, total: int, label: str = "distilling") -> None:
-        self.total, self.label, self.bar = total, label, None
+        self.total, self.label = total, label
+        self.bar: Any = None
         self.enabled = is_main_process()
 
     def __call__(self, info: Any) -> None:
@@ -237,7 +246,8 @@ class BudgetBar:
     def __init__(self, budget: float, label: str = "recovering") -> None:
         import time
 
-        self.budget, self.label, self.bar, self.clock = budget, label, None, time.perf_counter
+        self.budget, self.label, self.clock = budget, label, time.perf_counter
+        self.bar: Any = None
         self.start = self.clock()
         self.enabled = is_main_process()
 

@@ -10,17 +10,16 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
-
-from gn_convert.atomic import atomic_file
-from gn_convert.cli.arguments import add_native_library_argument
-from gn_convert.bench.harness import BenchResult, parse_batches, run_bench
-from gn_convert.bench.limits import limit_lines, onnx_groupnorm_traffic
-from gn_convert.errors import BenchError
-from gn_convert.bench.variants import ort_session, session_input_shape, session_variant
-from gn_convert.onnx.reading import read_model
 from gn_convert import strict_json
+from gn_convert.cli.arguments import add_native_library_argument
+from gn_convert.errors import BenchError
+
+if TYPE_CHECKING:  # the parser is built without onnx or onnxruntime; run() imports them
+    import onnx
+
+    from gn_convert.bench.harness import BenchResult
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,8 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", default="1,8", metavar="B[,B...]", help="batch sizes (default 1,8)")
     p.add_argument("--threads", default=str(min(os.cpu_count() or 1, 4)), metavar="N[,N...]",
                    help="onnxruntime intra-op threads; several (1,2) time each (default: CPU count, at most 4)")
-    p.add_argument("--spinning", choices=("off", "on", "off,on"), default="off",
-                   help="idle pool threads spin (onnxruntime's default) or not (default off: fair interleaving)")
+    p.add_argument("--spinning", choices=("off", "on", "off,on"), default="off", metavar="MODE",
+                   help="off, on, or off,on (both): idle pool threads spin (onnxruntime's default) or not "
+                   "(default off: fair interleaving)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per batch size (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch size (default 2)")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider (default cpu)")
@@ -52,6 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _input_fallback(path: Path) -> tuple[int, ...] | None:
     """The sample shape recorded by the exporter (``gn_convert.input_shape``), if any."""
+    from gn_convert.onnx.reading import read_model
+
     props = {p.key: p.value for p in read_model(path, load_external_data=False).metadata_props}
     dims = [int(d) for d in props.get("gn_convert.input_shape", "").split(",") if d.strip()]
     return tuple(dims[1:]) if len(dims) >= 3 else None
@@ -59,6 +61,10 @@ def _input_fallback(path: Path) -> tuple[int, ...] | None:
 
 def run(args: argparse.Namespace) -> int:
     """Time the models and print one table per thread count and spinning setting; 0 on success."""
+    from gn_convert.atomic import atomic_file
+    from gn_convert.bench.harness import parse_batches
+    from gn_convert.onnx.reading import read_model
+
     batches = parse_batches(args.batch)
     if args.native and args.provider != "cpu":
         raise BenchError("--native is a CPU kernel; use it with --provider cpu")
@@ -93,9 +99,13 @@ def run(args: argparse.Namespace) -> int:
 def _bench_once(args: argparse.Namespace, paths: dict[str, Path], library: Path | None, threads: int,
                 spinning: bool, batches: list[int], fallback: tuple[int, ...] | None) -> BenchResult:
     """One interleaved timing of every session at one thread count and spinning setting."""
+    from gn_convert.bench.harness import run_bench
+    from gn_convert.bench.variants import ort_session, session_input_shape, session_variant
+
     sessions = {name: ort_session(path, threads=threads, provider=args.provider, spinning=spinning)
                 for name, path in paths.items()}
-    notes = {**{name: str(path) for name, path in paths.items()}, "fast": f"{args.model} lowered by to_fast"}
+    notes = {**{name: str(path) for name, path in paths.items()}, "fast": f"{args.model} lowered to the fast target "
+             "(InstanceNormalization per group, as `gn-convert export --target fast` writes it)"}
     if library is not None:
         sessions["native"] = ort_session(args.model, threads=threads, provider=args.provider,
                                          custom_ops_library=library, spinning=spinning)
@@ -110,6 +120,8 @@ def _bench_once(args: argparse.Namespace, paths: dict[str, Path], library: Path 
 
 def _limits(model: onnx.ModelProto, result: BenchResult, threads: int) -> list[str]:
     """The physical-limit lines of a function-form model (none when its shapes cannot be inferred)."""
+    from gn_convert.bench.limits import limit_lines, onnx_groupnorm_traffic
+
     try:
         traffic = {m.batch: onnx_groupnorm_traffic(model, (m.batch, *result.input_shape)) for m in result.measurements}
     except ValueError as err:

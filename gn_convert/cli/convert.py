@@ -6,14 +6,30 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gn_convert.cli import deploy as deploy_cli
-from gn_convert.cli.arguments import (BudgetBar, ProgressBar, add_distill_arguments, add_native_library_argument,
-                                      add_plan_arguments, add_recover_arguments, add_target_argument,
-                                      fidelity_kwargs, fidelity_lines, plan_kwargs, recover_kwargs, stderr_sink)
-from gn_convert.pipeline import PARITY_BATCH, PipelineOptions, parity_failed, run_pipeline
-from gn_convert.stages import Stages
+from gn_convert.cli.arguments import (
+    BudgetBar,
+    ProgressBar,
+    add_distill_arguments,
+    add_native_library_argument,
+    add_plan_arguments,
+    add_recover_arguments,
+    add_target_argument,
+    fidelity_kwargs,
+    fidelity_lines,
+    plan_kwargs,
+    recover_kwargs,
+    stderr_sink,
+)
+from gn_convert.errors import OptionError
+
+if TYPE_CHECKING:  # the parser is built without torch; run() imports the pipeline
+    from gn_convert.pipeline import PipelineOptions
+
+PARITY_BATCH = 2
+"""The default larger batch of the parity check (:data:`gn_convert.pipeline.PARITY_BATCH`)."""
 
 SHOWN_FALLBACKS = 5
 
@@ -55,7 +71,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def options_from(args: argparse.Namespace) -> PipelineOptions:
-    """The :class:`PipelineOptions` of parsed ``convert`` options."""
+    """The :class:`PipelineOptions` of parsed ``convert`` options.
+
+    Raises:
+        OptionError: ``--data`` (or ``--eval-data``) without a stage that uses it, which would
+            silently be ignored.
+    """
+    from gn_convert.pipeline import PipelineOptions
+
+    unused = [flag for flag, value in (("--data", args.data), ("--eval-data", args.eval_data)) if value is not None]
+    if unused and not (args.calibrate or args.steps or args.recover):
+        raise OptionError(f"{' and '.join(unused)} given, but no stage uses data: add --calibrate N, --finetune-steps N "
+                          f"or --recover, or drop {unused[0]}")
+
     return PipelineOptions(
         model=args.model, weights=args.weights, num_classes=args.num_classes, out=args.out, force=args.force,
         weights_format=args.format, plan=plan_kwargs(args, getattr(args, "parser", None)), init=args.init,
@@ -95,6 +123,9 @@ def _number(value: float | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the pipeline; returns the exit code (1 when the parity check failed)."""
+    from gn_convert.pipeline import parity_failed, run_pipeline
+    from gn_convert.stages import Stages
+
     opts = options_from(args)
     bar = BudgetBar(args.budget) if args.recover else ProgressBar(args.steps) if args.steps else None
     try:

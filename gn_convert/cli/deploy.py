@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gn_convert.errors import DeployError
-from gn_convert.deploy.labels import labels_beside, read_labels
-from gn_convert.deploy.triton_repo import DEFAULT_SERVER_REPO, INSTANCE_KINDS, write_triton_repo
 from gn_convert.cli.arguments import add_native_library_argument
+from gn_convert.cli.choices import LazyChoices
+from gn_convert.errors import DeployError
+
+DEFAULT_SERVER_REPO = "/models"
+"""Where the Triton container mounts the repository (:data:`gn_convert.deploy.triton_repo.DEFAULT_SERVER_REPO`)."""
+INSTANCE_CHOICES = LazyChoices("gn_convert.deploy.triton_repo:INSTANCE_KINDS")
 
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 """Triton 2.51, the server version nvidia-pytriton 0.7 ships (what `gn-convert serve` runs)."""
@@ -27,7 +30,7 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--name", help="model name in the repository (default: from the file or folder name)")
     g.add_argument("--max-batch-size", type=int, default=8,
                    help="largest batch Triton's dynamic batcher forms (default 8; 0: no batching)")
-    g.add_argument("--instance", choices=INSTANCE_KINDS, default="cpu",
+    g.add_argument("--instance", choices=INSTANCE_CHOICES, default="cpu", metavar="KIND",
                    help="run the model instances on cpu (default) or gpu")
     g.add_argument("--instances", type=int, default=1, help="model instances (default 1; per GPU for gpu)")
     g.add_argument("--inlined", action="store_true",
@@ -57,6 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the repository entry; returns the exit code."""
+    from gn_convert.deploy.labels import labels_beside, read_labels
+    from gn_convert.deploy.triton_repo import write_triton_repo
+
     labels = read_labels(args.labels) if args.labels else labels_beside(args.onnx)
     native_ops = None
     if args.native_ops:
@@ -82,5 +88,5 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--triton-repo", type=Path, metavar="DIR",
                    help="also write model.onnx into this Triton model repository (see `gn-convert deploy -h`)")
     g.add_argument("--triton-name", help="model name in the repository (default: the output folder's name)")
-    g.add_argument("--triton-instance", choices=INSTANCE_KINDS, default="cpu",
+    g.add_argument("--triton-instance", choices=INSTANCE_CHOICES, default="cpu", metavar="KIND",
                    help="run the Triton model instances on cpu (default) or gpu")

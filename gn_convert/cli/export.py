@@ -10,17 +10,14 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from gn_convert.cli.arguments import add_plan_arguments, add_target_argument, plan_kwargs, stderr_sink
 from gn_convert.errors import CheckpointError, OptionError
-from gn_convert.load.weights import load_model, resolve_source
 from gn_convert.onnx.targets import describe
-from gn_convert.stages import Stages
-from gn_convert.surgery.checkpoint import CONFIG_FILE, load_converted, read_config
-from gn_convert.surgery.plan import plan
-from gn_convert.surgery.replace import convert
+
+if TYPE_CHECKING:  # the parser is built without torch; the command imports it
+    from torch import nn
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -78,6 +75,9 @@ def _is_path(source: str) -> bool:
 
 def _from_checkpoint(folder: Path, args: argparse.Namespace) -> _Source:
     """The model to export from a checkpoint folder (the converted one, or its BN original)."""
+    from gn_convert.load.weights import load_model
+    from gn_convert.surgery.checkpoint import load_converted, read_config
+
     config = read_config(folder)
     arch = config.get("architecture")
     size = tuple(config["input_size"]) if config.get("input_size") else None
@@ -102,6 +102,10 @@ def _from_name(name: str, args: argparse.Namespace) -> _Source:
     """The model to export from a torchvision name, converted with the plan options."""
     import torch
 
+    from gn_convert.load.weights import load_model, resolve_source
+    from gn_convert.surgery.plan import plan
+    from gn_convert.surgery.replace import convert
+
     source = resolve_source(name, args.weights)
     model = load_model(name, args.weights, num_classes=args.num_classes)
     meta = {"source_architecture": name, "source_weights": source.weights}
@@ -116,6 +120,8 @@ def _from_name(name: str, args: argparse.Namespace) -> _Source:
 def run(args: argparse.Namespace) -> int:
     """Export; returns the exit code."""
     from gn_convert.onnx.export import export_onnx
+    from gn_convert.stages import Stages
+    from gn_convert.surgery.checkpoint import CONFIG_FILE
 
     stages = Stages(stderr_sink)
     with stages("load", f"loading {args.source}"):

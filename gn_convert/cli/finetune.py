@@ -1,6 +1,7 @@
 """``gn-convert finetune CHECKPOINT --data DIR``: distil a converted model from its BatchNorm teacher.
 
-Loads the converted checkpoint (the student) and its BatchNorm original (the teacher),
+A thin layer over :func:`gn_convert.finetune.run_finetune`: options in, progress bar and summary out.
+It loads the converted checkpoint (the student) and its BatchNorm original (the teacher),
 optionally calibrates the GroupNorm affines on the data, distils for ``--steps`` with a
 progress bar showing loss and agreement, and writes a new checkpoint folder with the
 distillation history in ``report.json``. The resumable state lives in ``--state-dir``
@@ -11,21 +12,21 @@ continues a killed run from it exactly. Under ``torchrun`` the run is data-paral
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from gn_convert.atomic import check_output_folder, staged_folder
-from gn_convert.cli.arguments import (ProgressBar, add_distill_arguments, fidelity_kwargs, fidelity_lines,
-                                      is_main_process, stderr_sink)
-from gn_convert.errors import CheckpointError, DataError
-from gn_convert.fidelity.stage import run_fidelity
-from gn_convert.load.weights import load_model
-from gn_convert.stages import Stages
-from gn_convert.surgery.checkpoint import load_converted, read_config, save
-from gn_convert.surgery.plan import GroupPlan
-from gn_convert import strict_json
+from gn_convert.cli.arguments import (
+    ProgressBar,
+    add_distill_arguments,
+    fidelity_kwargs,
+    fidelity_lines,
+    is_main_process,
+    stderr_sink,
+)
+from gn_convert.errors import DataError
+
+if TYPE_CHECKING:  # the parser is built without torch; run() imports the Python entry
+    from gn_convert.finetune import FinetuneOptions
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,61 +50,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_distill_arguments(p)
 
 
-def _teacher(args: argparse.Namespace, config: dict[str, Any]) -> tuple[str, Any]:
-    """The teacher: ``--teacher``/``--teacher-weights``, else what the checkpoint records.
+def options_from(args: argparse.Namespace) -> FinetuneOptions:
+    """The :class:`~gn_convert.finetune.FinetuneOptions` of parsed ``finetune`` options."""
+    from gn_convert.finetune import FinetuneOptions
 
-    Raises:
-        CheckpointError: a custom model without ``--teacher``, or a checkpoint converted from
-            untrained weights without ``--teacher-weights`` (a new random teacher on every run,
-            resume and rank would make the numbers meaningless).
-    """
-    architecture = args.teacher or config.get("architecture")
-    recorded = config.get("source_weights") or "DEFAULT"
-    weights = args.teacher_weights or recorded
-    if not architecture:
-        raise CheckpointError(f"{args.checkpoint} holds a custom model; pass --teacher MODEL")
-    if weights.lower() == "none":
-        raise CheckpointError(f"{args.checkpoint} was converted from untrained weights (--weights none): there is "
-                              "no teacher to distil from; pass --teacher-weights FILE (the BatchNorm weights)")
-    num_classes = args.num_classes
-    if num_classes is None and os.path.exists(weights) and architecture == config.get("architecture"):
-        num_classes = config.get("model_kwargs", {}).get("num_classes")
-    return architecture, load_model(architecture, weights, num_classes=num_classes)
+    fidelity = {k: v for k, v in fidelity_kwargs(args).items() if k != "data"}
+    return FinetuneOptions(
+        checkpoint=args.checkpoint, data=args.data, out=args.out, force=args.force, teacher=args.teacher,
+        teacher_weights=args.teacher_weights, num_classes=args.num_classes, state_dir=args.state_dir,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, keep_state=args.keep_state, fidelity=fidelity)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the ``finetune`` command; returns the exit code."""
+    """Run the ``finetune`` command (:func:`gn_convert.finetune.run_finetune`); returns the exit code."""
+    from gn_convert.finetune import run_finetune
+    from gn_convert.stages import Stages
+
     if args.data is None:
         raise DataError("finetune needs --data DIR (a folder of images or of class subfolders)")
-    out = check_output_folder(args.out or Path(f"{args.checkpoint}-finetuned"), args.force)
-    state_dir = args.state_dir or out.with_name(out.name + ".train-state")
-    config = read_config(args.checkpoint)
-    stages = Stages(stderr_sink)
-    with stages("load", f"loading {args.checkpoint} and its teacher"):
-        student = load_converted(args.checkpoint)
-        architecture, teacher = _teacher(args, config)
+    opts = options_from(args)
     bar = ProgressBar(args.steps)
     try:
-        report = run_fidelity(student, teacher, architecture, stages=stages, callback=bar,
-                              checkpoint_dir=state_dir, checkpoint_every=args.checkpoint_every,
-                              resume=args.resume, **fidelity_kwargs(args))
+        report = run_finetune(opts, stages=Stages(stderr_sink), progress=bar)
     finally:
         bar.close()
-    for line in fidelity_lines(report) if is_main_process() else []:
-        print(line)
     if not is_main_process():
         return 0
-    with staged_folder(out, args.force) as tmp:
-        keep = {k: v for k, v in config.items() if k not in ("format", "gn_convert_version", "torch_version",
-                                                             "architecture", "model_kwargs", "source_weights",
-                                                             "weights_file", "plan")}
-        save(student, tmp, plan=GroupPlan.from_dict(config["plan"]), architecture=config.get("architecture"),
-             model_kwargs=config.get("model_kwargs"), source_weights=config.get("source_weights"),
-             weights_format="pt" if config.get("weights_file", "").endswith(".pt") else "safetensors",
-             extra=keep)
-        (tmp / "report.json").write_text(strict_json.dumps({"source": str(args.checkpoint), **report,
-                                                     "timings_s": stages.timings}, indent=2))
-    if not args.keep_state:
-        shutil.rmtree(state_dir, ignore_errors=True)
-    print(f"wrote {out}")
+    for line in fidelity_lines(report):
+        print(line)
+    print(f"wrote {opts.output}")
     return 0

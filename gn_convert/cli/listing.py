@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from gn_convert.load.names import list_models
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``list`` command."""
@@ -17,6 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print one model name per line."""
+    from gn_convert.load.names import list_models
+
     for name in list_models():
         print(name)
     return 0

@@ -8,8 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gn_convert.native import build_library
-from gn_convert.native.build import DEFAULT_MARCH
+from gn_convert.native.build import DEFAULT_MARCH, build_library
 from gn_convert.native.headers import ENV_VAR
 
 
@@ -24,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "once from the npm registry.")
     p.add_argument("--include", type=Path, metavar="DIR", help="onnxruntime's include/ folder")
     p.add_argument("--march", default=DEFAULT_MARCH,
-                   help="the -march target (default native: this CPU; x86-64-v2 runs on any x86-64 server, x86-64-v3 on AVX2 ones)")
+                   help="the -march target (default native: this CPU; x86-64-v2 runs on any x86-64 server, "
+                   "x86-64-v3 on AVX2 ones)")
     p.add_argument("--no-fetch", action="store_true", help="never fetch the headers from the npm registry")
     p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
     p.add_argument("--blocked", type=Path, metavar="MODEL",

@@ -10,11 +10,10 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from gn_convert import strict_json
 from gn_convert.atomic import atomic_file
-from gn_convert.surgery.checkpoint import load_converted
 from gn_convert.cli.arguments import add_native_library_argument
 from gn_convert.cli.export import parse_shape
-from gn_convert import strict_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     """Check parity; returns the exit code."""
     from gn_convert.onnx import read_model
     from gn_convert.parity import check_parity
+    from gn_convert.surgery.checkpoint import load_converted
 
     read_model(args.onnx, load_external_data=False)  # a bad file fails before the model loads
     model = load_converted(args.checkpoint)

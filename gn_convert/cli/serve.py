@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 from gn_convert.cli.arguments import add_native_library_argument
-from gn_convert.deploy.server import LOOPBACK, TritonModelServer, serve_until_signal
+
+LOOPBACK = "127.0.0.1"
+"""The default address (:data:`gn_convert.deploy.server.LOOPBACK`)."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted; returns the exit code."""
+    from gn_convert.deploy.server import TritonModelServer, serve_until_signal
+
     native_ops = None
     if args.native:
         from gn_convert.native import resolve_library

@@ -125,9 +125,11 @@ def load_data(
         train_idx, held_idx = (list(range(len(scan.files))), []) if eval_data is not None \
             else split_indices(len(scan.files), holdout, seed)
         train_tf = prep.train if augment else prep.eval
-        train = _files_dataset(scan, train_idx, train_tf)
-        heldout = _files_dataset(scan, held_idx, prep.eval) if held_idx else None
-        split = DataSplit(train, heldout, scan.labels is not None, scan.classes, scan.skipped,
+        train_files = _files_dataset(scan, train_idx, train_tf)
+        if train_files is None:
+            raise DataError(f"folder {scan.root}: no image is left for training after holding out {holdout}")
+        held_files = _files_dataset(scan, held_idx, prep.eval) if held_idx else None
+        split = DataSplit(train_files, held_files, scan.labels is not None, scan.classes, scan.skipped,
                           f"folder {scan.root} ({len(scan.files)} images)")
     elif isinstance(data, Dataset):
         items = LabelledItems(data)

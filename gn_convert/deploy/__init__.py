@@ -11,11 +11,12 @@ package does not.
 
 from __future__ import annotations
 
-from gn_convert.errors import DeployError, ServeExtraMissingError, ServerError
 from gn_convert.deploy.labels import labels_beside, read_labels
 from gn_convert.deploy.onnx_io import ModelIO, TensorSpec, read_model_io
-from gn_convert.deploy.server import TritonModelServer, find_free_port, serve_until_signal
+from gn_convert.deploy.ports import find_free_port
+from gn_convert.deploy.server import TritonModelServer, serve_until_signal
 from gn_convert.deploy.triton_repo import check_model_dir, read_config, write_triton_repo
+from gn_convert.errors import DeployError, ServeExtraMissingError, ServerError
 
 __all__ = [
     "DeployError",

@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from gn_convert.errors import CheckpointError, DeployError
 from gn_convert.surgery.checkpoint import CONFIG_FILE, read_config
-from gn_convert.errors import CheckpointError
-from gn_convert.errors import DeployError
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -53,7 +54,7 @@ class TensorSpec:
         return TRITON_DTYPES[self.elem_type]
 
     @property
-    def numpy_dtype(self) -> np.dtype:
+    def numpy_dtype(self) -> np.dtype[Any]:
         """The numpy data type of the tensor."""
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.elem_type))
 

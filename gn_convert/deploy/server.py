@@ -14,56 +14,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import sysconfig
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Sequence
+from typing import Any
 
-import numpy as np
+from numpy.typing import NDArray
 
-from gn_convert.errors import DeployError, ServerError
 from gn_convert.deploy.extra import require
-from gn_convert.runtime import open_session
 from gn_convert.deploy.onnx_io import ModelIO, read_model_io
+from gn_convert.deploy.ports import AUTO, busy_port, check_ports_free, find_free_port, free_ports
 from gn_convert.deploy.triton_repo import NAME_PATTERN, default_name
+from gn_convert.errors import DeployError, ServerError
+from gn_convert.runtime import open_session
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 LOG_TAIL_LINES = 15
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def find_free_port(host: str = LOOPBACK) -> int:
-    """A TCP port on ``host`` that nothing listens on at the time of the call."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def check_ports_free(host: str, ports: dict[str, int]) -> None:
-    """Fail with one line when one of ``ports`` (purpose -> port) cannot be bound on ``host``.
-
-    Raises:
-        DeployError: a port is in use, repeated, or the address is not this machine's.
-    """
-    if len(set(ports.values())) != len(ports):
-        raise DeployError(f"the server needs distinct ports, got {ports}")
-    for purpose, port in ports.items():
-        with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no conflict
-            try:
-                sock.bind((host, port))
-            except OSError as err:
-                raise DeployError(f"cannot listen on {host}:{port} for {purpose} ({err.strerror or err}); "
-                                  "choose another port (--port, --grpc-port, --metrics-port)") from None
+PORT_ATTEMPTS = 3
+"""Starts tried when a port chosen for a port-0 request is taken before the server binds it."""
+__all__ = ["LOOPBACK", "TritonModelServer", "find_free_port", "serve_until_signal"]
 
 
 def interpreter_libdir_first(env: dict[str, str]) -> dict[str, str]:
@@ -116,7 +91,7 @@ def _scope_server_env(triton: Any) -> None:
     triton._initialize_server = initialize_scoped
 
 
-def make_infer_func(session: Any, io: ModelIO) -> Callable[..., dict[str, np.ndarray]]:
+def make_infer_func(session: Any, io: ModelIO) -> Callable[..., dict[str, NDArray[Any]]]:
     """A pytriton inference callable: one onnxruntime run per batch Triton forms.
 
     Args:
@@ -130,12 +105,12 @@ def make_infer_func(session: Any, io: ModelIO) -> Callable[..., dict[str, np.nda
     input_names = [t.name for t in io.inputs]
     output_names = [t.name for t in io.outputs]
 
-    @batch
-    def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(**inputs: NDArray[Any]) -> dict[str, NDArray[Any]]:
         results = session.run(output_names, {n: inputs[n] for n in input_names})
         return dict(zip(output_names, results))
 
-    return infer
+    batched: Callable[..., dict[str, NDArray[Any]]] = batch(infer)  # pytriton's decorator, applied untyped
+    return batched
 
 
 class TritonModelServer:
@@ -156,9 +131,9 @@ class TritonModelServer:
         name: the model name in the server; default the file's stem (its folder's name for
             ``model.onnx``).
         host: the address to bind (default loopback 127.0.0.1).
-        http_port: the HTTP port (default 8000).
-        grpc_port: the gRPC port (default ``http_port + 1``).
-        metrics_port: the Prometheus metrics port (default ``http_port + 2``).
+        http_port: the HTTP port (default 8000; 0: a free port chosen at :meth:`start`).
+        grpc_port: the gRPC port (default ``http_port + 1``, or 0 when ``http_port`` is 0).
+        metrics_port: the Prometheus metrics port (default ``http_port + 2``, or 0 likewise).
         max_batch_size: the largest batch dynamic batching forms (default 8; 0: no batching).
         queue_delay_us: how long a request waits for others to batch with, in microseconds.
         threads: onnxruntime intra-op threads (default 0: onnxruntime's choice).
@@ -190,8 +165,10 @@ class TritonModelServer:
             raise DeployError(f"model name {self.name!r} must use only letters, digits, '_', '.' and '-'")
         self.host = host
         self.http_port = http_port
-        self.grpc_port = grpc_port if grpc_port is not None else http_port + 1
-        self.metrics_port = metrics_port if metrics_port is not None else http_port + 2
+        auto = http_port == AUTO
+        self.grpc_port = grpc_port if grpc_port is not None else (AUTO if auto else http_port + 1)
+        self.metrics_port = metrics_port if metrics_port is not None else (AUTO if auto else http_port + 2)
+        self._requested = (self.http_port, self.grpc_port, self.metrics_port)
         self.max_batch_size = max_batch_size
         self.queue_delay_us = queue_delay_us
         self.startup_timeout_s = startup_timeout_s
@@ -266,7 +243,7 @@ class TritonModelServer:
         """True while the server process and the model's proxy run."""
         return self._triton is not None and self._triton.is_alive()
 
-    def start(self) -> "TritonModelServer":
+    def start(self) -> TritonModelServer:
         """Start the server and wait, at most ``startup_timeout_s``, until the model is ready.
 
         The server process is started from a thread that lives as long as the server: the
@@ -282,8 +259,25 @@ class TritonModelServer:
         """
         if self._triton is not None:
             raise ServerError("the server is already started; stop it first")
-        check_ports_free(self.host, {"HTTP": self.http_port, "gRPC": self.grpc_port,
-                                     "metrics": self.metrics_port})
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                return self._start_once()
+            except (DeployError, ServerError):
+                raced = AUTO in self._requested and busy_port(self.host, self._ports()) is not None
+                if not raced or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                log.info("a port chosen for %s was taken before the server bound it; choosing others", self.name)
+        raise AssertionError("unreachable")
+
+    def _ports(self) -> dict[str, int]:
+        return {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}
+
+    def _start_once(self) -> TritonModelServer:
+        """One start on the requested ports, the ones asked as 0 chosen afresh."""
+        chosen = iter(free_ports(self.host, self._requested.count(AUTO)))
+        self.http_port, self.grpc_port, self.metrics_port = (next(chosen) if port == AUTO else port
+                                                             for port in self._requested)
+        check_ports_free(self.host, self._ports())
         started = time.monotonic()
         self._failure = []
         self._stop_requested = threading.Event()
@@ -330,7 +324,7 @@ class TritonModelServer:
         self.stop()
         self._tmp.cleanup()
 
-    def __enter__(self) -> "TritonModelServer":
+    def __enter__(self) -> TritonModelServer:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -18,16 +18,17 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import onnx
 
 from gn_convert.atomic import staged_folder
-from gn_convert.errors import DeployError
 from gn_convert.deploy.extra import model_config_pb2
 from gn_convert.deploy.onnx_io import ModelIO, read_model_io
 from gn_convert.deploy.served_check import check_served
+from gn_convert.errors import DeployError
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,8 @@ def _external_files(path: Path) -> list[str]:
 
 def _write_model(onnx_path: Path, version_dir: Path, inlined: bool) -> None:
     """Copy the model (and its external data) into ``version_dir``, or write its inlined form."""
-    from gn_convert.onnx.export import TARGET_KEY, lower_onnx
+    from gn_convert.onnx.export import lower_onnx
+    from gn_convert.onnx.targets import TARGET_KEY
 
     version_dir.mkdir()
     target = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}

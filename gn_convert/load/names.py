@@ -49,7 +49,8 @@ def check_model_name(name: str) -> None:
 def build_torchvision(name: str, **kwargs: Any) -> nn.Module:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module="torchvision")  # GoogLeNet/Inception notices
-        return tvm.get_model(name, **kwargs)
+        model: nn.Module = tvm.get_model(name, **kwargs)
+        return model
 
 
 def build_model(name: str, *, num_classes: int | None = None, init_weights: bool = True) -> nn.Module:
@@ -106,7 +107,7 @@ def list_models() -> list[str]:
     try:
         cached = json.loads(cache.read_text())
         if cached["all"] == names:
-            return cached["batchnorm"]
+            return [str(name) for name in cached["batchnorm"]]
     except (OSError, ValueError, KeyError, TypeError):
         pass
     found = [name for name in names if any(is_batchnorm(m) for m in _structure(name).modules())]

@@ -29,8 +29,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found; pass an existing file, DEFAULT or none")
+    kind = file_kind(path)
+    if kind not in ("torch", "safetensors"):
+        raise WeightsError(f"weights file {path} is {kind}, not a state_dict saved with torch.save or as safetensors "
+                           "(corrupt, or not a weights file); pass such a file (.pt, .pth, .safetensors), DEFAULT or none")
     try:
-        if path.suffix == ".safetensors":
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             data: Any = load_file(str(path))
@@ -49,6 +53,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def file_kind(path: Path) -> str:
+    """What a weights file holds, from its first bytes: ``torch`` (torch.save's zip, or a legacy pickle),
+    ``safetensors`` (a little-endian header length, then JSON), else a description (``a text file``,
+    ``an empty file``, ``a file of another format``)."""
+    with open(path, "rb") as stream:
+        head = stream.read(16)
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        return "torch"
+    if len(head) > 8 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 32:
+        return "safetensors"
+    if not head:
+        return "an empty file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "a file of another format"
+    return "a text file" if text.isprintable() or text.strip().isprintable() else "a file of another format"
 
 
 def _reason(err: Exception) -> str:
@@ -93,10 +116,10 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], origin: 
               if k in state and tuple(state[k].shape) != tuple(v.shape)]
     if shapes:
         raise WeightsError(f"{origin} does not fit the model: {_listed('shape mismatch', shapes)}; "
-                           "check the architecture name (and --num-classes)")
+                           "check the architecture name (and num_classes=N)")
     result = model.load_state_dict(state, strict=False)
     problems = [_listed(label, keys) for label, keys in (("missing", result.missing_keys),
                                                          ("unexpected", result.unexpected_keys)) if keys]
     if problems:
         raise WeightsError(f"{origin} does not fit the model: {'; '.join(problems)}; "
-                           "check the architecture name (and --num-classes)")
+                           "check the architecture name (and num_classes=N)")

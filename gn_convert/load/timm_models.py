@@ -55,7 +55,8 @@ def build_timm(name: str, *, num_classes: int | None = None, pretrained: bool = 
     """``timm.create_model`` for ``timm/...`` (weights initialised, or pretrained)."""
     check_timm_name(name)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    return timm_module().create_model(name[len(PREFIX):], pretrained=pretrained, **kwargs)
+    model: nn.Module = timm_module().create_model(name[len(PREFIX):], pretrained=pretrained, **kwargs)
+    return model
 
 
 @dataclass(frozen=True)
@@ -137,15 +138,15 @@ def load_timm_pretrained(name: str, *, reachable: Any) -> nn.Module:
     url = (f"https://huggingface.co/{config.hf_hub_id}" if getattr(config, "hf_hub_id", None)
            else getattr(config, "url", None))
     if not url:
-        raise WeightsUnavailableError(f"timm has no pretrained weights for {name}; pass --weights none or PATH")
+        raise WeightsUnavailableError(f"timm has no pretrained weights for {name}; pass weights=\"none\" or weights=PATH")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if _cached(config) is None and (offline or not reachable(url)):
         raise WeightsUnavailableError(
             f"cannot download timm weights for {name} (offline?) and they are not cached under "
-            f"{cache_location(config)}; put them there, or pass --weights none (untrained) or --weights PATH")
+            f"{cache_location(config)}; put them there, or pass weights=\"none\" (untrained) or weights=PATH")
     try:
         return build_timm(name, pretrained=True)
     except Exception as err:  # network, hash or format failure of the download
         raise WeightsUnavailableError(f"cannot get timm weights for {name} ({type(err).__name__}: "
                                       f"{first_line(err, 160)}); cache: {cache_location(config)}; "
-                                      "or pass --weights none or --weights PATH") from err
+                                      "or pass weights=\"none\" or weights=PATH") from err

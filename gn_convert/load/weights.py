@@ -164,14 +164,14 @@ def _build_pretrained(name: str, enum: Any) -> nn.Module:
     if not cached.exists() and not _reachable(enum.url):
         raise WeightsUnavailableError(
             f"cannot download {enum} (offline?) and it is not cached at {cached}; put the file "
-            "there, or pass --weights none (untrained) or --weights PATH (a local file)"
+            "there, or pass weights=\"none\" (untrained) or weights=PATH (a local file)"
         )
     try:
         return build_torchvision(name, weights=enum)
     except Exception as err:  # network, hash or format failure of the download
         raise WeightsUnavailableError(
             f"cannot get {enum} ({type(err).__name__}: {first_line(err, 160)}); cache: {cached}; "
-            "or pass --weights none or --weights PATH"
+            "or pass weights=\"none\" or weights=PATH"
         ) from err
 
 
@@ -196,14 +196,14 @@ def load_model(name: str, weights: str = "DEFAULT", *, num_classes: int | None =
     spec = parse_weights(name, weights)
     if spec.kind == "torchvision":
         if num_classes is not None:
-            raise WeightsError(f"--num-classes does not apply to pretrained {spec.label}; "
+            raise WeightsError(f"num_classes=N does not apply to pretrained {spec.label}; "
                                "use a local weights file with its own head")
         return _build_pretrained(name, spec.enum).eval()
     if spec.kind == "timm":
         if num_classes is not None:
-            raise WeightsError(f"--num-classes does not apply to pretrained {name}; use a local weights file")
+            raise WeightsError(f"num_classes=N does not apply to pretrained {name}; use a local weights file")
         return load_timm_pretrained(name, reachable=_reachable).eval()
     model = build_model(name, num_classes=num_classes, init_weights=spec.kind == "none")
-    if spec.kind == "file":
+    if spec.path is not None:  # a file
         load_weights_into(model, read_state_dict(spec.path), f"weights file {spec.path}")
     return model.eval()

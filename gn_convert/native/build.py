@@ -55,7 +55,7 @@ def compiler() -> str:
                            "the native GroupNorm kernel needs one")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiler_id(cxx: str) -> str:
     """The compiler's version line (part of the cache key; asked once per process)."""
     done = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)

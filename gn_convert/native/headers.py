@@ -6,10 +6,12 @@ onnxruntime's Python wheel ships no headers. They come, in this order, from:
    ``onnxruntime_cxx_api.h``, e.g. the ``include/`` folder of an onnxruntime release archive;
 2. the system include folders (``/usr/include/onnxruntime``, ``/usr/local/include/onnxruntime``,
    ``/usr/local/include``), where a packaged onnxruntime puts them;
-3. gn-convert's cache (``~/.cache/gn_convert/ort-headers``), filled by 4;
+3. gn-convert's cache (``$GN_CONVERT_CACHE/ort-headers``, default ``~/.cache/gn_convert/ort-headers``),
+   filled by 4;
 4. a registry package that carries Microsoft's headers: the npm package
    ``com.github.asus4.onnxruntime`` (about 150 MB; its iOS framework carries them), fetched
-   once with ``npm pack`` when ``npm`` is on the PATH.
+   once with ``npm pack`` when ``npm`` is on the PATH (never where ``GN_CONVERT_NO_FETCH`` is
+   set: an offline build machine, the test suite).
 
 Supply chain. Source 4 is a third-party repackaging, so nothing in it is trusted by name: the
 archive's SHA-512 is pinned (:data:`ARCHIVE_SHA512`, the registry's own ``dist.integrity``,
@@ -55,17 +57,31 @@ ARCHIVE_SHA512 = "BkzxduSZ9IkeDP6Q8lz2TFU2ie7hSSvS7ZIfzMooExoq0CNzJnuuGaUJ7IsojB
 """SHA-512 (base64, npm's ``dist.integrity``) of the ``com.github.asus4.onnxruntime-0.4.9.tgz`` archive."""
 HEADER_SHA256 = {
     "onnxruntime_c_api.h": "acc0cf4b3f28d39339c76770d76164bb7a0637dc89f5fde764b4017b632f6743",
+    "onnxruntime_ep_c_api.h": "e6c986c9e98583f8113b2c6bc3864814883b806d501cf24da4d239c45753e235",
+    "onnxruntime_error_code.h": "5ce3b054e798eced8d14f5b86e98692fd33470463f96194ce0700a2d53dd8721",
     "onnxruntime_cxx_api.h": "9c63ed5bf0427ddf1c10a99aca0beeec77318ce77d2ea6f7ae76d7d933660f67",
     "onnxruntime_cxx_inline.h": "c508dbb7d8203003a2584b8712118cb88e5b4ef1e1c7876a9974156fb7489301",
     "onnxruntime_float16.h": "88b242845d25981633a0bbd1c148e273cf8bfb016ea3f57c4af41a06530f72b0",
     "onnxruntime_lite_custom_op.h": "5ac84897a95ee5fa5b5bbbeb84dd51f0768e83b293716b147f114e63b28fdf85",
 }
-"""SHA-256 of each header the kernel compiles against, as that archive ships them (ORT C API 29)."""
+"""SHA-256 of every header the kernel's build includes, directly or through another (``onnxruntime_c_api.h``
+includes ``onnxruntime_ep_c_api.h`` and ``onnxruntime_error_code.h``), as that archive ships them. The
+cache holds these files and no others, so a header outside the pinned set cannot be compiled in
+(``tests/test_native.py`` lists the build's includes with ``-MM`` and checks them against this map)."""
+PINNED_API = 29
+"""The C API version of the pinned headers; ``pyproject.toml``'s onnxruntime floor is at least 1.{PINNED_API}."""
 log = logging.getLogger(__name__)
 
 
+CACHE_VAR = "GN_CONVERT_CACHE"
+NO_FETCH_VAR = "GN_CONVERT_NO_FETCH"
+
+
 def cache_root() -> Path:
-    """gn-convert's cache folder (``$XDG_CACHE_HOME/gn_convert``, default ``~/.cache/gn_convert``)."""
+    """gn-convert's cache folder: ``$GN_CONVERT_CACHE``, else ``$XDG_CACHE_HOME/gn_convert``, default
+    ``~/.cache/gn_convert`` (headers and kernel builds)."""
+    if os.environ.get(CACHE_VAR):
+        return Path(os.environ[CACHE_VAR])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gn_convert"
 
 
@@ -101,6 +117,15 @@ def mismatched_headers(folder: Path) -> list[str]:
     """The required headers in ``folder`` whose SHA-256 differs from :data:`HEADER_SHA256` (or that are missing)."""
     return [name for name, expected in HEADER_SHA256.items()
             if not (folder / name).is_file() or hashlib.sha256((folder / name).read_bytes()).hexdigest() != expected]
+
+
+def _remove_unpinned(folder: Path) -> None:
+    """Delete headers in gn-convert's cache that are not pinned (an earlier version extracted every
+    header of the archive): a build must not include a file nobody checked."""
+    for path in folder.glob("*.h"):
+        if path.name not in HEADER_SHA256:
+            log.info("removing %s from the header cache: it is not one of the pinned headers", path.name)
+            path.unlink()
 
 
 def runtime_api_version() -> int:
@@ -147,7 +172,7 @@ def fetch_headers(dest: Path) -> Path:
         with tarfile.open(archives[0], "r:gz") as archive:
             for member in archive:
                 name = member.name.rsplit("/", 1)[-1]
-                if member.isfile() and _NPM_HEADER_DIR in member.name and name.endswith(".h") \
+                if member.isfile() and _NPM_HEADER_DIR in member.name and name in HEADER_SHA256 \
                         and not (staged / name).exists():
                     source = archive.extractfile(member)
                     if source is not None:
@@ -169,7 +194,8 @@ def find_headers(include: str | Path | None = None, fetch: bool = True) -> Path:
 
     Args:
         include: a folder to use instead of the search (overrides ``GN_CONVERT_ORT_INCLUDE``).
-        fetch: fetch them from the npm registry when found nowhere else.
+        fetch: fetch them from the npm registry when found nowhere else (never where
+            ``GN_CONVERT_NO_FETCH`` is set).
 
     Returns:
         The folder holding them.
@@ -177,6 +203,7 @@ def find_headers(include: str | Path | None = None, fetch: bool = True) -> Path:
     Raises:
         NativeBuildError: a given folder lacks them, or none was found (and fetching was off or failed).
     """
+    fetch = fetch and not os.environ.get(NO_FETCH_VAR)
     given = include if include is not None else os.environ.get(ENV_VAR)
     if given:
         folder = Path(given)
@@ -192,6 +219,7 @@ def find_headers(include: str | Path | None = None, fetch: bool = True) -> Path:
     if has_headers(cached):
         changed = mismatched_headers(cached)
         if not changed:
+            _remove_unpinned(cached)
             return cached
         log.warning("cached onnxruntime headers %s differ from the pinned ones (%s); fetching them again",
                     cached, ", ".join(changed))
@@ -200,5 +228,6 @@ def find_headers(include: str | Path | None = None, fetch: bool = True) -> Path:
                                    "delete the folder, or allow fetching them again")
     if not fetch:
         raise NativeBuildError(f"onnxruntime's C++ headers were not found; set {ENV_VAR} to an onnxruntime "
-                               "include/ folder, or allow fetching them from npm")
+                               f"include/ folder, or allow fetching them from npm (`gn-convert native` without "
+                               f"--no-fetch and {NO_FETCH_VAR})")
     return fetch_headers(cache_root() / "ort-headers")

@@ -11,7 +11,7 @@ registered, takes the optimised graph it writes (its blocked convolutions and re
 replaces each ``ReorderOutput -> GroupNorm [-> Add] [-> activation] -> ReorderInput`` chain by one
 ``ai.gn_convert::GroupNormNchwc`` node that reads and writes the blocked tensor, with the Add and
 activation fused, and squeeze-excite's pooling and gating by blocked ops too
-(:mod:`gn_convert.native.nchwc_graph`). The result is for this CPU and this onnxruntime only
+(:mod:`gn_convert.onnx.passes.blocked_layout`). The result is for this CPU and this onnxruntime only
 (the block size and the reordered weights are baked in), like any model onnxruntime optimised
 offline: make it where it runs. Its metadata says so (``gn_convert.layout``).
 """
@@ -29,8 +29,8 @@ import onnx
 from onnx import helper
 
 from gn_convert.errors import NativeBuildError, SessionError, first_line
-from gn_convert.native import nchwc_graph
-from gn_convert.native.nchwc_graph import FUSED_OP, NCHWC_DOMAIN, OP_DOMAIN
+from gn_convert.onnx.passes import blocked_layout
+from gn_convert.onnx.passes.blocked_layout import FUSED_OP, NCHWC_DOMAIN, OP_DOMAIN
 from gn_convert.runtime.compare import compare_sessions
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ __all__ = ["FUSED_OP", "LAYOUT_KEY", "block_size", "blocked_graph", "blocked_ses
 LAYOUT_KEY = "gn_convert.layout"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def block_size() -> int:
     """onnxruntime's NCHWc block size on this CPU (8 with AVX2, 16 with AVX-512; 1: none).
 
@@ -132,7 +132,7 @@ def blocked_graph(model: str | Path | bytes, library: str | Path) -> tuple[bytes
         raise NativeBuildError(f"onnxruntime has no blocked (NCHWc) layout on this CPU (block {block}); "
                                "use the native kernel on the model as it is")
     optimized, reference = optimized_graph(model, library)
-    fused = nchwc_graph.rewrite(optimized, block)
+    fused = blocked_layout.rewrite(optimized, block)
     if not any(o.domain == OP_DOMAIN for o in optimized.opset_import):
         optimized.opset_import.append(helper.make_opsetid(OP_DOMAIN, 1))
     entry = optimized.metadata_props.add()

@@ -10,8 +10,8 @@ a model is saved with its weights in one external-data file beside it
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import onnx
 

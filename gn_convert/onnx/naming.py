@@ -100,7 +100,7 @@ def name_groupnorm_nodes(model: onnx.ModelProto, layer_names: set[str]) -> Layer
         node.name = layer if count == 0 else f"{layer}#{count}"
         naming.calls[layer] += 1
     missing = layer_names - set(naming.calls)
-    scoped = {layer_of(n, missing) for n in model.graph.node} - {None}
+    scoped = {layer for n in model.graph.node if (layer := layer_of(n, missing)) is not None}
     if scoped:
         raise ValueError(f"GroupNorm layer(s) {', '.join(sorted(scoped))} were decomposed, not exported as the custom op")
     naming.unused = sorted(missing)

@@ -47,7 +47,8 @@ _PASSES = "gn_convert.onnx.lowering"
 #: target name -> :class:`Target`; the first is the default
 TARGETS: dict[str, Target] = {target.name: target for target in (
     Target("function", "one ai.gn_convert::GroupNorm node per layer with its function attached (LayerNormalization "
-           "body by default): onnxruntime (fastest with `gn-convert native`)", f"{_PASSES}.function:attach_function", custom_op=True),
+           "body by default): onnxruntime (fastest with `gn-convert native`)", f"{_PASSES}.function:attach_function",
+           custom_op=True),
     Target("inlined", "standard ops only, the function body inlined: OpenVINO, TensorRT, runtimes without "
            "model-local functions", f"{_PASSES}.inline:inline_function"),
     Target("standard", "one standard GroupNormalization-21 node per layer (onnxruntime expands it imprecisely "

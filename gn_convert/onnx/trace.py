@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import onnx
 import torch
 from torch import nn
 
 from gn_convert.errors import ExportError, first_line
+from gn_convert.modes import eval_mode
 from gn_convert.onnx.naming import LayerNaming, name_groupnorm_nodes
 from gn_convert.onnx.op import MIN_OPSET
 from gn_convert.onnx.translation import translation_table
-from gn_convert.modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ def trace(
             )
         except Exception as exc:  # torch raises many types; the message is what matters
             raise ExportError(f"torch cannot export {type(model).__name__}: {first_line(exc)}") from exc
+    if program is None:  # only for dynamo=False, which is never asked for here
+        raise ExportError(f"torch returned no ONNX program for {type(model).__name__}")
     proto = program.model_proto
     try:
         naming = name_groupnorm_nodes(proto, groupnorm_layer_names(source))

@@ -9,7 +9,8 @@ functions and fails on a call node whose function it cannot see.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import onnxscript
 import torch
@@ -26,7 +27,7 @@ def _affine_or_constant(x: Any, value: Any, fill: float) -> Any:
     if value is not None:
         return value
     channels = op.Shape(x, start=1, end=2)
-    return op.Expand(op.CastLike(op.Constant(value_float=fill), x), channels)
+    return op.Expand(op.CastLike(op.Constant(value_float=fill), x), channels)  # type: ignore[type-var]
 
 
 def group_norm(

@@ -3,8 +3,8 @@ then moved into place (nothing is left behind on any failure)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import onnx
 
@@ -32,10 +32,11 @@ def lower(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
     """
     spec = get_target(target, model_opset(model))
     if spec.custom_op:
-        return spec.lower(model)
+        lowered: onnx.ModelProto = spec.lower(model)
+        return lowered
     with weights_detached(model, when=needs_external_data(model)) as detached:
         try:
-            lowered = spec.lower(model)
+            lowered = spec.lower(model)  # noqa: F811
         except ValueError as err:
             raise ExportError(f"cannot lower to {target}: {err}") from err
     restore_weights(lowered, detached)

@@ -10,8 +10,8 @@ provider and dtype are documented in :mod:`gn_convert.parity.tolerances`.
 
 from __future__ import annotations
 
-from gn_convert.parity.check import DEFAULT_BATCH, check_parity
 from gn_convert.errors import ParityError
+from gn_convert.parity.check import DEFAULT_BATCH, check_parity
 from gn_convert.parity.localise import LayerError, Localisation
 from gn_convert.parity.metrics import Metrics, compare
 from gn_convert.parity.report import InvarianceResult, ParityReport, ParityRow

@@ -5,25 +5,27 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
+from numpy.typing import NDArray
 from torch import nn
 
+from gn_convert.errors import GnConvertError, ParityError, first_line
+from gn_convert.modes import eval_mode
 from gn_convert.onnx.op import groupnorm_nodes
 from gn_convert.onnx.reading import groupnorm_layers, read_model
-from gn_convert.errors import GnConvertError, ParityError, first_line
 from gn_convert.parity.inputs import InputSet, image_set, random_sets
 from gn_convert.parity.localise import layer_values, localise
 from gn_convert.parity.metrics import compare
 from gn_convert.parity.providers import LEVELS, Availability, availability, levels_for, parse_providers, session_kwargs
-from gn_convert.runtime import open_session, run_session
 from gn_convert.parity.report import InvarianceResult, ParityReport, ParityRow
 from gn_convert.parity.tolerances import HARD_INPUT_FACTOR, Tolerance, tolerance_for
-from gn_convert.modes import eval_mode
+from gn_convert.runtime import open_session, run_session
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ def _sample_shape(onnx_model: onnx.ModelProto, input_shape: Sequence[int] | None
     for axis, (static, wanted) in enumerate(zip(dims[1:], given[1:]), start=1):
         if static is None and wanted is None:
             raise ParityError(f"the ONNX input's axis {axis} is dynamic; pass input_shape=(N, C, ...) / --input-shape")
-        sample.append(int(static if static is not None else wanted))
+        sample.append(int(static) if static is not None else int(wanted))  # type: ignore[arg-type] # checked above
     return tuple(sample), dims[0]
 
 
@@ -59,7 +61,7 @@ def _dtype(onnx_model: onnx.ModelProto) -> str:
         elem, onnx.helper.tensor_dtype_to_np_dtype(elem).name)
 
 
-def _reference(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+def _reference(model: nn.Module, x: torch.Tensor) -> NDArray[Any]:
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     with torch.no_grad():
@@ -117,7 +119,7 @@ class ReferenceNoise:
     closely any float32 implementation can be expected to agree with the reference.
     """
 
-    def __init__(self, model: nn.Module, sets: list[InputSet], refs: dict[str, np.ndarray]) -> None:
+    def __init__(self, model: nn.Module, sets: list[InputSet], refs: dict[str, NDArray[Any]]) -> None:
         self.model, self.sets, self.refs = model, {s.name: s for s in sets}, refs
         self.exact: nn.Module | None = None
         self.cache: dict[str, tuple[float, float]] = {}
@@ -222,7 +224,7 @@ def check_parity(
 
 def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.ModelProto, path: Path,
                   provider: Availability, level: str, tolerance: Tolerance, sets: list[InputSet],
-                  refs: dict[str, np.ndarray], noise: "ReferenceNoise | None", batches: list[int],
+                  refs: dict[str, NDArray[Any]], noise: ReferenceNoise | None, batches: list[int],
                   localise_failures: bool) -> None:
     """All comparisons and the invariant check of one provider at one optimisation level.
 
@@ -234,8 +236,9 @@ def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.Model
     feed_type = np.float16 if report.dtype == "float16" else np.float32
     input_name = sess.get_inputs()[0].name
 
-    def run(x: torch.Tensor) -> np.ndarray:
-        return run_session(sess, {input_name: x.numpy().astype(feed_type)})[0]
+    def run(x: torch.Tensor) -> NDArray[Any]:
+        out: NDArray[Any] = run_session(sess, {input_name: x.numpy().astype(feed_type)})[0]
+        return out
 
     first_failure: torch.Tensor | None = None
     first_tol = tolerance

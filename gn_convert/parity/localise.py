@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from numpy.typing import NDArray
 from torch import nn
 
 from gn_convert.onnx.reading import groupnorm_layers
@@ -64,13 +65,14 @@ def _with_outputs(model: onnx.ModelProto, values: list[str]) -> bytes:
     elem = copy.graph.input[0].type.tensor_type.elem_type
     existing = {out.name for out in copy.graph.output}
     copy.graph.output.extend(onnx.helper.make_tensor_value_info(v, elem, None) for v in values if v not in existing)
-    return copy.SerializeToString()
+    data: bytes = copy.SerializeToString()
+    return data
 
 
-def _torch_outputs(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict[str, np.ndarray]:
+def _torch_outputs(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict[str, NDArray[Any]]:
     """Each named layer's output (``name#k``: the k-th call) via forward hooks."""
     modules = dict(model.named_modules())
-    calls: dict[str, list[np.ndarray]] = defaultdict(list)
+    calls: dict[str, list[NDArray[Any]]] = defaultdict(list)
 
     def hook(name: str) -> Any:
         return lambda _m, _i, out: calls[name].append(out.detach().float().cpu().numpy().copy())  # before in-place ops
@@ -109,7 +111,7 @@ def localise(model: nn.Module, onnx_model: onnx.ModelProto, x: torch.Tensor, pro
     pairs = layer_values(onnx_model, {name for name, _ in model.named_modules()})
     sess = open_session(_with_outputs(onnx_model, [v for _, v in pairs]), provider=provider.name,
                         **session_kwargs(provider, level))
-    feed = x.cpu().numpy().astype(_numpy_type(sess))
+    feed: NDArray[Any] = x.cpu().numpy().astype(_numpy_type(sess))
     names = [o.name for o in sess.get_outputs()]
     got = dict(zip(names, run_session(sess, {sess.get_inputs()[0].name: feed})))
     reference = _torch_outputs(model, [layer for layer, _ in pairs], x)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,11 @@ class Metrics:
     top5: float | None
 
 
-def _topk(x: np.ndarray, k: int) -> np.ndarray:
+def _topk(x: NDArray[Any], k: int) -> NDArray[Any]:
     return np.argsort(-x, axis=1)[:, :k]
 
 
-def compare(reference: np.ndarray, output: np.ndarray) -> Metrics:
+def compare(reference: NDArray[Any], output: NDArray[Any]) -> Metrics:
     """Compare two outputs of shape (N, ...), in float64.
 
     Args:

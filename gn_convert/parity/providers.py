@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from gn_convert.errors import GnConvertError, ParityError
 from gn_convert.runtime import NATIVE, PROVIDERS, check_provider, session_options
@@ -33,7 +34,7 @@ class Availability:
     library: Path | None = None
 
 
-def parse_providers(text: str | list[str] | tuple[str, ...]) -> list[str]:
+def parse_providers(text: str | Sequence[str]) -> list[str]:
     """``"cpu,cuda"`` (or a list) -> checked short names, in order, without repeats.
 
     Raises:

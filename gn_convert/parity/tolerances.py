@@ -53,11 +53,11 @@ class Tolerance:
     min_cosine: float
     invariance_rel: float
 
-    def scaled(self, factor: float) -> "Tolerance":
+    def scaled(self, factor: float) -> Tolerance:
         """The same tolerance with ``max_rel`` times ``factor`` (for hard inputs)."""
         return Tolerance(self.max_rel * factor, self.min_cosine, self.invariance_rel)
 
-    def within_noise(self, noise_rel: float, noise_cosine: float) -> "Tolerance":
+    def within_noise(self, noise_rel: float, noise_cosine: float) -> Tolerance:
         """This tolerance, loosened where needed to :data:`REFERENCE_NOISE_FACTOR` times the
         reference's own float32 noise (its max relative error and cosine against float64)."""
         return Tolerance(max(self.max_rel, REFERENCE_NOISE_FACTOR * noise_rel),

@@ -9,8 +9,9 @@ spinning, gn-convert's native kernel library, and onnxruntime's own exception ty
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from gn_convert.errors import NativeBuildError, OptionError, ProviderUnavailableError, SessionError, first_line
 from gn_convert.runtime.options import LEVELS, NATIVE, PROVIDERS, check_provider, session_options
@@ -107,6 +108,7 @@ def _open_blocked(model: str | Path | bytes, library: str | Path, options: Any, 
 def run_session(sess: Any, feeds: dict[str, Any], outputs: Sequence[str] | None = None) -> list[Any]:
     """``sess.run`` with onnxruntime's exceptions turned into one :class:`SessionError` line."""
     try:
-        return sess.run(list(outputs) if outputs is not None else None, feeds)
+        results: list[Any] = sess.run(list(outputs) if outputs is not None else None, feeds)
+        return results
     except Exception as err:  # onnxruntime's own types, raised at run time (a kernel refusing a shape)
         raise SessionError(f"onnxruntime failed to run the model: {first_line(err)}") from err

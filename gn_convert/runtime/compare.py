@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from gn_convert.errors import GnConvertError, first_line
 
@@ -22,7 +23,7 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tens
                 "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
-def random_feeds(inputs: Any, seed: int, batch: int, error: type[GnConvertError]) -> dict[str, np.ndarray]:
+def random_feeds(inputs: Any, seed: int, batch: int, error: type[GnConvertError]) -> dict[str, NDArray[Any]]:
     """Random feeds for every input of a session: normal floats, small non-negative integers
     (indices, counts), random booleans; symbolic axes get ``batch`` (the first) or 64.
 

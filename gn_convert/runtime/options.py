@@ -24,6 +24,32 @@ NATIVE = "cpu-native"
 LEVELS: tuple[str, ...] = ("off", "basic", "all")
 
 
+GPU_INSTALL = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu>=1.30'"
+"""How to get the CUDA build: onnxruntime and onnxruntime-gpu install the same ``onnxruntime`` module,
+so one must replace the other (installed together they overwrite each other's files)."""
+
+
+def installed_runtimes() -> list[str]:
+    """The onnxruntime distributions installed here (``onnxruntime``, ``onnxruntime-gpu``, ...)."""
+    from importlib import metadata
+
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def gpu_install_hint() -> str:
+    """What to do for the CUDA provider, given what is installed."""
+    if len(installed_runtimes()) > 1:
+        return f"onnxruntime and onnxruntime-gpu are both installed and overwrite each other's files: {GPU_INSTALL}"
+    return f"on a machine with an NVIDIA GPU, replace onnxruntime with onnxruntime-gpu: {GPU_INSTALL}"
+
+
 def check_provider(provider: str) -> str:
     """onnxruntime's name for a short provider name that this onnxruntime offers.
 
@@ -38,8 +64,7 @@ def check_provider(provider: str) -> str:
     name = PROVIDERS[provider]
     offered = ort.get_available_providers()
     if name not in offered:
-        hint = "install onnxruntime-gpu on a machine with an NVIDIA GPU" if provider in ("cuda", "tensorrt") \
-            else "reinstall onnxruntime"
+        hint = gpu_install_hint() if provider in ("cuda", "tensorrt") else "reinstall onnxruntime"
         raise ProviderUnavailableError(f"{name} is not available in this onnxruntime ({ort.__version__}, "
                                        f"providers: {', '.join(offered)}); {hint}")
     return name

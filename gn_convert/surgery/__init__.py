@@ -12,8 +12,13 @@ itself, and saving the result.
 from __future__ import annotations
 
 from gn_convert.surgery.plan import GroupPlan, LayerPlan, batchnorm_layers, choose_groups, plan
-from gn_convert.surgery.registry import (BatchNormState, is_batchnorm, read_batchnorm, register_batchnorm,
-                                         register_replacement)
+from gn_convert.surgery.registry import (
+                                         BatchNormState,
+                                         is_batchnorm,
+                                         read_batchnorm,
+                                         register_batchnorm,
+                                         register_replacement,
+)
 from gn_convert.surgery.replace import convert
 
 __all__ = ["BatchNormState", "GroupPlan", "LayerPlan", "batchnorm_layers", "choose_groups", "convert",

@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from gn_convert import strict_json
 from gn_convert._version import __version__
 from gn_convert.atomic import atomic_file
 from gn_convert.errors import CheckpointError, GnConvertError, OutputError
-from gn_convert.surgery.plan import GroupPlan
 from gn_convert.load.names import build_model
 from gn_convert.load.state_dict import load_weights_into, read_state_dict
+from gn_convert.surgery.plan import GroupPlan
 from gn_convert.surgery.replace import convert
-from gn_convert import strict_json
 
 FORMAT = "gn-convert/1"
 CONFIG_FILE = "config.json"

@@ -64,7 +64,7 @@ def make_dp_ready(model: nn.Module, example: torch.Tensor | None = None) -> nn.M
     in_place = {name for name, m in model.named_modules() if getattr(m, "inplace", None) is True}
     for module in model.modules():
         if isinstance(getattr(module, "inplace", None), bool):
-            module.inplace = False
+            setattr(module, "inplace", False)  # noqa: B010 (nn.Module's attributes are untyped)
     count = 0
     for name, module in sorted(model.named_modules(), key=lambda item: -item[0].count(".")):  # innermost first
         children = frozenset(child for child, _ in module.named_children() if f"{name}.{child}".lstrip(".") in in_place)

@@ -9,7 +9,8 @@ comparing every module's output, in the order the modules return, and named in t
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn

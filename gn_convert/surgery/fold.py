@@ -80,24 +80,27 @@ def _fold_one(conv: nn.Module, bn: nn.Module) -> None:
     """Absorb ``bn``'s evaluation-mode affine map into ``conv`` (in place)."""
     state = read_batchnorm(bn)
     assert state is not None and state.running_var is not None and state.running_mean is not None
+    weight, old_bias = conv.weight, conv.bias
+    assert isinstance(weight, nn.Parameter) and (old_bias is None or isinstance(old_bias, nn.Parameter))
     scale = (state.weight if state.weight is not None else torch.ones_like(state.running_var)) \
         / torch.sqrt(state.running_var + state.eps)
     shift = state.bias if state.bias is not None else torch.zeros_like(state.running_mean)
     with torch.no_grad():
-        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
-        conv.weight.mul_(scale.to(conv.weight).view(shape))
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(state.running_mean)
+        weight.mul_(scale.to(weight).view((-1,) + (1,) * (weight.dim() - 1)))
+        bias = old_bias if old_bias is not None else torch.zeros_like(state.running_mean)
         new_bias = (bias.to(scale) - state.running_mean) * scale + shift
-        if conv.bias is None:
-            conv.bias = nn.Parameter(new_bias.to(conv.weight), requires_grad=conv.weight.requires_grad)
+        if old_bias is None:
+            conv.bias = nn.Parameter(new_bias.to(weight), requires_grad=weight.requires_grad)
         else:
-            conv.bias.copy_(new_bias)
+            old_bias.copy_(new_bias)
 
 
 def _tail(bn: nn.Module) -> nn.Module:
     """What stays of a folded layer: nothing, or a norm-act layer's drop and activation."""
-    tail = norm_tail(bn)
-    return nn.Identity() if tail is None else nn.Sequential(copy.deepcopy(bn.drop), copy.deepcopy(bn.act))
+    if norm_tail(bn) is None:
+        return nn.Identity()
+    drop, act = getattr(bn, "drop"), getattr(bn, "act")  # noqa: B009 - typed as modules by norm_tail's check
+    return nn.Sequential(copy.deepcopy(drop), copy.deepcopy(act))
 
 
 def fold_batchnorm(model: nn.Module, names: list[str], example: torch.Tensor, *, prove: bool = True) -> dict[str, str]:

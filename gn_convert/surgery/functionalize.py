@@ -30,7 +30,8 @@ from __future__ import annotations
 import inspect
 import operator
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -113,9 +114,9 @@ def _make_out_of_place(node: fx.Node) -> bool:
         node.target = IN_PLACE_OPERATORS[node.target]
     elif node.op == "call_function" and node.kwargs.get("inplace") is True:
         node.kwargs = {**node.kwargs, "inplace": False}
-    elif node.op == "call_function":
+    elif node.op == "call_function" and callable(node.target):
         node.target = getattr(torch, node.target.__name__[:-1])
-    elif node.op == "call_method":
+    elif node.op == "call_method" and isinstance(node.target, str):
         node.target = node.target[:-1]
     else:
         return False

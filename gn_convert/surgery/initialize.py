@@ -13,7 +13,7 @@ It is exact when each sample's group statistics equal the population's (see DESI
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -40,7 +40,7 @@ def bn_stats_affine(state: BatchNormState, num_groups: int) -> tuple[torch.Tenso
         (weight, bias), each of shape (C,).
     """
     weight, bias = identity_affine(state)
-    if state.affine:
+    if state.weight is not None and state.bias is not None:  # affine
         weight, bias = state.weight.clone(), state.bias.clone()
     if state.running_mean is None or state.running_var is None:
         return weight, bias

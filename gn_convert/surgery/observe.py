@@ -11,7 +11,8 @@ gives a forward hook exactly that: the layer's own output for a plain norm, the 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

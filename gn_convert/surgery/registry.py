@@ -18,8 +18,9 @@ it, and planning refuses it rather than silently dropping what its ``forward`` a
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,12 +73,12 @@ def qualified_name(klass: type) -> str:
     return f"{klass.__module__}.{klass.__qualname__}"
 
 
-def _entry(table: dict[TypeKey, Callable], klass: type) -> Callable | None:
+def _entry(table: dict[TypeKey, Callable[..., Any]], klass: type) -> Callable[..., Any] | None:
     """``table``'s entry for exactly ``klass``, registered by class or by qualified name."""
     return table.get(klass) or table.get(qualified_name(klass))
 
 
-def _lookup(table: dict[TypeKey, Callable], module: nn.Module) -> Callable | None:
+def _lookup(table: dict[TypeKey, Callable[..., Any]], module: nn.Module) -> Callable[..., Any] | None:
     """The entry of the first class in ``module``'s MRO that ``table`` has."""
     return next((entry for klass in type(module).__mro__ if (entry := _entry(table, klass)) is not None), None)
 
@@ -148,7 +149,7 @@ def _tensor_meta(*tensors: torch.Tensor | None) -> tuple[torch.device, torch.dty
 
 
 @register_batchnorm(nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
-def _read_torch_batchnorm(bn: nn.Module) -> BatchNormState:
+def _read_torch_batchnorm(bn: Any) -> BatchNormState:
     """BatchNorm1d/2d/3d, SyncBatchNorm and every subclass of torch's ``_BatchNorm``."""
     device, dtype = _tensor_meta(bn.weight, bn.running_mean)
     min_rank = next((rank for klass, rank in _MIN_RANK if isinstance(bn, klass)), 2)
@@ -168,11 +169,13 @@ def _read_torch_batchnorm(bn: nn.Module) -> BatchNormState:
     )
 
 
-_TIMM = ("timm.layers.norm_act", "timm.models.layers.norm_act")  # timm >= 0.9, and older releases
+_TIMM = "timm.layers.norm_act"
+"""Where timm defines its norm-act layers from 0.9 on (the floor of the ``timm`` extra; ``timm.models.layers``
+re-exports the same classes)."""
 
 
-@register_batchnorm(FrozenBatchNorm2d, *(f"{where}.FrozenBatchNormAct2d" for where in _TIMM))
-def _read_frozen_batchnorm(bn: nn.Module) -> BatchNormState:
+@register_batchnorm(FrozenBatchNorm2d, f"{_TIMM}.FrozenBatchNormAct2d")
+def _read_frozen_batchnorm(bn: Any) -> BatchNormState:
     """torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d: affine and statistics are
     buffers, never trained."""
     return BatchNormState(
@@ -191,18 +194,16 @@ def _read_frozen_batchnorm(bn: nn.Module) -> BatchNormState:
     )
 
 
-@register_replacement(*(f"{where}.{name}" for where in _TIMM
-                        for name in ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")))
-def _norm_act_replacement(bn: nn.Module, group_norm: nn.GroupNorm) -> nn.Module:
+@register_replacement(*(f"{_TIMM}.{name}" for name in ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")))
+def _norm_act_replacement(bn: Any, group_norm: nn.GroupNorm) -> nn.Module:
     """timm's norm + drop + activation layers -> timm's ``GroupNormAct`` with copies of the
     layer's own ``drop`` and ``act`` modules (same activation, same in-place flag, same eps)."""
     from timm.layers import GroupNormAct  # the model is made of timm layers, so timm is installed
 
-    weight = group_norm.weight
     out = GroupNormAct(group_norm.num_channels, group_norm.num_groups, eps=group_norm.eps,
-                       affine=group_norm.affine, apply_act=False,
-                       device=weight.device if weight is not None else None,
-                       dtype=weight.dtype if weight is not None else None)
+                       affine=group_norm.affine, apply_act=False)  # no device=/dtype= before timm 1.0.17
+    if group_norm.weight is not None:
+        out = out.to(device=group_norm.weight.device, dtype=group_norm.weight.dtype)
     out.load_state_dict(group_norm.state_dict())
     for mine, theirs in zip(out.parameters(), group_norm.parameters()):
         mine.requires_grad_(theirs.requires_grad)

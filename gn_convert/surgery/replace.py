@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from gn_convert.errors import GroupPlanError
-from gn_convert.surgery.plan import GroupPlan, OnSingle, batchnorm_layers, plan as make_plan
 from gn_convert.surgery.initialize import INITS
+from gn_convert.surgery.plan import GroupPlan, OnSingle, batchnorm_layers
+from gn_convert.surgery.plan import plan as make_plan
 from gn_convert.surgery.registry import BatchNormState, replacement
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def convert(
     found = {name: (module, state) for name, module, state in batchnorm_layers(target)}
     for layer in plan.converted:
         module, state = found.get(layer.name, (None, None))
-        if state is None:
+        if module is None or state is None or layer.num_groups is None:
             raise GroupPlanError(f"the plan names {layer.name}, which is not a BatchNorm layer of this model")
         if state.num_channels != layer.num_channels:
             raise GroupPlanError(

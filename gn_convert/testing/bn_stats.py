@@ -9,7 +9,7 @@ converted model has something real to reproduce.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -60,6 +60,6 @@ def randomize_batchnorm_affine(model: nn.Module, seed: int = 0, spread: float = 
         c = state.num_channels
         weight = 1 + spread * (2 * torch.rand(c, generator=gen) - 1)
         bias = spread / 2 * torch.randn(c, generator=gen)
-        module.weight.copy_(weight.to(state.dtype))
-        module.bias.copy_(bias.to(state.dtype))
+        getattr(module, "weight").copy_(weight.to(state.dtype))  # noqa: B009 (nn.Module's attributes are untyped)
+        getattr(module, "bias").copy_(bias.to(state.dtype))  # noqa: B009
     return model

@@ -42,7 +42,7 @@ def _chw(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a[..., :3])).permute(2, 0, 1).contiguous()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def photo(name: str) -> torch.Tensor:
     """One photo as a (3, H, W) float tensor in [0, 1].
 

@@ -14,9 +14,9 @@ import functools
 import torch
 from torch import nn
 
-from gn_convert.testing.bn_stats import estimate_batchnorm_stats, randomize_batchnorm_affine
 from gn_convert.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from gn_convert.errors import GnConvertError
+from gn_convert.testing.bn_stats import estimate_batchnorm_stats, randomize_batchnorm_affine
 
 
 @functools.lru_cache(maxsize=1)

@@ -3,11 +3,13 @@ channel count, and dropping our domain once no call is left."""
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
+
 import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as onh
 import onnx.shape_inference
+from numpy.typing import NDArray
 
 from gn_convert.onnx.op import DOMAIN, OP_TYPE
 from gn_convert.onnx.targets import TARGET_KEY
@@ -23,7 +25,7 @@ def model_opset(model: onnx.ModelProto) -> int:
     """
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
-            return entry.version
+            return int(entry.version)
     raise ValueError("the model imports no default-domain opset")
 
 
@@ -45,7 +47,7 @@ class Constants:
         self.graph = graph
         self.names: dict[str, str] = {}
 
-    def get(self, key: str, value: np.ndarray) -> str:
+    def get(self, key: str, value: NDArray[Any]) -> str:
         """The name of the initializer ``key`` holding ``value``, added on first use."""
         if key not in self.names:
             name = f"gn_convert.lowering/{key}"

@@ -36,8 +36,15 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 
-from gn_convert.onnx.lowering.common import (FLOAT, Constants, call_channels, drop_custom_domain, model_opset,
-                                             set_target, value_types)
+from gn_convert.onnx.lowering.common import (
+    FLOAT,
+    Constants,
+    call_channels,
+    drop_custom_domain,
+    model_opset,
+    set_target,
+    value_types,
+)
 from gn_convert.onnx.op import DEFAULT_EPSILON, is_groupnorm_node
 
 log = logging.getLogger(__name__)

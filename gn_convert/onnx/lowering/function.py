@@ -5,8 +5,16 @@ from __future__ import annotations
 import onnx
 
 from gn_convert.onnx.lowering.common import model_opset
-from gn_convert.onnx.op import (BODIES, BODY_KEY, DEFAULT_BODY, DOMAIN, OP_TYPE, function_proto, groupnorm_nodes,
-                                opset_import)
+from gn_convert.onnx.op import (
+    BODIES,
+    BODY_KEY,
+    DEFAULT_BODY,
+    DOMAIN,
+    OP_TYPE,
+    function_proto,
+    groupnorm_nodes,
+    opset_import,
+)
 
 
 def has_function(model: onnx.ModelProto) -> bool:

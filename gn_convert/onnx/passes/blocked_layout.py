@@ -1,5 +1,6 @@
-"""The graph passes behind :mod:`gn_convert.native.nchwc`: onnxruntime's optimised graph, edited so
-that GroupNorm, the Add and activation after it, and squeeze-excite run on the blocked layout.
+"""The blocked-layout graph passes behind :mod:`gn_convert.native.nchwc`: onnxruntime's optimised graph,
+edited so that GroupNorm, the Add and activation after it, and squeeze-excite run on the blocked layout.
+Pure ONNX: it reads and writes ``onnx.ModelProto`` and imports nothing of onnxruntime.
 
 onnxruntime's graph marks the layout with its reorders: ``ReorderOutput`` (blocked -> plain, with
 the real channel count) and ``ReorderInput`` (plain -> blocked). Each pass replaces plain-layout
@@ -190,11 +191,11 @@ def fuse_squeeze_excite(model: onnx.ModelProto, block: int) -> int:
             moved += 1
             continue
         gated = _gated(pass_, node, pooled) if _is(node, "Mul") else None
-        if gated is None:
+        channels = pass_.channels(gated[0]) if gated is not None else None
+        if gated is None or channels is None:
             pass_.nodes.append(node)
             continue
         value, gate = gated
-        channels = pass_.channels(value)
         gate_producer = pass_.producer.get(gate)
         if gate_producer is not None and _is(gate_producer, "ReorderOutput", NCHWC_DOMAIN):
             gate = gate_producer.input[0]  # the blocked gate: [N, Cp, 1, 1] is [N][Cp] in memory as well
@@ -235,7 +236,7 @@ def _spatial_mean(model: onnx.ModelProto, node: Any) -> bool:
 
 
 def _is(node: Any, op_type: str, domain: str = "") -> bool:
-    return node.op_type == op_type and node.domain == domain
+    return bool(node.op_type == op_type and node.domain == domain)
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:

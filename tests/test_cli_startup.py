@@ -1,0 +1,76 @@
+"""The command line starts without torch, onnx, torchvision or onnxruntime: ``--version``,
+``--help`` and building the parser import none of them; the lazily read choices and the CLI's
+copies of API defaults agree with the API's own maps."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "torchvision", "onnx", "onnxruntime", "onnxscript")
+PROBE = """
+import sys
+from gn_convert.cli import main
+try:
+    main({argv!r})
+except SystemExit:
+    pass
+print("HEAVY:" + ",".join(sorted(m for m in {heavy!r} if m in sys.modules)))
+"""
+
+
+def _heavy_after(argv: list[str]) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv, heavy=HEAVY)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("HEAVY:"), done.stdout
+    return [name for name in last[len("HEAVY:"):].split(",") if name]
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["-h"], []])
+def test_version_and_help_import_no_heavy_module(argv: list[str]) -> None:
+    assert _heavy_after(argv) == []
+
+
+def test_building_the_parser_imports_no_heavy_module() -> None:
+    code = ("import sys\nfrom gn_convert.cli import build_parser\nbuild_parser()\n"
+            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "", (done.stdout, done.stderr)
+
+
+def test_console_script_version_names_the_package_version() -> None:
+    import gn_convert
+
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "gn_convert", "--version"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"gn-convert {gn_convert.__version__}"
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+def test_lazy_choices_and_cli_defaults_match_the_api_maps() -> None:
+    from gn_convert.cli import arguments, build_parser, convert, deploy, serve
+    from gn_convert.deploy.server import LOOPBACK
+    from gn_convert.deploy.triton_repo import DEFAULT_SERVER_REPO, INSTANCE_KINDS
+    from gn_convert.fidelity.calibration import ORDERS
+    from gn_convert.fidelity.group_search import POLICY
+    from gn_convert.fidelity.moments import FITS
+    from gn_convert.fidelity.options import TRAINABLE
+    from gn_convert.onnx.targets import DEFAULT_TARGET, TARGETS
+    from gn_convert.pipeline import PARITY_BATCH
+    from gn_convert.surgery.initialize import INITS
+    from gn_convert.surgery.plan import POLICIES
+
+    assert list(arguments.POLICY_CHOICES) == [*POLICIES, POLICY] and arguments.FIDELITY == POLICY
+    assert list(arguments.INIT_CHOICES) == list(INITS) and list(arguments.FIT_CHOICES) == list(FITS)
+    assert list(arguments.ORDER_CHOICES) == list(ORDERS) and list(arguments.TRAINABLE_CHOICES) == list(TRAINABLE)
+    assert list(arguments.TARGET_CHOICES) == list(TARGETS) and list(deploy.INSTANCE_CHOICES) == list(INSTANCE_KINDS)
+    assert (convert.PARITY_BATCH, deploy.DEFAULT_SERVER_REPO, serve.LOOPBACK) == (PARITY_BATCH, DEFAULT_SERVER_REPO,
+                                                                                  LOOPBACK)
+    args = build_parser().parse_args(["convert", "resnet18"])
+    assert (args.policy, args.init, args.calibrate_method, args.calibrate_order, args.trainable, args.onnx_target) \
+        == (POLICIES[0], next(iter(INITS)), next(iter(FITS)), next(iter(ORDERS)), TRAINABLE[0], DEFAULT_TARGET)
