@@ -57,15 +57,14 @@ def test_lazy_choices_and_cli_defaults_match_the_api_maps() -> None:
     from gn_convert.deploy.server import LOOPBACK
     from gn_convert.deploy.triton_repo import DEFAULT_SERVER_REPO, INSTANCE_KINDS
     from gn_convert.fidelity.calibration import ORDERS
-    from gn_convert.fidelity.group_search import POLICY
     from gn_convert.fidelity.moments import FITS
     from gn_convert.fidelity.options import TRAINABLE
     from gn_convert.onnx.targets import DEFAULT_TARGET, TARGETS
     from gn_convert.pipeline import PARITY_BATCH
     from gn_convert.surgery.initialize import INITS
-    from gn_convert.surgery.plan import POLICIES
+    from gn_convert.surgery.plan import FIDELITY, POLICIES
 
-    assert list(arguments.POLICY_CHOICES) == [*POLICIES, POLICY] and arguments.FIDELITY == POLICY
+    assert list(arguments.POLICY_CHOICES) == list(POLICIES) and arguments.FIDELITY == FIDELITY in POLICIES
     assert list(arguments.INIT_CHOICES) == list(INITS) and list(arguments.FIT_CHOICES) == list(FITS)
     assert list(arguments.ORDER_CHOICES) == list(ORDERS) and list(arguments.TRAINABLE_CHOICES) == list(TRAINABLE)
     assert list(arguments.TARGET_CHOICES) == list(TARGETS) and list(deploy.INSTANCE_CHOICES) == list(INSTANCE_KINDS)
