@@ -89,9 +89,10 @@ class Busy:
     """A CPU-heavy job beside the run (one process of matrix products), as a loaded machine has."""
 
     def __init__(self, on: bool) -> None:
-        self.on, self.proc = on, None
+        self.on = on
+        self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> "Busy":
+    def __enter__(self) -> Busy:
         if self.on:
             code = "import numpy as n\na = n.random.rand(600, 600)\nwhile True: a = (a @ a) / 600"
             self.proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -142,8 +143,8 @@ def save_rows(rows: list[dict[str, Any]], pool: Path) -> None:
         tmp.write_text(strict_json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
-def _spread(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    values = [v for v in values if v is not None]
+def _spread(given: list[float | None], scale: float = 100.0, digits: int = 1) -> str:
+    values = [v for v in given if v is not None]
     if not values:
         return "-"
     mid = statistics.median(values) * scale

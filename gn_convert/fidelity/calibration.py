@@ -32,8 +32,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,8 +44,15 @@ from gn_convert.data.sources import load_data
 from gn_convert.errors import DataError, OptionError
 from gn_convert.fidelity.greedy import fit_greedy
 from gn_convert.fidelity.moments import FITS, LayerFit, Moments
-from gn_convert.fidelity.pairs import (NormPair, capture, execution_order, forward_hooks, images_of, norm_pairs,
-                                       normalised)
+from gn_convert.fidelity.pairs import (
+    NormPair,
+    capture,
+    execution_order,
+    forward_hooks,
+    images_of,
+    norm_pairs,
+    normalised,
+)
 from gn_convert.modes import eval_mode
 
 log = logging.getLogger(__name__)

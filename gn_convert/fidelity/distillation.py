@@ -23,9 +23,10 @@ import contextlib
 import copy
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -36,11 +37,19 @@ from gn_convert.data.sources import DataSplit, load_data
 from gn_convert.errors import CheckpointError, OptionError
 from gn_convert.fidelity import distributed as ddp
 from gn_convert.fidelity.losses import FeatureTaps, kl_loss, label_loss
-from gn_convert.fidelity.options import (TRAINABLE, DistillOptions, DistillResult, EvalPoint, StepInfo, lr_factor,
-                                         param_groups, trainable_only)
+from gn_convert.fidelity.options import (
+    TRAINABLE,
+    DistillOptions,
+    DistillResult,
+    EvalPoint,
+    StepInfo,
+    lr_factor,
+    param_groups,
+    trainable_only,
+)
 from gn_convert.fidelity.pairs import norm_pairs
-from gn_convert.modes import eval_mode
 from gn_convert.fidelity.train_state import check_compatible, load_state, save_state
+from gn_convert.modes import eval_mode
 from gn_convert.surgery.registry import is_batchnorm
 
 log = logging.getLogger(__name__)
@@ -197,10 +206,11 @@ class _Run:
         ddp.barrier(self.procs)
 
     def _load(self) -> bool:
-        state = load_state(self.folder) if self.folder is not None else None
-        if state is None:
+        folder = self.folder
+        state = load_state(folder) if folder is not None else None
+        if state is None or folder is None:
             return False
-        check_compatible(state["options"], self._options_dict(), self.folder)
+        check_compatible(state["options"], self._options_dict(), folder)
         try:
             self.student.load_state_dict(state["student"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -311,7 +321,7 @@ class _Run:
             images = images.to(self.procs.device, non_blocking=True)
             labels = labels.to(self.procs.device) if labels is not None else None
             last = j == self.opts.accumulate - 1
-            sync = contextlib.nullcontext() if last or not self.procs.distributed else model.no_sync()
+            sync: Any = contextlib.nullcontext() if last or not self.procs.distributed else cast(Any, model).no_sync()
             with sync:
                 loss = self._loss(model, images, labels) / self.opts.accumulate
                 self.scaler.scale(loss).backward()
@@ -349,7 +359,7 @@ class _Run:
             self._save()
         self.student.eval()
         return DistillResult(self.student, self.history, self.step, stopped and self.step < opts.steps,
-                             self.teacher_accuracy, len(self.split.heldout or []),
+                             self.teacher_accuracy, _size(self.split.heldout),
                              round(time.perf_counter() - self.started, 3))
 
     def _out_of_time(self) -> bool:
@@ -365,3 +375,8 @@ class _Run:
 
     def _rng_devices(self) -> list[int]:
         return [self.procs.device.index or 0] if self.procs.device.type == "cuda" else []
+
+
+def _size(dataset: Any) -> int:
+    """Items in a map-style dataset (0 for None)."""
+    return 0 if dataset is None else len(dataset)

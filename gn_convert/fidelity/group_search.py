@@ -2,25 +2,26 @@
 candidate group count keeps its output to BN's.
 
 The plan itself is made by :func:`gn_convert.plan` (``policy="fidelity"``, ``measure=``
-:func:`layer_errors`); :func:`fidelity_plan` is that call in one line. For each BatchNorm layer with C channels, every divisor G' of C up to the requested G (and with
-at least ``min_channels_per_group`` channels per group) is a candidate. On the teacher's own
-inputs to the layer, the candidate's normalised output (GroupNorm without affine) is fitted to
-the BatchNorm output channel by channel (the variance-preserving fit of
-:mod:`gn_convert.fidelity.moments`), and the candidate whose fit leaves the smallest error
-(1 - R^2, averaged over channels) is chosen. All candidates of all layers are measured in the
-same passes over the data, so the cost is a few teacher forward passes.
+:func:`layer_errors`); :func:`fidelity_plan` is that call in one line. For each BatchNorm layer with
+C channels, every divisor G' of C up to the requested G (and with at least
+``min_channels_per_group`` channels per group) is a candidate. On the teacher's own inputs to the
+layer, the candidate's normalised output (GroupNorm without affine) is fitted to the BatchNorm
+output channel by channel (the variance-preserving fit of :mod:`gn_convert.fidelity.moments`), and
+the candidate whose fit leaves the smallest error (1 - R^2, averaged over channels) is chosen. All
+candidates of all layers are measured in the same passes over the data, so the cost is a few teacher
+forward passes.
 
-The choice is recorded per layer in the plan (``measured_error`` and a reason that lists the
-error of the requested count beside it), so the plan is reproducible and inspectable. It is an
-option (``policy="fidelity"``), never a silent change: fewer groups are closer to LayerNorm, and
-users who want G=32 for its training behaviour (Wu & He: ImageNet error 24.1% at G=32, 25.3%
-at G=1, 28.4% as instance norm) keep the default plan.
+The choice is recorded per layer in the plan (``measured_error`` and a reason that lists the error
+of the requested count beside it), so the plan is reproducible and inspectable. It is an option
+(``policy="fidelity"``), never a silent change: fewer groups are closer to LayerNorm, and users who
+want G=32 for its training behaviour (Wu & He: ImageNet error 24.1% at G=32, 25.3% at G=1, 28.4% as
+instance norm) keep the default plan.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -30,7 +31,8 @@ from gn_convert.errors import GroupPlanError
 from gn_convert.fidelity.moments import Moments
 from gn_convert.fidelity.pairs import forward_hooks
 from gn_convert.modes import eval_mode
-from gn_convert.surgery.plan import FIDELITY, GroupPlan, Measure, batchnorm_layers, plan as default_plan
+from gn_convert.surgery.plan import FIDELITY, GroupPlan, Measure, batchnorm_layers
+from gn_convert.surgery.plan import plan as default_plan
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def measure_errors(teacher: nn.Module, images: Iterable[torch.Tensor], options: 
     with forward_hooks([(modules[n], hook_for(n)) for n in options]), eval_mode(teacher), torch.no_grad():
         for x in images:
             teacher(x)
-    errors = {}
+    errors: dict[str, dict[int, float]] = {}
     for name, per in moments.items():
         errors[name] = {}
         for g, m in per.items():

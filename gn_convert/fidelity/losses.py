@@ -57,7 +57,7 @@ class FeatureTaps:
         self.enabled = True
         self._handles: list[Any] = []
 
-    def __enter__(self) -> "FeatureTaps":
+    def __enter__(self) -> FeatureTaps:
         for pair in self.pairs:
             self._handles.append(register_output_hook(pair.student, self._keep(self.student, pair.name)))
             self._handles.append(register_output_hook(pair.teacher, self._keep(self.teacher, pair.name)))

@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ def agreement_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     top5 = (student_logits.topk(min(5, student_logits.shape[1]), 1).indices == target[:, None]).any(1).float()
     kl = (teacher_prob * (teacher_logits.log_softmax(1) - student_logits.log_softmax(1))).sum(1)
     labels = list(groups) if groups is not None else list(range(len(agree)))
-    names = sorted(set(labels))
+    names = sorted(set(labels), key=str)
     index = {name: [i for i, g in enumerate(labels) if g == name] for name in names}
     gen = torch.Generator().manual_seed(seed)
     samples = []

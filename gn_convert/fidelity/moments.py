@@ -13,8 +13,8 @@ many batches are seen. The fits map ``u`` to ``y`` channel by channel:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

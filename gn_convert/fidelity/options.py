@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from torch import nn
 
@@ -163,7 +164,9 @@ def param_groups(model: nn.Module, opts: DistillOptions) -> list[dict[str, Any]]
         OptionError: no parameter is left to train.
     """
     gn_ids = {id(p) for m in model.modules() if isinstance(m, nn.GroupNorm) for p in m.parameters()}
-    gn, flat, decay = [], [], []
+    gn: list[nn.Parameter] = []
+    flat: list[nn.Parameter] = []
+    decay: list[nn.Parameter] = []
     for p in model.parameters():
         if not p.requires_grad:  # frozen on purpose (a layer converted from FrozenBatchNorm2d, a frozen stem)
             continue

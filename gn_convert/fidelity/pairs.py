@@ -9,9 +9,10 @@ in the order the forward pass runs them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,7 +102,7 @@ class _Stop(Exception):
 
 
 @contextmanager
-def forward_hooks(hooks: list[tuple[nn.Module, Any]]) -> Iterator[None]:
+def forward_hooks(hooks: Sequence[tuple[nn.Module, Any]]) -> Iterator[None]:
     """Register ``(module, hook)`` forward hooks for the block; remove them afterwards.
 
     A norm layer that applies an activation (timm's norm-act layers) reports its normalised

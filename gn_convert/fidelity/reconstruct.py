@@ -20,8 +20,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -201,6 +202,7 @@ def _fit_block(block: Block, student: nn.Module, teacher: nn.Module, batches: It
                 optimizer.step()
                 steps += 1
             if not sized and steps >= PROBE_STEPS:  # the block's speed is known: fit its steps to its budget
+                assert budget_s is not None
                 per_step = (time.perf_counter() - started) / steps
                 total, sized = ddp.from_main(max(steps, min(max_steps, int(budget_s / per_step))), procs), True
             if budget_s is not None and ddp.from_main(time.perf_counter() - started > budget_s, procs):

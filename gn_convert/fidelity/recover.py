@@ -27,8 +27,9 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ from gn_convert.data.items import split_batch
 from gn_convert.data.sources import DataSplit
 from gn_convert.errors import OptionError
 from gn_convert.fidelity import distributed as ddp
-from gn_convert.fidelity.distillation import distill
+from gn_convert.fidelity.distillation import _size, distill
 from gn_convert.fidelity.group_search import layer_errors
 from gn_convert.fidelity.pairs import norm_pairs
 from gn_convert.fidelity.reconstruct import reconstruct
@@ -47,7 +48,8 @@ from gn_convert.fidelity.recover_state import load_recovery, save_recovery
 from gn_convert.fidelity.recovery import Clock, Judge, Progress, RecoveryResult, StageResult, overfit_warning
 from gn_convert.fidelity.synthesize import synthesize, write_pngs
 from gn_convert.modes import eval_mode
-from gn_convert.surgery.plan import FIDELITY, GroupPlan, LayerPlan, plan as make_plan
+from gn_convert.surgery.plan import FIDELITY, GroupPlan, LayerPlan
+from gn_convert.surgery.plan import plan as make_plan
 from gn_convert.surgery.registry import is_batchnorm
 from gn_convert.surgery.replace import convert
 
@@ -157,12 +159,12 @@ def recover(
     given_student = teacher is not None
     if teacher is None and not any(is_batchnorm(m) for m in model.modules()):
         raise OptionError("the model has no BatchNorm layer: pass the converted student with its teacher=")
-    if given_student:
+    if teacher is not None:
         norm_pairs(model, teacher)  # refuse a mismatched pair before any work
     procs = ddp.setup(device)
     try:
         run = _Recovery(procs, Clock(budget), callback, checkpoint_dir)
-        return run.go(model, teacher if given_student else model, data, stages, given_student, dict(
+        return run.go(model, teacher if teacher is not None else model, data, stages, given_student, dict(
             plan=dict(groups=groups, group_size=group_size, policy=policy, min_channels_per_group=min_channels_per_group,
                       include=include, exclude=exclude, fold=fold, on_single=on_single),
             data=dict(weights=weights, input_size=input_size, holdout=holdout, eval_data=eval_data, seed=seed,
@@ -198,10 +200,10 @@ class _Recovery:
             found = recovery_data(data, teacher, opts["data"], lambda n: self._synthesise(teacher, n, data, opts))
             judge = Judge(teacher, found.heldout, found.groups, found.fit)
             warnings = list(found.warnings) + _same_scene(teacher, found)
-            batch_size = opts["distill"]["batch_size"]
-            if batch_size > len(found.train):  # type: ignore[arg-type]
-                log.warning("batch size %d lowered to the %d training images", batch_size, len(found.train))
-                opts["distill"]["batch_size"] = batch_size = len(found.train)  # type: ignore[arg-type]
+            batch_size, images = opts["distill"]["batch_size"], _size(found.train)
+            if batch_size > images:
+                log.warning("batch size %d lowered to the %d training images", batch_size, images)
+                opts["distill"]["batch_size"] = batch_size = images
             batches = _endless(found.train, batch_size, self.device, opts["data"]["seed"], self.procs.rank)
             student, layer_plan = self._start(model, teacher, batches, judge, given_student, opts)
             history: list[Any] = []

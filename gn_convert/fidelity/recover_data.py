@@ -205,6 +205,7 @@ def recovery_data(data: Any, teacher: nn.Module, opts: dict[str, Any],
         extra = AugmentedTensors(images, size)
         train = extra if train is None else ConcatDataset([LabelledItems(train), extra])
         description += f" + {len(images)} synthetic images"
+    assert train is not None  # real images, synthetic ones, or both
     fit = _fresh_views(train, min(FIT_VIEWS, max(len(heldout), 32)), opts["seed"])
     photos = len(set(groups))
     if 0 < photos < FEW_PHOTOS:

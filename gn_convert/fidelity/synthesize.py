@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,8 +94,8 @@ class _StatTaps:
         for name, bn in self.layers:
             if name in self.seen:
                 mean, var = self.seen[name]
-                terms.append(torch.linalg.vector_norm(mean - bn.running_mean)
-                             + torch.linalg.vector_norm(var - bn.running_var))
+                running_mean, running_var = _running(bn)
+                terms.append(torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var))
         self.seen.clear()
         return torch.stack(terms).sum()
 
@@ -104,11 +105,18 @@ class _StatTaps:
         for name, bn in self.layers:
             if name in self.seen:
                 mean, var = self.seen[name]
-                std = bn.running_var.clamp_min(1e-8).sqrt()
-                found[name] = max(float(((mean - bn.running_mean).abs() / std).mean()),
-                                  float(((var - bn.running_var).abs() / bn.running_var.clamp_min(1e-8)).mean()))
+                running_mean, running_var = _running(bn)
+                std = running_var.clamp_min(1e-8).sqrt()
+                found[name] = max(float(((mean - running_mean).abs() / std).mean()),
+                                  float(((var - running_var).abs() / running_var.clamp_min(1e-8)).mean()))
         self.seen.clear()
         return found
+
+
+def _running(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """A BatchNorm layer's running mean and variance (:func:`_batchnorms` keeps only layers that track them)."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    return bn.running_mean, bn.running_var
 
 
 def _total_variation(x: torch.Tensor) -> torch.Tensor:

@@ -29,20 +29,23 @@ import dataclasses
 import fnmatch
 import logging
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from gn_convert.errors import GroupPlanError, NoBatchNormError, UnsupportableLayerError
 from gn_convert.modes import eval_mode
+from gn_convert.surgery.group_count import FIDELITY, POLICIES, bounded, candidates, choose_groups
 from gn_convert.surgery.registry import BatchNormState, read_batchnorm, unknown_forward
 
 log = logging.getLogger(__name__)
 
-POLICIES: tuple[str, ...] = ("divisor", "gcd", "strict", "fidelity")
-FIDELITY = "fidelity"
+__all__ = ["FIDELITY", "POLICIES", "GroupPlan", "LayerPlan", "Measure", "OnSingle", "batchnorm_layers", "candidates",
+           "choose_groups", "plan"]
+
 OnSingle = Literal["error", "skip"]
 Measure = Callable[[dict[str, list[int]]], dict[str, dict[int, float]]]
 """``measure(candidates)``: layer name -> candidate group counts in, layer name -> {count: error} out."""
@@ -130,80 +133,10 @@ class GroupPlan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GroupPlan":
+    def from_dict(cls, data: dict[str, Any]) -> GroupPlan:
         """Rebuild a plan written by :meth:`to_dict`."""
         layers = [LayerPlan(**layer) for layer in data["layers"]]
         return cls(data["groups"], data["group_size"], data["policy"], layers)
-
-
-def choose_groups(
-    channels: int, groups: int | None = 32, group_size: int | None = None, policy: str = "divisor"
-) -> tuple[int, str]:
-    """Pick the group count for ``channels`` under a policy.
-
-    Args:
-        channels: channel count C (> 0).
-        groups: requested groups G; ignored when ``group_size`` is given.
-        group_size: requested channels per group K, instead of ``groups``.
-        policy: ``divisor``, ``gcd`` or ``strict`` (see the module docstring).
-
-    Returns:
-        (num_groups, reason); reason is empty when the request was met exactly.
-
-    Raises:
-        GroupPlanError: the request is impossible (G < 1, K < 1, unknown policy, or
-            ``strict`` with a non-dividing request).
-    """
-    if policy == FIDELITY:
-        policy = "divisor"  # the request's own count, before measurement (plan() measures the rest)
-    if policy not in POLICIES:
-        raise GroupPlanError(f"unknown group policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    if group_size is not None:
-        if group_size < 1:
-            raise GroupPlanError(f"group size must be >= 1, got {group_size}")
-        if channels % group_size == 0:
-            return channels // group_size, ""
-        if policy == "strict":
-            raise GroupPlanError(
-                f"group size {group_size} does not divide {channels} channels "
-                "(use --policy divisor or gcd, or another --group-size)"
-            )
-        if policy == "gcd":
-            size = math.gcd(group_size, channels)
-        else:
-            size = next(k for k in range(group_size, channels + 1) if channels % k == 0)
-        return channels // size, f"group size {group_size} does not divide {channels}; using {size}"
-    if groups is None or groups < 1:
-        raise GroupPlanError(f"groups must be >= 1, got {groups}")
-    if channels % groups == 0:
-        return groups, ""
-    if policy == "strict":
-        raise GroupPlanError(
-            f"{groups} groups do not divide {channels} channels "
-            "(use --policy divisor or gcd, --group-size, or another --groups)"
-        )
-    chosen = math.gcd(groups, channels) if policy == "gcd" else max(
-        d for d in range(1, min(groups, channels) + 1) if channels % d == 0
-    )
-    return chosen, f"{groups} does not divide {channels}; using {chosen} ({policy})"
-
-
-def candidates(channels: int, groups: int, min_channels_per_group: int = 1) -> list[int]:
-    """The divisors of ``channels`` up to ``groups`` with at least ``min_channels_per_group``
-    channels each (``[1]`` when even one group is narrower than that)."""
-    found = [g for g in range(1, min(groups, channels) + 1)
-             if channels % g == 0 and channels // g >= min_channels_per_group]
-    return found or [1]
-
-
-def _bounded(channels: int, num_groups: int, reason: str, min_channels_per_group: int) -> tuple[int, str]:
-    """``num_groups`` lowered, if needed, so that each group keeps ``min_channels_per_group`` channels."""
-    if channels // num_groups >= min_channels_per_group:
-        return num_groups, reason
-    bounded = max(candidates(channels, num_groups, min_channels_per_group))
-    note = f"{num_groups} groups would hold {channels // num_groups} channels each; using {bounded} " \
-           f"(at least {min_channels_per_group} channels per group)"
-    return bounded, f"{reason}; {note}" if reason else note
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module, BatchNormState]]:
@@ -229,7 +162,9 @@ def _refuse_unknown_forward(layers: list[tuple[str, nn.Module, BatchNormState]])
 
 
 def _matches(name: str, patterns: Sequence[str] | None) -> bool:
-    return bool(patterns) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    if not patterns:
+        return False
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _excluded(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
@@ -354,15 +289,17 @@ def _plan_layer(
     on_single: str,
     spatial: int | None,
 ) -> LayerPlan:
-    base = dict(name=name, kind=type(module).__name__, num_channels=state.num_channels,
-                eps=state.eps, affine=state.affine)
+    def layer(**decision: Any) -> LayerPlan:
+        return LayerPlan(name=name, kind=type(module).__name__, num_channels=state.num_channels, eps=state.eps,
+                         affine=state.affine, **decision)
+
     if _excluded(name, include, exclude):
-        return LayerPlan(**base, num_groups=None, action="exclude", reason="excluded by pattern")
+        return layer(num_groups=None, action="exclude", reason="excluded by pattern")
     try:
         num_groups, reason = choose_groups(state.num_channels, groups, group_size, policy)
     except GroupPlanError as err:
         raise GroupPlanError(f"layer {name}: {err}") from None
-    num_groups, reason = _bounded(state.num_channels, num_groups, reason, min_channels_per_group)
+    num_groups, reason = bounded(state.num_channels, num_groups, reason, min_channels_per_group)
     per_channel = spatial if spatial is not None else (1 if state.min_rank == 2 else None)
     elements = None if per_channel is None else per_channel * state.num_channels // num_groups
     if elements == 1:
@@ -373,9 +310,8 @@ def _plan_layer(
                 f"layer {name} ({state.num_channels} channels, {num_groups} groups): {why}; "
                 "use fewer groups, exclude the layer, or on_single='skip' (--skip-unsupportable)"
             )
-        return LayerPlan(**base, num_groups=None, action="skip", reason=why, elements_per_group=1)
-    return LayerPlan(**base, num_groups=num_groups, fallback=bool(reason), reason=reason,
-                     elements_per_group=elements)
+        return layer(num_groups=None, action="skip", reason=why, elements_per_group=1)
+    return layer(num_groups=num_groups, fallback=bool(reason), reason=reason, elements_per_group=elements)
 
 
 def _measured(layers: list[LayerPlan], groups: int, min_channels_per_group: int, measure: Measure) -> list[LayerPlan]:
