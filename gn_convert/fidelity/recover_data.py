@@ -42,8 +42,11 @@ MAX_HELDOUT_VIEWS = 512
 FIT_VIEWS = 128
 FEW_PHOTOS = 8
 """Below this many held-out photos the held-out figure gets a warning."""
-SAME_SCENE = 0.9
-"""Cosine similarity of the teacher's pooled features above which two files look like views of one scene."""
+SAME_SCENE = 0.7
+"""Cosine similarity of the teacher's pooled features above which two images look like views of one scene.
+Measured on ImageNet EfficientNet-Lite0 and the photo pool: a photo against views of 88 other photos
+0.32-0.60 (10 photos), a random view of a photo against views of the same photos 0.45-0.96 (median
+0.86; 17 of 20 above 0.7)."""
 
 
 @dataclass
