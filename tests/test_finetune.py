@@ -184,3 +184,27 @@ def test_leftover_batchnorm_stays_frozen_and_frozen_parameters_stay_put(tiny_tea
     assert float((after["3.weight"] - before["3.weight"]).abs().max()) > 1e-4  # the rest did train
     assert not student[0].weight.requires_grad and not student[1].weight.requires_grad
     assert student[1].bias.requires_grad
+
+
+def test_statistics_loss_pulls_the_inputs_batch_statistics_to_the_running_ones(tiny_teacher) -> None:
+    from gn_convert.fidelity.losses import StatisticsTaps
+    from gn_convert.fidelity.pairs import norm_pairs
+
+    student = gn_convert.convert(tiny_teacher, 4)
+    with torch.no_grad():  # a student that drifted: its first layer's outputs far from the teacher's statistics
+        student[0].weight.mul_(3.0)
+        student[0].bias.add_(1.0)
+    x = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    with StatisticsTaps(norm_pairs(student, tiny_teacher)) as taps:
+        student(x)
+        first = float(taps.loss())
+        optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+        for _ in range(60):
+            student(x)
+            loss = taps.loss()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        student(x)
+        last = float(taps.loss())
+    assert first > 0.1 and last < 0.2 * first  # the statistics moved towards the teacher's running ones

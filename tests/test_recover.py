@@ -292,10 +292,10 @@ def test_overfit_warning_names_the_gap() -> None:
 def test_same_scene_share_sees_views_of_training_photos() -> None:
     from gn_convert.fidelity.recover_data import same_scene_share
 
-    teacher = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))  # features: mean colour
+    teacher = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 2))  # features: channel means
     gen = torch.Generator().manual_seed(0)
-    colours = torch.randn(10, 3, 1, 1, generator=gen)
-    photos = colours.expand(10, 3, 8, 8)
+    colours = torch.randn(10, 32, 1, 1, generator=gen)  # 32 channels: distinct photos are far apart
+    photos = colours.expand(10, 32, 8, 8)
     train_views = photos[:6].repeat(3, 1, 1, 1)
     assert same_scene_share(teacher, photos[:4], ["a", "b", "c", "d"], train_views) == 1.0  # views of training photos
     assert same_scene_share(teacher, photos[6:], ["e", "f", "g", "h"], train_views) < 0.5  # other photos

@@ -36,7 +36,7 @@ from gn_convert.data.items import split_batch
 from gn_convert.data.sources import DataSplit, load_data
 from gn_convert.errors import CheckpointError, OptionError
 from gn_convert.fidelity import distributed as ddp
-from gn_convert.fidelity.losses import FeatureTaps, kl_loss, label_loss
+from gn_convert.fidelity.losses import FeatureTaps, StatisticsTaps, kl_loss, label_loss
 from gn_convert.fidelity.options import (
     TRAINABLE,
     DistillOptions,
@@ -113,7 +113,9 @@ def distill(
         callback: called on rank 0 with a :class:`StepInfo` after every step.
         **options: more :class:`DistillOptions` fields (``time_limit``: stop, evaluated, once
             this many seconds have passed, the learning rate annealing with the time spent so that
-            the schedule ends with the time; ``mixup``: blend each training image with
+            the schedule ends with the time; ``stats_weight``: weight of the loss that keeps each
+            GroupNorm input's batch statistics at the teacher's running statistics
+            (:class:`~gn_convert.fidelity.losses.StatisticsTaps`); ``mixup``: blend each training image with
             another, weight ~ Beta(mixup, mixup), the same blend for teacher and student, as in
             function matching (Beyer et al. 2022); ``accumulate``, ``warmup_steps``,
             ``weight_decay``, ``seed``, ``holdout``, ``augment``, ``flip``, ``amp``,
@@ -172,7 +174,8 @@ class _Run:
         student.to(procs.device)
         here = next(iter(teacher.parameters()), torch.empty(0)).device
         self.teacher = teacher if here == procs.device else copy.deepcopy(teacher).to(procs.device)
-        self.taps = FeatureTaps(norm_pairs(student, self.teacher))
+        pairs = norm_pairs(student, self.teacher)
+        self.taps, self.stats = FeatureTaps(pairs), StatisticsTaps(pairs)
         self.groups = param_groups(student, opts)
         self.optimizer = torch.optim.AdamW(self.groups)
         use_amp = opts.amp and procs.device.type == "cuda"
@@ -246,7 +249,7 @@ class _Run:
     def _evaluate(self) -> EvalPoint:
         modes = [(m, m.training) for m in self.student.modules()]  # restored one by one: leftover BN stays eval
         self.student.eval()
-        self.taps.enabled = False
+        self.taps.enabled = self.stats.enabled = False
         counts = [0.0, 0.0, 0.0, 0.0, 0.0]  # agree, items, correct, labelled, teacher correct
         try:
             for k, (images, labels) in enumerate(self._heldout_batches()):
@@ -263,7 +266,7 @@ class _Run:
         finally:
             for module, training in modes:
                 module.training = training
-            self.taps.enabled = True
+            self.taps.enabled = self.stats.enabled = True
         agree, items, correct, labelled, teacher_correct, loss_sum, loss_count = ddp.all_sum(
             [*counts, self.loss_sum, float(self.loss_count)], self.procs)
         self.teacher_accuracy = teacher_correct / labelled if labelled else None
@@ -298,6 +301,8 @@ class _Run:
             loss = loss + self.opts.ce_weight * ce
         if self.opts.feature_weight:
             loss = loss + self.opts.feature_weight * self.taps.loss()
+        if self.opts.stats_weight:
+            loss = loss + self.opts.stats_weight * self.stats.loss()
         return loss
 
     def _schedule_step(self) -> float:
@@ -337,7 +342,8 @@ class _Run:
         """Run (or resume) the distillation; returns the result."""
         params = [p for g in self.groups for p in g["params"]]
         opts, stopped = self.opts, False
-        with trainable_only(self.student, params), self.taps, torch.random.fork_rng(devices=self._rng_devices()), \
+        stats: Any = self.stats if self.opts.stats_weight else contextlib.nullcontext()
+        with trainable_only(self.student, params), self.taps, stats, torch.random.fork_rng(devices=self._rng_devices()), \
                 eval_mode(self.teacher):  # the caller's teacher keeps its own mode afterwards
             if not (resume and self._load()):
                 self._evaluate()

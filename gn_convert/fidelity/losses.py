@@ -8,6 +8,11 @@
   layers and samples of the squared error normalised by the teacher's output variance (so
   every layer weighs the same whatever its scale). It gives a dense signal at every layer, which logits
   alone lack when data are few.
+- :class:`StatisticsTaps`: the teacher's BatchNorm running statistics as a target for the
+  student's own activations: at every converted layer, the batch's per-channel mean and standard
+  deviation of the GroupNorm's *input* are pulled towards the BatchNorm's running mean and
+  standard deviation (measured by the teacher on its whole training set). It holds for all images,
+  not only the ones at hand: a data-free prior against the drift of a student fitted to a few photos.
 """
 
 from __future__ import annotations
@@ -95,3 +100,54 @@ class FeatureTaps:
         if not terms:
             raise RuntimeError("no GroupNorm output was recorded during the forward pass")
         return torch.stack(terms).mean()
+
+
+class StatisticsTaps:
+    """Forward hooks on the student's GroupNorm layers that compare the batch's per-channel input
+    statistics with the teacher BatchNorm's running statistics (see the module docstring).
+
+    Use as a context manager around the training loop; :meth:`loss` averages over layers of
+    ``mean_c((m_c - mu_c)^2 + (s_c - sigma_c)^2) / sigma_c^2`` (batch mean and standard deviation over
+    samples and positions against the running ones), and clears what it kept. Statistics are
+    those of each process's own batch under DDP.
+
+    Args:
+        pairs: the student/teacher layer pairs; pairs whose teacher tracks no running statistics are skipped.
+    """
+
+    def __init__(self, pairs: list[NormPair]) -> None:
+        self.pairs = [p for p in pairs if getattr(p.teacher, "running_var", None) is not None]
+        self.terms: list[torch.Tensor] = []
+        self.enabled = True
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> StatisticsTaps:
+        for pair in self.pairs:
+            self._handles.append(pair.student.register_forward_hook(self._hook(pair)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.terms.clear()
+
+    def _hook(self, pair: NormPair) -> Any:
+        mean = pair.teacher.running_mean
+        var = pair.teacher.running_var
+
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
+            if not self.enabled:
+                return
+            x = inputs[0].float().transpose(0, 1).flatten(1)
+            scale = var.float() + 1e-3
+            self.terms.append((((x.mean(1) - mean.float()) ** 2 + (x.std(1) - var.float().sqrt()) ** 2) / scale).mean())
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        """Mean over the layers seen since the last call; clears them."""
+        if not self.terms:
+            raise RuntimeError("no GroupNorm input was recorded during the forward pass")
+        found = torch.stack(self.terms).mean()
+        self.terms.clear()
+        return found

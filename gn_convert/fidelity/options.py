@@ -34,6 +34,7 @@ class DistillOptions:
     temperature: float = 2.0
     ce_weight: float = 0.0
     feature_weight: float = 0.0
+    stats_weight: float = 0.0
     mixup: float = 0.0
     trainable: str = "all"
     accumulate: int = 1
@@ -58,6 +59,7 @@ class DistillOptions:
             (self.lr <= 0 or self.gn_lr_scale <= 0, "learning rates must be positive"),
             (self.temperature <= 0, f"temperature must be positive, got {self.temperature}"),
             (self.mixup < 0, f"mixup must be >= 0 (0: off), got {self.mixup}"),
+            (self.feature_weight < 0 or self.stats_weight < 0, "loss weights must be >= 0 (0: off)"),
             (self.trainable not in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}"),
             (self.eval_every < 1, f"eval_every must be >= 1, got {self.eval_every}"),
             (self.target_agreement is not None and not 0 < self.target_agreement <= 1,

@@ -27,7 +27,7 @@ STATE_FORMAT = "gn-convert-distill/1"
 #: options that change the trajectory of a run: a resumed run must use the same values
 TRAJECTORY_KEYS: tuple[str, ...] = (
     "steps", "batch_size", "lr", "gn_lr_scale", "weight_decay", "warmup_steps", "temperature",
-    "ce_weight", "feature_weight", "mixup", "trainable", "seed", "holdout", "augment", "flip",
+    "ce_weight", "feature_weight", "stats_weight", "mixup", "trainable", "seed", "holdout", "augment", "flip",
 )
 
 
