@@ -13,7 +13,9 @@ replaces each ``ReorderOutput -> GroupNorm [-> Add] [-> activation] -> ReorderIn
 activation fused, and squeeze-excite's pooling and gating by blocked ops too
 (:mod:`gn_convert.onnx.passes.blocked_layout`). The result is for this CPU and this onnxruntime only
 (the block size and the reordered weights are baked in), like any model onnxruntime optimised
-offline: make it where it runs. Its metadata says so (``gn_convert.layout``).
+offline: make it where it runs. Its metadata says so (:func:`blocked_metadata`: the block, onnxruntime's
+version, the library's ``-march``, the CPU that wrote it), and its blocked kernels refuse, when
+onnxruntime creates them, to run on a CPU whose block differs (``nchwc_block.h``).
 """
 
 from __future__ import annotations
@@ -35,10 +37,14 @@ from gn_convert.runtime.compare import compare_sessions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FUSED_OP", "LAYOUT_KEY", "block_size", "blocked_graph", "blocked_session", "check_blocked", "nchwc_model",
-           "optimized_graph"]
+__all__ = ["BLOCK_KEY", "FUSED_OP", "LAYOUT_KEY", "block_size", "blocked_graph", "blocked_metadata", "blocked_session",
+           "check_blocked", "nchwc_model", "optimized_graph"]
 
 LAYOUT_KEY = "gn_convert.layout"
+BLOCK_KEY = "gn_convert.nchwc_block"
+ONNXRUNTIME_KEY = "gn_convert.nchwc_onnxruntime"
+LIBRARY_TARGET_KEY = "gn_convert.nchwc_library_target"
+WRITTEN_ON_KEY = "gn_convert.nchwc_written_on"
 
 
 @functools.cache
@@ -78,6 +84,19 @@ def optimized_graph(model: str | Path | bytes, library: str | Path) -> tuple[onn
             what = "the model" if isinstance(model, bytes) else str(model)
             raise SessionError(f"onnxruntime cannot load {what}: {first_line(err)}") from err
         return onnx.load(options.optimized_model_filepath), session
+
+
+def blocked_metadata(block: int, library: str | Path) -> dict[str, str]:
+    """What a blocked model is valid for, as its ``metadata_props``: the layout, the block size, the
+    onnxruntime that reordered its weights, the kernel library's ``-march`` and the CPU it was written on."""
+    import onnxruntime as ort
+
+    from gn_convert.native.build import cpu_identity, library_target
+
+    cpu = next((line.split(":", 1)[1].strip() for line in cpu_identity().splitlines()
+                if line.split(":")[0].strip() == "model name"), "") or cpu_identity().splitlines()[0]
+    return {LAYOUT_KEY: f"nchwc{block} (this CPU and onnxruntime only; rebuild elsewhere)", BLOCK_KEY: str(block),
+            ONNXRUNTIME_KEY: ort.__version__, LIBRARY_TARGET_KEY: library_target(library), WRITTEN_ON_KEY: cpu}
 
 
 def nchwc_model(model: str | Path | bytes, library: str | Path) -> tuple[bytes, int]:
@@ -135,8 +154,12 @@ def blocked_graph(model: str | Path | bytes, library: str | Path) -> tuple[bytes
     fused = blocked_layout.rewrite(optimized, block)
     if not any(o.domain == OP_DOMAIN for o in optimized.opset_import):
         optimized.opset_import.append(helper.make_opsetid(OP_DOMAIN, 1))
-    entry = optimized.metadata_props.add()
-    entry.key, entry.value = LAYOUT_KEY, f"nchwc{block} (this CPU and onnxruntime only; rebuild elsewhere)"
+    metadata = blocked_metadata(block, library)
+    kept = [(p.key, p.value) for p in optimized.metadata_props if p.key not in metadata]
+    del optimized.metadata_props[:]
+    for key, value in [*kept, *metadata.items()]:
+        entry = optimized.metadata_props.add()
+        entry.key, entry.value = key, value
     log.info("%d GroupNorm layers on the blocked layout (block %d)", fused, block)
     return optimized.SerializeToString(), fused, reference
 

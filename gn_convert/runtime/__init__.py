@@ -9,6 +9,7 @@ spinning, gn-convert's native kernel library, and onnxruntime's own exception ty
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,10 @@ from gn_convert.runtime.options import LEVELS, NATIVE, PROVIDERS, check_provider
 __all__ = ["LEVELS", "NATIVE", "PROVIDERS", "check_provider", "open_session", "run_session", "session_options"]
 
 log = logging.getLogger(__name__)
+
+BLOCK_REFUSAL = re.compile(r"(GroupNormNchwc|ScaleNchwc): this model was written for onnxruntime's blocked layout.*")
+"""The line the blocked kernels fail with on a CPU of another block (``gn_convert/native/nchwc_block.h``)."""
+
 
 def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: int = 0, level: str = "all",
                  spinning: bool | None = None, library: str | Path | None = None,
@@ -40,7 +45,8 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
     Raises:
         OptionError: ``blocked=True`` with options that rule it out (no library, a GPU provider, a
             level other than ``all``, disabled optimizers).
-        SessionError: the file is missing or onnxruntime cannot load it (its first line quoted).
+        SessionError: the file is missing or onnxruntime cannot load it (its first line quoted; a
+            blocked model written for another CPU's block: the kernel's own line).
         ProviderUnavailableError: the provider is absent or could not start.
         NativeBuildError: ``cpu-native`` without a library, or a library onnxruntime refuses.
     """
@@ -66,7 +72,8 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
         sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=chain,
                                     disabled_optimizers=list(disabled_optimizers) or None)
     except Exception as err:  # Fail, InvalidGraph, InvalidArgument, NoSuchFile, EPFail, RuntimeException...
-        raise SessionError(f"onnxruntime cannot load {what} on {provider}: {first_line(err)}") from err
+        raise _block_refusal(err, what) or SessionError(f"onnxruntime cannot load {what} on {provider}: "
+                                                        f"{first_line(err)}") from err
     if sess.get_providers()[0] != name:
         raise ProviderUnavailableError(f"onnxruntime could not start {name} for {what} (no GPU visible?)")
     return sess
@@ -98,11 +105,26 @@ def _open_blocked(model: str | Path | bytes, library: str | Path, options: Any, 
         log.info("native kernel on the blocked layout: %d GroupNorm layers", fused)
         return sess
     except Exception as err:  # NativeBuildError, SessionError, or onnxruntime's own types
+        refusal = _block_refusal(err, "the model" if isinstance(model, bytes) else str(model))
+        if refusal is not None:  # a blocked model for another CPU: no session of it can be right here
+            raise refusal from err
         if required:
             raise NativeBuildError(f"cannot move the GroupNorms onto onnxruntime's blocked layout: {first_line(err)}") \
                 from err
         log.info("plain native kernel: %s", first_line(err))
         return None
+
+
+def _block_refusal(err: BaseException, what: str) -> SessionError | None:
+    """The blocked kernels' own line (a model written for another CPU's block) as our error, or None;
+    looked for in ``err`` and the errors it was raised from (onnxruntime's own is untruncated)."""
+    cause: BaseException | None = err
+    while cause is not None:
+        refusal = BLOCK_REFUSAL.search(first_line(cause, limit=1000))
+        if refusal is not None:
+            return SessionError(f"cannot open {what}: {refusal.group(0)}")
+        cause = cause.__cause__
+    return None
 
 
 def run_session(sess: Any, feeds: dict[str, Any], outputs: Sequence[str] | None = None) -> list[Any]:
