@@ -27,7 +27,7 @@ BLOCK_REFUSAL = re.compile(r"(GroupNormNchwc|ScaleNchwc): this model was written
 
 def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: int = 0, level: str = "all",
                  spinning: bool | None = None, library: str | Path | None = None,
-                 disabled_optimizers: Sequence[str] = (), blocked: bool | None = None) -> Any:
+                 disabled_optimizers: Sequence[str] = (), blocked: bool | None = None, cache: bool = True) -> Any:
     """An ``onnxruntime.InferenceSession`` on one provider, failing with one clear line.
 
     Args:
@@ -41,6 +41,8 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
             onnxruntime's blocked layout (:mod:`gn_convert.native.nchwc`: no reorders around them,
             the following Add and activation fused). None (default): where this CPU has that
             layout, else the plain kernel; False: never; True: required (an error where it cannot be).
+        cache: keep the blocked-layout rewrite in gn-convert's disk cache and reuse it on later opens
+            (:mod:`gn_convert.native.nchwc_cache`; ``GN_CONVERT_NO_NCHWC_CACHE=1`` turns it off everywhere).
 
     Raises:
         OptionError: ``blocked=True`` with options that rule it out (no library, a GPU provider, a
@@ -63,7 +65,7 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
     options = session_options(threads=threads, level=level, spinning=spinning, library=library)
     if library is not None and provider in ("cpu", NATIVE) and level == "all" and not disabled_optimizers \
             and blocked is not False:
-        sess = _open_blocked(model, library, options, required=bool(blocked))
+        sess = _open_blocked(model, library, options, required=bool(blocked), cache=cache)
         if sess is not None:
             return sess
     chain = [name] + ([] if name == PROVIDERS["cpu"] else [PROVIDERS["cpu"]])
@@ -92,14 +94,15 @@ def _check_blocked_options(provider: str, level: str, library: str | Path | None
         raise OptionError(f"blocked=True needs {' and '.join(problems)}; drop blocked=True or change those options")
 
 
-def _open_blocked(model: str | Path | bytes, library: str | Path, options: Any, *, required: bool) -> Any | None:
+def _open_blocked(model: str | Path | bytes, library: str | Path, options: Any, *, required: bool,
+                  cache: bool = True) -> Any | None:
     """A CPU session of ``model`` with its GroupNorms on the blocked layout, checked against
     onnxruntime's own model; None where that cannot be (no NCHWc layout here, no GroupNorm to
     move, a model onnxruntime refuses: the plain session then says why), unless ``required``."""
     from gn_convert.native.nchwc import blocked_session
 
     try:
-        sess, _, fused = blocked_session(model, library, options)
+        sess, _, fused = blocked_session(model, library, options, cache=cache)
         if sess is None:
             raise NativeBuildError("no GroupNorm of this model runs on the blocked layout (none follows a convolution)")
         log.info("native kernel on the blocked layout: %d GroupNorm layers", fused)
