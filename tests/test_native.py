@@ -478,3 +478,14 @@ def test_native_builds_are_cached_per_cpu_and_portable_ones_are_shared(monkeypat
     monkeypatch.setattr(native_build, "cpu_identity", lambda: "model name : A third CPU\nflags : sse2")
     assert native_build.build_key(portable_flags, 29, "g++ 12") == portable
     assert native_build.build_key(native_flags, 30, "g++ 12") != native_build.build_key(native_flags, 29, "g++ 12")
+
+
+def test_the_library_records_the_march_it_was_built_for(library: Path, portable_library: Path, tmp_path: Path) -> None:
+    """Read from the file without loading it: what a blocked model's metadata and Triton config record."""
+    assert native_build.library_target(library) == "-march=native"
+    assert native_build.library_target(portable_library) == f"-march={PORTABLE_MARCH}"
+    older = tmp_path / "libolder.so"
+    older.write_bytes(b"\x7fELF built before gn-convert recorded its target")
+    assert native_build.library_target(older) == "unknown"
+    with pytest.raises(NativeBuildError, match="is not a compiler target name"):
+        build_library(march='native"; echo')

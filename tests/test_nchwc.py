@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from gn_convert.errors import NativeBuildError, OptionError
-from gn_convert.native import nchwc
+from gn_convert.native import nchwc, nchwc_cache
 from gn_convert.onnx import export_onnx
 from gn_convert.onnx.passes import blocked_layout
 from gn_convert.runtime import open_session
@@ -268,6 +268,7 @@ def test_groupnorm_outputs_stay_readable(small_onnx: Path, native_library: Path)
 
 
 def test_rewrite_that_changes_the_output_is_refused(small_onnx: Path, native_library: Path, monkeypatch) -> None:
+    monkeypatch.setenv(nchwc_cache.NO_CACHE_VAR, "1")  # the rewrite itself, not a cached one
     original = blocked_layout.rewrite
 
     def wrong(model: onnx.ModelProto, block: int) -> int:
@@ -288,6 +289,7 @@ def test_rewrite_that_changes_the_output_is_refused(small_onnx: Path, native_lib
 
 
 def test_no_blocked_layout_falls_back(small_onnx: Path, native_library: Path, monkeypatch) -> None:
+    monkeypatch.setenv(nchwc_cache.NO_CACHE_VAR, "1")  # a CPU without the layout: the cache's key covers it here
     monkeypatch.setattr(nchwc, "block_size", lambda: 1)
     with pytest.raises(NativeBuildError, match="no blocked"):
         nchwc.nchwc_model(small_onnx, native_library)

@@ -262,3 +262,40 @@ def test_starting_a_server_leaves_this_process_environment_alone(model_path: Pat
     finally:
         server.close()
     assert dict(os.environ) == before
+
+
+def test_a_blocked_model_served_from_its_repository_equals_local_onnxruntime(model_path: Path, native_library: Path,
+                                                                             tmp_path: Path) -> None:
+    """``deploy --native-ops --blocked``'s folder served the way Triton's onnxruntime backend runs it (its
+    model file, the library its config loads, onnxruntime's own optimisations), answered over HTTP and
+    gRPC, against a local onnxruntime session of the same file with the same library."""
+    from gn_convert.deploy import write_triton_repo
+    from gn_convert.deploy.repo_server import server_for_model_dir
+    from gn_convert.native.nchwc import block_size
+    from gn_convert.runtime import open_session
+
+    if block_size() not in (8, 16):
+        pytest.skip(f"onnxruntime has no NCHWc layout on this CPU (block {block_size()})")
+    model_dir = write_triton_repo(model_path, tmp_path / "repo", name="blocked", native_ops=native_library,
+                                  blocked=True)
+    shipped, library = model_dir / "1" / "model.onnx", model_dir / native_library.name
+    local_blocked = open_session(shipped, library=library, blocked=False)
+    plain = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    x = photo_crops(3, SIZE, seed=15).numpy()
+    want = local_blocked.run(None, {"input": x})[0]
+    server = server_for_model_dir(model_dir, http_port=0, startup_timeout_s=STARTUP_TIMEOUT_S)
+    assert server.onnx_path == shipped and server.native_ops == library and server.max_batch_size == 8
+    try:
+        server.start()
+        for protocol in ("http", "grpc"):
+            with client(server, protocol) as c:
+                for batch in (x[:1], x):
+                    served = infer(c, protocol, batch, model="blocked")
+                    error = float(np.abs(served - local_blocked.run(None, {"input": batch})[0]).max())
+                    assert error <= 1e-5, (protocol, len(batch), error)
+                    print(f"{protocol} batch {len(batch)}: served vs local blocked session max abs error {error:.1e}")
+    finally:
+        server.close()
+    # and the blocked model is the model: against the original file without the library (the function body)
+    reference = plain.run(None, {"input": x})[0]
+    assert np.abs(want - reference).max() / np.abs(reference).max() < 1e-4

@@ -16,6 +16,8 @@ from gn_convert.errors import DeployError
 DEFAULT_SERVER_REPO = "/models"
 """Where the Triton container mounts the repository (:data:`gn_convert.deploy.triton_repo.DEFAULT_SERVER_REPO`)."""
 INSTANCE_CHOICES = LazyChoices("gn_convert.deploy.triton_repo:INSTANCE_KINDS")
+TARGET_BLOCKS = (8, 16)
+"""The NCHWc block sizes (:data:`gn_convert.deploy.blocked_target.TARGET_BLOCKS`)."""
 
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 """Triton 2.51, the server version nvidia-pytriton 0.7 ships (what `gn-convert serve` runs)."""
@@ -40,6 +42,14 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> None:
                    help="ship gn-convert's native GroupNorm kernel and load it with model_operations; it must "
                    "suit the server's CPU and onnxruntime (see README)")
     add_native_library_argument(g)
+    g.add_argument("--blocked", action="store_true",
+                   help="with --native-ops, ship the model rewritten for onnxruntime's blocked (NCHWc) layout: "
+                   "faster, but only for CPUs of one block size and this onnxruntime (recorded in the model's "
+                   "metadata and the config's comments; its kernels refuse other CPUs when the server loads it)")
+    g.add_argument("--target-block", type=int, choices=TARGET_BLOCKS, metavar="{8,16}",
+                   help="with --blocked, the servers' block size: 16 for x86-64 CPUs with AVX-512F, 8 for other "
+                   "x86-64 CPUs (default: this machine's; another one is refused: write the model on a machine "
+                   "of the target family)")
     g.add_argument("--server-repo", default=DEFAULT_SERVER_REPO,
                    help="where the server mounts the repository, for the library's path (default /models)")
 
@@ -74,8 +84,10 @@ def run(args: argparse.Namespace) -> int:
     model_dir = write_triton_repo(
         args.onnx, args.triton_repo, name=args.name, max_batch_size=args.max_batch_size,
         instance=args.instance, instance_count=args.instances, inlined=args.inlined, labels=labels,
-        native_ops=native_ops, server_repo=args.server_repo, force=args.force)
-    print(f"wrote {model_dir} (config checked with Triton's model-config schema)")
+        native_ops=native_ops, blocked=args.blocked, target_block=args.target_block, server_repo=args.server_repo,
+        force=args.force)
+    blocked = " (the blocked-layout model for this CPU family: see the config's comments)" if args.blocked else ""
+    print(f"wrote {model_dir} (config checked with Triton's model-config schema){blocked}")
     gpus = "--gpus=all " if args.instance == "gpu" else ""
     print(f"serve it: docker run --rm {gpus}-p 8000:8000 -p 8001:8001 -p 8002:8002 -v {model_dir.parent}:"
           f"{args.server_repo} {TRITON_IMAGE} tritonserver --model-repository={args.server_repo}")

@@ -140,6 +140,9 @@ class TritonModelServer:
         provider: the onnxruntime provider, ``cpu`` (default) or ``cuda`` (see :mod:`gn_convert.runtime`).
         native_ops: gn-convert's native GroupNorm kernel library (``gn-convert native``) to
             register in the session, or None (the op's function body runs).
+        blocked: with ``native_ops``, whether gn-convert moves the GroupNorms onto onnxruntime's
+            blocked layout (:func:`gn_convert.runtime.open_session`; False: the file as it is, as
+            Triton's onnxruntime backend runs it).
         startup_timeout_s: seconds :meth:`start` waits for the server and model to be ready.
         exit_timeout_s: seconds :meth:`stop` lets in-flight requests finish.
         log_file: where the server's own log goes (default a temporary file, removed by
@@ -154,7 +157,7 @@ class TritonModelServer:
     def __init__(self, onnx_path: str | Path, *, name: str | None = None, host: str = LOOPBACK,
                  http_port: int = 8000, grpc_port: int | None = None, metrics_port: int | None = None,
                  max_batch_size: int = 8, queue_delay_us: int = 100, threads: int = 0,
-                 provider: str = "cpu", native_ops: str | Path | None = None,
+                 provider: str = "cpu", native_ops: str | Path | None = None, blocked: bool | None = None,
                  startup_timeout_s: float = 60.0,
                  exit_timeout_s: int = 5, log_file: str | Path | None = None) -> None:
         self._triton_mod = require("pytriton.triton", "serving a model")
@@ -178,7 +181,8 @@ class TritonModelServer:
             raise DeployError(f"{self.onnx_path} has a fixed batch dimension; export it with a dynamic "
                               "batch, or serve it with max_batch_size 0")
         self.native_ops = Path(native_ops) if native_ops is not None else None
-        self.session = open_session(self.onnx_path, provider=provider, threads=threads, library=self.native_ops)
+        self.session = open_session(self.onnx_path, provider=provider, threads=threads, library=self.native_ops,
+                                    blocked=blocked)
         self.uses_gpu = "CUDAExecutionProvider" in self.session.get_providers()
         self._tmp = tempfile.TemporaryDirectory(prefix="gn-convert-serve-")
         self.log_file = Path(log_file) if log_file else Path(self._tmp.name) / "tritonserver.log"

@@ -8,6 +8,9 @@ Layout written under the repository folder::
     NAME/libgn_convert_ops.so   the native GroupNorm kernel (only with ``native_ops``), named in
                           the config's ``model_operations.op_library_filename``
 
+With ``blocked``, ``model.onnx`` is the model rewritten for one CPU family's blocked layout, and the
+config opens with comments that name that target (:mod:`gn_convert.deploy.blocked_target`).
+
 The config is built as Triton's ``ModelConfig`` protobuf (``tritonclient`` ships it), written
 as text, and parsed back and checked before the model folder is renamed into place: a
 repository that is reported written is one Triton's config parser accepts.
@@ -25,6 +28,12 @@ from typing import Any
 import onnx
 
 from gn_convert.atomic import staged_folder
+from gn_convert.deploy.blocked_target import (
+    blocked_metadata,
+    check_config_comments,
+    check_target_block,
+    config_comments,
+)
 from gn_convert.deploy.extra import model_config_pb2
 from gn_convert.deploy.onnx_io import ModelIO, read_model_io
 from gn_convert.deploy.served_check import check_served
@@ -180,7 +189,8 @@ def check_model_dir(model_dir: str | Path, expected: Any | None = None) -> Any:
 
     Checks: the config parses; it equals ``expected`` when given; inputs and outputs are named,
     unique, with positive or -1 dims; the version folder holds the model file; a label file
-    has one line per class of its output.
+    has one line per class of its output; a blocked-layout model has its kernel library and the
+    comments that name its target.
 
     Args:
         model_dir: ``REPO/NAME``.
@@ -193,7 +203,8 @@ def check_model_dir(model_dir: str | Path, expected: Any | None = None) -> Any:
         DeployError: a check failed (the message names it).
     """
     model_dir = Path(model_dir)
-    config = read_config(model_dir)
+    text = (model_dir / CONFIG_FILE).read_text()
+    config = parse_config(text)
     if expected is not None and config != expected:
         raise DeployError(f"{model_dir / CONFIG_FILE} does not read back as written; report this")
     names = [t.name for t in (*config.input, *config.output)]
@@ -212,6 +223,12 @@ def check_model_dir(model_dir: str | Path, expected: Any | None = None) -> Any:
             count = len((model_dir / out.label_filename).read_text().splitlines())
             if list(out.dims)[-1:] != [count]:
                 raise DeployError(f"{out.label_filename} has {count} labels, {out.name} has dims {list(out.dims)}")
+    metadata = blocked_metadata(model_dir / VERSION / config.default_model_filename)
+    if metadata:
+        if not config.model_operations.op_library_filename:
+            raise DeployError(f"{model_dir} holds a blocked-layout model but its config loads no kernel library; "
+                              "write it with `gn-convert deploy --native-ops --blocked`")
+        check_config_comments(text, metadata, model_dir / CONFIG_FILE)
     return config
 
 
@@ -227,6 +244,8 @@ def write_triton_repo(
     inlined: bool = False,
     labels: Sequence[str] | None = None,
     native_ops: str | Path | None = None,
+    blocked: bool = False,
+    target_block: int | None = None,
     server_repo: str = DEFAULT_SERVER_REPO,
     force: bool = False,
 ) -> Path:
@@ -256,6 +275,13 @@ def write_triton_repo(
             The model is run here as the server will run it (the library registered, every
             onnxruntime optimisation, the plain kernel) and compared with the model without the
             library (:func:`gn_convert.deploy.served_check.check_served`) before it is written.
+        blocked: with ``native_ops``, ship the model rewritten for onnxruntime's blocked layout
+            (:mod:`gn_convert.native.nchwc`: no reorders around GroupNorm, the Add and activation
+            fused), written here with ``native_ops`` and checked, as the server runs it, against the
+            model without the library. It runs only on CPUs of its block and with this onnxruntime
+            (recorded in its metadata and the config's comments; its kernels refuse other CPUs).
+        target_block: the block size of the servers' CPUs, 8 or 16 (default: this machine's); it must
+            be this machine's, since onnxruntime reorders the weights for the CPU it runs on.
         server_repo: where the server mounts the repository (default ``/models``); the
             library's path in the config is ``SERVER_REPO/NAME/libgn_convert_ops.so``.
         force: replace an existing ``REPO/NAME``.
@@ -286,6 +312,12 @@ def write_triton_repo(
         if inlined or instance != "cpu":
             raise DeployError("the native GroupNorm kernel runs the custom op on CPU instances; drop --inlined "
                               "(it removes the op) and use --instance cpu, or drop --native-ops")
+    if blocked and native_ops is None:
+        raise DeployError("--blocked ships the blocked-layout model with the native kernel that runs it; add --native-ops")
+    if target_block is not None and not blocked:
+        raise DeployError("--target-block names the CPU family of a blocked-layout model; add --blocked")
+    if blocked:
+        check_target_block(target_block)
     op_library = f"{server_repo.rstrip('/')}/{name}/{native_ops.name}" if native_ops is not None else None
     config = build_config(io, name=name, max_batch_size=max_batch_size, instance=instance,
                           instance_count=instance_count, queue_delay_us=queue_delay_us,
@@ -293,14 +325,22 @@ def write_triton_repo(
     from google.protobuf import text_format
 
     with staged_folder(Path(repo_dir) / name, force, option="--triton-repo or --name", within=repo_dir) as tmp:
-        _write_model(onnx_path, tmp / VERSION, inlined)
         if native_ops is not None:
             shutil.copy2(native_ops, tmp / native_ops.name)
+        comments = ""
+        if blocked and native_ops is not None:
+            (tmp / VERSION).mkdir()
+            error = check_served(tmp / VERSION / MODEL_FILE, tmp / native_ops.name, blocked_from=onnx_path)
+            log.info("the blocked-layout model as the server runs it matches the model without the library "
+                     "(max_rel %.1e)", error)
+            comments = config_comments(blocked_metadata(tmp / VERSION / MODEL_FILE))
+        else:
+            _write_model(onnx_path, tmp / VERSION, inlined)
         if labels:
             (tmp / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels))
-        (tmp / CONFIG_FILE).write_text(text_format.MessageToString(config))
+        (tmp / CONFIG_FILE).write_text(comments + text_format.MessageToString(config))
         check_model_dir(tmp, expected=config)
-        if native_ops is not None:
+        if native_ops is not None and not blocked:
             error = check_served(tmp / VERSION / MODEL_FILE, tmp / native_ops.name)
             log.info("the native kernel as the server runs it matches the model without it (max_rel %.1e)", error)
     model_dir = Path(repo_dir).absolute() / name

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -33,13 +34,16 @@ from gn_convert.native.headers import api_version, cache_root, find_headers, run
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("groupnorm_ops.cc")
-HEADERS = (Path(__file__).with_name("groupnorm_nchwc.h"),)
+HEADERS = (Path(__file__).with_name("groupnorm_nchwc.h"), Path(__file__).with_name("nchwc_block.h"))
 """Our headers that SOURCE includes (part of the cache key)."""
 LIBRARY_NAME = "libgn_convert_ops.so"
 DEFAULT_MARCH = "native"
 PORTABLE_MARCH = {"x86_64": "x86-64-v2", "aarch64": "armv8-a"}.get(platform.machine(), DEFAULT_MARCH)
 """The ``-march`` of a library built to ship: on x86-64, SSE4.2 and POPCNT (every server CPU since 2009)."""
 _FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden")
+MARCH_PATTERN = re.compile(r"[A-Za-z0-9_.+-]+")
+"""A ``-march`` value, matched whole: it is also compiled into the library as a string (:func:`library_target`)."""
+_TARGET_MARK = re.compile(rb"gn_convert_build_target=([^\x00]{1,200})\x00")
 
 
 def compiler() -> str:
@@ -106,8 +110,10 @@ def build_library(include: str | Path | None = None, *, march: str = DEFAULT_MAR
         raise NativeBuildError(f"the headers in {headers} are for onnxruntime C API {header_api}, newer than "
                                f"the installed onnxruntime (API {runtime_api}); upgrade onnxruntime or point "
                                "GN_CONVERT_ORT_INCLUDE at older headers")
+    if not MARCH_PATTERN.fullmatch(march):
+        raise NativeBuildError(f"-march {march!r} is not a compiler target name (letters, digits, '.', '_', '+', '-')")
     cxx = compiler()
-    flags = [*_FLAGS, f"-march={march}"]
+    flags = [*_FLAGS, f"-march={march}", f'-DGN_CONVERT_MARCH="{march}"']
     target = cache_root() / "native" / build_key(flags, header_api, _compiler_id(cxx)) / LIBRARY_NAME
     if target.is_file() and not force:
         return target
@@ -146,3 +152,18 @@ def resolve_library(library: str | Path | None = None, *, portable: bool = False
                                    "printed, or omit it to build one here")
         return path
     return build_library(march=PORTABLE_MARCH if portable else DEFAULT_MARCH)
+
+
+def library_target(library: str | Path) -> str:
+    """The ``-march`` a kernel library was built for (``-march=x86-64-v2``), read from the file
+    without loading it; ``unknown`` for a library built before gn-convert recorded it.
+
+    Raises:
+        NativeBuildError: the file cannot be read.
+    """
+    try:
+        data = Path(library).read_bytes()
+    except OSError as err:
+        raise NativeBuildError(f"cannot read the kernel library {library}: {err.strerror or err}") from err
+    found = _TARGET_MARK.search(data)
+    return found.group(1).decode(errors="replace") if found else "unknown"

@@ -24,6 +24,8 @@
 #include <numeric>
 #include <vector>
 
+#include "nchwc_block.h"
+
 namespace gn_nchwc {
 
 struct Job {
@@ -251,7 +253,8 @@ void ORT_API_CALL release_alias(int* input_index, int* output_index) {
 }  // namespace gn_nchwc
 
 // The kernel: inputs X (blocked), scale [C], bias [C], optional Z (blocked residual); attributes
-// num_groups, epsilon, channels (C), block (B: 8 or 16), activation ("", "Relu", "HardSwish":
+// num_groups, epsilon, channels (C), block (B: 8 or 16, the block the model was written for: kernel
+// creation fails with one line when it is not this CPU's, nchwc_block.h), activation ("", "Relu", "HardSwish":
 // v * clip(alpha v + beta, 0, 1), or "QuickGelu": v * sigmoid(alpha v)), alpha, beta.
 struct GroupNormNchwcKernel {
   GroupNormNchwcKernel(const OrtApi* api, const OrtKernelInfo* info) {
@@ -272,6 +275,8 @@ struct GroupNormNchwcKernel {
       ORT_CXX_API_THROW("GroupNormNchwc: num_groups must divide channels, block must be 8 or 16, and the "
                         "activation one of '', Relu, HardSwish, QuickGelu", ORT_INVALID_ARGUMENT);
     }
+    const std::string mismatch = gn_nchwc::block_mismatch("GroupNormNchwc", block_);
+    if (!mismatch.empty()) ORT_CXX_API_THROW(mismatch, ORT_FAIL);
   }
 
   static float optional_float(const OrtApi* api, const OrtKernelInfo* info, const char* name, float fallback) {
@@ -327,7 +332,7 @@ struct GroupNormNchwcKernel {
   float beta_ = 0.0f;
 };
 
-// The kernel: inputs X (blocked), S ([N, C or Cp, 1, 1]); attributes channels (C), block (B).
+// The kernel: inputs X (blocked), S ([N, C or Cp, 1, 1]); attributes channels (C), block (B, checked as above).
 struct ScaleNchwcKernel {
   ScaleNchwcKernel(const OrtApi* api, const OrtKernelInfo* info) {
     (void)api;
@@ -335,6 +340,8 @@ struct ScaleNchwcKernel {
     channels_ = kernel_info.GetAttribute<int64_t>("channels");
     block_ = kernel_info.GetAttribute<int64_t>("block");
     if (block_ != 8 && block_ != 16) ORT_CXX_API_THROW("ScaleNchwc: block must be 8 or 16", ORT_INVALID_ARGUMENT);
+    const std::string mismatch = gn_nchwc::block_mismatch("ScaleNchwc", block_);
+    if (!mismatch.empty()) ORT_CXX_API_THROW(mismatch, ORT_FAIL);
   }
 
   Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,

@@ -11,7 +11,8 @@
 // blocks of common CNNs. Tasks run on onnxruntime's intra-op thread pool.
 //
 // GroupNormNchwc (groupnorm_nchwc.h) is the same op on onnxruntime's blocked layout, and
-// ScaleNchwc squeeze-excite's gating there, for graphs rewritten by gn_convert/native/nchwc.py.
+// ScaleNchwc squeeze-excite's gating there, for graphs rewritten by gn_convert/native/nchwc.py;
+// both refuse, when onnxruntime creates them, a model written for another CPU's block (nchwc_block.h).
 //
 // Built by gn_convert/native/build.py against onnxruntime's C/C++ API headers.
 
@@ -140,6 +141,18 @@ struct GroupNormKernel {
 };
 
 }  // namespace
+
+#ifndef GN_CONVERT_MARCH
+#define GN_CONVERT_MARCH "unknown"
+#endif
+
+// The build's -march, readable in the file without loading it (gn_convert/native/build.py: library_target).
+extern "C" ORT_EXPORT __attribute__((used)) const char GnConvertBuildTarget[] =
+    "gn_convert_build_target=-march=" GN_CONVERT_MARCH;
+
+// This CPU's NCHWc block as the blocked kernels see it (nchwc_block.h); the tests compare it with the
+// block onnxruntime's own reorder pads to.
+extern "C" ORT_EXPORT int GnConvertNchwcBlockSize() { return gn_nchwc::cpu_block_size(); }
 
 extern "C" ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                  const OrtApiBase* api_base) {

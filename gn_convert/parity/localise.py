@@ -110,7 +110,7 @@ def localise(model: nn.Module, onnx_model: onnx.ModelProto, x: torch.Tensor, pro
     """
     pairs = layer_values(onnx_model, {name for name, _ in model.named_modules()})
     sess = open_session(_with_outputs(onnx_model, [v for _, v in pairs]), provider=provider.name,
-                        **session_kwargs(provider, level))
+                        cache=False, **session_kwargs(provider, level))  # a one-off model: not worth caching
     feed: NDArray[Any] = x.cpu().numpy().astype(_numpy_type(sess))
     names = [o.name for o in sess.get_outputs()]
     got = dict(zip(names, run_session(sess, {sess.get_inputs()[0].name: feed})))

@@ -9,6 +9,7 @@ spinning, gn-convert's native kernel library, and onnxruntime's own exception ty
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,13 @@ __all__ = ["LEVELS", "NATIVE", "PROVIDERS", "check_provider", "open_session", "r
 
 log = logging.getLogger(__name__)
 
+BLOCK_REFUSAL = re.compile(r"(GroupNormNchwc|ScaleNchwc): this model was written for onnxruntime's blocked layout.*")
+"""The line the blocked kernels fail with on a CPU of another block (``gn_convert/native/nchwc_block.h``)."""
+
+
 def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: int = 0, level: str = "all",
                  spinning: bool | None = None, library: str | Path | None = None,
-                 disabled_optimizers: Sequence[str] = (), blocked: bool | None = None) -> Any:
+                 disabled_optimizers: Sequence[str] = (), blocked: bool | None = None, cache: bool = True) -> Any:
     """An ``onnxruntime.InferenceSession`` on one provider, failing with one clear line.
 
     Args:
@@ -36,11 +41,14 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
             onnxruntime's blocked layout (:mod:`gn_convert.native.nchwc`: no reorders around them,
             the following Add and activation fused). None (default): where this CPU has that
             layout, else the plain kernel; False: never; True: required (an error where it cannot be).
+        cache: keep the blocked-layout rewrite in gn-convert's disk cache and reuse it on later opens
+            (:mod:`gn_convert.native.nchwc_cache`; ``GN_CONVERT_NO_NCHWC_CACHE=1`` turns it off everywhere).
 
     Raises:
         OptionError: ``blocked=True`` with options that rule it out (no library, a GPU provider, a
             level other than ``all``, disabled optimizers).
-        SessionError: the file is missing or onnxruntime cannot load it (its first line quoted).
+        SessionError: the file is missing or onnxruntime cannot load it (its first line quoted; a
+            blocked model written for another CPU's block: the kernel's own line).
         ProviderUnavailableError: the provider is absent or could not start.
         NativeBuildError: ``cpu-native`` without a library, or a library onnxruntime refuses.
     """
@@ -57,7 +65,7 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
     options = session_options(threads=threads, level=level, spinning=spinning, library=library)
     if library is not None and provider in ("cpu", NATIVE) and level == "all" and not disabled_optimizers \
             and blocked is not False:
-        sess = _open_blocked(model, library, options, required=bool(blocked))
+        sess = _open_blocked(model, library, options, required=bool(blocked), cache=cache)
         if sess is not None:
             return sess
     chain = [name] + ([] if name == PROVIDERS["cpu"] else [PROVIDERS["cpu"]])
@@ -66,7 +74,8 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
         sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=chain,
                                     disabled_optimizers=list(disabled_optimizers) or None)
     except Exception as err:  # Fail, InvalidGraph, InvalidArgument, NoSuchFile, EPFail, RuntimeException...
-        raise SessionError(f"onnxruntime cannot load {what} on {provider}: {first_line(err)}") from err
+        raise _block_refusal(err, what) or SessionError(f"onnxruntime cannot load {what} on {provider}: "
+                                                        f"{first_line(err)}") from err
     if sess.get_providers()[0] != name:
         raise ProviderUnavailableError(f"onnxruntime could not start {name} for {what} (no GPU visible?)")
     return sess
@@ -85,24 +94,40 @@ def _check_blocked_options(provider: str, level: str, library: str | Path | None
         raise OptionError(f"blocked=True needs {' and '.join(problems)}; drop blocked=True or change those options")
 
 
-def _open_blocked(model: str | Path | bytes, library: str | Path, options: Any, *, required: bool) -> Any | None:
+def _open_blocked(model: str | Path | bytes, library: str | Path, options: Any, *, required: bool,
+                  cache: bool = True) -> Any | None:
     """A CPU session of ``model`` with its GroupNorms on the blocked layout, checked against
     onnxruntime's own model; None where that cannot be (no NCHWc layout here, no GroupNorm to
     move, a model onnxruntime refuses: the plain session then says why), unless ``required``."""
     from gn_convert.native.nchwc import blocked_session
 
     try:
-        sess, _, fused = blocked_session(model, library, options)
+        sess, _, fused = blocked_session(model, library, options, cache=cache)
         if sess is None:
             raise NativeBuildError("no GroupNorm of this model runs on the blocked layout (none follows a convolution)")
         log.info("native kernel on the blocked layout: %d GroupNorm layers", fused)
         return sess
     except Exception as err:  # NativeBuildError, SessionError, or onnxruntime's own types
+        refusal = _block_refusal(err, "the model" if isinstance(model, bytes) else str(model))
+        if refusal is not None:  # a blocked model for another CPU: no session of it can be right here
+            raise refusal from err
         if required:
             raise NativeBuildError(f"cannot move the GroupNorms onto onnxruntime's blocked layout: {first_line(err)}") \
                 from err
         log.info("plain native kernel: %s", first_line(err))
         return None
+
+
+def _block_refusal(err: BaseException, what: str) -> SessionError | None:
+    """The blocked kernels' own line (a model written for another CPU's block) as our error, or None;
+    looked for in ``err`` and the errors it was raised from (onnxruntime's own is untruncated)."""
+    cause: BaseException | None = err
+    while cause is not None:
+        refusal = BLOCK_REFUSAL.search(first_line(cause, limit=1000))
+        if refusal is not None:
+            return SessionError(f"cannot open {what}: {refusal.group(0)}")
+        cause = cause.__cause__
+    return None
 
 
 def run_session(sess: Any, feeds: dict[str, Any], outputs: Sequence[str] | None = None) -> list[Any]:

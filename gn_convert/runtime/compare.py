@@ -46,6 +46,15 @@ def random_feeds(inputs: Any, seed: int, batch: int, error: type[GnConvertError]
     return feeds
 
 
+def relative_error(want: Any, got: Any) -> float:
+    """The largest absolute difference of two outputs over ``want``'s largest value (at least 1e-6);
+    0 for empty outputs, NaN where either holds a NaN (so that ``not error <= tolerance``)."""
+    want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
+    if want.shape != got.shape:
+        return float("inf")
+    return float(np.abs(want - got).max() / max(np.abs(want).max(), 1e-6)) if want.size else 0.0
+
+
 def compare_sessions(reference: Any, candidate: Any, what: str, error: type[GnConvertError], tolerance: float,
                      hint: str, batches: tuple[int, ...] = BATCHES) -> float:
     """Run both sessions on random inputs (every input, each batch size where the batch axis is
@@ -78,8 +87,7 @@ def compare_sessions(reference: Any, candidate: Any, what: str, error: type[GnCo
                 raise error(f"cannot check {what}: onnxruntime failed on a random input (batch {batch}): "
                             f"{first_line(err)}") from err
             for want, got in pairs:
-                want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
-                diff = float(np.abs(want - got).max() / max(np.abs(want).max(), 1e-6)) if want.size else 0.0
+                diff = relative_error(want, got)
                 if not diff <= tolerance:
                     raise error(f"{what} changed the model's output (relative error {diff:.1e} on a random input, "
                                 f"batch {batch}, seed {seed}); {hint}")
