@@ -133,8 +133,8 @@ class StatisticsTaps:
         self.terms.clear()
 
     def _hook(self, pair: NormPair) -> Any:
-        mean = pair.teacher.running_mean
-        var = pair.teacher.running_var
+        mean, var = pair.teacher.running_mean, pair.teacher.running_var
+        assert isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)
 
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
             if not self.enabled:
