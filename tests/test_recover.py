@@ -364,3 +364,9 @@ def test_a_stopped_recovery_resumes_after_the_stages_it_finished(tiny_teacher, t
                 checkpoint_dir=state, resume=True)
     with pytest.raises(OptionError, match="resume needs the checkpoint_dir"):
         recover(tiny_teacher, data, budget=5, resume=True)
+
+
+def test_synthetic_heldout_gets_its_own_warning_not_the_same_scene_one(tiny_teacher) -> None:
+    alone = recover(tiny_teacher, "synthetic", budget=8, synthetic=20, synthetic_size=12, input_size=12, stages=())
+    assert any("no real held-out images" in w for w in alone.warnings)
+    assert not any("look like views of training photos" in w for w in alone.warnings)

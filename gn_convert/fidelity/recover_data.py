@@ -61,6 +61,7 @@ class RecoveryData:
         input_size: the side of the views, in pixels.
         description: one line saying what the data are.
         warnings: reasons to distrust the held-out figure.
+        synthetic_heldout: the held-out views are synthetic images (no real photo to judge on).
     """
 
     train: Dataset
@@ -70,6 +71,7 @@ class RecoveryData:
     input_size: int
     description: str = ""
     warnings: list[str] = field(default_factory=list)
+    synthetic_heldout: bool = False
 
 
 class AugmentedTensors(Dataset):
@@ -214,7 +216,8 @@ def recovery_data(data: Any, teacher: nn.Module, opts: dict[str, Any],
     if 0 < photos < FEW_PHOTOS:
         warnings.append(f"only {photos} held-out photos: the held-out agreement is a coarse estimate; pass eval_data "
                         "with more photos of other scenes")
-    return RecoveryData(train, heldout, groups, fit, size, description, warnings)
+    return RecoveryData(train, heldout, groups, fit, size, description, warnings,
+                        synthetic_heldout=bool(groups) and groups[0].startswith("synthetic-"))
 
 
 def same_scene_share(teacher: nn.Module, heldout: torch.Tensor, groups: list[str], fit: torch.Tensor) -> float:
