@@ -3,7 +3,8 @@
 For each model (untrained torchvision weights: latency does not depend on the values), this
 exports the BatchNorm original and its GroupNorm conversion in every form, then times all of
 them interleaved in one process (``gn_convert.bench.harness``), at each batch size, and prints the
-median latency and the ratio to the BatchNorm original.
+median latency and the ratio to the BatchNorm original. Before timing, it prints how many reorders of
+full activations onnxruntime leaves in each ONNX variant on this CPU (``gn_convert.bench.reorders``).
 
 Variants (CPU):
 
@@ -15,6 +16,8 @@ Variants (CPU):
 - ``function-2p``, ``function-in``: the function file with the ``two-pass`` body (Reduce/Sub/Mul
   ops) or the ``instance-norm`` body (``gn_convert.onnx.op.BODIES``; the default is ``layer-norm``).
 - ``fast``: the function file lowered by ``gn_convert.onnx.lowering.fast.to_fast``.
+- ``blocked``: the function file lowered by ``gn_convert.onnx.lowering.blocked.to_blocked`` (standard ops
+  that onnxruntime keeps on its NCHWc layout: no reorder of the activation around GroupNorm).
 - ``native``: the function file run with gn-convert's native GroupNorm kernel registered
   (``gn_convert.native``; built on first use, skipped with the reason if it cannot be built).
 - ``native-nchwc``: ``native`` with each GroupNorm (and the Add + Relu after it) computed on
@@ -31,6 +34,8 @@ Usage::
     python scripts/bench_latency.py --models resnet50,resnet18,mobilenet_v3_large,efficientnet_b0
     python scripts/bench_latency.py --threads 1,2 --spinning off,on  # issue 16's grid, with the physical limit
     python scripts/bench_latency.py --provider cuda --rounds 50
+    python scripts/bench_latency.py --models resnet50,mobilenet_v3_large --threads 2 --rounds 16 \
+        --variants bn,function,fast,blocked                        # issue 23, item 4: the blocked target
 """
 
 from __future__ import annotations
@@ -54,17 +59,21 @@ import gn_convert
 from gn_convert.atomic import atomic_file
 from gn_convert.bench.harness import Variant, parse_batches, run_bench
 from gn_convert.bench.limits import groupnorm_traffic, limit_lines
+from gn_convert.bench.reorders import count_reorders
 from gn_convert.bench.variants import ort_session, session_variant, torch_variant
 from gn_convert.errors import GnConvertError, NativeBuildError, ProviderUnavailableError
 from gn_convert.load.names import build_model
+from gn_convert.native.nchwc import block_size
 from gn_convert.onnx import export_onnx, lower_onnx
 from gn_convert.onnx.lowering.function import set_body
 from gn_convert.runtime import check_provider
 
 MODELS = ("resnet50",)
 ALL_MODELS = ("resnet50", "resnet18", "mobilenet_v3_large", "efficientnet_b0")
-CPU_VARIANTS = ("bn", "torch-default", "function", "function-in", "function-2p", "inlined", "standard", "fast", "native",
-                "native-nchwc", "torch-eager")
+CPU_VARIANTS = ("bn", "torch-default", "function", "function-in", "function-2p", "inlined", "standard", "fast", "blocked",
+                "native", "native-nchwc", "torch-eager")
+LOWERED = ("inlined", "standard", "fast", "blocked", "ms-groupnorm")
+"""Variants that are the function file lowered to the export target of the same name."""
 CUDA_VARIANTS = ("bn", "torch-default", "function", "fast", "ms-groupnorm", "torch-eager")
 BODY_VARIANTS = {"function-2p": "two-pass", "function-in": "instance-norm"}
 """Variants that are the function file with another body (gn_convert.onnx.op.BODIES)."""
@@ -77,6 +86,7 @@ NOTES = {
     "inlined": "gn-convert export, target inlined",
     "standard": "gn-convert export, target standard (GroupNormalization-21, one-pass variance)",
     "fast": "function file lowered to the fast target (InstanceNormalization + BatchNormalization affine)",
+    "blocked": "function file lowered to the blocked target (standard ops onnxruntime keeps on its NCHWc layout)",
     "native": "function file with the native GroupNorm kernel library registered (gn_convert.native), plain layout",
     "native-nchwc": "native, GroupNorm (+ Add + Relu) on onnxruntime's blocked layout (gn_convert.native.nchwc)",
     "ms-groupnorm": "function file lowered to com.microsoft.GroupNorm (CUDA, NHWC, one-pass variance)",
@@ -126,7 +136,7 @@ def export_variants(name: str, folder: Path, *, groups: int, size: int, fp16: bo
         start = time.perf_counter()
         if variant in steps:
             steps[variant](path)
-        elif variant in ("inlined", "standard", "fast", "ms-groupnorm"):
+        elif variant in LOWERED:
             lower_onnx(function_file, path, variant)
         elif variant in BODY_VARIANTS:
             model = onnx.load(function_file)
@@ -146,12 +156,22 @@ def _native_library() -> Path | None:
         return None
 
 
+def reorder_counts(paths: dict[str, Path], wanted: list[str], size: int) -> dict[str, dict[str, int]]:
+    """The NCHWc reorders onnxruntime leaves in each wanted ONNX file on this CPU, printed as one line."""
+    counts = {v: count_reorders(paths[v], input_shape=(1, 3, size, size)).to_dict() for v in wanted if v in paths}
+    print(f"  reorders of activations onnxruntime leaves here (NCHWc block {block_size()}; out + in, elements a "
+          "sample): " + ", ".join(f"{v} {c['large_out']} + {c['large_in']}, {c['large_elements']}"
+                                  for v, c in counts.items()), flush=True)
+    return counts
+
+
 def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]:
     """Export and time one model at every thread count and spinning setting; print the tables."""
     fp16 = args.provider == "cuda"
     wanted = [v for v in args.variants.split(",") if v]
     print(f"{name}: exporting ({', '.join(wanted)})", flush=True)
     paths, gn = export_variants(name, folder, groups=args.groups, size=args.size, fp16=fp16, wanted=wanted)
+    reorders = reorder_counts(paths, wanted, args.size) if args.provider == "cpu" else {}
     library = _native_library() if {"native", "native-nchwc"} & set(wanted) else None
     results = []
     for threads in parse_batches(args.threads):
@@ -180,7 +200,7 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]
                 lines = limit_lines(result, lambda b: groupnorm_traffic(gn, (b, 3, args.size, args.size)), threads, "bn")
             print(f"\n## {name} (G={args.groups}, {'float16' if fp16 else 'float32'}, {threads} thread(s), "
                   f"spinning {spinning})\n{result.table()}\n" + "\n".join(lines) + "\n", flush=True)
-            results.append({"model": name, "spinning": spin, "limit": lines, **result.to_dict()})
+            results.append({"model": name, "spinning": spin, "limit": lines, "reorders": reorders, **result.to_dict()})
     return results
 
 

@@ -14,6 +14,8 @@ One trace, then one lowering pass per target (:mod:`gn_convert.onnx.targets` lis
   against 4e-4 for our body). Prefer ``function`` or ``inlined`` for onnxruntime.
 - ``fast``: InstanceNormalization per group, then the affine as a BatchNormalization: the
   standard-op form onnxruntime's CPU runs fastest without the native kernel (scripts/PERF.md).
+- ``blocked``: standard ops that onnxruntime's CPU keeps on its blocked NCHWc layout, so that no
+  full activation is reordered around a GroupNorm (:mod:`gn_convert.onnx.lowering.blocked`).
 - ``ms-groupnorm``: onnxruntime's CUDA-only contrib op (one-pass variance).
 
 Every artifact is written into a hidden folder beside its destination, checked there
@@ -131,7 +133,7 @@ def export_onnx(
         model: any ``nn.Module`` (converted by :func:`gn_convert.convert` or built with
             ``nn.GroupNorm``); exported in eval mode, its modes are restored afterwards.
         path: the ``.onnx`` file to write (its folder is created if missing).
-        target: ``function`` (default), ``inlined``, ``standard``, ``fast`` or ``ms-groupnorm``;
+        target: ``function`` (default), ``inlined``, ``standard``, ``fast``, ``blocked`` or ``ms-groupnorm``;
             see the module docs.
         input_shape: example input ``(N, C, D1, ...)``, rank >= 3; None guesses
             ``(1, C, 224, 224)`` from the first convolution.

@@ -55,6 +55,10 @@ TARGETS: dict[str, Target] = {target.name: target for target in (
            "for inputs with a large mean)", f"{_PASSES}.standard:to_standard", opset=STANDARD_OPSET),
     Target("fast", "InstanceNormalization + BatchNormalization affine: onnxruntime CPU without the native kernel",
            f"{_PASSES}.fast:to_fast"),
+    Target("blocked", "standard ops that onnxruntime's CPU keeps on its blocked (NCHWc) layout, no reorder of the "
+           "activation around GroupNorm (4-D layers whose C is a multiple of 16; the others as fast): onnxruntime CPU "
+           "without the native kernel",
+           f"{_PASSES}.blocked:to_blocked"),
     Target("ms-groupnorm", "onnxruntime's CUDA contrib com.microsoft.GroupNorm (NHWC, one-pass variance): "
            "onnxruntime CUDA only", f"{_PASSES}.ms_groupnorm:to_ms_groupnorm"),
 )}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx.numpy_helper as onh
 import onnxruntime as ort
 import torch
 
@@ -55,6 +56,31 @@ def one_node_model(shape: tuple[int, ...], groups: int, eps: float | None, dtype
     return attach_function(model) if op == "custom" else model
 
 
+def behind_identity_conv(model: onnx.ModelProto, feeds: dict[str, np.ndarray], conv_after: bool = False) -> onnx.ModelProto:
+    """``model`` (a one-node model of :func:`one_node_model`) reading ``X`` through a 1x1 identity Conv
+    (and, with ``conv_after``, writing ``Y`` through another), with ``feeds``' scale and bias as
+    initializers: onnxruntime then runs the call on its blocked NCHWc layout where it can (the Conv's
+    output is blocked), and the result is unchanged (an identity Conv is exact in float32). :func:`run`
+    feeds it ``X`` alone."""
+    wrapped = onnx.ModelProto()
+    wrapped.CopyFrom(model)
+    graph, channels = wrapped.graph, feeds["X"].shape[1]
+    for node in graph.node:
+        node.input[:] = ["X_conv" if name == "X" else name for name in node.input]
+        node.output[:] = ["Y_norm" if name == "Y" and conv_after else name for name in node.output]
+    graph.initializer.extend([
+        onh.from_array(np.eye(channels, dtype=np.float32).reshape(channels, channels, 1, 1), "identity_w"),
+        onh.from_array(feeds["scale"], "scale"), onh.from_array(feeds["bias"], "bias"),
+    ])
+    keep = [value for value in graph.input if value.name == "X"]
+    del graph.input[:]
+    graph.input.extend(keep)
+    graph.node.insert(0, oh.make_node("Conv", ["X", "identity_w"], ["X_conv"], name="identity"))
+    if conv_after:
+        graph.node.append(oh.make_node("Conv", ["Y_norm", "identity_w"], ["Y"], name="identity_after"))
+    return wrapped
+
+
 def inputs(shape: tuple[int, ...], mean: float, dtype: np.dtype, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded X (normal, shifted by ``mean``), scale in [0.5, 2] and bias in [-1, 1]."""
     rng = np.random.default_rng(seed)
@@ -73,12 +99,13 @@ def reference(feeds: dict[str, np.ndarray], groups: int, eps: float) -> np.ndarr
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], level: ort.GraphOptimizationLevel) -> np.ndarray:
-    """Run ``model`` on onnxruntime's CPU provider, one thread."""
+    """Run ``model`` on onnxruntime's CPU provider, one thread (on the feeds its inputs name)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = level
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)[0]
+    names = {value.name for value in session.get_inputs()}
+    return session.run(None, {name: value for name, value in feeds.items() if name in names})[0]
 
 
 def relative_error(feeds: dict[str, np.ndarray], groups: int, eps: float, model: onnx.ModelProto,
