@@ -24,7 +24,6 @@ the device when it lives elsewhere, and the student (a given one too) is a copy.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -44,8 +43,8 @@ from gn_convert.fidelity.group_search import layer_errors
 from gn_convert.fidelity.pairs import norm_pairs
 from gn_convert.fidelity.reconstruct import reconstruct
 from gn_convert.fidelity.recover_data import SYNTHETIC, AugmentedTensors, RecoveryData, recovery_data, same_scene_share
-from gn_convert.fidelity.recover_state import load_recovery, save_recovery
-from gn_convert.fidelity.recovery import Clock, Judge, Progress, RecoveryResult, StageResult, overfit_warning
+from gn_convert.fidelity.recover_state import load_recovery, save_recovery, saved_plan, trajectory
+from gn_convert.fidelity.recovery import Clock, Judge, Progress, RecoveryResult, StageResult, closing_warnings
 from gn_convert.fidelity.synthesize import synthesize, write_pngs
 from gn_convert.modes import eval_mode
 from gn_convert.surgery.plan import FIDELITY, GroupPlan, LayerPlan
@@ -214,7 +213,7 @@ class _Recovery:
                 self._save(layer_plan, student, judge, opts)
             judge.restore_best(student)
             kept = _kept(self.results)
-            warnings += _closing_warnings(self.results, kept)
+            warnings += closing_warnings(self.results, kept)
         if self.procs.is_main:
             for line in warnings:
                 log.warning(line)
@@ -237,7 +236,7 @@ class _Recovery:
                given_student: bool, opts: dict[str, Any]) -> tuple[nn.Module, GroupPlan]:
         """The student and its plan: from the saved state (resume), the given student, or a conversion."""
         started = time.perf_counter()
-        saved = load_recovery(self.folder, _trajectory(opts)) if opts["resume"] and self.folder else None
+        saved = load_recovery(self.folder, trajectory(opts)) if opts["resume"] and self.folder else None
         if given_student:
             student = _on_device(model, self.device, always_copy=True)
             layer_plan = _student_plan(student, teacher)
@@ -309,31 +308,8 @@ class _Recovery:
         if self.procs.is_main:
             save_recovery(self.folder, plan=layer_plan.to_dict(), results=self.results, student=student.state_dict(),
                           best=judge.best_state, best_kl=judge.best_kl, elapsed=self.clock.elapsed(),
-                          planned=self.planned, options=_trajectory(opts))
+                          planned=self.planned, options=trajectory(opts))
         ddp.barrier(self.procs)
-
-
-def _trajectory(opts: dict[str, Any]) -> dict[str, Any]:
-    """The options a resumed run must share with the run it resumes (plain values only)."""
-    plan = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in opts["plan"].items()}
-    return json.loads(json.dumps({**plan, **opts["distill"], "init": opts["init"]}, default=str))
-
-
-def saved_plan(saved: dict[str, Any] | None) -> GroupPlan | None:
-    """The plan stored in a saved recovery state, or None."""
-    return GroupPlan.from_dict(saved["plan"]) if saved is not None else None
-
-
-def _closing_warnings(results: list[StageResult], kept: str) -> list[str]:
-    warnings = []
-    if kept != results[-1].name:
-        warnings.append(f"{results[-1].name} raised the held-out KL; the state after {kept} is returned")
-    if not all(r.completed for r in results):
-        warnings.append("the budget ran out before every stage did the work it planned (see each stage's "
-                        "completed and detail); the best state reached is returned: a larger budget, or a "
-                        "quieter machine, would let it finish")
-    kept_scores = next(r.scores for r in results if r.name == kept)
-    return warnings + [w for w in (overfit_warning(kept_scores),) if w]
 
 
 def _kept(results: list[StageResult]) -> str:

@@ -10,6 +10,7 @@ dicts: the file is read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from gn_convert.atomic import atomic_file
 from gn_convert.errors import CheckpointError
 from gn_convert.fidelity.recovery import StageResult
+from gn_convert.surgery.plan import GroupPlan
 
 STATE_FILE = "recover.pt"
 FORMAT = "gn-convert-recover/1"
@@ -72,3 +74,14 @@ def load_recovery(folder: str | Path, options: dict[str, Any]) -> dict[str, Any]
                               "original options or start a new run")
     state["results"] = [StageResult(**r) for r in state["results"]]
     return state
+
+
+def trajectory(opts: dict[str, Any]) -> dict[str, Any]:
+    """The options a resumed run must share with the run it resumes (plain values only)."""
+    plan = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in opts["plan"].items()}
+    return json.loads(json.dumps({**plan, **opts["distill"], "init": opts["init"]}, default=str))
+
+
+def saved_plan(saved: dict[str, Any] | None) -> GroupPlan | None:
+    """The plan stored in a saved recovery state, or None."""
+    return GroupPlan.from_dict(saved["plan"]) if saved is not None else None

@@ -190,3 +190,16 @@ class Clock:
     def share(self, stage: str) -> float:
         """Seconds ``stage`` may use now."""
         return max(self.left() - self.reserve, 0.0) * SHARES[stage]
+
+
+def closing_warnings(results: list[StageResult], kept: str) -> list[str]:
+    """What the caller should know at the end: a stage undone, a budget that ran out, overfitting."""
+    warnings = []
+    if kept != results[-1].name:
+        warnings.append(f"{results[-1].name} raised the held-out KL; the state after {kept} is returned")
+    if not all(r.completed for r in results):
+        warnings.append("the budget ran out before every stage did the work it planned (see each stage's "
+                        "completed and detail); the best state reached is returned: a larger budget, or a "
+                        "quieter machine, would let it finish")
+    kept_scores = next(r.scores for r in results if r.name == kept)
+    return warnings + [w for w in (overfit_warning(kept_scores),) if w]
