@@ -181,3 +181,35 @@ def test_min_channels_per_group_bounds_every_policy_and_is_recorded(policy: str)
     assert tiny.converted[0].num_groups == 1  # narrower than the bound: one group
     with pytest.raises(GroupPlanError, match="min_channels_per_group must be >= 1"):
         gn_convert.plan(model, 8, min_channels_per_group=0)
+
+
+@pytest.mark.product_defaults
+def test_default_plan_keeps_sixteen_channels_per_group_unless_told() -> None:
+    import torchvision
+
+    from gn_convert.surgery.group_count import DEFAULT_MIN_CHANNELS
+
+    assert DEFAULT_MIN_CHANNELS == 16
+    model = torchvision.models.resnet18()
+    by_width = {layer.num_channels: layer for layer in gn_convert.plan(model, 32).converted}
+    assert {c: layer.num_groups for c, layer in by_width.items()} == {64: 4, 128: 8, 256: 16, 512: 32}
+    assert by_width[64].fallback and "at least 16 channels per group" in by_width[64].reason
+    assert not by_width[512].fallback
+    forced = gn_convert.plan(model, 32, min_channels_per_group=1)
+    assert {layer.num_groups for layer in forced.converted} == {32}  # G=32 on every layer, as asked
+    by_size = gn_convert.plan(model, group_size=4)  # a group-size request is its own bound
+    assert {layer.num_channels // layer.num_groups for layer in by_size.converted} == {4}
+    narrow = gn_convert.plan(nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)), 32)
+    assert narrow.converted[0].num_groups == 1
+
+
+@pytest.mark.product_defaults
+def test_cli_plan_arguments_leave_the_bound_to_the_library() -> None:
+    import argparse
+
+    from gn_convert.cli.arguments import add_plan_arguments, plan_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_plan_arguments(parser)
+    assert plan_kwargs(parser.parse_args([]), parser)["min_channels_per_group"] is None
+    assert plan_kwargs(parser.parse_args(["--min-channels-per-group", "1"]), parser)["min_channels_per_group"] == 1

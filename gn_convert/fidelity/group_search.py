@@ -89,7 +89,7 @@ def layer_errors(teacher: nn.Module, images: Iterable[torch.Tensor]) -> Measure:
 
 
 def fidelity_plan(teacher: nn.Module, images: Iterable[torch.Tensor], groups: int = 32, *,
-                  min_channels_per_group: int = 1, example_input: torch.Tensor | None = None,
+                  min_channels_per_group: int | None = None, example_input: torch.Tensor | None = None,
                   **plan_options: object) -> GroupPlan:
     """``gn_convert.plan(teacher, groups, policy="fidelity", measure=layer_errors(teacher, images))``.
 
@@ -97,7 +97,8 @@ def fidelity_plan(teacher: nn.Module, images: Iterable[torch.Tensor], groups: in
         teacher: the BatchNorm model.
         images: a few batches of inputs (real or synthetic), on the teacher's device.
         groups: the largest group count allowed per layer (the requested G).
-        min_channels_per_group: the smallest group allowed (a user bound; 1 allows instance norm).
+        min_channels_per_group: the smallest group allowed (default as in :func:`gn_convert.plan`; 1 allows
+            instance norm).
         example_input: as in :func:`gn_convert.plan` (defaults to the first batch).
         **plan_options: ``include``, ``exclude``, ``on_single``, ``allow_no_bn`` of :func:`gn_convert.plan`.
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from gn_convert.errors import GroupPlanError, NoBatchNormError, UnsupportableLayerError
 from gn_convert.modes import eval_mode
-from gn_convert.surgery.group_count import FIDELITY, POLICIES, bounded, candidates, choose_groups
+from gn_convert.surgery.group_count import FIDELITY, POLICIES, bounded, candidates, choose_groups, resolve_min_channels
 from gn_convert.surgery.registry import BatchNormState, read_batchnorm, unknown_forward
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def plan(
     *,
     group_size: int | None = None,
     policy: str = "divisor",
-    min_channels_per_group: int = 1,
+    min_channels_per_group: int | None = None,
     measure: Measure | None = None,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
@@ -217,7 +217,11 @@ def plan(
         policy: what to do when the request does not divide a layer's channels:
             ``divisor`` (default), ``gcd`` or ``strict``; or ``fidelity`` (per layer, the
             measured best count up to ``groups``; needs ``measure``).
-        min_channels_per_group: the smallest group any layer may get (default 1: none).
+        min_channels_per_group: the smallest group any layer may get: a layer whose requested groups
+            would hold fewer channels gets the largest divisor count that holds at least this many
+            (1 group when even that is too narrow). Default: 16 channels
+            (:data:`~gn_convert.surgery.group_count.DEFAULT_MIN_CHANNELS`) for a ``groups``
+            request, 1 for a ``group_size`` request; pass 1 to force G on every layer.
         measure: with ``policy="fidelity"``, the measurement of each layer's candidates, e.g.
             ``gn_convert.fidelity.group_search.layer_errors(model, images)``.
         include: fnmatch patterns of layer names to convert (default: all).
@@ -241,6 +245,7 @@ def plan(
     include, exclude, fold = list(include or []), list(exclude or []), list(fold or [])
     if on_single not in ("error", "skip"):
         raise GroupPlanError(f"on_single must be 'error' or 'skip', got {on_single!r}")
+    min_channels_per_group = resolve_min_channels(min_channels_per_group, group_size)
     if min_channels_per_group < 1:
         raise GroupPlanError(f"min_channels_per_group must be >= 1, got {min_channels_per_group}")
     if policy == FIDELITY and (measure is None or group_size is not None):

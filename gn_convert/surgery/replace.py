@@ -62,7 +62,7 @@ def convert(
     *,
     group_size: int | None = None,
     policy: str = "divisor",
-    min_channels_per_group: int = 1,
+    min_channels_per_group: int | None = None,
     init: str = "bn-stats",
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
