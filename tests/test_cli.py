@@ -185,3 +185,26 @@ def test_native_says_on_stderr_that_it_is_building_before_it_builds(monkeypatch,
     assert main(["native"]) == 0
     assert len(seen) == 1 and seen[0].startswith("building the native GroupNorm kernel") and seen[0].count("\n") == 1
     assert capsys.readouterr().out.strip() == str(tmp_path / "libgn_convert_ops.so")
+
+
+@pytest.mark.slow
+def test_cli_recover_keeps_its_state_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from torchvision.utils import save_image
+
+    from gn_convert.testing.photos import photo_crops
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index, crop in enumerate(photo_crops(12, 64, seed=3)):
+        save_image(crop.clamp(0, 1), photos / f"p{index}.png")
+    state, out = tmp_path / "state", tmp_path / "gn"
+    argv = ["mobilenet_v3_small", "--weights", "none", "--no-onnx", "--data", str(photos), "--recover",
+            "--budget", "8", "--input-size", "64", "--state-dir", str(state), "--out", str(out)]
+    assert _run(capsys, *argv)[0] == 0
+    first = json.loads((out / "report.json").read_text())["recovery"]
+    assert (state / "recover.pt").is_file() and [s["name"] for s in first["stages"]] == ["convert", "distill"]
+    assert _run(capsys, *argv, "--resume", "--force")[0] == 0
+    resumed = json.loads((out / "report.json").read_text())["recovery"]
+    assert resumed["stages"][0]["seconds"] == first["stages"][0]["seconds"]  # finished stages are not run again
+    code, _, err = _run(capsys, *argv[:-4], "--resume", "--out", str(tmp_path / "other"))
+    assert code == 2 and "--resume continues from --state-dir DIR" in err and not (tmp_path / "other").exists()

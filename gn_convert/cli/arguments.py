@@ -68,9 +68,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("group plan")
     g.add_argument("--groups", "-g", type=int, help=f"GroupNorm groups per layer (default {DEFAULT_GROUPS})")
     g.add_argument("--group-size", type=int, help="channels per group, instead of --groups")
-    g.add_argument("--min-channels-per-group", type=int, default=1, metavar="K",
-                   help="the smallest group any layer may get (default 1; e.g. 4 keeps narrow layers from "
-                   "becoming instance norm at --groups 32)")
+    g.add_argument("--min-channels-per-group", type=int, metavar="K",
+                   help="the smallest group any layer may get (default 16 with --groups, 1 with --group-size; "
+                   "1 forces G on every layer, as Wu & He's G=32)")
     g.add_argument("--policy", choices=POLICY_CHOICES, default="divisor", metavar="POLICY",
                    help="%(choices)s: when the groups do not divide a layer's channels: largest divisor <= G "
                    "(divisor, default), gcd(G, C), or refuse (strict); fidelity (with --recover): per layer, "
@@ -114,6 +114,9 @@ def add_recover_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic", type=int, default=0, metavar="N",
                    help="add N images synthesised from the teacher's BatchNorm statistics (256 with --data synthetic)")
     g.add_argument("--synthetic-dir", type=Path, help="also write the synthetic images there as PNG files")
+    g.add_argument("--state-dir", type=Path, metavar="DIR",
+                   help="keep the recovery's state there (after each stage and during distillation)")
+    g.add_argument("--resume", action="store_true", help="continue a stopped --recover from --state-dir")
 
 
 def recover_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict[str, Any] | None:
@@ -131,12 +134,14 @@ def recover_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser | N
         parser.error("--recover needs --data DIR (a folder of images) or --data synthetic")
     if (args.calibrate or args.steps) and parser is not None:
         parser.error("--recover runs its own distillation within --budget: drop --calibrate and --finetune-steps")
+    if args.resume and args.state_dir is None and parser is not None:
+        parser.error("--resume continues from --state-dir DIR: give the folder of the stopped run")
     data = "synthetic" if str(args.data) == "synthetic" and not args.data.exists() else args.data
     kwargs = plan_kwargs(args, parser)
     kwargs.pop("allow_no_bn")
     found = dict(data=data, init=args.init, budget=args.budget, lr=args.lr, synthetic=args.synthetic,
                  synthetic_dir=args.synthetic_dir, seed=args.seed, holdout=args.holdout, input_size=args.input_size,
-                 eval_data=args.eval_data, **kwargs)
+                 eval_data=args.eval_data, checkpoint_dir=args.state_dir, resume=args.resume, **kwargs)
     if args.batch_size is not None:
         found["batch_size"] = args.batch_size
     if args.feature_weight is not None:
