@@ -56,11 +56,15 @@ FIGURE = ROOT / "docs" / "fidelity_unseen.png"
 TEST_VIEWS = 12
 RECIPES: dict[str, dict[str, Any]] = {
     "zero-shot": {"train": False},
-    "opacus": {"train": False, "init": "identity"},
+    "zero-shot-k1": {"train": False, "min_channels_per_group": 1},
+    "zero-shot-k16": {"train": False, "min_channels_per_group": 16},
+    "opacus": {"train": False, "init": "identity", "min_channels_per_group": 1},
     "recover": {},
+    "recover-k1": {"min_channels_per_group": 1},
     "recover-k4": {"min_channels_per_group": 4},
+    "recover-k8": {"min_channels_per_group": 8},
     "recover-k16": {"min_channels_per_group": 16},
-    "recover-fidelity": {"policy": "fidelity"},
+    "recover-fidelity": {"policy": "fidelity", "min_channels_per_group": 1},
 }
 """Recipe name -> keyword arguments of ``recover`` (``train: False``: convert only, no data)."""
 
