@@ -29,8 +29,9 @@ from gn_convert.surgery.plan import GroupPlan
 OVERFIT_GAP = 0.15
 """Fit above held-out agreement by more than this: the result says more varied images would help."""
 WIDE_INTERVAL = 0.3
-"""A held-out interval wider than this (30 points; 9 held-out photos of the pool gave 25-40) gets a warning:
-on EfficientNet-Lite0 the held-out figure of such a split overstated unseen-photo agreement by up to 15 points."""
+"""A held-out interval wider than this (30 points) gets a warning. On EfficientNet-Lite0, a tenth of the 88 pool
+photos held out (9) overstated unseen-photo agreement by up to 15 points (docs/FIDELITY.md), where 25 unseen
+photos give intervals about 21 points wide."""
 SHARES: dict[str, float] = {"synthesize": 0.3, "reconstruct": 0.45, "distill": 1.0}
 """Share of the remaining budget each stage may use when it starts."""
 RESERVE = 0.06
