@@ -176,8 +176,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]]) -> None:
-    """Unseen-photo metrics against the number of training photos, one line per recipe."""
+def plot(rows: list[dict[str, Any]], all_photos: int) -> None:
+    """Unseen-photo metrics against the number of training photos (``all_photos`` for rows that used them all),
+    one line per recipe with at least two sizes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,12 +186,12 @@ def plot(rows: list[dict[str, Any]]) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     for recipe in RECIPES:
-        group = [r for r in rows if r["recipe"] == recipe and r["photos"]]
-        sizes = sorted({r["photos"] for r in group})
+        group = [r for r in rows if r["recipe"] == recipe]
+        sizes = sorted({r["photos"] or all_photos for r in group})
         if len(sizes) < 2:
             continue
         for ax, key, scale in zip(axes, ("top1", "confident", "kl"), (100, 100, 1)):
-            mids = [statistics.median(r[key] * scale for r in group if r["photos"] == n) for n in sizes]
+            mids = [statistics.median(r[key] * scale for r in group if (r["photos"] or all_photos) == n) for n in sizes]
             ax.plot(sizes, mids, marker="o", label=recipe)
     for ax, title in zip(axes, ("top-1 agreement, unseen photos (%)", "confident crops (%)", "KL(teacher || student)")):
         ax.set_xscale("log")
@@ -198,7 +199,7 @@ def plot(rows: list[dict[str, Any]]) -> None:
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("EfficientNet-Lite0 -> GroupNorm (G=32), recover within the same budget", fontsize=10)
+    fig.suptitle("EfficientNet-Lite0 -> GroupNorm (G=32), recover within the same budget (median of the runs)", fontsize=10)
     fig.tight_layout()
     fig.savefig(FIGURE, dpi=120)
 
@@ -237,7 +238,7 @@ def main() -> None:
                         save_rows(rows, pool)
                         print(table([row]).splitlines()[-1], flush=True)
     print(table(rows))
-    plot(rows)
+    plot(rows, len(list((pool / "train").iterdir())))
 
 
 if __name__ == "__main__":
