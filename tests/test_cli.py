@@ -206,5 +206,5 @@ def test_cli_recover_keeps_its_state_and_resumes(tmp_path: Path, capsys: pytest.
     assert _run(capsys, *argv, "--resume", "--force")[0] == 0
     resumed = json.loads((out / "report.json").read_text())["recovery"]
     assert resumed["stages"][0]["seconds"] == first["stages"][0]["seconds"]  # finished stages are not run again
-    code, _, err = _run(capsys, *argv[:-4], "--resume", "--out", str(tmp_path / "other"))
-    assert code == 2 and "--resume continues from --state-dir DIR" in err and not (tmp_path / "other").exists()
+    assert _exit_code([*argv[:-4], "--resume", "--out", str(tmp_path / "other")]) == 2
+    assert "--resume continues from --state-dir DIR" in capsys.readouterr().err and not (tmp_path / "other").exists()

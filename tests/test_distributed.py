@@ -96,6 +96,7 @@ if os.environ["RANK"] == "0":
 
 
 @pytest.mark.slow
+@pytest.mark.product_defaults  # the torchrun processes convert with the library's defaults: so does this one
 def test_two_gloo_processes_under_torchrun_match_one_process(tmp_path, tiny_teacher) -> None:
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(SCRIPT.format(tests=str(TESTS), run=RUN)))
