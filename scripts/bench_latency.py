@@ -110,13 +110,13 @@ def _export_torch_default(model: nn.Module, path: Path, shape: tuple[int, ...], 
 
 
 def export_variants(name: str, folder: Path, *, groups: int, size: int, fp16: bool,
-                    wanted: list[str]) -> tuple[dict[str, Path], nn.Module]:
+                    wanted: list[str], min_channels: int = 1) -> tuple[dict[str, Path], nn.Module]:
     """Export every ONNX variant of one model into ``folder`` (reused when already there)."""
     torch.manual_seed(0)
     bn = build_model(name).eval()
-    gn = gn_convert.convert(bn, groups).eval()
+    gn = gn_convert.convert(bn, groups, min_channels_per_group=min_channels).eval()
     shape = (1, 3, size, size)
-    tag = f"{size}px.G{groups}.{'fp16' if fp16 else 'fp32'}"
+    tag = f"{size}px.G{groups}K{min_channels}.{'fp16' if fp16 else 'fp32'}"
     paths = {v: folder / f"{name}.{v}.{tag}.onnx" for v in wanted
              if v not in ("torch-eager", "native", "native-nchwc")}
     paths.setdefault("function", folder / f"{name}.function.{tag}.onnx")  # every lowering starts from it
@@ -170,7 +170,8 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]
     fp16 = args.provider == "cuda"
     wanted = [v for v in args.variants.split(",") if v]
     print(f"{name}: exporting ({', '.join(wanted)})", flush=True)
-    paths, gn = export_variants(name, folder, groups=args.groups, size=args.size, fp16=fp16, wanted=wanted)
+    paths, gn = export_variants(name, folder, groups=args.groups, size=args.size, fp16=fp16, wanted=wanted,
+                                min_channels=args.min_channels_per_group)
     reorders = reorder_counts(paths, wanted, args.size) if args.provider == "cpu" else {}
     library = _native_library() if {"native", "native-nchwc"} & set(wanted) else None
     results = []
@@ -217,6 +218,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=10, help="timed interleaved rounds per batch (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch (default 2)")
     p.add_argument("--groups", type=int, default=32, help="GroupNorm groups of the conversion (default 32)")
+    p.add_argument("--min-channels-per-group", type=int, default=1, metavar="K",
+                   help="the plan's bound (default 1: G on every layer, as every figure in PERF.md; the library's "
+                   "default is 16)")
     p.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
