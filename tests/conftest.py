@@ -15,10 +15,11 @@ import torch
 from filelock import FileLock
 from torch import nn
 
+from gn_convert.surgery import group_count
 from helpers.models import DIGITS_EPOCHS, DIGITS_SIZE, Exports, Models, make_tiny_teacher
 
-PRODUCT_MIN_CHANNELS = 16
-"""The library's default channels-per-group bound, restated here so that a change to it is a visible one."""
+PRODUCT_MIN_CHANNELS = group_count.DEFAULT_MIN_CHANNELS
+"""The library's default channels-per-group bound, read before the session fixture below replaces it."""
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one torch thread each
     torch.set_num_threads(1)
@@ -30,8 +31,6 @@ def groups_as_requested() -> Iterator[None]:
     as the tests of kernels, exports and parity were written for (their small layers would otherwise all get
     one group). Tests marked ``product_defaults``, and every command a test runs in a child process, keep the
     library's default bound (``DEFAULT_MIN_CHANNELS``, 16)."""
-    from gn_convert.surgery import group_count
-
     patch = pytest.MonkeyPatch()
     patch.setattr(group_count, "DEFAULT_MIN_CHANNELS", 1)
     yield
@@ -42,8 +41,6 @@ def groups_as_requested() -> Iterator[None]:
 def product_defaults(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """The library's own default bound for tests marked ``product_defaults``."""
     if request.node.get_closest_marker("product_defaults") is not None:
-        from gn_convert.surgery import group_count
-
         monkeypatch.setattr(group_count, "DEFAULT_MIN_CHANNELS", PRODUCT_MIN_CHANNELS)
 
 
