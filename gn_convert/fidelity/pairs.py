@@ -41,7 +41,9 @@ def norm_pairs(student: nn.Module, teacher: nn.Module) -> list[NormPair]:
 
     Also checks that every other parameter and buffer of the student exists in the teacher
     with the same shape, and the reverse, so a student converted from a different
-    architecture is refused.
+    architecture is refused. BatchNorm layers the student folded into their convolutions
+    (``fold=``: no norm layer of that name in the student) are no pair; their statistics are
+    gone from the student, and a convolution that had no bias has one.
 
     Returns:
         One :class:`NormPair` per student GroupNorm, in module order.
@@ -65,14 +67,27 @@ def norm_pairs(student: nn.Module, teacher: nn.Module) -> list[NormPair]:
         pairs.append(NormPair(name, module, original))
     if not pairs:
         raise ModelMismatchError("the student has no GroupNorm layer; convert it with gn_convert.convert first")
-    _check_shapes(student, teacher, {p.name for p in pairs})
+    _check_shapes(student, teacher, {p.name for p in pairs}, _folded(student, teacher_modules))
     return pairs
 
 
-def _check_shapes(student: nn.Module, teacher: nn.Module, norm_names: set[str]) -> None:
-    theirs = {k: v.shape for k, v in teacher.state_dict().items() if k.rpartition(".")[0] not in norm_names}
+def _folded(student: nn.Module, teacher_modules: dict[str, nn.Module]) -> set[str]:
+    """Names of the teacher's BatchNorm layers that the student holds no norm layer for (folded)."""
+    ours = dict(student.named_modules())
+    return {name for name, module in teacher_modules.items()
+            if name in ours and is_batchnorm(module) and not is_batchnorm(ours[name])
+            and not isinstance(ours[name], nn.GroupNorm)}
+
+
+def _check_shapes(student: nn.Module, teacher: nn.Module, norm_names: set[str], folded: set[str]) -> None:
+    gone = norm_names | folded
+    theirs = {k: v.shape for k, v in teacher.state_dict().items() if k.rpartition(".")[0] not in gone}
     ours = {k: v.shape for k, v in student.state_dict().items() if k.rpartition(".")[0] not in norm_names}
+    teacher_modules = dict(teacher.named_modules())
     for key, shape in ours.items():
+        owner, _, leaf = key.rpartition(".")
+        if folded and leaf == "bias" and getattr(teacher_modules.get(owner), "bias", False) is None:
+            continue  # a folded BatchNorm's shift, in a convolution that had no bias
         if key not in theirs:
             raise ModelMismatchError(f"student tensor {key} is missing from the teacher; {_MISMATCH_HINT}")
         if theirs[key] != shape:
