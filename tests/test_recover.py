@@ -370,3 +370,76 @@ def test_synthetic_heldout_gets_its_own_warning_not_the_same_scene_one(tiny_teac
     alone = recover(tiny_teacher, "synthetic", budget=8, synthetic=20, synthetic_size=12, input_size=12, stages=())
     assert any("no real held-out images" in w for w in alone.warnings)
     assert not any("look like views of training photos" in w for w in alone.warnings)
+
+
+def test_qdrop_takes_each_input_element_from_the_teacher_with_its_probability() -> None:
+    from gn_convert.fidelity.reconstruct import _mixed
+
+    torch.manual_seed(0)
+    student_in, teacher_in = torch.zeros(64, 8, 16, 16), torch.ones(64, 8, 16, 16)
+    mixed, flag = _mixed((student_in, 3), (teacher_in, 3), 0.3)
+    assert flag == 3  # non-tensor inputs pass through
+    assert abs(float(mixed.mean()) - 0.3) < 0.01  # 131072 elements: a 0.3 share within a point
+    assert torch.equal(_mixed((student_in,), (teacher_in,), 0.0)[0], student_in)
+    assert torch.equal(_mixed((student_in,), (teacher_in,), 1.0)[0], teacher_in)
+
+
+def test_reconstruction_by_error_share_and_qdrop_lowers_the_error_and_checks_its_options(tiny_teacher) -> None:
+    from gn_convert.fidelity.pairs import capture_io
+    from gn_convert.fidelity.reconstruct import _weights, block_error
+
+    images = torch.randn(64, 3, 12, 12)
+    student = gn_convert.convert(tiny_teacher, 2)
+    blocks = find_blocks(tiny_teacher, images[:2])
+    weights = _weights(blocks, student, tiny_teacher, images[:16], "error", ddp.Processes())
+    first = blocks[0]
+    inputs, _ = capture_io(tiny_teacher, first.parts(tiny_teacher)[0], images[:16])
+    _, target = capture_io(tiny_teacher, first.parts(tiny_teacher)[-1], images[:16])
+    with torch.no_grad():
+        assert weights[0] == pytest.approx(float(block_error(first.forward(first.parts(student), inputs), target)))
+    assert _weights(blocks, student, tiny_teacher, images[:16], "equal", ddp.Processes()) == [1.0] * len(blocks)
+    report = reconstruct(student, tiny_teacher, _endless(images, 16), steps_per_block=20, drop=0.5, allocate="error")
+    assert sum(f.error_after for f in report.blocks) < sum(f.error_before for f in report.blocks)
+    with pytest.raises(OptionError, match="allocate must be one of equal, error"):
+        reconstruct(student, tiny_teacher, _endless(images, 16), allocate="most")
+    with pytest.raises(OptionError, match="drop is a probability"):
+        reconstruct(student, tiny_teacher, _endless(images, 16), drop=1.5)
+
+
+def test_inversion_from_photos_starts_at_the_photos_and_moves_their_statistics(tiny_teacher) -> None:
+    from gn_convert.testing.photo_sets import normalise
+
+    photos = normalise(torch.rand(8, 3, 12, 12) * 0.3 + 0.6)  # valid pixels, far from the teacher's statistics
+    same, _ = synthesize(tiny_teacher, 8, size=12, batch_size=8, steps=1, lr=1e-6, init=photos)
+    assert float((same - photos).abs().max()) < 1e-4
+    _, before = synthesize(tiny_teacher, 8, size=12, batch_size=8, steps=1, lr=1e-6, init=photos)
+    _, after = synthesize(tiny_teacher, 8, size=12, batch_size=8, steps=30, lr=0.05, init=photos)
+    assert after.worst_stat_error < 0.7 * before.worst_stat_error, (before.stat_error, after.stat_error)
+    with pytest.raises(OptionError, match="init holds 8 images, fewer than the 9"):
+        synthesize(tiny_teacher, 9, size=12, init=photos)
+
+
+def test_recover_inverts_views_of_the_training_photos_when_asked(tiny_teacher, tmp_path) -> None:
+    folder = _photo_folder(tmp_path / "photos", 12, size=16)
+    result = recover(tiny_teacher, folder, budget=8, synthetic=6, synthetic_size=12, synthetic_from="photos",
+                     stages=(), input_size=12)
+    made = result.stages[0]
+    assert made.name == "synthesize" and made.detail["images"] == 6 and made.detail["steps"] == 20
+    with pytest.raises(OptionError, match="needs training photos"):
+        recover(tiny_teacher, "synthetic", budget=4, synthetic=6, synthetic_size=12, synthetic_from="photos",
+                input_size=12)
+    with pytest.raises(OptionError, match="synthetic_from must be one of noise, photos"):
+        recover(tiny_teacher, folder, budget=4, synthetic=6, synthetic_from="pictures")
+
+
+def test_recover_distils_a_student_whose_folded_convolution_gained_a_bias(tmp_path) -> None:
+    from helpers.models import make_tiny_teacher
+
+    teacher = make_tiny_teacher()
+    teacher[0].bias = None  # a convolution without bias: folding gives it one (EfficientNet's stem)
+    data = SyntheticImages(48, (3, 12, 12), num_classes=5)
+    result = recover(teacher, data, budget=6, batch_size=8, fold=["1"], groups=4)
+    assert [s.name for s in result.stages] == ["convert", "distill"]
+    assert [layer.name for layer in result.plan.folded] == ["1"]
+    assert result.model[0].bias is not None and isinstance(result.model[1], nn.Identity)
+    assert all(isinstance(result.model[i], nn.GroupNorm) for i in (4, 7))

@@ -13,6 +13,12 @@ the block (the forward pass is cut there), so a step costs two partial forward p
 block forward/backward; ``reuse`` fits several steps on the same captured pair to amortise
 them. Batches come from an iterator that yields fresh (augmented) images, so the fit sees as
 many distinct views as the budget allows.
+
+Two options from the post-training-quantisation literature: ``drop`` is QDrop's input mixing
+(each element of a block's input comes from the teacher's input with that probability, else
+from the student's, so the block learns for inputs between the two), and ``allocate="error"``
+shares the budget by each block's error on the teacher's input before fitting, so the blocks
+the conversion hurt most get the most steps (``"equal"``: the same share each).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from gn_convert.modes import eval_mode
 log = logging.getLogger(__name__)
 
 TRAINABLE = ("all", "gn-affine")
+ALLOCATE = ("equal", "error")
 PROBE_STEPS = 2
 
 
@@ -112,6 +119,8 @@ def reconstruct(
     trainable: str = "all",
     reuse: int = 2,
     blocks: list[Block] | None = None,
+    drop: float = 0.0,
+    allocate: str = "equal",
     callback: Callable[[BlockFit], None] | None = None,
     procs: ddp.Processes | None = None,
 ) -> ReconstructionReport:
@@ -128,6 +137,10 @@ def reconstruct(
         trainable: ``all`` parameters of the block, or its ``gn-affine`` parameters only.
         reuse: optimizer steps on each captured (input, target) pair.
         blocks: the blocks to fit (default :func:`find_blocks`).
+        drop: QDrop's probability that an element of a block's input is the teacher's (0: the
+            student's input only).
+        allocate: ``equal`` shares of the budget per block, or shares in proportion to each
+            block's ``error`` on the teacher's input before fitting.
         callback: called after each block with its :class:`BlockFit`.
         procs: the processes of a distributed run (torchrun): each fits on its own batches, the
             gradients are averaged and rank 0's decisions (step counts, reverts) are shared, so
@@ -137,26 +150,34 @@ def reconstruct(
         The :class:`ReconstructionReport`.
 
     Raises:
-        OptionError: an unknown ``trainable``, or a non-positive count.
+        OptionError: an unknown ``trainable`` or ``allocate``, a non-positive count, or ``drop``
+            outside [0, 1].
     """
     if trainable not in TRAINABLE:
         raise OptionError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
+    if allocate not in ALLOCATE:
+        raise OptionError(f"allocate must be one of {', '.join(ALLOCATE)}, got {allocate!r}")
+    if not 0.0 <= drop <= 1.0:
+        raise OptionError(f"drop is a probability, got {drop}")
     if steps_per_block < 1 or reuse < 1:
         raise OptionError("steps_per_block and reuse must be at least 1")
     start = time.perf_counter()
     probe = next(batches)
     blocks = blocks if blocks is not None else find_blocks(teacher, probe)
     report = ReconstructionReport()
+    procs = procs or ddp.Processes()
     with eval_mode(student, teacher):
+        weights = _weights(blocks, student, teacher, probe, allocate, procs)
         for k, block in enumerate(blocks):
+            share = weights[k] / sum(weights[k:])
             left = None if budget_s is None else \
-                ddp.from_main((budget_s - (time.perf_counter() - start)) / (len(blocks) - k), procs or ddp.Processes())
+                ddp.from_main((budget_s - (time.perf_counter() - start)) * share, procs)
             if left is not None and left <= 0:
                 log.info("reconstruction budget spent: %d of %d blocks fitted", k, len(blocks))
                 report.completed = False
                 break
             fit = _fit_block(block, student, teacher, batches, probe, left, steps_per_block, lr, trainable, reuse,
-                             procs or ddp.Processes())
+                             drop, procs)
             report.blocks.append(fit)
             report.completed = report.completed and fit.completed
             log.info("block %s: error %.4f -> %.4f in %d steps", fit.name, fit.error_before, fit.error_after,
@@ -168,15 +189,39 @@ def reconstruct(
     return report
 
 
+def _weights(blocks: list[Block], student: nn.Module, teacher: nn.Module, probe: torch.Tensor, allocate: str,
+             procs: ddp.Processes) -> list[float]:
+    """Each block's share weight: 1 each (``equal``), or its error on the teacher's input (``error``; rank 0's)."""
+    if allocate == "equal":
+        return [1.0] * len(blocks)
+    errors = []
+    with torch.no_grad():
+        for block in blocks:
+            t_parts = block.parts(teacher)
+            inputs, _ = capture_io(teacher, t_parts[0], probe)
+            _, target = capture_io(teacher, t_parts[-1], probe)
+            errors.append(max(float(block_error(block.forward(block.parts(student), inputs), target)), 1e-3))
+    log.info("block errors on the teacher's input: %s", ", ".join(f"{e:.3f}" for e in errors))
+    return [float(e) for e in ddp.from_main(errors, procs)]
+
+
+def _mixed(student_in: tuple[Any, ...], teacher_in: tuple[Any, ...], drop: float) -> tuple[Any, ...]:
+    """QDrop: each element of every tensor input from the teacher's input with probability ``drop``."""
+    return tuple(torch.where(torch.rand_like(s) < drop, t, s) if isinstance(s, torch.Tensor) else s
+                 for s, t in zip(student_in, teacher_in))
+
+
 def _fit_block(block: Block, student: nn.Module, teacher: nn.Module, batches: Iterator[torch.Tensor],
                probe: torch.Tensor, budget_s: float | None, max_steps: int, lr: float, trainable: str,
-               reuse: int, procs: ddp.Processes) -> BlockFit:
+               reuse: int, drop: float, procs: ddp.Processes) -> BlockFit:
     started = time.perf_counter()
     s_parts, t_parts = block.parts(student), block.parts(teacher)
 
-    def pair(x: torch.Tensor) -> tuple[tuple[Any, ...], torch.Tensor]:
+    def pair(x: torch.Tensor, mix: float = 0.0) -> tuple[tuple[Any, ...], torch.Tensor]:
         inputs, _ = capture_io(student, s_parts[0], x)
         _, target = capture_io(teacher, t_parts[-1], x)
+        if mix:
+            inputs = _mixed(inputs, capture_io(teacher, t_parts[0], x)[0], mix)
         return inputs, target
 
     params = [p for part in s_parts for p in _parameters(part, trainable)]
@@ -191,7 +236,7 @@ def _fit_block(block: Block, student: nn.Module, teacher: nn.Module, batches: It
     with trainable_only(nn.ModuleList(s_parts), params):
         while steps < total:
             with torch.no_grad():
-                inputs, target = pair(next(batches))
+                inputs, target = pair(next(batches), drop)
             for _ in range(min(reuse, total - steps)):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * steps / total))

@@ -39,17 +39,23 @@ from gn_convert.data.sources import DataSplit
 from gn_convert.errors import OptionError
 from gn_convert.fidelity import distributed as ddp
 from gn_convert.fidelity.distillation import _size, distill
-from gn_convert.fidelity.group_search import layer_errors
 from gn_convert.fidelity.pairs import norm_pairs
 from gn_convert.fidelity.reconstruct import reconstruct
-from gn_convert.fidelity.recover_data import SYNTHETIC, AugmentedTensors, RecoveryData, recovery_data, same_scene_share
+from gn_convert.fidelity.recover_data import (
+    SYNTHETIC,
+    AugmentedTensors,
+    RecoveryData,
+    fresh_views,
+    recovery_data,
+    same_scene_share,
+)
+from gn_convert.fidelity.recover_plan import group_plan, step_seconds, student_plan
 from gn_convert.fidelity.recover_state import load_recovery, save_recovery, saved_plan, trajectory
 from gn_convert.fidelity.recovery import Clock, Judge, Progress, RecoveryResult, StageResult, closing_warnings
 from gn_convert.fidelity.synthesize import synthesize, write_pngs
 from gn_convert.modes import eval_mode
 from gn_convert.surgery.group_count import resolve_min_channels
-from gn_convert.surgery.plan import FIDELITY, GroupPlan, LayerPlan
-from gn_convert.surgery.plan import plan as make_plan
+from gn_convert.surgery.plan import GroupPlan
 from gn_convert.surgery.registry import is_batchnorm
 from gn_convert.surgery.replace import convert
 
@@ -57,15 +63,15 @@ log = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = ("reconstruct", "distill")
 DEFAULT_STAGES: tuple[str, ...] = ("distill",)
-PLAN_BATCHES = 4
 CHECKPOINT_EVERY = 25
 """Distillation steps between saved states when the recovery has a checkpoint folder."""
 COMPLETE = 0.9
 """A distillation that ran at least this share of the steps planned from its measured speed counts as
 complete (its learning rate always anneals with the time; fewer steps mean a busier machine)."""
-PROBE_STEPS = 4
-"""Distillation steps timed (on a copy) to plan how many fit in the budget."""
 SAME_SCENE_WARNING = 0.5
+INVERT_STEPS, INVERT_LR = 20, 0.02
+"""Inversion from photos: Adam steps and learning rate (normalised pixels), small so the images stay natural."""
+SYNTHETIC_FROM = ("noise", "photos")
 __all__ = ["AugmentedTensors", "DEFAULT_STAGES", "STAGES", "SYNTHETIC", "recover"]
 
 
@@ -90,8 +96,11 @@ def recover(
     mixup: float = 0.0,
     feature_weight: float = 1.0,
     reconstruct_lr: float = 1e-3,
+    reconstruct_drop: float = 0.0,
+    reconstruct_allocate: str = "equal",
     synthetic: int = 0,
     synthetic_size: int = 64,
+    synthetic_from: str = "noise",
     synthetic_dir: str | Path | None = None,
     weights: Any = None,
     input_size: int | None = None,
@@ -121,10 +130,14 @@ def recover(
             synthesised from the BatchNorm statistics lowered real-photo agreement, 14.0% ->
             3.0% on EfficientNet-Lite0; data-free, the images choose the fidelity plan).
         batch_size, lr, mixup, feature_weight: distillation (see :func:`gn_convert.distill`).
-        reconstruct_lr: Adam's learning rate of block reconstruction.
+        reconstruct_lr, reconstruct_drop, reconstruct_allocate: block reconstruction's Adam learning
+            rate, QDrop input mixing and budget shares (see :func:`~gn_convert.fidelity.reconstruct.reconstruct`).
         synthetic: synthetic images to make from the teacher (added to ``data``; 256 by default
             when ``data="synthetic"``).
         synthetic_size: their side in pixels.
+        synthetic_from: ``noise`` (DeepInversion from random pixels), or ``photos``: inversion from
+            views of the training photos (:data:`INVERT_STEPS` small steps towards the teacher's
+            BatchNorm statistics, so they stay natural).
         synthetic_dir: also write them there as PNG files (a new folder).
         weights, input_size: the model's preprocessing (crop size, normalisation).
         holdout: fraction (or count) of the photos held out when there is no ``eval_data``.
@@ -156,6 +169,8 @@ def recover(
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise OptionError(f"unknown recovery stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
+    if synthetic_from not in SYNTHETIC_FROM:
+        raise OptionError(f"synthetic_from must be one of {', '.join(SYNTHETIC_FROM)}, got {synthetic_from!r}")
     if resume and checkpoint_dir is None:
         raise OptionError("resume needs the checkpoint_dir of the run to resume")
     given_student = teacher is not None
@@ -172,9 +187,10 @@ def recover(
                       include=include, exclude=exclude, fold=fold, on_single=on_single),
             data=dict(weights=weights, input_size=input_size, holdout=holdout, eval_data=eval_data, seed=seed,
                       synthetic=synthetic),
-            synthetic=dict(size=synthetic_size, folder=synthetic_dir),
+            synthetic=dict(size=synthetic_size, folder=synthetic_dir, start=synthetic_from),
             distill=dict(batch_size=batch_size, lr=lr, mixup=mixup, feature_weight=feature_weight, seed=seed),
-            init=init, reconstruct_lr=reconstruct_lr, resume=resume))
+            init=init, reconstruct=dict(lr=reconstruct_lr, drop=reconstruct_drop, allocate=reconstruct_allocate),
+            resume=resume))
     finally:
         ddp.teardown(procs)
 
@@ -200,7 +216,8 @@ class _Recovery:
         """Data, conversion (or the saved state), each stage not yet done, the best state kept."""
         teacher = _on_device(teacher, self.device)
         with eval_mode(teacher):
-            found = recovery_data(data, teacher, opts["data"], lambda n: self._synthesise(teacher, n, data, opts))
+            found = recovery_data(data, teacher, opts["data"],
+                                  lambda n, train: self._synthesise(teacher, n, data, train, opts))
             judge = Judge(teacher, found.heldout, found.groups, found.fit)
             warnings = list(found.warnings) + _same_scene(teacher, found)
             batch_size, images = opts["distill"]["batch_size"], _size(found.train)
@@ -224,9 +241,16 @@ class _Recovery:
         return RecoveryResult(student.eval(), layer_plan, self.results, history, len(found.heldout),
                               len(set(found.groups)), self.clock.elapsed(), warnings, kept)
 
-    def _synthesise(self, teacher: nn.Module, count: int, data: Any, opts: dict[str, Any]) -> torch.Tensor:
+    def _synthesise(self, teacher: nn.Module, count: int, data: Any, train: Dataset | None,
+                    opts: dict[str, Any]) -> torch.Tensor:
         share = self.clock.share("synthesize") / (1 if data is None or data == SYNTHETIC else 3)
-        images, report = synthesize(teacher, count, size=opts["synthetic"]["size"], budget_s=share,
+        invert: dict[str, Any] = {}
+        if opts["synthetic"]["start"] == "photos":
+            if train is None:
+                raise OptionError("synthetic_from='photos' needs training photos (data=a folder or Dataset)")
+            invert = dict(init=fresh_views(train, count, opts["data"]["seed"] + 1).to(self.device),
+                          steps=INVERT_STEPS, lr=INVERT_LR)
+        images, report = synthesize(teacher, count, size=opts["synthetic"]["size"], budget_s=share, **invert,
                                     seed=opts["data"]["seed"], callback=lambda k: self.tell(Progress("synthesize", k)))
         detail = report.to_dict()
         folder = opts["synthetic"]["folder"]
@@ -243,9 +267,9 @@ class _Recovery:
         saved = load_recovery(self.folder, trajectory(opts)) if opts["resume"] and self.folder else None
         if given_student:
             student = _on_device(model, self.device, always_copy=True)
-            layer_plan = _student_plan(student, teacher)
+            layer_plan = student_plan(student, teacher)
         else:
-            layer_plan = saved_plan(saved) or ddp.from_main(_plan(teacher, batches, opts["plan"]), self.procs)
+            layer_plan = saved_plan(saved) or ddp.from_main(group_plan(teacher, batches, opts["plan"]), self.procs)
             student = convert(teacher, plan=layer_plan, init=opts["init"], example_input=next(batches)[:2],
                               prove=saved is None).to(self.device)
         if saved is not None:
@@ -271,7 +295,7 @@ class _Recovery:
         if stage == "reconstruct":
             fitted = iter(range(1, 1 << 30))
             report = reconstruct(student, teacher, batches, budget_s=self.clock.share("reconstruct"),
-                                 lr=opts["reconstruct_lr"], procs=self.procs,
+                                 **opts["reconstruct"], procs=self.procs,
                                  callback=lambda _fit: self.tell(Progress("reconstruct", next(fitted))))
             detail, completed = report.to_dict(), report.completed
         else:
@@ -285,7 +309,7 @@ class _Recovery:
         (rank 0's), and the learning rate anneals with the time spent, so the schedule ends with the budget."""
         share = ddp.from_main(self.clock.share("distill"), self.procs)
         if "distill" not in self.planned:
-            per_step = _step_seconds(student, teacher, found.train, opts["distill"], self.device)
+            per_step = step_seconds(student, teacher, found.train, opts["distill"], self.device)
             self.planned["distill"] = ddp.from_main(max(1, int(share / per_step)), self.procs)
         steps = self.planned["distill"]
         log.info("distilling about %d steps in the %.0f s left", steps, self.clock.left())
@@ -350,31 +374,3 @@ def _endless(dataset: Dataset, batch_size: int, device: torch.device, seed: int,
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=size >= batch_size,
                                 generator=gen):
             yield split_batch(batch)[0].to(device)
-
-
-def _student_plan(student: nn.Module, teacher: nn.Module) -> GroupPlan:
-    """The plan an already converted student embodies (its GroupNorm layers, matched to the teacher's)."""
-    layers = [LayerPlan(p.name, type(p.teacher).__name__, p.student.num_channels, p.student.num_groups,
-                        p.student.eps, p.student.affine) for p in norm_pairs(student, teacher)]
-    return GroupPlan(None, None, "given", layers)
-
-
-def _plan(teacher: nn.Module, batches: Iterator[torch.Tensor], options: dict[str, Any]) -> GroupPlan:
-    """The group plan through :func:`gn_convert.plan`; the fidelity policy measures on training views."""
-    images = [next(batches) for _ in range(PLAN_BATCHES if options["policy"] == FIDELITY else 1)]
-    measure = layer_errors(teacher, images) if options["policy"] == FIDELITY else None
-    return make_plan(teacher, example_input=images[0][:1], measure=measure, **options)
-
-
-def _step_seconds(student: nn.Module, teacher: nn.Module, train: Dataset, options: dict[str, Any],
-                  device: torch.device) -> float:
-    """Seconds of one distillation step: :data:`PROBE_STEPS` steps of the real distillation, with the same
-    options, on a copy, timed between steps (rank 0's; the other ranks return 1). A probe of the forward and
-    backward passes alone left out loading, the GroupNorm-output loss and the optimiser step, and planned
-    20-50% more steps than EfficientNet-Lite0 then ran."""
-    stamps: list[float] = []
-    distill(copy.deepcopy(student), teacher, DataSplit(train, None, False), steps=PROBE_STEPS,
-            eval_every=PROBE_STEPS + 1, device=device, callback=lambda _info: stamps.append(time.perf_counter()),
-            **options)
-    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
-    return gaps[len(gaps) // 2] * 1.05 if gaps else 1.0

@@ -122,7 +122,7 @@ def _stack(dataset: Dataset, limit: int | None = None) -> torch.Tensor:
     return torch.stack([split_batch(dataset[i][0][None])[0][0] for i in range(count)])
 
 
-def _fresh_views(train: Dataset, count: int, seed: int) -> torch.Tensor:
+def fresh_views(train: Dataset, count: int, seed: int) -> torch.Tensor:
     """``count`` augmented views of training items, drawn with a fixed seed (no training batch draws them)."""
     size = len(train)  # type: ignore[arg-type]
     rng = random.Random(seed + 7919)
@@ -169,7 +169,8 @@ def recovery_data(data: Any, teacher: nn.Module, opts: dict[str, Any],
         teacher: the BatchNorm model (for synthetic images and the same-scene check).
         opts: ``weights``, ``input_size``, ``holdout``, ``eval_data``, ``seed``, ``synthetic``
             (count of synthetic images to add).
-        synthesise: ``synthesise(count) -> images (N, 3, S, S)`` (normalised), for synthetic data.
+        synthesise: ``synthesise(count, train) -> images (N, 3, S, S)`` (normalised), for synthetic
+            data; ``train`` is the real training set (None without one).
 
     Raises:
         OptionError: no data at all.
@@ -198,7 +199,7 @@ def recovery_data(data: Any, teacher: nn.Module, opts: dict[str, Any],
         heldout, groups = _eval_views(opts["eval_data"], opts, size) if opts["eval_data"] is not None else \
             (torch.empty(0), [])
     if synthetic:
-        images = synthesise(synthetic)
+        images = synthesise(synthetic, train)
         if train is None and not len(heldout):
             train_idx, held_idx = split_indices(len(images), opts["holdout"], opts["seed"])
             resized = torch.nn.functional.interpolate(images[held_idx], size=(size, size), mode="bilinear",
@@ -211,7 +212,7 @@ def recovery_data(data: Any, teacher: nn.Module, opts: dict[str, Any],
         train = extra if train is None else ConcatDataset([LabelledItems(train), extra])
         description += f" + {len(images)} synthetic images"
     assert train is not None  # real images, synthetic ones, or both
-    fit = _fresh_views(train, min(FIT_VIEWS, max(len(heldout), 32)), opts["seed"])
+    fit = fresh_views(train, min(FIT_VIEWS, max(len(heldout), 32)), opts["seed"])
     photos = len(set(groups))
     if 0 < photos < FEW_PHOTOS:
         warnings.append(f"only {photos} held-out photos: the held-out agreement is a coarse estimate; pass eval_data "

@@ -138,6 +138,7 @@ def synthesize(
     std: Sequence[float] = IMAGENET_STD,
     seed: int = 0,
     budget_s: float | None = None,
+    init: torch.Tensor | None = None,
     callback: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, SynthesisReport]:
     """Synthesise ``count`` images whose batch statistics match the teacher's BatchNorm layers.
@@ -155,6 +156,9 @@ def synthesize(
         mean, std: the normalisation of the model's inputs (pixels are kept in [0, 1] before it).
         seed: seed of the initial noise and the jitter.
         budget_s: stop early (with fewer steps per batch) to stay within this many seconds.
+        init: start from these images (normalised like model inputs, at least ``count``; resized
+            to ``size``) instead of noise: inversion from real photos, which with few small
+            steps stay natural while their statistics move towards the teacher's.
         callback: called with the number of batches done after each batch (progress).
 
     Returns:
@@ -169,6 +173,8 @@ def synthesize(
         raise OptionError("synthesis needs the BatchNorm teacher (running statistics); convert after synthesising")
     if count < 1 or batch_size < 2 or steps < 1:
         raise OptionError("count must be >= 1, batch_size >= 2 and steps >= 1")
+    if init is not None and len(init) < count:
+        raise OptionError(f"init holds {len(init)} images, fewer than the {count} to make")
     device = next(teacher.parameters()).device
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
@@ -178,7 +184,10 @@ def synthesize(
     with eval_mode(teacher), forward_hooks(taps.hooks()):
         for k, n in enumerate(batches):
             n = max(n, 2)
-            x = torch.randn(n, 3, size, size, generator=gen).to(device).requires_grad_(True)
+            if init is None:
+                x = torch.randn(n, 3, size, size, generator=gen).to(device).requires_grad_(True)
+            else:
+                x = upsample(init[k * batch_size:][:n].to(device), size).clone().requires_grad_(True)
             optimizer = torch.optim.Adam([x], lr=lr)
             share = None if budget_s is None else (budget_s - (time.perf_counter() - start)) / (len(batches) - k)
             began = time.perf_counter()
