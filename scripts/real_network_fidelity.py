@@ -3,7 +3,9 @@
 Every figure is measured on crops of photos that no training step and no tuning decision saw: the
 ``test`` split of the development photo pool (``scripts/photo_pool.py``: 25 photographs from Debian
 packages, 12 fixed views each). Training uses whole photos of the pool's ``train`` split, cropped
-afresh at every step; recipe choices were tuned on its ``dev`` split only.
+afresh at every step; recipe choices were tuned on its ``dev`` split only: ``--split dev`` scores
+there (the pool's 10 dev photos and the 20 scikit-image/scikit-learn photos, 300 views) and keeps
+its rows apart (``docs/fidelity_dev.json``).
 
 A row is one recipe, one training-set size, one seed: ``recover`` within ``--budget`` wall seconds at
 ``--threads`` threads, then scored. Reported: top-1 agreement with the teacher and its bootstrap 95%
@@ -20,6 +22,7 @@ Usage::
 
     python scripts/real_network_fidelity.py --recipes recover,recover-fidelity --seeds 0,1,2 --busy 2
     python scripts/real_network_fidelity.py --recipes recover --photos 6,12,25,50 --seeds 0
+    python scripts/real_network_fidelity.py --split dev --recipes recover,recover-qdrop --budget 300
     python scripts/real_network_fidelity.py --report       # table and figure from the JSON
 """
 
@@ -45,15 +48,20 @@ import gn_convert
 from gn_convert.fidelity.metrics import agreement_metrics, logits
 from gn_convert.fidelity.recover import recover
 from gn_convert.fidelity.recover_data import SeededViews
+from gn_convert.testing.photo_sets import HELDOUT_PHOTOS, TRAIN_PHOTOS, heldout_crops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _study_models import efficientnet_lite0  # noqa: E402
 from photo_pool import build_pool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "docs" / "fidelity_unseen.json"
+RESULTS = {"test": ROOT / "docs" / "fidelity_unseen.json", "dev": ROOT / "docs" / "fidelity_dev.json"}
 FIGURE = ROOT / "docs" / "fidelity_unseen.png"
 TEST_VIEWS = 12
+DEV_BUNDLED_VIEWS = 180
+"""Views of the 20 scikit-image/scikit-learn photos added to the dev split's 120."""
+PLOT_BUDGET = 450.0
+"""The budget of the runs the figure shows (the data-scaling rows)."""
 RECIPES: dict[str, dict[str, Any]] = {
     "zero-shot": {"train": False},
     "zero-shot-k1": {"train": False, "min_channels_per_group": 1},
@@ -65,16 +73,27 @@ RECIPES: dict[str, dict[str, Any]] = {
     "recover-k8": {"min_channels_per_group": 8},
     "recover-k16": {"min_channels_per_group": 16},
     "recover-fidelity": {"policy": "fidelity", "min_channels_per_group": 1},
+    "recover-qdrop": {"stages": ("reconstruct", "distill"), "reconstruct_drop": 0.5, "reconstruct_allocate": "error"},
+    "recover-invert": {"synthetic": 88, "synthetic_from": "photos", "synthetic_size": 128},
+    "recover-lr3e-4": {"lr": 3e-4},
+    "recover-fold-stem": {"fold": ("_bn0",)},
+    "recover-kd-only": {"feature_weight": 0.0},
+    "recover-fw0.1": {"feature_weight": 0.1},
 }
 """Recipe name -> keyword arguments of ``recover`` (``train: False``: convert only, no data)."""
 
 
-def test_set(pool: Path, teacher: nn.Module) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Fixed views of every test photo, the teacher's outputs on them and each view's photo."""
-    files = sorted((pool / "test").iterdir())
+def test_set(pool: Path, teacher: nn.Module, split: str = "test") -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Fixed views of every photo of ``split`` (dev: and of the bundled photos), the teacher's outputs on them
+    and each view's photo."""
+    files = sorted((pool / split).iterdir())
     views = SeededViews(files, TEST_VIEWS, 224, seed=1234)
     images = torch.stack([views[i][0] for i in range(len(views))])
-    return images, logits(teacher, images), [f.name for f in files for _ in range(TEST_VIEWS)]
+    groups = [f.name for f in files for _ in range(TEST_VIEWS)]
+    if split == "dev":
+        bundled, names = heldout_crops(DEV_BUNDLED_VIEWS, names=TRAIN_PHOTOS + HELDOUT_PHOTOS)
+        images, groups = torch.cat([images, bundled]), groups + names
+    return images, logits(teacher, images), groups
 
 
 def training_folder(pool: Path, photos: int | None, seed: int, scratch: Path) -> Path:
@@ -131,19 +150,21 @@ def run_row(recipe: str, photos: int | None, seed: int, busy: bool, budget: floa
     return row
 
 
-def load_rows() -> list[dict[str, Any]]:
+def load_rows(split: str = "test") -> list[dict[str, Any]]:
     """The rows recorded so far."""
-    return json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
+    return json.loads(RESULTS[split].read_text())["rows"] if RESULTS[split].exists() else []
 
 
-def save_rows(rows: list[dict[str, Any]], pool: Path) -> None:
+def save_rows(rows: list[dict[str, Any]], pool: Path, split: str = "test") -> None:
     """Write the rows (atomically, strict JSON)."""
     from gn_convert import strict_json
     from gn_convert.atomic import atomic_file
 
-    meta = {"pool": pool.name, "test_photos": len(list((pool / "test").iterdir())), "test_views": TEST_VIEWS,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
-    with atomic_file(RESULTS) as tmp:
+    meta = {"pool": pool.name, "split": split, "photos": len(list((pool / split).iterdir())),
+            "views_per_photo": TEST_VIEWS, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if split == "dev":
+        meta["bundled_views"] = DEV_BUNDLED_VIEWS
+    with atomic_file(RESULTS[split]) as tmp:
         tmp.write_text(strict_json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
@@ -159,16 +180,17 @@ def _spread(given: list[float | None], scale: float = 100.0, digits: int = 1) ->
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per (recipe, photos), median and range over seeds."""
-    head = ("| recipe | photos | runs | top-1 unseen (95% CI of median run) | confident | top-5 | KL | reported | fit "
-            "| CPU s |\n| --- | ---: | ---: | --- | --- | --- | --- | --- | --- | ---: |")
+    head = ("| recipe | photos | budget s | runs | top-1 unseen (95% CI of median run) | confident | top-5 | KL "
+            "| reported | fit | CPU s |\n| --- | ---: | ---: | ---: | --- | --- | --- | --- | --- | --- | ---: |")
     lines = [head]
-    keys = sorted({(r["recipe"], r["photos"] or 0) for r in rows}, key=lambda k: (list(RECIPES).index(k[0]), k[1]))
-    for recipe, photos in keys:
-        group = [r for r in rows if r["recipe"] == recipe and (r["photos"] or 0) == photos]
+    keys = sorted({(r["recipe"], r["photos"] or 0, r["budget_s"]) for r in rows},
+                  key=lambda k: (list(RECIPES).index(k[0]), k[1], k[2]))
+    for recipe, photos, budget in keys:
+        group = [r for r in rows if (r["recipe"], r["photos"] or 0, r["budget_s"]) == (recipe, photos, budget)]
         middle = sorted(group, key=lambda r: r["top1"])[len(group) // 2]
         ci = f"[{100 * middle['top1_low']:.1f}-{100 * middle['top1_high']:.1f}]"
         lines.append(
-            f"| {recipe} | {photos or '-'} | {len(group)}{' (1 busy)' if any(r['busy'] for r in group) else ''} "
+            f"| {recipe} | {photos or '-'} | {budget:.0f} | {len(group)}{' (1 busy)' if any(r['busy'] for r in group) else ''} "
             f"| {_spread([r['top1'] for r in group])} {ci} | {_spread([r['confident'] for r in group])} "
             f"| {_spread([r['top5'] for r in group])} | {_spread([r['kl'] for r in group], 1, 2)} "
             f"| {_spread([r.get('reported') for r in group])} | {_spread([r.get('fit') for r in group])} "
@@ -176,9 +198,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], all_photos: int) -> None:
+def plot(rows: list[dict[str, Any]], all_photos: int, budget: float = PLOT_BUDGET) -> None:
     """Unseen-photo metrics against the number of training photos (``all_photos`` for rows that used them all),
-    one line per recipe with at least two sizes."""
+    one line per recipe with at least two sizes, for the runs with ``budget`` seconds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,7 +208,7 @@ def plot(rows: list[dict[str, Any]], all_photos: int) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     for recipe in RECIPES:
-        group = [r for r in rows if r["recipe"] == recipe]
+        group = [r for r in rows if r["recipe"] == recipe and r["budget_s"] == budget]
         sizes = sorted({r["photos"] or all_photos for r in group})
         if len(sizes) < 2:
             continue
@@ -213,14 +235,16 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=900.0, help="recover's budget in wall seconds (900)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the machine's cores)")
     parser.add_argument("--redo", action="store_true", help="run rows already recorded again")
+    parser.add_argument("--split", choices=sorted(RESULTS), default="test",
+                        help="score on the pool's test photos (default) or the dev photos used for tuning")
     parser.add_argument("--report", action="store_true", help="only print the table and write the figure")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    pool, rows = build_pool(), load_rows()
+    pool, rows = build_pool(), load_rows(args.split)
     if not args.report:
         teacher = efficientnet_lite0()
-        test = test_set(pool, teacher)
+        test = test_set(pool, teacher, args.split)
         busy = {int(s) for s in args.busy.split(",") if s}
         sizes = [None] if args.photos == "all" else [int(n) for n in args.photos.split(",")]
         with tempfile.TemporaryDirectory(prefix="gn-study-") as scratch:
@@ -235,10 +259,11 @@ def main() -> None:
                                       Path(scratch))
                         rows = [r for r in rows if (r["recipe"], r["photos"], r["seed"], r["busy"], r["budget_s"]) != key]
                         rows.append(row)
-                        save_rows(rows, pool)
+                        save_rows(rows, pool, args.split)
                         print(table([row]).splitlines()[-1], flush=True)
     print(table(rows))
-    plot(rows, len(list((pool / "train").iterdir())))
+    if args.split == "test":
+        plot(rows, len(list((pool / "train").iterdir())))
 
 
 if __name__ == "__main__":
