@@ -27,8 +27,10 @@ import onnxruntime as ort
 
 
 def profile(path: Path, *, batch: int, runs: int, threads: int, native: bool, blocked: bool = False,
-            per_node: str | None = None) -> dict[str, float]:
-    """Mean kernel milliseconds per run, by op type (or per ``per_node`` node, as printed lines)."""
+            per_node: str | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean kernel milliseconds per run, by op type (or per ``per_node`` node, as printed lines), and the
+    run as a whole: ``nodes`` run per inference, ``run_ms`` (the session's own time per run) and
+    ``outside_ms`` (that time less the kernels': scheduling, allocation, thread-pool dispatch)."""
     from gn_convert.runtime import session_options
 
     library, model = None, str(path)
@@ -52,6 +54,11 @@ def profile(path: Path, *, batch: int, runs: int, threads: int, native: bool, bl
     events = json.loads(trace.read_text())
     trace.unlink()
     totals: collections.Counter[str] = collections.Counter()
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    run_ms = [e["dur"] / 1000 for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    kernel_ms = sum(e["dur"] for e in kernels) / 1000 / (runs + 1)
+    whole = {"nodes": len(kernels) / (runs + 1), "run_ms": sum(run_ms) / max(len(run_ms), 1)}
+    whole["outside_ms"] = whole["run_ms"] - kernel_ms
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             if per_node is None:
@@ -61,7 +68,7 @@ def profile(path: Path, *, batch: int, runs: int, threads: int, native: bool, bl
                 shapes = [list(v.values())[0] for v in event["args"].get("input_type_shape", [])]
                 totals[f"{event['name'][:-len('_kernel_time')]} {shapes[0] if shapes else ''}"
                        f"{' +residual' if len(shapes) > 3 else ''} {size / 1e6:.1f} MB"] += ms
-    return dict(totals if per_node else totals.most_common())
+    return dict(totals if per_node else totals.most_common()), whole
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,13 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.is_file():
         print(f"profile_ops: error: {args.model} not found", file=sys.stderr)
         return 2
-    totals = profile(args.model, batch=args.batch, runs=args.runs, threads=args.threads, native=args.native,
+    totals, whole = profile(args.model, batch=args.batch, runs=args.runs, threads=args.threads, native=args.native,
                      blocked=args.blocked, per_node=args.per_node)
     print(f"{args.model.name}, batch {args.batch}, {args.threads} thread(s), onnxruntime {ort.__version__}, "
           f"kernel ms per run (mean of {args.runs + 1})")
     for op, ms in totals.items():
         print(f"{op:24s} {ms:8.2f}" if args.per_node else f"{op:24s} {ms:8.1f}")
     print(f"{'total':24s} {sum(totals.values()):8.1f}")
+    print(f"{whole['nodes']:.0f} nodes run per inference; the session's run {whole['run_ms']:.1f} ms, "
+          f"of which outside the kernels {whole['outside_ms']:.1f} ms")
     return 0
 
 
