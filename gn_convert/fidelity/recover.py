@@ -171,6 +171,8 @@ def recover(
         raise OptionError(f"unknown recovery stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
     if synthetic_from not in SYNTHETIC_FROM:
         raise OptionError(f"synthetic_from must be one of {', '.join(SYNTHETIC_FROM)}, got {synthetic_from!r}")
+    if synthetic_from == "photos" and (data is None or isinstance(data, str) and data == SYNTHETIC):
+        raise OptionError("synthetic_from='photos' needs training photos (data=a folder or Dataset)")
     if resume and checkpoint_dir is None:
         raise OptionError("resume needs the checkpoint_dir of the run to resume")
     given_student = teacher is not None
@@ -245,9 +247,7 @@ class _Recovery:
                     opts: dict[str, Any]) -> torch.Tensor:
         share = self.clock.share("synthesize") / (1 if data is None or data == SYNTHETIC else 3)
         invert: dict[str, Any] = {}
-        if opts["synthetic"]["start"] == "photos":
-            if train is None:
-                raise OptionError("synthetic_from='photos' needs training photos (data=a folder or Dataset)")
+        if opts["synthetic"]["start"] == "photos" and train is not None:
             invert = dict(init=fresh_views(train, count, opts["data"]["seed"] + 1).to(self.device),
                           steps=INVERT_STEPS, lr=INVERT_LR)
         images, report = synthesize(teacher, count, size=opts["synthetic"]["size"], budget_s=share, **invert,
