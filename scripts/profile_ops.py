@@ -59,15 +59,14 @@ def profile(path: Path, *, batch: int, runs: int, threads: int, native: bool, bl
     kernel_ms = sum(e["dur"] for e in kernels) / 1000 / (runs + 1)
     whole = {"nodes": len(kernels) / (runs + 1), "run_ms": sum(run_ms) / max(len(run_ms), 1)}
     whole["outside_ms"] = whole["run_ms"] - kernel_ms
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            if per_node is None:
-                totals[event["args"]["op_name"]] += event["dur"] / 1000 / (runs + 1)
-            elif event["args"]["op_name"] == per_node:
-                ms, size = event["dur"] / 1000 / (runs + 1), int(event["args"].get("output_size", 0))
-                shapes = [list(v.values())[0] for v in event["args"].get("input_type_shape", [])]
-                totals[f"{event['name'][:-len('_kernel_time')]} {shapes[0] if shapes else ''}"
-                       f"{' +residual' if len(shapes) > 3 else ''} {size / 1e6:.1f} MB"] += ms
+    for event in kernels:
+        if per_node is None:
+            totals[event["args"]["op_name"]] += event["dur"] / 1000 / (runs + 1)
+        elif event["args"]["op_name"] == per_node:
+            ms, size = event["dur"] / 1000 / (runs + 1), int(event["args"].get("output_size", 0))
+            shapes = [list(v.values())[0] for v in event["args"].get("input_type_shape", [])]
+            totals[f"{event['name'][:-len('_kernel_time')]} {shapes[0] if shapes else ''}"
+                   f"{' +residual' if len(shapes) > 3 else ''} {size / 1e6:.1f} MB"] += ms
     return dict(totals if per_node else totals.most_common()), whole
 
 
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"profile_ops: error: {args.model} not found", file=sys.stderr)
         return 2
     totals, whole = profile(args.model, batch=args.batch, runs=args.runs, threads=args.threads, native=args.native,
-                     blocked=args.blocked, per_node=args.per_node)
+                            blocked=args.blocked, per_node=args.per_node)
     print(f"{args.model.name}, batch {args.batch}, {args.threads} thread(s), onnxruntime {ort.__version__}, "
           f"kernel ms per run (mean of {args.runs + 1})")
     for op, ms in totals.items():

@@ -67,7 +67,7 @@ def norm_pairs(student: nn.Module, teacher: nn.Module) -> list[NormPair]:
         pairs.append(NormPair(name, module, original))
     if not pairs:
         raise ModelMismatchError("the student has no GroupNorm layer; convert it with gn_convert.convert first")
-    _check_shapes(student, teacher, {p.name for p in pairs}, _folded(student, teacher_modules))
+    _check_shapes(student, teacher, teacher_modules, {p.name for p in pairs}, _folded(student, teacher_modules))
     return pairs
 
 
@@ -79,11 +79,11 @@ def _folded(student: nn.Module, teacher_modules: dict[str, nn.Module]) -> set[st
             and not isinstance(ours[name], nn.GroupNorm)}
 
 
-def _check_shapes(student: nn.Module, teacher: nn.Module, norm_names: set[str], folded: set[str]) -> None:
+def _check_shapes(student: nn.Module, teacher: nn.Module, teacher_modules: dict[str, nn.Module],
+                  norm_names: set[str], folded: set[str]) -> None:
     gone = norm_names | folded
     theirs = {k: v.shape for k, v in teacher.state_dict().items() if k.rpartition(".")[0] not in gone}
     ours = {k: v.shape for k, v in student.state_dict().items() if k.rpartition(".")[0] not in norm_names}
-    teacher_modules = dict(teacher.named_modules())
     for key, shape in ours.items():
         owner, _, leaf = key.rpartition(".")
         if folded and leaf == "bias" and getattr(teacher_modules.get(owner), "bias", False) is None:
