@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -68,18 +69,26 @@ inline typename Row<B>::type load(const float* p) {
 template <int B>
 inline void store(float* p, typename Row<B>::type v) { std::memcpy(p, &v, sizeof v); }
 
-// Per-channel sums of d and d^2, d = x - x[first position], over the positions of one unit's
-// blocks, in one pass. Shifting by a value of the channel keeps the squares small for inputs with
-// a large mean, as a two-pass variance does; float lanes within a chunk, double across chunks.
+// The same row in double lanes (a pair of registers on AVX-512).
+template <int B> struct Wide;
+template <> struct Wide<8> { typedef double type __attribute__((vector_size(64))); };
+template <> struct Wide<16> { typedef double type __attribute__((vector_size(128))); };
+
+// Per-channel mean and sum of squared deviations from it (m2), over the positions of one unit's
+// blocks, in one pass over x: the sums of d and d^2 with d = x - k, k the channel's first value.
+// Shifting by a value of the channel keeps the squares small for inputs with a large mean, as a
+// two-pass variance does. Float lanes within a chunk of positions (four independent chains,
+// added as vectors), double lanes across chunks and for the moments.
 template <int B>
-void channel_stats(const float* x, int64_t blocks, int64_t spatial, float* shift, double* s1, double* s2) {
+void channel_stats(const float* x, int64_t blocks, int64_t spatial, double* mean, double* m2) {
   using V = typename Row<B>::type;
+  using W = typename Wide<B>::type;
   const int64_t chunk = kChunkValues / B;
+  const double count = static_cast<double>(spatial);
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const float* xb = x + blk * spatial * B;
     const V k = load<B>(xb);
-    store<B>(shift + blk * B, k);
-    double t1[B] = {0.0}, t2[B] = {0.0};
+    W t1 = {}, t2 = {};
     for (int64_t start = 0; start < spatial; start += chunk) {
       const int64_t end = std::min(start + chunk, spatial);
       V a1[kUnroll] = {}, a2[kUnroll] = {};
@@ -96,17 +105,14 @@ void channel_stats(const float* x, int64_t blocks, int64_t spatial, float* shift
         a1[0] += d;
         a2[0] += d * d;
       }
-      for (int u = 0; u < kUnroll; ++u) {
-        for (int l = 0; l < B; ++l) {
-          t1[l] += a1[u][l];
-          t2[l] += a2[u][l];
-        }
-      }
+      t1 += __builtin_convertvector((a1[0] + a1[1]) + (a1[2] + a1[3]), W);
+      t2 += __builtin_convertvector((a2[0] + a2[1]) + (a2[2] + a2[3]), W);
     }
-    for (int l = 0; l < B; ++l) {
-      s1[blk * B + l] = t1[l];
-      s2[blk * B + l] = t2[l];
-    }
+    const W offset = t1 / count;  // the channel's mean minus k
+    const W mu = __builtin_convertvector(k, W) + offset;
+    const W dev = t2 - t1 * offset;  // sum (x - mu)^2 = sum d^2 - (sum d)^2 / n
+    std::memcpy(mean + blk * B, &mu, sizeof mu);
+    std::memcpy(m2 + blk * B, &dev, sizeof dev);
   }
 }
 
@@ -180,28 +186,29 @@ void normalize_unit(void* data, size_t task) {
   float* shift = job.scratch + 3 * job.unit * static_cast<int64_t>(task);  // this task's own slice
   float* a = shift + job.unit;
   float* b = a + job.unit;
-  double* s1 = job.sums + 2 * job.unit * static_cast<int64_t>(task);
-  double* s2 = s1 + job.unit;
+  double* mean = job.sums + 2 * job.unit * static_cast<int64_t>(task);
+  double* m2 = mean + job.unit;
   const int64_t real = std::max<int64_t>(0, std::min(count, job.channels - c0));  // channels past C: padding
   const int64_t groups = real / job.group_channels;
   const double n_channel = static_cast<double>(job.spatial);
-  channel_stats<B>(x, count / B, job.spatial, shift, s1, s2);
+  channel_stats<B>(x, count / B, job.spatial, mean, m2);
   for (int64_t g = 0; g < groups; ++g) {
+    // The group's mean and squared deviations from the channels' (Chan et al.'s pairwise update):
+    // sum over channels of m2 + n (mean_c - mean_g)^2.
     const int64_t first = g * job.group_channels, last = first + job.group_channels;
     double total = 0.0;
-    for (int64_t c = first; c < last; ++c) total += s1[c] + n_channel * shift[c];
-    const double mean = total / (n_channel * job.group_channels);
-    // sum over the group of (x - mean)^2, from each channel's sums about its own shift k:
-    // s2 + 2 (k - mean) s1 + n (k - mean)^2
+    for (int64_t c = first; c < last; ++c) total += mean[c];
+    const double mu = total / static_cast<double>(job.group_channels);
     double squares = 0.0;
     for (int64_t c = first; c < last; ++c) {
-      const double k = static_cast<double>(shift[c]) - mean;
-      squares += s2[c] + 2.0 * k * s1[c] + n_channel * k * k;
+      const double k = mean[c] - mu;
+      squares += m2[c] + n_channel * k * k;
     }
     const double var = std::max(0.0, squares / (n_channel * job.group_channels));
     const float rstd = static_cast<float>(1.0 / std::sqrt(var + job.epsilon));
+    const float center = static_cast<float>(mu);
     for (int64_t c = first; c < last; ++c) {
-      shift[c] = static_cast<float>(mean);
+      shift[c] = center;
       a[c] = rstd * job.scale[c0 + c];
       b[c] = job.bias[c0 + c];
     }
@@ -313,11 +320,13 @@ struct GroupNormNchwcKernel {
     const int64_t units = (padded + unit - 1) / unit;
     const size_t tasks = static_cast<size_t>(shape[0] * units);
     if (tasks == 0 || shape[2] * shape[3] == 0) return Ort::Status(nullptr);
-    std::vector<float> scratch(3 * unit * tasks);
-    std::vector<double> sums(2 * unit * tasks);
+    // Every task writes its slice before reading it: no zero-filling (a memset as large as a
+    // 7x7 activation's tenth, on every call).
+    const std::unique_ptr<float[]> scratch(new float[3 * unit * tasks]);
+    const std::unique_ptr<double[]> sums(new double[2 * unit * tasks]);
     gn_nchwc::Job job{X.Data(), z, scale.Data(), bias.Data(), y, channels_, padded, shape[2] * shape[3],
-                      group_channels, unit, units, epsilon_, activation_, alpha_, beta_, scratch.data(),
-                      sums.data()};
+                      group_channels, unit, units, epsilon_, activation_, alpha_, beta_, scratch.get(),
+                      sums.get()};
     Ort::KernelContext(context).ParallelFor(block_ == 16 ? gn_nchwc::normalize_unit<16> : gn_nchwc::normalize_unit<8>,
                                             tasks, 0, &job);
     return Ort::Status(nullptr);
