@@ -128,6 +128,20 @@ def test_kernel_mean_1000(native_library: Path) -> None:
     assert error < MEAN1000_BOUND, error
 
 
+def test_kernel_channel_means_apart(native_library: Path) -> None:
+    """Channels of one group far apart (means 1000 +- 50, spread 0.5), groups of 30 that straddle blocks, and
+    more positions than one chunk: the group's variance is mostly between channels, so it rests on the
+    combine of each channel's mean and squared deviations."""
+    rng = np.random.default_rng(11)
+    offsets = rng.uniform(-50, 50, 60)[None, :, None, None]
+    x = (rng.standard_normal((2, 60, 24, 20)) * 0.5 + 1000 + offsets).astype(np.float32)
+    scale, bias = rng.uniform(0.5, 2, 60).astype(np.float32), rng.standard_normal(60).astype(np.float32)
+    _, got = _run_kernel(native_library, x, scale, bias, 2)
+    want = reference(x, scale, bias, 2)
+    error = np.abs(got - want).max() / np.abs(want).max()
+    assert error < MEAN1000_BOUND, error  # measured 6e-7
+
+
 @pytest.mark.parametrize("gate_layout", ["plain", "blocked"])
 def test_scale_kernel(native_library: Path, gate_layout: str) -> None:
     """ScaleNchwc (squeeze-excite's gating): y = x * s[n, c], the gate plain [N, C, 1, 1] or blocked."""
