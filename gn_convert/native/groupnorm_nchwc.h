@@ -84,7 +84,7 @@ void channel_stats(const float* x, int64_t blocks, int64_t spatial, double* mean
   using V = typename Row<B>::type;
   using W = typename Wide<B>::type;
   const int64_t chunk = kChunkValues / B;
-  const double count = static_cast<double>(spatial);
+  const double positions = static_cast<double>(spatial);
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const float* xb = x + blk * spatial * B;
     const V k = load<B>(xb);
@@ -108,7 +108,7 @@ void channel_stats(const float* x, int64_t blocks, int64_t spatial, double* mean
       t1 += __builtin_convertvector((a1[0] + a1[1]) + (a1[2] + a1[3]), W);
       t2 += __builtin_convertvector((a2[0] + a2[1]) + (a2[2] + a2[3]), W);
     }
-    const W offset = t1 / count;  // the channel's mean minus k
+    const W offset = t1 / positions;  // the channel's mean minus k
     const W mu = __builtin_convertvector(k, W) + offset;
     const W dev = t2 - t1 * offset;  // sum (x - mu)^2 = sum d^2 - (sum d)^2 / n
     std::memcpy(mean + blk * B, &mu, sizeof mu);
