@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gn_convert.fidelity.pairs import capture_io, forward_hooks
+from gn_convert.fidelity.pairs import capture_span, forward_hooks
 from gn_convert.modes import eval_mode
 from gn_convert.surgery.registry import is_batchnorm
 
@@ -121,7 +121,6 @@ def _with_feeder(model: nn.Module, modules: dict[str, nn.Module], name: str, ran
     if inside_block or is_norm(modules[feeder]) or not any(True for _ in modules[feeder].parameters()):
         return (name,)
     with eval_mode(model), torch.no_grad():
-        inputs, _ = capture_io(model, modules[feeder], example[:1])
-        _, output = capture_io(model, modules[name], example[:1])
+        inputs, output = capture_span(model, modules[feeder], modules[name], example[:1])
         direct = modules[name](modules[feeder](*inputs))
     return (feeder, name) if torch.allclose(direct, output, rtol=1e-4, atol=1e-5) else (name,)

@@ -142,20 +142,39 @@ def capture_io(model: nn.Module, module: nn.Module, images: torch.Tensor) -> tup
     Raises:
         ModelMismatchError: ``module`` never ran in the forward pass.
     """
-    box: list[tuple[tuple[Any, ...], Any]] = []
+    return capture_span(model, module, module, images)
 
-    def hook(_module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        box.append((inputs, output))
-        raise _Stop
 
-    with forward_hooks([(module, hook)]):
+def capture_span(model: nn.Module, first: nn.Module, last: nn.Module,
+                 images: torch.Tensor) -> tuple[tuple[Any, ...], Any]:
+    """Run ``model`` on ``images`` only as far as ``last``, once; return ``first``'s positional inputs
+    (its first call) and the output of ``last``'s first call after it.
+
+    Raises:
+        ModelMismatchError: ``first``, or ``last`` after it, never ran in the forward pass.
+    """
+    inputs: list[tuple[Any, ...]] = []
+    output: list[Any] = []
+
+    def at_first(_module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
+        if not inputs:  # a copy when the pass goes on: a later in-place op may write over them
+            inputs.append(args if first is last else
+                          tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+
+    def at_last(_module: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
+        if inputs:
+            output.append(out)
+            raise _Stop
+
+    with forward_hooks([(first, at_first), (last, at_last)]):
         try:
             model(images)
         except _Stop:
             pass
-    if not box:
-        raise ModelMismatchError(f"{type(module).__name__} never ran in the forward pass; check the student and teacher")
-    return box[0]
+    if not output:
+        missing = first if not inputs else last
+        raise ModelMismatchError(f"{type(missing).__name__} never ran in the forward pass; check the student and teacher")
+    return inputs[0], output[0]
 
 
 def capture(model: nn.Module, module: nn.Module, images: torch.Tensor, want_input: bool) -> torch.Tensor:

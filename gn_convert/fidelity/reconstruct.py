@@ -37,7 +37,7 @@ from gn_convert.errors import OptionError
 from gn_convert.fidelity import distributed as ddp
 from gn_convert.fidelity.blocks import Block, find_blocks
 from gn_convert.fidelity.options import trainable_only
-from gn_convert.fidelity.pairs import capture_io
+from gn_convert.fidelity.pairs import capture_io, capture_span
 from gn_convert.modes import eval_mode
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,7 @@ def _weights(blocks: list[Block], student: nn.Module, teacher: nn.Module, probe:
     with torch.no_grad():
         for block in blocks:
             t_parts = block.parts(teacher)
-            inputs, _ = capture_io(teacher, t_parts[0], probe)
-            _, target = capture_io(teacher, t_parts[-1], probe)
+            inputs, target = capture_span(teacher, t_parts[0], t_parts[-1], probe)
             errors.append(max(float(block_error(block.forward(block.parts(student), inputs), target)), 1e-3))
     log.info("block errors on the teacher's input: %s", ", ".join(f"{e:.3f}" for e in errors))
     return [float(e) for e in ddp.from_main(errors, procs)]
@@ -219,10 +218,10 @@ def _fit_block(block: Block, student: nn.Module, teacher: nn.Module, batches: It
 
     def pair(x: torch.Tensor, mix: float = 0.0) -> tuple[tuple[Any, ...], torch.Tensor]:
         inputs, _ = capture_io(student, s_parts[0], x)
-        _, target = capture_io(teacher, t_parts[-1], x)
-        if mix:
-            inputs = _mixed(inputs, capture_io(teacher, t_parts[0], x)[0], mix)
-        return inputs, target
+        if not mix:
+            return inputs, capture_io(teacher, t_parts[-1], x)[1]
+        teacher_inputs, target = capture_span(teacher, t_parts[0], t_parts[-1], x)
+        return _mixed(inputs, teacher_inputs, mix), target
 
     params = [p for part in s_parts for p in _parameters(part, trainable)]
     with torch.no_grad():
