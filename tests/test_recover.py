@@ -443,3 +443,15 @@ def test_recover_distils_a_student_whose_folded_convolution_gained_a_bias(tmp_pa
     assert [layer.name for layer in result.plan.folded] == ["1"]
     assert result.model[0].bias is not None and isinstance(result.model[1], nn.Identity)
     assert all(isinstance(result.model[i], nn.GroupNorm) for i in (4, 7))
+
+
+def test_heldout_photos_in_class_subfolders_are_told_apart_by_their_path(tiny_teacher, tmp_path) -> None:
+    """Defect: held-out photos were grouped by file name alone, so ``a/p000.png`` and ``b/p000.png`` were one photo."""
+    for k, label in enumerate("ab"):
+        _photo_folder(tmp_path / "classes" / label, 10, size=16, seed=k)  # the same names in both classes
+        _photo_folder(tmp_path / "eval" / label, 5, size=16, seed=10 + k)
+    split = recover(tiny_teacher, tmp_path / "classes", budget=6, input_size=12, holdout=10, stages=())
+    assert split.heldout_photos == 10 and split.heldout == 10 * 8
+    scored = recover(tiny_teacher, tmp_path / "classes", budget=6, input_size=12, eval_data=tmp_path / "eval",
+                     stages=())
+    assert scored.heldout_photos == 10 and scored.heldout == 10 * 8

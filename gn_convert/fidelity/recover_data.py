@@ -56,7 +56,7 @@ class RecoveryData:
     Attributes:
         train: items ``(image, label)``, a fresh augmented view per fetch.
         heldout: fixed held-out views ``(N, C, H, W)``.
-        groups: the source (photo) of each held-out view, for intervals over photos.
+        groups: the source (photo: its path) of each held-out view, for intervals over photos.
         fit: fixed views of the training images.
         input_size: the side of the views, in pixels.
         description: one line saying what the data are.
@@ -142,7 +142,7 @@ def _folder(data: Any, opts: dict[str, Any], size: int) -> tuple[Dataset, torch.
         held_files = [scan.files[i] for i in held_idx][:MAX_HELDOUT_VIEWS]
         views = max(1, min(VIEWS, MAX_HELDOUT_VIEWS // max(len(held_files), 1)))
         heldout = _stack(SeededViews(held_files, views, size, opts["seed"], opts["weights"]))
-        groups = [f.name for f in held_files for _ in range(views)]
+        groups = [str(f) for f in held_files for _ in range(views)]
     labels = [scan.labels[i] for i in train_idx] if scan.labels is not None else None
     train = ImageFiles([scan.files[i] for i in train_idx], labels, prep.train)
     return train, heldout, groups, f"folder {scan.root}: {len(train_idx)} training photos"
@@ -154,7 +154,7 @@ def _eval_views(eval_data: Any, opts: dict[str, Any], size: int) -> tuple[torch.
         files = scan_folder(eval_data).files[:MAX_HELDOUT_VIEWS]
         views = max(1, min(VIEWS, MAX_HELDOUT_VIEWS // len(files)))
         return _stack(SeededViews(files, views, size, opts["seed"], opts["weights"])), \
-            [f.name for f in files for _ in range(views)]
+            [str(f) for f in files for _ in range(views)]
     split = load_data(eval_data, weights=opts["weights"], input_size=size, holdout=0, augment=False)
     images = _stack(split.train, MAX_HELDOUT_VIEWS * VIEWS)
     return images, [str(i) for i in range(len(images))]
