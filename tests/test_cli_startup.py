@@ -52,6 +52,7 @@ def test_console_script_version_names_the_package_version() -> None:
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
 
 
+@pytest.mark.product_defaults
 def test_lazy_choices_and_cli_defaults_match_the_api_maps() -> None:
     from gn_convert.cli import arguments, build_parser, convert, deploy, serve
     from gn_convert.deploy.server import LOOPBACK
@@ -61,10 +62,12 @@ def test_lazy_choices_and_cli_defaults_match_the_api_maps() -> None:
     from gn_convert.fidelity.options import TRAINABLE
     from gn_convert.onnx.targets import DEFAULT_TARGET, TARGETS
     from gn_convert.pipeline import PARITY_BATCH
+    from gn_convert.surgery.group_count import DEFAULT_MIN_CHANNELS
     from gn_convert.surgery.initialize import INITS
     from gn_convert.surgery.plan import FIDELITY, POLICIES
 
     assert list(arguments.POLICY_CHOICES) == list(POLICIES) and arguments.FIDELITY == FIDELITY in POLICIES
+    assert arguments.DEFAULT_MIN_CHANNELS == DEFAULT_MIN_CHANNELS
     assert list(arguments.INIT_CHOICES) == list(INITS) and list(arguments.FIT_CHOICES) == list(FITS)
     assert list(arguments.ORDER_CHOICES) == list(ORDERS) and list(arguments.TRAINABLE_CHOICES) == list(TRAINABLE)
     assert list(arguments.TARGET_CHOICES) == list(TARGETS) and list(deploy.INSTANCE_CHOICES) == list(INSTANCE_KINDS)
@@ -73,3 +76,28 @@ def test_lazy_choices_and_cli_defaults_match_the_api_maps() -> None:
     args = build_parser().parse_args(["convert", "resnet18"])
     assert (args.policy, args.init, args.calibrate_method, args.calibrate_order, args.trainable, args.onnx_target) \
         == (POLICIES[0], next(iter(INITS)), next(iter(FITS)), next(iter(ORDERS)), TRAINABLE[0], DEFAULT_TARGET)
+
+
+def test_convert_help_groups_every_option_by_stage() -> None:
+    import argparse
+
+    from gn_convert.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices["convert"]
+    groups = {group.title: [action.dest for action in group._group_actions] for group in parser._action_groups}
+    assert list(groups) == ["positional arguments", "options", "model and weights",
+                            "group plan (which GroupNorm replaces each BatchNorm)",
+                            "fidelity: data (for --recover, --calibrate and distillation)",
+                            "fidelity: recovery (one budgeted call that brings the function back)",
+                            "fidelity: calibration and distillation by step count", "differential privacy (Opacus)",
+                            "ONNX export and parity", "deploy: Triton model repository", "output"]
+    assert groups["positional arguments"] == [] and groups["options"] == ["help"]  # every option has its stage
+    assert groups["model and weights"] == ["model", "weights", "num_classes"]
+    assert groups["output"] == ["out", "force", "format"] and groups["differential privacy (Opacus)"] == ["dp_ready"]
+    assert {"recover", "budget", "state_dir"} <= set(groups[next(t for t in groups if "recovery" in t)])
+    assert parser.format_help().startswith("usage: gn-convert [convert] MODEL [options]\n")
+    # --groups is a target: its help says what the default bound does and how to get G on every layer
+    groups_help = " ".join(next(a for a in parser._actions if a.dest == "groups").help.split())
+    assert "by default every layer keeps at least 16 channels per group" in groups_help
+    assert "--min-channels-per-group 1 gives G on every layer" in groups_help

@@ -18,6 +18,8 @@ from typing import Any
 from gn_convert.cli.choices import LazyChoices
 
 DEFAULT_GROUPS = 32
+DEFAULT_MIN_CHANNELS = 16
+"""Channels per group a ``--groups`` request keeps at least (:data:`gn_convert.surgery.group_count.DEFAULT_MIN_CHANNELS`)."""
 FIDELITY = "fidelity"
 """``--policy fidelity`` (:data:`gn_convert.surgery.plan.FIDELITY`)."""
 POLICY_CHOICES = LazyChoices("gn_convert.surgery.plan:POLICIES")
@@ -65,12 +67,15 @@ def is_main_process() -> bool:
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     """The group-plan options shared by every command that converts."""
-    g = parser.add_argument_group("group plan")
-    g.add_argument("--groups", "-g", type=int, help=f"GroupNorm groups per layer (default {DEFAULT_GROUPS})")
-    g.add_argument("--group-size", type=int, help="channels per group, instead of --groups")
+    g = parser.add_argument_group("group plan (which GroupNorm replaces each BatchNorm)")
+    g.add_argument("--groups", "-g", type=int, metavar="G",
+                   help=f"a target, not a promise (default {DEFAULT_GROUPS}): by default every layer keeps at least "
+                   f"{DEFAULT_MIN_CHANNELS} channels per group, so narrower layers get fewer groups (at 32, ResNet-50 "
+                   "gets 4, 8 or 16 on 31 of its 53 layers); --min-channels-per-group 1 gives G on every layer")
+    g.add_argument("--group-size", type=int, metavar="K", help="channels per group, instead of --groups")
     g.add_argument("--min-channels-per-group", type=int, metavar="K",
-                   help="the smallest group any layer may get (default 16 with --groups, 1 with --group-size; "
-                   "1 forces G on every layer, as Wu & He's G=32)")
+                   help=f"the smallest group any layer may get (default {DEFAULT_MIN_CHANNELS} with --groups, 1 with "
+                   "--group-size; 1 forces G on every layer, as Wu & He's G=32)")
     g.add_argument("--policy", choices=POLICY_CHOICES, default="divisor", metavar="POLICY",
                    help="%(choices)s: when the groups do not divide a layer's channels: largest divisor <= G "
                    "(divisor, default), gcd(G, C), or refuse (strict); fidelity (with --recover): per layer, "
@@ -106,14 +111,15 @@ def plan_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser | None
 
 def add_recover_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``--recover`` (:func:`gn_convert.recover`)."""
-    g = parser.add_argument_group("recovery (one budgeted call: convert, reconstruct block by block, distil)")
+    g = parser.add_argument_group("fidelity: recovery (one budgeted call that brings the function back)")
     g.add_argument("--recover", action="store_true",
                    help="bring the converted model back to the original's function on --data (a folder, or "
                    "'synthetic' for images synthesised from the teacher) within --budget")
-    g.add_argument("--budget", type=duration, default=900.0, help="time for the recovery: 900, 15m, 1h (default 15m)")
+    g.add_argument("--budget", type=duration, default=900.0, metavar="TIME",
+                   help="time for the recovery: 900, 15m, 1h (default 15m)")
     g.add_argument("--synthetic", type=int, default=0, metavar="N",
                    help="add N images synthesised from the teacher's BatchNorm statistics (256 with --data synthetic)")
-    g.add_argument("--synthetic-dir", type=Path, help="also write the synthetic images there as PNG files")
+    g.add_argument("--synthetic-dir", type=Path, metavar="DIR", help="also write the synthetic images there as PNG files")
     g.add_argument("--state-dir", type=Path, metavar="DIR",
                    help="keep the recovery's state there (after each stage and during distillation)")
     g.add_argument("--resume", action="store_true", help="continue a stopped --recover from --state-dir")
@@ -163,15 +169,26 @@ def add_native_library_argument(group: Any) -> None:
                        "Triton repository, for a portable -march)")
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data options shared by ``finetune`` and ``convert`` (recovery, calibration, distillation)."""
+    g = parser.add_argument_group("fidelity: data (for --recover, --calibrate and distillation)")
+    g.add_argument("--data", type=Path, metavar="DIR", help="folder of images (plain, unlabelled) or of class "
+                   "subfolders (labelled) for calibration and distillation")
+    g.add_argument("--eval-data", type=Path, metavar="DIR",
+                   help="separate held-out folder (default: --holdout of --data)")
+    g.add_argument("--holdout", type=fraction, default=0.1, metavar="F",
+                   help="fraction of --data held out for evaluation (0.1)")
+    g.add_argument("--input-size", type=int, metavar="PX", help="crop side in pixels (default: the model's preset)")
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the split, data order and augmentation (0)")
+    g.add_argument("--workers", type=int, default=0, metavar="N", help="data-loading worker processes (0)")
+    g.add_argument("--no-flip", action="store_true", help="no horizontal flips in training augmentation")
+
+
 def add_distill_arguments(parser: argparse.ArgumentParser, steps_flag: str = "--steps",
                           default_steps: int | None = 200) -> None:
-    """The data, calibration and distillation options shared by ``finetune`` and ``convert``."""
-    g = parser.add_argument_group("data, calibration and distillation")
-    g.add_argument("--data", type=Path, help="folder of images (plain, unlabelled) or of class "
-                   "subfolders (labelled) for calibration and distillation")
-    g.add_argument("--eval-data", type=Path, help="separate held-out folder (default: --holdout of --data)")
-    g.add_argument("--holdout", type=fraction, default=0.1, help="fraction of --data held out for evaluation (0.1)")
-    g.add_argument("--input-size", type=int, help="crop side in pixels (default: the model's preset)")
+    """The calibration and distillation options shared by ``finetune`` and ``convert`` (the data options
+    are :func:`add_data_arguments`)."""
+    g = parser.add_argument_group("fidelity: calibration and distillation by step count")
     g.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="calibrate the GroupNorm affines on N batches of --data first (default 0: off)")
     g.add_argument("--calibrate-method", choices=FIT_CHOICES, default="variance", metavar="FIT",
@@ -181,22 +198,20 @@ def add_distill_arguments(parser: argparse.ArgumentParser, steps_flag: str = "--
                    "cheap pass)")
     g.add_argument(steps_flag, dest="steps", type=int, default=default_steps, metavar="N",
                    help=f"distillation steps (default {default_steps or 0})")
-    g.add_argument("--batch-size", type=int, help="global batch per step (32; with --recover 16)")
-    g.add_argument("--accumulate", type=int, default=1, help="micro-batches per step per process (1)")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (1e-4; "
+    g.add_argument("--batch-size", type=int, metavar="N", help="global batch per step (32; with --recover 16)")
+    g.add_argument("--accumulate", type=int, default=1, metavar="N", help="micro-batches per step per process (1)")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate, also of --recover (1e-4; "
                    "try 1e-2 with --trainable gn-affine)")
     g.add_argument("--trainable", choices=TRAINABLE_CHOICES, default="all", metavar="WHICH",
                    help="parameters to train: %(choices)s (default %(default)s)")
-    g.add_argument("--gn-lr-scale", type=float, default=1.0, help="lr multiplier of GroupNorm affines (1)")
-    g.add_argument("--temperature", type=float, default=2.0, help="KL temperature (2)")
-    g.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy weight with labels (0: off)")
-    g.add_argument("--feature-weight", type=float,
+    g.add_argument("--gn-lr-scale", type=float, default=1.0, metavar="X", help="lr multiplier of GroupNorm affines (1)")
+    g.add_argument("--temperature", type=float, default=2.0, metavar="T", help="KL temperature (2)")
+    g.add_argument("--ce-weight", type=float, default=0.0, metavar="W", help="cross-entropy weight with labels (0: off)")
+    g.add_argument("--feature-weight", type=float, metavar="W",
                    help="GroupNorm-output loss weight (0: off; with --recover 1)")
-    g.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations (25)")
-    g.add_argument("--target-agreement", type=float, help="stop once held-out agreement reaches this (0-1)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the split, data order and augmentation (0)")
-    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes (0)")
-    g.add_argument("--no-flip", action="store_true", help="no horizontal flips in training augmentation")
+    g.add_argument("--eval-every", type=int, default=25, metavar="N", help="steps between held-out evaluations (25)")
+    g.add_argument("--target-agreement", type=float, metavar="F",
+                   help="stop once held-out agreement reaches this (0-1)")
 
 
 def fidelity_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from gn_convert.cli import deploy as deploy_cli
 from gn_convert.cli.arguments import (
     BudgetBar,
     ProgressBar,
+    add_data_arguments,
     add_distill_arguments,
     add_native_library_argument,
     add_plan_arguments,
@@ -35,38 +36,50 @@ SHOWN_FALLBACKS = 5
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register the ``convert`` command (also the default when a model name comes first)."""
+    """Register the ``convert`` command (also the default when a model name comes first).
+
+    Its options are grouped by pipeline stage, in the order the stages run: model and weights, group
+    plan, fidelity (data, recovery, calibration and distillation), DP, ONNX export and parity, Triton,
+    output.
+    """
     p = sub.add_parser(
         "convert", help="convert a torchvision model (the default command)",
+        usage="gn-convert [convert] MODEL [options]",
         description="Convert a torchvision model's BatchNorm layers to GroupNorm and write the "
-        "checkpoint, model.onnx (checked for parity) and report.json into --out.",
+        "checkpoint, model.onnx (checked for parity) and report.json into --out. Every stage after "
+        "the group plan is optional; the groups below follow the order the stages run.",
+        epilog="Examples and every option in detail: docs/USAGE.md.",
     )
-    p.add_argument("model", help="torchvision model name (`gn-convert list` shows them)")
-    p.add_argument("--weights", default="DEFAULT",
+    g = p.add_argument_group("model and weights")
+    g.add_argument("model", help="torchvision model name, or timm/NAME (`gn-convert list` shows them)")
+    g.add_argument("--weights", default="DEFAULT",
                    help="DEFAULT (torchvision's pretrained weights; downloaded or cached), a weights "
                    "name (IMAGENET1K_V1), none (untrained; works offline), or a local file")
-    p.add_argument("--num-classes", type=int, help="classifier size, for untrained or local weights")
-    p.add_argument("--out", "-o", type=Path, help="output folder (default ./gn-MODEL)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--format", choices=("safetensors", "pt"), default="safetensors",
-                   help="weights file format (default safetensors)")
+    g.add_argument("--num-classes", type=int, metavar="N", help="classifier size, for untrained or local weights")
     add_plan_arguments(p)
-    p.add_argument("--dp-ready", action="store_true",
+    add_data_arguments(p)
+    add_recover_arguments(p)
+    add_distill_arguments(p, steps_flag="--finetune-steps", default_steps=0)
+    g = p.add_argument_group("differential privacy (Opacus)")
+    g.add_argument("--dp-ready", action="store_true",
                    help="make the saved model trainable under Opacus DP-SGD as it is (activations and in-place "
                    "operations out of place; gn_convert.load_converted gives it back DP-ready)")
-    g = p.add_argument_group("ONNX")
+    g = p.add_argument_group("ONNX export and parity")
     g.add_argument("--no-onnx", action="store_true", help="do not write model.onnx (nor check its parity)")
     add_target_argument(g, "--onnx-target")
     g.add_argument("--no-parity", action="store_true", help="do not check model.onnx against the model")
-    g.add_argument("--parity-batch", type=int, default=PARITY_BATCH,
+    g.add_argument("--parity-batch", type=int, default=PARITY_BATCH, metavar="N",
                    help=f"larger batch of the parity check (default {PARITY_BATCH})")
     g.add_argument("--native", action="store_true",
                    help="also check model.onnx on gn-convert's native GroupNorm kernel and, with --triton-repo, "
                    "ship the kernel with the model")
     add_native_library_argument(g)
     deploy_cli.add_pipeline_arguments(p)
-    add_distill_arguments(p, steps_flag="--finetune-steps", default_steps=0)
-    add_recover_arguments(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", "-o", type=Path, metavar="DIR", help="output folder (default ./gn-MODEL)")
+    g.add_argument("--force", action="store_true", help="replace an existing output folder that gn-convert wrote")
+    g.add_argument("--format", choices=("safetensors", "pt"), default="safetensors",
+                   help="weights file format (default safetensors)")
     p.set_defaults(parser=p)
 
 

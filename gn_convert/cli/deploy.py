@@ -96,9 +96,10 @@ def run(args: argparse.Namespace) -> int:
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     """The Triton options of the main ``gn-convert MODEL`` command."""
-    g = parser.add_argument_group("Triton model repository")
+    g = parser.add_argument_group("deploy: Triton model repository")
     g.add_argument("--triton-repo", type=Path, metavar="DIR",
                    help="also write model.onnx into this Triton model repository (see `gn-convert deploy -h`)")
-    g.add_argument("--triton-name", help="model name in the repository (default: the output folder's name)")
+    g.add_argument("--triton-name", metavar="NAME",
+                   help="model name in the repository (default: the output folder's name)")
     g.add_argument("--triton-instance", choices=INSTANCE_CHOICES, default="cpu", metavar="KIND",
                    help="run the Triton model instances on cpu (default) or gpu")

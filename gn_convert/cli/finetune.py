@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from gn_convert.cli.arguments import (
     ProgressBar,
+    add_data_arguments,
     add_distill_arguments,
     fidelity_kwargs,
     fidelity_lines,
@@ -47,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between state saves (50)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from --state-dir")
     p.add_argument("--keep-state", action="store_true", help="keep --state-dir after success")
+    add_data_arguments(p)
     add_distill_arguments(p)
 
 
