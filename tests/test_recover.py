@@ -455,3 +455,18 @@ def test_heldout_photos_in_class_subfolders_are_told_apart_by_their_path(tiny_te
     scored = recover(tiny_teacher, tmp_path / "classes", budget=6, input_size=12, eval_data=tmp_path / "eval",
                      stages=())
     assert scored.heldout_photos == 10 and scored.heldout == 10 * 8
+
+
+def test_a_stage_skipped_for_lack_of_budget_is_said_to_be_skipped_not_to_raise_the_kl(tiny_teacher,
+                                                                                      monkeypatch) -> None:
+    """Defect: a skipped stage repeats the scores before it, and was reported as having raised the held-out KL."""
+    from gn_convert.fidelity import recovery
+
+    monkeypatch.setattr(recovery, "RESERVE", 1.0)  # the whole budget kept in reserve: no stage can start
+    result = recover(tiny_teacher, SyntheticImages(40, (3, 12, 12), num_classes=5), budget=5, batch_size=8,
+                     stages=("reconstruct", "distill"))
+    assert [(s.name, s.completed) for s in result.stages] == [("convert", True), ("reconstruct", False),
+                                                              ("distill", False)]
+    assert result.kept == "convert"
+    assert not any("raised the held-out KL" in w for w in result.warnings), result.warnings
+    assert any(w.startswith("reconstruct and distill were skipped: the budget was spent") for w in result.warnings)

@@ -51,7 +51,15 @@ from gn_convert.fidelity.recover_data import (
 )
 from gn_convert.fidelity.recover_plan import group_plan, step_seconds, student_plan
 from gn_convert.fidelity.recover_state import load_recovery, save_recovery, saved_plan, trajectory
-from gn_convert.fidelity.recovery import Clock, Judge, Progress, RecoveryResult, StageResult, closing_warnings
+from gn_convert.fidelity.recovery import (
+    Clock,
+    Judge,
+    Progress,
+    RecoveryResult,
+    StageResult,
+    closing_warnings,
+    kept_stage,
+)
 from gn_convert.fidelity.synthesize import synthesize, write_pngs
 from gn_convert.modes import eval_mode
 from gn_convert.surgery.group_count import resolve_min_channels
@@ -235,7 +243,7 @@ class _Recovery:
                 history = self._stage(stage, student, teacher, found, batches, judge, opts) or history
                 self._save(layer_plan, student, judge, opts)
             judge.restore_best(student)
-            kept = _kept(self.results)
+            kept = kept_stage(self.results)
             warnings += closing_warnings(self.results, kept)
         if self.procs.is_main:
             for line in warnings:
@@ -288,7 +296,7 @@ class _Recovery:
         self.tell(Progress(stage))
         history: list[Any] = []
         if ddp.from_main(self.clock.left() < self.clock.reserve, self.procs):
-            log.warning("no budget left for %s: skipped", stage)
+            log.info("no budget left for %s: skipped", stage)  # the result's warnings say so
             last = self.results[-1]
             self.results.append(StageResult(stage, 0.0, last.agreement, last.scores, False, {"skipped": "no budget left"}))
             return history
@@ -337,13 +345,6 @@ class _Recovery:
                           best=judge.best_state, best_kl=judge.best_kl, elapsed=self.clock.elapsed(),
                           planned=self.planned, options=trajectory(opts))
         ddp.barrier(self.procs)
-
-
-def _kept(results: list[StageResult]) -> str:
-    """The stage whose end state had the lowest held-out KL (the first on ties; synthesis has none)."""
-    scored = [r for r in results if r.name != "synthesize"]
-    return min(scored, key=lambda r: r.scores.get("kl", float("inf")) if r.scores.get("kl") == r.scores.get("kl")
-               else float("inf")).name
 
 
 def _on_device(model: nn.Module, device: torch.device, always_copy: bool = False) -> nn.Module:

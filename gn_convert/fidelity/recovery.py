@@ -198,17 +198,40 @@ class Clock:
         return max(self.left() - self.reserve, 0.0) * SHARES[stage]
 
 
+def _kl(result: StageResult) -> float:
+    """A stage's held-out KL, infinite where there is none."""
+    kl = result.scores.get("kl", math.inf)
+    return kl if isinstance(kl, (int, float)) and math.isfinite(kl) else math.inf
+
+
+def _skipped(result: StageResult) -> bool:
+    """Whether a stage was skipped (no budget was left when its turn came): its scores repeat the state before it."""
+    return bool(result.detail.get("skipped"))
+
+
+def kept_stage(results: list[StageResult]) -> str:
+    """The stage whose end state had the lowest held-out KL (the first on ties). Synthesis leaves no state, and
+    a skipped stage only repeats the state before it: neither is kept."""
+    return min((r for r in results if r.name != "synthesize" and not _skipped(r)), key=_kl).name
+
+
 def closing_warnings(results: list[StageResult], kept: str) -> list[str]:
-    """What the caller should know at the end: a stage undone, a budget that ran out, overfitting."""
+    """What the caller should know at the end: a stage undone, a stage skipped, a budget that ran out, overfitting."""
     warnings = []
-    if kept != results[-1].name:
-        warnings.append(f"{results[-1].name} raised the held-out KL; the state after {kept} is returned")
-    if not all(r.completed for r in results):
+    ran = [r for r in results if not _skipped(r)]
+    kept_result = next(r for r in results if r.name == kept)
+    if kept != ran[-1].name and _kl(ran[-1]) > _kl(kept_result):
+        warnings.append(f"{ran[-1].name} raised the held-out KL; the state after {kept} is returned")
+    skipped = [r.name for r in results if _skipped(r)]
+    if skipped:
+        one = len(skipped) == 1
+        warnings.append(f"{' and '.join(skipped)} {'was' if one else 'were'} skipped: the budget was spent before "
+                        f"{'its' if one else 'their'} turn came; a larger budget would let {'it' if one else 'them'} run")
+    if not all(r.completed for r in ran):
         warnings.append("the budget ran out before every stage did the work it planned (see each stage's "
                         "completed and detail); the best state reached is returned: a larger budget, or a "
                         "quieter machine, would let it finish")
-    kept_scores = next(r.scores for r in results if r.name == kept)
-    return warnings + [w for w in (overfit_warning(kept_scores), uncertainty_warning(kept_scores)) if w]
+    return warnings + [w for w in (overfit_warning(kept_result.scores), uncertainty_warning(kept_result.scores)) if w]
 
 
 def uncertainty_warning(scores: dict[str, float]) -> str | None:
