@@ -1,9 +1,11 @@
 """A development pool of real photographs from Debian packages, split by whole photo into test, dev and train.
 
 :data:`MANIFEST` pins 123 photographs, each chosen by eye (docs/PHOTOS.md). :func:`build_pool` fetches the
-pinned ``.deb`` files, unpacks them (``dpkg -x``), verifies every checksum and writes
-``ROOT/<hash>/{test,dev,train}/<package>__<name>.jpg`` and ``manifest.json``. ``test`` is for final scoring
-only, never for tuning; ``dev`` for tuning. Usage: ``python scripts/photo_pool.py [--root DIR] [--list]
+pinned ``.deb`` files, unpacks them (``dpkg -x``), verifies every checksum, writes
+``ROOT/<hash>/{test,dev,train}/<package>__<name>.jpg`` and ``manifest.json``, and refuses a pool in which a
+photo of one split is a near duplicate of a photo of another (a perceptual hash,
+:mod:`gn_convert.testing.near_duplicates`). ``test`` is for final scoring only, never for tuning; ``dev`` for
+tuning. Usage: ``python scripts/photo_pool.py [--root DIR] [--list] [--check-duplicates]
 [--contact-sheet FILE.png]``.
 """
 
@@ -29,7 +31,8 @@ from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
 from gn_convert.atomic import atomic_file, sweep_stale, terminate_as_exit
-from gn_convert.errors import OutputError
+from gn_convert.errors import DataError, OutputError
+from gn_convert.testing.near_duplicates import MAX_DISTANCE, PhotoHash, cross_split_pairs, near_duplicates, photo_hash
 
 SPLITS = ("test", "dev", "train")
 KINDS = ("animal", "indoor", "landscape", "object", "person", "plant", "sky", "urban", "water")
@@ -227,6 +230,7 @@ def build_pool(root: str | Path | None = None, photos: Sequence[Photo] | None = 
                         entries.append({"file": file, "split": splits[photo.name]} | asdict(photo)
                                        | {"width": width, "height": height})
                         bar.update()
+            refuse_near_duplicates(partial, entries)
             counts = collections.Counter(entry["split"] for entry in entries)
             record = {"format": FORMAT, "hash": pool.name, "max_side": MAX_SIDE, "quality": QUALITY,
                       "counts": {split: counts[split] for split in SPLITS},
@@ -237,6 +241,65 @@ def build_pool(root: str | Path | None = None, photos: Sequence[Photo] | None = 
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return pool
+
+
+def _hashes(pool: Path, entries: Sequence[dict]) -> dict[str, PhotoHash]:
+    return {entry["name"]: photo_hash(pool / entry["file"]) for entry in entries}
+
+
+def refuse_near_duplicates(pool: Path, entries: Sequence[dict]) -> None:
+    """Raise PhotoPoolError when a photo of the pool's folder ``pool`` is a near duplicate (within
+    :data:`~gn_convert.testing.near_duplicates.MAX_DISTANCE` bits of perceptual hash) of a photo of another
+    split: a resized, recompressed or mirrored copy would let a test photo into training."""
+    found = near_duplicates(_hashes(pool, entries), {entry["name"]: entry["split"] for entry in entries})
+    if found:
+        split = {entry["name"]: entry["split"] for entry in entries}
+        pairs = "; ".join(f"{p.first} ({split[p.first]}) and {p.second} ({split[p.second]}), {p.distance} bits"
+                          for p in found)
+        raise PhotoPoolError(f"near-duplicate photos across splits (perceptual hash within {MAX_DISTANCE} of 255 "
+                             f"bits): {pairs}; give each such pair one group in the manifest, or drop one photo")
+
+
+def duplicate_report(pool: Path, shown: int = 3) -> str:
+    """The near-duplicate check of a built pool, in words: the nearest pairs across splits and within one, and
+    the nearest of the bundled photos (:mod:`gn_convert.testing.photo_sets`, those installed) to the pool's."""
+    entries = _photos_of(pool)
+    hashes, split = _hashes(pool, entries), {entry["name"]: entry["split"] for entry in entries}
+    across = cross_split_pairs(hashes, split)
+    within = cross_split_pairs(hashes, {name: name for name in hashes})  # every pair
+    within = [pair for pair in within if split[pair.first] == split[pair.second]]
+    lines = [f"near duplicates across splits (within {MAX_DISTANCE} of 255 bits): "
+             f"{sum(p.distance <= MAX_DISTANCE for p in across)} of {len(across)} pairs",
+             *(f"  nearest across splits: {p.distance:3d} bits  {p.first} ({split[p.first]}), {p.second} "
+               f"({split[p.second]})" for p in across[:shown]),
+             *(f"  nearest within a split: {p.distance:3d} bits  {p.first}, {p.second} ({split[p.first]})"
+               for p in within[:1])]
+    bundled, missing = _bundled_hashes()
+    if bundled:
+        pairs = cross_split_pairs(bundled | hashes, {**{n: "bundled" for n in bundled}, **split})
+        pairs = [p for p in pairs if (p.first in bundled) != (p.second in bundled)]
+        lines += [f"bundled photos against the pool: {sum(p.distance <= MAX_DISTANCE for p in pairs)} of "
+                  f"{len(pairs)} pairs within {MAX_DISTANCE} bits",
+                  *(f"  nearest: {p.distance:3d} bits  {p.first}, {p.second}" for p in pairs[:shown])]
+    if missing:
+        lines.append(f"  not compared (not installed): {', '.join(missing)}")
+    return "\n".join(lines)
+
+
+def _bundled_hashes() -> tuple[dict[str, PhotoHash], list[str]]:
+    """The hashes of the photos of :mod:`gn_convert.testing.photo_sets` that can be loaded here, and the names
+    of those that cannot (scikit-image not installed)."""
+    from gn_convert.testing.photo_sets import HELDOUT_PHOTOS, TRAIN_PHOTOS, photo
+
+    hashes, missing = {}, []
+    for name in TRAIN_PHOTOS + HELDOUT_PHOTOS:
+        try:
+            pixels = photo(name).mul(255).round().byte().permute(1, 2, 0).numpy()
+        except DataError:
+            missing.append(name)
+            continue
+        hashes[f"bundled__{name}"] = photo_hash(Image.fromarray(pixels))
+    return hashes, missing
 
 
 def _photos_of(pool: Path) -> list[dict]:
@@ -288,6 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, help="cache root (default ~/.cache/gn_convert/photo_pool)")
     parser.add_argument("--list", action="store_true", help="print the curated manifest with each photo's split")
     parser.add_argument("--contact-sheet", type=Path, metavar="FILE.png", help="write a contact sheet of the pool")
+    parser.add_argument("--check-duplicates", action="store_true",
+                        help="print the near-duplicate check (perceptual hash): the nearest pairs across splits, "
+                        "within a split, and against the bundled scikit-image/scikit-learn photos")
     args = parser.parse_args(argv)
     if args.list:
         print(list_manifest())
@@ -299,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(describe(pool) + (f"\ncontact sheet: {sheet}" if sheet else ""))
+    if args.check_duplicates:
+        print(duplicate_report(pool))
     return 0
 
 

@@ -2,14 +2,17 @@
 
 No test touches the network or ``~/.cache``: packages are folders of generated images in ``tmp_path``
 that a monkeypatched ``unpack_package`` copies (one test builds a real ``.deb`` with ``dpkg-deb`` and
-unpacks it with the script's own ``dpkg -x`` path).
+unpacks it with the script's own ``dpkg -x`` path). The near-duplicate check runs on real photographs that
+ship inside installed packages (scikit-learn's two, matplotlib's Grace Hopper) and copies of them.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import random
@@ -22,6 +25,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 from PIL import Image
+
+from gn_convert.testing import near_duplicates as nd
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -300,3 +305,78 @@ def test_cli_prints_the_table_lists_and_draws(monkeypatch: pytest.MonkeyPatch, t
     err = capsys.readouterr().err
     assert err.startswith("error: fake-a 1.0-1: usr/share/backgrounds/p07.jpg has SHA-256") and err.count("\n") == 1
     assert os.listdir(tmp_path / "other") == []
+
+
+def _real_photos() -> dict[str, Image.Image]:
+    """Real photographs that ship inside installed packages: scikit-learn's two, matplotlib's Grace Hopper."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    photos = {name: Image.fromarray(pixels) for name, pixels in
+              zip(("china", "flower"), sklearn_datasets.load_sample_images().images, strict=True)}
+    try:
+        import matplotlib.cbook
+
+        with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as opened:
+            photos["hopper"] = opened.convert("RGB")
+    except (ImportError, OSError):
+        pass
+    return photos
+
+
+def _copy(image: Image.Image, scale: float = 0.5, quality: int = 50, mirror: bool = False) -> Image.Image:
+    """A near duplicate: ``image`` resized, mirrored if asked, and recompressed as JPEG."""
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
+    image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else image
+    encoded = io.BytesIO()
+    image.save(encoded, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(encoded.getvalue())).convert("RGB")
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_a_resized_recompressed_copy_of_a_real_photo_across_splits_is_a_near_duplicate(mirror: bool) -> None:
+    photos = _real_photos()
+    hashes = {name: nd.photo_hash(image) for name, image in photos.items()}
+    split = {name: "test" if name == "flower" else "train" for name in photos}
+    assert nd.near_duplicates(hashes, split) == []  # distinct photos are far apart
+    assert min(p.distance for p in nd.cross_split_pairs(hashes, split)) > nd.MAX_DISTANCE + 32
+    hashes["flower_copy"] = nd.photo_hash(_copy(photos["flower"], mirror=mirror))
+    split["flower_copy"] = "train"
+    found = nd.near_duplicates(hashes, split)
+    assert [(p.first, p.second) for p in found] == [("flower", "flower_copy")] and found[0].distance <= 10
+    split["flower_copy"] = "test"  # in the same split as its original it is no leak
+    assert nd.near_duplicates(hashes, split) == []
+
+
+def test_the_pool_refuses_a_near_duplicate_across_splits_and_leaves_nothing(tmp_path: Path, fake: tuple,
+                                                                             fake_unpack: list[str]) -> None:
+    photos, source = fake
+    splits = pp.split_photos(photos)
+    test_photo = next(p for p in photos if splits[p.name] == "test" and not p.group)
+    train_photo = next(p for p in photos if splits[p.name] == "train" and not p.group)
+    real = _real_photos()
+
+    def put(photo: object, image: Image.Image) -> object:  # the image at the photo's path, the manifest pinning it
+        path = source / photo.package / photo.path
+        image.save(path, "PNG" if path.suffix == ".png" else "JPEG", quality=95)
+        return dataclasses.replace(photo, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+
+    replaced = {test_photo.name: put(test_photo, real["china"]), train_photo.name: put(train_photo, real["flower"])}
+    distinct = tuple(replaced.get(p.name, p) for p in photos)
+    assert pp.build_pool(tmp_path / "distinct", distinct).is_dir()  # two real, different photos pass
+    replaced[train_photo.name] = put(train_photo, _copy(real["china"], scale=0.6, quality=40))
+    copied = tuple(replaced.get(p.name, p) for p in photos)
+    with pytest.raises(pp.PhotoPoolError) as err:
+        pp.build_pool(tmp_path / "copied", copied)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("near-duplicate photos across splits")
+    assert f"{test_photo.name} (test)" in message and f"{train_photo.name} (train)" in message
+    assert list((tmp_path / "copied").iterdir()) == []  # no pool, no partial folder
+
+
+def test_check_duplicates_reports_the_nearest_pairs(tmp_path: Path, fake: tuple, fake_unpack: list[str],
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(pp, "MANIFEST", fake[0])
+    assert pp.main(["--root", str(tmp_path / "cache"), "--check-duplicates"]) == 0
+    out = capsys.readouterr().out
+    assert f"near duplicates across splits (within {nd.MAX_DISTANCE} of 255 bits): 0 of " in out
+    assert out.count("  nearest across splits: ") == 3 and "  nearest within a split: " in out
