@@ -208,3 +208,15 @@ def test_cli_recover_keeps_its_state_and_resumes(tmp_path: Path, capsys: pytest.
     assert resumed["stages"][0]["seconds"] == first["stages"][0]["seconds"]  # finished stages are not run again
     assert _exit_code([*argv[:-4], "--resume", "--out", str(tmp_path / "other")]) == 2
     assert "--resume continues from --state-dir DIR" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+def test_cli_recover_refuses_holdout_0_before_loading_anything(tmp_path: Path, capsys, error_line) -> None:
+    """Defect: `--recover --holdout 0` was accepted (NaN scores, or a crash on a folder)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    argv = ["resnet18", "--weights", str(tmp_path / "missing.pt"), "--data", str(photos), "--recover",
+            "--holdout", "0", "--out", str(tmp_path / "o")]
+    assert _exit_code(argv) == 2
+    line = error_line()  # about the holdout, not the missing weights file: refused before anything was loaded
+    assert "holdout=0 holds no photo out" in line and "--holdout 0.1" in line and "--eval-data DIR" in line
+    assert not (tmp_path / "o").exists()

@@ -470,3 +470,21 @@ def test_a_stage_skipped_for_lack_of_budget_is_said_to_be_skipped_not_to_raise_t
     assert result.kept == "convert"
     assert not any("raised the held-out KL" in w for w in result.warnings), result.warnings
     assert any(w.startswith("reconstruct and distill were skipped: the budget was spent") for w in result.warnings)
+
+
+def test_recover_refuses_to_hold_nothing_out_at_once(tiny_teacher, tmp_path) -> None:
+    """Defect: holdout=0 gave NaN held-out scores and kept the unrecovered conversion (with a false 'distill raised
+    the held-out KL'), and crashed on a folder ('stack expects a non-empty TensorList')."""
+    from gn_convert.data.sources import DataSplit
+
+    folder = _photo_folder(tmp_path / "photos", 10, size=16)
+    data = SyntheticImages(40, (3, 12, 12), num_classes=5)
+    for given in (data, folder, "synthetic"):
+        with pytest.raises(OptionError, match=r"holdout=0 holds no photo out.*eval_data \(--eval-data DIR\)"):
+            recover(tiny_teacher, given, budget=5, holdout=0, input_size=12)
+    with pytest.raises(OptionError, match="holdout=-0.1 holds no photo out"):
+        recover(tiny_teacher, data, budget=5, holdout=-0.1)
+    with pytest.raises(OptionError, match="DataSplit without a held-out part"):
+        recover(tiny_teacher, DataSplit(data, None, True), budget=5)
+    scored = recover(tiny_teacher, data, budget=5, holdout=0, eval_data=folder, input_size=12, stages=())
+    assert scored.heldout_photos == 10  # eval_data replaces the split: nothing need be held out of data

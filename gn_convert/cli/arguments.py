@@ -143,6 +143,9 @@ def recover_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser | N
     if args.resume and args.state_dir is None and parser is not None:
         parser.error("--resume continues from --state-dir DIR: give the folder of the stopped run")
     data = "synthetic" if str(args.data) == "synthetic" and not args.data.exists() else args.data
+    from gn_convert.fidelity.recover_data import check_heldout  # the API's rule for --holdout, before any loading
+
+    check_heldout(data, args.holdout, args.eval_data)
     kwargs = plan_kwargs(args, parser)
     kwargs.pop("allow_no_bn")
     found = dict(data=data, init=args.init, budget=args.budget, lr=args.lr, synthetic=args.synthetic,

@@ -45,6 +45,7 @@ from gn_convert.fidelity.recover_data import (
     SYNTHETIC,
     AugmentedTensors,
     RecoveryData,
+    check_heldout,
     fresh_views,
     recovery_data,
     same_scene_share,
@@ -169,7 +170,8 @@ def recover(
         The :class:`~gn_convert.fidelity.recovery.RecoveryResult`.
 
     Raises:
-        OptionError: no data, an unknown stage, or a student without its teacher.
+        OptionError: no data, an unknown stage, a student without its teacher, or nothing held out
+            (``holdout=0`` without ``eval_data``).
         ModelMismatchError, DataError, GroupPlanError: see the stages.
     """
     if stages is None:
@@ -183,6 +185,7 @@ def recover(
         raise OptionError("synthetic_from='photos' needs training photos (data=a folder or Dataset)")
     if resume and checkpoint_dir is None:
         raise OptionError("resume needs the checkpoint_dir of the run to resume")
+    check_heldout(data, holdout, eval_data)
     given_student = teacher is not None
     if teacher is None and not any(is_batchnorm(m) for m in model.modules()):
         raise OptionError("the model has no BatchNorm layer: pass the converted student with its teacher=")

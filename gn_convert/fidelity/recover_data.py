@@ -160,6 +160,29 @@ def _eval_views(eval_data: Any, opts: dict[str, Any], size: int) -> tuple[torch.
     return images, [str(i) for i in range(len(images))]
 
 
+def check_heldout(data: Any, holdout: float | int, eval_data: Any) -> None:
+    """Refuse, before any work, a recovery with nothing to judge its stages on: it keeps the state with the lowest
+    held-out KL, and with no held-out photo it could only keep the unrecovered conversion.
+
+    Args:
+        data, holdout, eval_data: as :func:`gn_convert.recover` takes them.
+
+    Raises:
+        OptionError: ``holdout`` is not above 0 and there is no ``eval_data``, or ``data`` is a DataSplit
+            without a held-out part.
+    """
+    if eval_data is not None:
+        return
+    if isinstance(data, DataSplit):
+        if data.heldout is None:
+            raise OptionError("recover was given a DataSplit without a held-out part, and it judges every stage on "
+                              "held-out photos: give the split a held-out part, or pass eval_data with other photos")
+    elif not holdout > 0:
+        raise OptionError(f"holdout={holdout:g} holds no photo out, and recover judges every stage on held-out photos: "
+                          "hold some out (holdout=0.1, --holdout 0.1) or pass eval_data (--eval-data DIR) with photos "
+                          "of other scenes")
+
+
 def recovery_data(data: Any, teacher: nn.Module, opts: dict[str, Any],
                   synthesise: Any = None) -> RecoveryData:
     """Assemble a recovery's data (see the module docstring).
