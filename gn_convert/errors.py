@@ -75,6 +75,10 @@ class OptionError(InputError):
     """An option has an impossible value (a negative step count, an unknown method...)."""
 
 
+class UntrainedTeacherError(InputError):
+    """The teacher was never trained (its BatchNorm statistics are the initial ones): nothing to distil."""
+
+
 # -- onnx and parity ----------------------------------------------------------------------------
 class ExportError(GnConvertError):
     """The model cannot be exported, or the written artifact failed its checks."""

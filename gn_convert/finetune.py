@@ -84,23 +84,25 @@ def load_teacher(opts: FinetuneOptions, config: dict[str, Any]) -> tuple[str, nn
     """The teacher's name and model: ``teacher``/``teacher_weights``, else what the checkpoint records.
 
     Raises:
-        CheckpointError: a custom model without ``teacher``, or a checkpoint converted from
-            untrained weights without ``teacher_weights`` (a new random teacher on every run,
-            resume and rank would make the numbers meaningless).
+        CheckpointError: a custom model without ``teacher``.
+        UntrainedTeacherError: the teacher was never trained (a checkpoint converted from ``weights="none"``
+            without ``teacher_weights``: a new random teacher on every run, resume and rank would make the
+            numbers meaningless), by the rule every command that distils follows.
     """
+    from gn_convert.fidelity.pairs import check_trained
     from gn_convert.load.weights import load_model
 
     architecture = opts.teacher or config.get("architecture")
     weights = opts.teacher_weights or config.get("source_weights") or "DEFAULT"
     if not architecture:
         raise CheckpointError(f"{opts.checkpoint} holds a custom model; name its teacher (teacher=, --teacher MODEL)")
-    if weights.lower() == "none":
-        raise CheckpointError(f"{opts.checkpoint} was converted from untrained weights: there is no teacher to "
-                              "distil from; give the BatchNorm weights (teacher_weights=, --teacher-weights FILE)")
     num_classes = opts.num_classes
     if num_classes is None and os.path.exists(weights) and architecture == config.get("architecture"):
         num_classes = config.get("model_kwargs", {}).get("num_classes")
-    return architecture, load_model(architecture, weights, num_classes=num_classes)
+    teacher = load_model(architecture, weights, num_classes=num_classes)
+    check_trained(teacher, f"give the BatchNorm weights {opts.checkpoint} was converted from "
+                           "(teacher_weights=, --teacher-weights FILE)")
+    return architecture, teacher
 
 
 def run_finetune(opts: FinetuneOptions, *, stages: Stages | None = None,

@@ -188,7 +188,7 @@ def test_native_says_on_stderr_that_it_is_building_before_it_builds(monkeypatch,
 
 
 @pytest.mark.slow
-def test_cli_recover_keeps_its_state_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_recover_keeps_its_state_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture, nontrivial) -> None:
     from torchvision.utils import save_image
 
     from gn_convert.testing.photos import photo_crops
@@ -197,8 +197,10 @@ def test_cli_recover_keeps_its_state_and_resumes(tmp_path: Path, capsys: pytest.
     photos.mkdir()
     for index, crop in enumerate(photo_crops(12, 64, seed=3)):
         save_image(crop.clamp(0, 1), photos / f"p{index}.png")
+    weights = tmp_path / "teacher.pt"  # statistics measured on photos: recover refuses an untrained teacher
+    torch.save(nontrivial("mobilenet_v3_small").state_dict(), weights)
     state, out = tmp_path / "state", tmp_path / "gn"
-    argv = ["mobilenet_v3_small", "--weights", "none", "--no-onnx", "--data", str(photos), "--recover",
+    argv = ["mobilenet_v3_small", "--weights", str(weights), "--no-onnx", "--data", str(photos), "--recover",
             "--budget", "8", "--input-size", "64", "--state-dir", str(state), "--out", str(out)]
     assert _run(capsys, *argv)[0] == 0
     first = json.loads((out / "report.json").read_text())["recovery"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import gn_convert
 from gn_convert import load_converted
 from gn_convert.cli import main
 from gn_convert.fidelity.train_state import state_path
@@ -115,6 +116,25 @@ def test_finetune_of_an_untrained_conversion_needs_teacher_weights(tmp_path, wor
     assert not (tmp_path / "o").exists()
     assert main([*args, "--out", str(tmp_path / "o2"), "--teacher-weights", str(workspace[0])]) == 0
     assert (tmp_path / "o2" / "model.safetensors").is_file()
+
+
+def test_every_command_that_distils_refuses_an_untrained_teacher_by_one_rule(tmp_path, workspace, error_line) -> None:
+    """Defect: finetune refused the weights *name* none, while --recover (and --finetune-steps) distilled from an
+    untrained teacher and reported agreement 1.000; a file of untrained weights passed finetune too."""
+    _, data, checkpoint = workspace
+    untrained = tmp_path / "untrained.pt"
+    torch.save(gn_convert.load_model("resnet18", "none").state_dict(), untrained)
+    finetune = ["finetune", str(checkpoint), "--data", str(data), "--steps", "2", "--teacher-weights", str(untrained),
+                "--out", str(tmp_path / "o"), *FAST]
+    assert main(finetune) == 2
+    assert "the teacher was never trained" in error_line()
+    for stage in (["--recover", "--budget", "5"], ["--finetune-steps", "2"], ["--calibrate", "2"]):
+        argv = ["resnet18", "--weights", "none", "--data", str(data), *stage, "--out", str(tmp_path / "o"), *FAST]
+        assert main(argv) == 2
+        line = error_line()
+        assert "the teacher was never trained: its 20 BatchNorm layers hold their initial statistics" in line
+        assert "(--weights FILE, or a pretrained weights name)" in line
+    assert not (tmp_path / "o").exists()
 
 
 def test_run_finetune_is_the_command_without_the_cli(tmp_path, workspace) -> None:

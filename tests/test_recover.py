@@ -488,3 +488,20 @@ def test_recover_refuses_to_hold_nothing_out_at_once(tiny_teacher, tmp_path) -> 
         recover(tiny_teacher, DataSplit(data, None, True), budget=5)
     scored = recover(tiny_teacher, data, budget=5, holdout=0, eval_data=folder, input_size=12, stages=())
     assert scored.heldout_photos == 10  # eval_data replaces the split: nothing need be held out of data
+
+
+def test_recover_refuses_an_untrained_teacher_by_the_rule_finetune_follows(tiny_teacher) -> None:
+    """Defect: recover distilled from an untrained teacher (weights none) and reported agreement 1.000 (its outputs
+    hardly depend on the input), where finetune refused the same teacher."""
+    from gn_convert.errors import InputError
+
+    untrained = gn_convert.load_model("resnet18", "none", num_classes=5)
+    data = SyntheticImages(40, (3, 12, 12), num_classes=5)
+    with pytest.raises(InputError, match=r"never trained: its 20 BatchNorm layers hold their initial statistics "
+                                         r".*weights=FILE"):
+        recover(untrained, data, budget=5)
+    with pytest.raises(InputError, match="never trained"):
+        recover(gn_convert.convert(untrained, 32), data, teacher=untrained, budget=5)
+    trained_once = copy.deepcopy(untrained)
+    trained_once.bn1.running_mean.fill_(0.1)  # one layer that saw data is enough to count as trained
+    recover(trained_once, data, budget=5, stages=())

@@ -2,7 +2,8 @@
 
 Conversion replaces modules in place, so a student's GroupNorm and the teacher's BatchNorm
 that it replaced share a qualified name (``layer1.0.bn1``). :func:`norm_pairs` matches them and
-refuses a teacher the student was not converted from. :func:`capture` runs a model only as far
+refuses a teacher the student was not converted from; :func:`check_trained` refuses a teacher that was
+never trained, for every command that distils. :func:`capture` runs a model only as far
 as one module and returns that module's input or output; :func:`execution_order` sorts pairs
 in the order the forward pass runs them.
 """
@@ -20,11 +21,13 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from gn_convert.data.items import split_batch
-from gn_convert.errors import ModelMismatchError
+from gn_convert.errors import ModelMismatchError, UntrainedTeacherError
 from gn_convert.surgery.observe import register_output_hook
 from gn_convert.surgery.registry import is_batchnorm
 
 _MISMATCH_HINT = "pass the teacher the student was converted from"
+TRAINED_WEIGHTS_HINT = "load the model with its trained weights (weights=FILE, or a pretrained weights name)"
+"""What :func:`check_trained` tells a caller who built the teacher itself (``recover``, the main command)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,27 @@ def norm_pairs(student: nn.Module, teacher: nn.Module) -> list[NormPair]:
         raise ModelMismatchError("the student has no GroupNorm layer; convert it with gn_convert.convert first")
     _check_shapes(student, teacher, teacher_modules, {p.name for p in pairs}, _folded(student, teacher_modules))
     return pairs
+
+
+def check_trained(teacher: nn.Module, hint: str) -> None:
+    """Refuse a teacher that was never trained: one whose every BatchNorm layer that tracks statistics still holds
+    the initial ones (mean 0, variance 1), as ``weights="none"`` builds it. Its outputs hardly depend on the input,
+    so there is no function to recover and any student "agrees" with it. The one rule of ``recover``,
+    ``finetune`` and the main command's calibration and distillation.
+
+    Args:
+        teacher: the BatchNorm model.
+        hint: what to do instead, in the caller's words (the end of the message).
+
+    Raises:
+        UntrainedTeacherError: the teacher was never trained.
+    """
+    layers = [m for m in teacher.modules() if is_batchnorm(m) and getattr(m, "running_mean", None) is not None
+              and getattr(m, "running_var", None) is not None]
+    if layers and all(bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all()) for m in layers):
+        raise UntrainedTeacherError(f"the teacher was never trained: its {len(layers)} BatchNorm layers hold their "
+                                    "initial statistics (mean 0, variance 1), so there is no function to recover and "
+                                    f"agreement with it means nothing; {hint}")
 
 
 def _folded(student: nn.Module, teacher_modules: dict[str, nn.Module]) -> set[str]:

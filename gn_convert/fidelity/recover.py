@@ -39,7 +39,7 @@ from gn_convert.data.sources import DataSplit
 from gn_convert.errors import OptionError
 from gn_convert.fidelity import distributed as ddp
 from gn_convert.fidelity.distillation import _size, distill
-from gn_convert.fidelity.pairs import norm_pairs
+from gn_convert.fidelity.pairs import TRAINED_WEIGHTS_HINT, check_trained, norm_pairs
 from gn_convert.fidelity.reconstruct import reconstruct
 from gn_convert.fidelity.recover_data import (
     SYNTHETIC,
@@ -172,6 +172,7 @@ def recover(
     Raises:
         OptionError: no data, an unknown stage, a student without its teacher, or nothing held out
             (``holdout=0`` without ``eval_data``).
+        UntrainedTeacherError: the teacher was never trained (``weights="none"``).
         ModelMismatchError, DataError, GroupPlanError: see the stages.
     """
     if stages is None:
@@ -191,6 +192,7 @@ def recover(
         raise OptionError("the model has no BatchNorm layer: pass the converted student with its teacher=")
     if teacher is not None:
         norm_pairs(model, teacher)  # refuse a mismatched pair before any work
+    check_trained(teacher if teacher is not None else model, TRAINED_WEIGHTS_HINT)
     procs = ddp.setup(device)
     try:
         run = _Recovery(procs, Clock(budget), callback, checkpoint_dir)

@@ -12,6 +12,7 @@ from torch import nn
 from gn_convert.errors import DataError
 from gn_convert.fidelity.calibration import calibrate
 from gn_convert.fidelity.distillation import distill
+from gn_convert.fidelity.pairs import TRAINED_WEIGHTS_HINT, check_trained
 from gn_convert.load.weights import default_weights_enum
 from gn_convert.stages import Stages
 
@@ -42,12 +43,14 @@ def run_fidelity(student: nn.Module, teacher: nn.Module, architecture: str, *, d
 
     Raises:
         DataError: calibration or distillation is asked for without ``data``.
+        UntrainedTeacherError: the teacher was never trained (``weights="none"``).
     """
     report: dict[str, Any] = {}
     if not (calibrate_batches or steps):
         return report
     if data is None:
         raise DataError("calibration and distillation need data: a folder of images or of class subfolders (--data)")
+    check_trained(teacher, TRAINED_WEIGHTS_HINT)
     stages = stages or Stages()
     weights = default_weights_enum(architecture)
     common = dict(batch_size=batch_size, seed=seed, weights=weights, input_size=input_size, holdout=holdout)
