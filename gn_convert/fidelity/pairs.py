@@ -87,12 +87,20 @@ def check_trained(teacher: nn.Module, hint: str) -> None:
     Raises:
         UntrainedTeacherError: the teacher was never trained.
     """
-    layers = [m for m in teacher.modules() if is_batchnorm(m) and getattr(m, "running_mean", None) is not None
-              and getattr(m, "running_var", None) is not None]
-    if layers and all(bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all()) for m in layers):
-        raise UntrainedTeacherError(f"the teacher was never trained: its {len(layers)} BatchNorm layers hold their "
+    initial = [_initial_statistics(m) for m in teacher.modules() if is_batchnorm(m)]
+    tracked = [flag for flag in initial if flag is not None]
+    if tracked and all(tracked):
+        raise UntrainedTeacherError(f"the teacher was never trained: its {len(tracked)} BatchNorm layers hold their "
                                     "initial statistics (mean 0, variance 1), so there is no function to recover and "
                                     f"agreement with it means nothing; {hint}")
+
+
+def _initial_statistics(layer: nn.Module) -> bool | None:
+    """Whether a BatchNorm layer holds its initial running statistics (None: it tracks none)."""
+    mean, var = getattr(layer, "running_mean", None), getattr(layer, "running_var", None)
+    if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+        return None
+    return bool(torch.all(mean.eq(0))) and bool(torch.all(var.eq(1)))
 
 
 def _folded(student: nn.Module, teacher_modules: dict[str, nn.Module]) -> set[str]:
