@@ -505,3 +505,47 @@ def test_recover_refuses_an_untrained_teacher_by_the_rule_finetune_follows(tiny_
     trained_once = copy.deepcopy(untrained)
     trained_once.bn1.running_mean.fill_(0.1)  # one layer that saw data is enough to count as trained
     recover(trained_once, data, budget=5, stages=())
+
+
+def test_resume_refuses_the_state_of_another_teacher_data_or_options_naming_what_differs(tiny_teacher,
+                                                                                         tmp_path) -> None:
+    """Defect: resume=True checked the plan and distillation options only: model B resumed model A's weights."""
+    from gn_convert.errors import CheckpointError
+
+    photos, state = _photo_folder(tmp_path / "photos", 12, size=16), tmp_path / "state"
+    run = dict(budget=3, batch_size=8, input_size=12, checkpoint_dir=state)
+    recover(tiny_teacher, photos, **run)
+    other = copy.deepcopy(tiny_teacher)
+    with torch.no_grad():
+        other[0].weight[0, 0, 0, 0] += 1e-3  # one weight of another model
+    with pytest.raises(CheckpointError, match=r"another run's: the teacher's weights differ; pass the original"):
+        recover(other, photos, **run, resume=True)
+    _photo_folder(tmp_path / "more", 13, size=16)
+    with pytest.raises(CheckpointError, match=r"the data differ \(12 files of [0-9]+ bytes -> 13 files of"):
+        recover(tiny_teacher, tmp_path / "more", **run, resume=True)
+    with pytest.raises(CheckpointError, match=r"options differ \(holdout 0.1 -> 0.2\)"):
+        recover(tiny_teacher, photos, **run, holdout=0.2, resume=True)
+    resumed = recover(tiny_teacher, photos, **run, resume=True)  # the same run resumes
+    assert [s.name for s in resumed.stages] == ["convert", "distill"]
+
+
+def test_a_run_stopped_during_its_first_stage_resumes_with_the_steps_it_planned(tiny_teacher, tmp_path,
+                                                                                monkeypatch) -> None:
+    """Defect: nothing was saved until a stage ended, so a resumed run planned its steps again and its
+    distillation state was refused ("options differ (steps 13 -> 85)")."""
+    recover_module = importlib.import_module("gn_convert.fidelity.recover")
+    monkeypatch.setattr(recover_module, "CHECKPOINT_EVERY", 2)
+    data, state = SyntheticImages(64, (3, 12, 12), num_classes=5), tmp_path / "state"
+
+    def stop_at_step_3(progress) -> None:
+        if progress.stage == "distill" and progress.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recover(tiny_teacher, data, budget=5, batch_size=8, checkpoint_dir=state, callback=stop_at_step_3)
+    saved = torch.load(state / "recover.pt", weights_only=True)
+    assert [r["name"] for r in saved["results"]] == ["convert"] and saved["planned"]["distill"] > 3
+    resumed = recover(tiny_teacher, data, budget=5, batch_size=8, checkpoint_dir=state, resume=True)
+    distilled = resumed.stages[-1]
+    assert distilled.name == "distill" and distilled.detail["planned_steps"] == saved["planned"]["distill"]
+    assert distilled.detail["steps"] > 2  # went on from the state saved at step 2

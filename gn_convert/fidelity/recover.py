@@ -27,6 +27,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,19 @@ from gn_convert.fidelity.recover_data import (
     AugmentedTensors,
     RecoveryData,
     check_heldout,
+    data_fingerprint,
     fresh_views,
     recovery_data,
     same_scene_share,
 )
 from gn_convert.fidelity.recover_plan import group_plan, step_seconds, student_plan
-from gn_convert.fidelity.recover_state import load_recovery, save_recovery, saved_plan, trajectory
+from gn_convert.fidelity.recover_state import (
+    load_recovery,
+    run_fingerprint,
+    save_recovery,
+    saved_plan,
+    trajectory,
+)
 from gn_convert.fidelity.recovery import (
     Clock,
     Judge,
@@ -220,6 +228,8 @@ class _Recovery:
         self.folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.results: list[StageResult] = []
         self.planned: dict[str, int] = {}
+        self.fingerprint: dict[str, Any] = {}
+        self.resumed = False
 
     def tell(self, info: Any) -> None:
         """Pass progress to the caller's callback (rank 0 only)."""
@@ -240,13 +250,20 @@ class _Recovery:
                 log.warning("batch size %d lowered to the %d training images", batch_size, images)
                 opts["distill"]["batch_size"] = batch_size = images
             batches = _endless(found.train, batch_size, self.device, opts["data"]["seed"], self.procs.rank)
-            student, layer_plan = self._start(model, teacher, batches, judge, given_student, opts)
+            given = _on_device(model, self.device, always_copy=True) if given_student else None
+            if self.folder is not None:
+                self.fingerprint = run_fingerprint(
+                    teacher, given, None if given is None else student_plan(given, teacher),
+                    data_fingerprint(data, opts["data"]["eval_data"]), {**trajectory(opts), "stages": list(stages)})
+            student, layer_plan = self._start(given, teacher, batches, judge, opts)
+            save = partial(self._save, layer_plan, student, judge)
+            save()  # at once: a run stopped during its first stage resumes with this plan
             history: list[Any] = []
             for stage in stages:
                 if any(r.name == stage for r in self.results):
                     continue  # done before the run was stopped (resume)
-                history = self._stage(stage, student, teacher, found, batches, judge, opts) or history
-                self._save(layer_plan, student, judge, opts)
+                history = self._stage(stage, student, teacher, found, batches, judge, opts, save) or history
+                save()
             judge.restore_best(student)
             kept = kept_stage(self.results)
             warnings += closing_warnings(self.results, kept)
@@ -273,14 +290,13 @@ class _Recovery:
                                         completed=report.completed))
         return images
 
-    def _start(self, model: nn.Module, teacher: nn.Module, batches: Iterator[torch.Tensor], judge: Judge,
-               given_student: bool, opts: dict[str, Any]) -> tuple[nn.Module, GroupPlan]:
+    def _start(self, given: nn.Module | None, teacher: nn.Module, batches: Iterator[torch.Tensor], judge: Judge,
+               opts: dict[str, Any]) -> tuple[nn.Module, GroupPlan]:
         """The student and its plan: from the saved state (resume), the given student, or a conversion."""
         started = time.perf_counter()
-        saved = load_recovery(self.folder, trajectory(opts)) if opts["resume"] and self.folder else None
-        if given_student:
-            student = _on_device(model, self.device, always_copy=True)
-            layer_plan = student_plan(student, teacher)
+        saved = load_recovery(self.folder, self.fingerprint) if opts["resume"] and self.folder else None
+        if given is not None:
+            student, layer_plan = given, student_plan(given, teacher)
         else:
             layer_plan = saved_plan(saved) or ddp.from_main(group_plan(teacher, batches, opts["plan"]), self.procs)
             student = convert(teacher, plan=layer_plan, init=opts["init"], example_input=next(batches)[:2],
@@ -288,7 +304,7 @@ class _Recovery:
         if saved is not None:
             student.load_state_dict(saved["student"])
             judge.best_state, judge.best_kl = saved["best"], saved["best_kl"]
-            self.results, self.planned = saved["results"], saved["planned"]
+            self.results, self.planned, self.resumed = saved["results"], saved["planned"], True
             self.clock.start -= saved["elapsed"]
             log.info("resuming after %s (%.0f s spent)", ", ".join(r.name for r in self.results), saved["elapsed"])
         else:
@@ -296,7 +312,8 @@ class _Recovery:
         return student, layer_plan
 
     def _stage(self, stage: str, student: nn.Module, teacher: nn.Module, found: RecoveryData,
-               batches: Iterator[torch.Tensor], judge: Judge, opts: dict[str, Any]) -> list[Any]:
+               batches: Iterator[torch.Tensor], judge: Judge, opts: dict[str, Any],
+               save: Callable[[], None]) -> list[Any]:
         started = time.perf_counter()
         self.tell(Progress(stage))
         history: list[Any] = []
@@ -312,25 +329,27 @@ class _Recovery:
                                  callback=lambda _fit: self.tell(Progress("reconstruct", next(fitted))))
             detail, completed = report.to_dict(), report.completed
         else:
-            detail, history, completed = self._distill(student, teacher, found, opts)
+            detail, history, completed = self._distill(student, teacher, found, opts, save)
         self.results.append(self._scored(stage, student, judge, started, detail, completed))
         return history
 
-    def _distill(self, student: nn.Module, teacher: nn.Module, found: RecoveryData,
-                 opts: dict[str, Any]) -> tuple[dict[str, Any], list[Any], bool]:
+    def _distill(self, student: nn.Module, teacher: nn.Module, found: RecoveryData, opts: dict[str, Any],
+                 save: Callable[[], None]) -> tuple[dict[str, Any], list[Any], bool]:
         """Distil for the rest of the budget: the step count is estimated from the measured step time
-        (rank 0's), and the learning rate anneals with the time spent, so the schedule ends with the budget."""
+        (rank 0's), and the learning rate anneals with the time spent, so the schedule ends with the budget.
+        The count is saved before the first step, so a resumed run goes on with the same schedule."""
         share = ddp.from_main(self.clock.share("distill"), self.procs)
         if "distill" not in self.planned:
             per_step = step_seconds(student, teacher, found.train, opts["distill"], self.device)
             self.planned["distill"] = ddp.from_main(max(1, int(share / per_step)), self.procs)
+            save()
         steps = self.planned["distill"]
         log.info("distilling about %d steps in the %.0f s left", steps, self.clock.left())
         folder = self.folder / "distill" if self.folder is not None else None
         result = distill(student, teacher, DataSplit(found.train, None, False), steps=steps, eval_every=steps + 1,
                          device=self.device, callback=lambda info: self.tell(Progress("distill", info.step)),
                          time_limit=share, checkpoint_dir=folder, checkpoint_every=CHECKPOINT_EVERY if folder else 0,
-                         resume=opts["resume"], **opts["distill"])
+                         resume=self.resumed, **opts["distill"])
         detail = {**result.to_dict(), "planned_steps": steps}
         return detail, result.history, result.steps >= COMPLETE * steps
 
@@ -342,13 +361,14 @@ class _Recovery:
         log.info("%s: held-out agreement %.3f, KL %.3f, fit %.3f", name, scores["top1"], scores["kl"], scores["fit"])
         return StageResult(name, round(time.perf_counter() - started, 2), scores["top1"], scores, completed, detail)
 
-    def _save(self, layer_plan: GroupPlan, student: nn.Module, judge: Judge, opts: dict[str, Any]) -> None:
+    def _save(self, layer_plan: GroupPlan, student: nn.Module, judge: Judge) -> None:
+        """Keep the run's state in the checkpoint folder (rank 0 writes; every process waits)."""
         if self.folder is None:
             return
         if self.procs.is_main:
             save_recovery(self.folder, plan=layer_plan.to_dict(), results=self.results, student=student.state_dict(),
                           best=judge.best_state, best_kl=judge.best_kl, elapsed=self.clock.elapsed(),
-                          planned=self.planned, options=trajectory(opts))
+                          planned=self.planned, fingerprint=self.fingerprint)
         ddp.barrier(self.procs)
 
 

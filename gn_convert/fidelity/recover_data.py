@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from gn_convert.data.folders import ImageFiles, scan_folder
 from gn_convert.data.items import LabelledItems, split_batch
@@ -181,6 +183,35 @@ def check_heldout(data: Any, holdout: float | int, eval_data: Any) -> None:
         raise OptionError(f"holdout={holdout:g} holds no photo out, and recover judges every stage on held-out photos: "
                           "hold some out (holdout=0.1, --holdout 0.1) or pass eval_data (--eval-data DIR) with photos "
                           "of other scenes")
+
+
+def data_fingerprint(data: Any, eval_data: Any) -> dict[str, Any]:
+    """What tells the data of one recovery from another's, without reading an image: for a folder, its files
+    (every file under it, by path relative to it) and their sizes; for a Dataset or DataLoader, its kind and
+    length; ``"synthetic"`` and None as they are."""
+    return {"data": _source_fingerprint(data), "eval_data": _source_fingerprint(eval_data)}
+
+
+def _source_fingerprint(source: Any) -> dict[str, Any] | None:
+    if source is None or isinstance(source, str) and source == SYNTHETIC:
+        return None if source is None else {"kind": SYNTHETIC, "items": None}
+    if isinstance(source, (str, Path)) and Path(source).expanduser().is_dir():
+        root = Path(source).expanduser()
+        entries = sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+        digest = hashlib.blake2b(json.dumps(entries).encode(), digest_size=16).hexdigest()
+        return {"files": len(entries), "bytes": sum(size for _, size in entries), "digest": digest}
+    if isinstance(source, DataSplit):
+        return {"kind": "DataSplit", "items": _length(source.train),
+                "heldout": None if source.heldout is None else _length(source.heldout)}
+    dataset = source.dataset if isinstance(source, DataLoader) else source
+    return {"kind": type(dataset).__name__, "items": _length(dataset)}
+
+
+def _length(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
 
 
 def recovery_data(data: Any, teacher: nn.Module, opts: dict[str, Any],
