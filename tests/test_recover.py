@@ -549,3 +549,38 @@ def test_a_run_stopped_during_its_first_stage_resumes_with_the_steps_it_planned(
     distilled = resumed.stages[-1]
     assert distilled.name == "distill" and distilled.detail["planned_steps"] == saved["planned"]["distill"]
     assert distilled.detail["steps"] > 2  # went on from the state saved at step 2
+
+
+def test_same_scene_check_stays_silent_where_the_teachers_features_carry_no_information(tiny_teacher,
+                                                                                        tmp_path) -> None:
+    """Defect: ten different photos were all said to look like views of training photos, because an uninformative
+    teacher's features make every image look alike."""
+    from PIL import Image
+
+    from gn_convert.fidelity.recover_data import same_scene_share
+
+    constant = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        constant[2].weight.zero_()
+        constant[2].bias.fill_(1.0)  # the same features for every image
+    photos = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert same_scene_share(constant, photos[:4], ["a", "b", "c", "d"], photos[4:]) is None
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    fields = torch.randn(20, 3, 3, 3, generator=torch.Generator().manual_seed(0))  # 20 different smooth images
+    pictures = torch.nn.functional.interpolate(fields, size=(16, 16), mode="bicubic").sigmoid()
+    for k, picture in enumerate(pictures):
+        Image.fromarray((picture.permute(1, 2, 0) * 255).to(torch.uint8).numpy()).save(folder / f"{k:02d}.png")
+    result = recover(tiny_teacher, folder, budget=6, input_size=12, holdout=10, stages=())
+    assert result.heldout_photos == 10
+    assert not any("look like views of training photos" in w for w in result.warnings), result.warnings
+
+
+def test_each_recovery_warning_reaches_the_user_once(tiny_teacher, tmp_path, caplog) -> None:
+    """Defect: from Python every warning was printed twice: logged at the end, and again in the summary."""
+    folder = _photo_folder(tmp_path / "photos", 30)
+    with caplog.at_level("INFO", logger="gn_convert"):
+        result = recover(tiny_teacher, folder, budget=6, input_size=12, holdout=5, stages=())
+    assert any("only 5 held-out photos" in w for w in result.warnings)
+    shown = "\n".join(r.getMessage() for r in caplog.records) + "\n" + result.summary()
+    assert all(shown.count(w) == 1 for w in result.warnings), shown

@@ -50,7 +50,7 @@ from gn_convert.fidelity.recover_data import (
     data_fingerprint,
     fresh_views,
     recovery_data,
-    same_scene_share,
+    same_scene_warnings,
 )
 from gn_convert.fidelity.recover_plan import group_plan, step_seconds, student_plan
 from gn_convert.fidelity.recover_state import (
@@ -85,7 +85,6 @@ CHECKPOINT_EVERY = 25
 COMPLETE = 0.9
 """A distillation that ran at least this share of the steps planned from its measured speed counts as
 complete (its learning rate always anneals with the time; fewer steps mean a busier machine)."""
-SAME_SCENE_WARNING = 0.5
 INVERT_STEPS, INVERT_LR = 20, 0.02
 """Inversion from photos: Adam steps and learning rate (normalised pixels), small so the images stay natural."""
 SYNTHETIC_FROM = ("noise", "photos")
@@ -244,7 +243,7 @@ class _Recovery:
             found = recovery_data(data, teacher, opts["data"],
                                   lambda n, train: self._synthesise(teacher, n, data, train, opts))
             judge = Judge(teacher, found.heldout, found.groups, found.fit)
-            warnings = list(found.warnings) + _same_scene(teacher, found)
+            warnings = list(found.warnings) + same_scene_warnings(teacher, found)
             batch_size, images = opts["distill"]["batch_size"], _size(found.train)
             if batch_size > images:
                 log.warning("batch size %d lowered to the %d training images", batch_size, images)
@@ -267,9 +266,6 @@ class _Recovery:
             judge.restore_best(student)
             kept = kept_stage(self.results)
             warnings += closing_warnings(self.results, kept)
-        if self.procs.is_main:
-            for line in warnings:
-                log.warning(line)
         return RecoveryResult(student.eval(), layer_plan, self.results, history, len(found.heldout),
                               len(set(found.groups)), self.clock.elapsed(), warnings, kept)
 
@@ -376,16 +372,6 @@ def _on_device(model: nn.Module, device: torch.device, always_copy: bool = False
     """``model`` itself when it already lives on ``device`` (and no copy is asked), else a copy there."""
     here = next(iter(model.parameters()), torch.empty(0)).device
     return copy.deepcopy(model).to(device) if always_copy or here != device else model
-
-
-def _same_scene(teacher: nn.Module, found: RecoveryData) -> list[str]:
-    if found.synthetic_heldout:
-        return []  # synthetic images all look alike; their own warning says what to do
-    share = same_scene_share(teacher, found.heldout, found.groups, found.fit)
-    if share < SAME_SCENE_WARNING:
-        return []
-    return [f"{share:.0%} of the held-out photos look like views of training photos (many files, few scenes?): "
-            "the held-out agreement flatters the result; pass eval_data (--eval-data) with photos of other scenes"]
 
 
 def _endless(dataset: Dataset, batch_size: int, device: torch.device, seed: int,

@@ -49,6 +49,12 @@ SAME_SCENE = 0.7
 Measured on ImageNet EfficientNet-Lite0 and the photo pool: a photo against views of 88 other photos
 0.32-0.60 (10 photos), a random view of a photo against views of the same photos 0.45-0.96 (median
 0.86; 17 of 20 above 0.7)."""
+SAME_SCENE_WARNING = 0.5
+"""Share of held-out photos that look like views of training photos above which the result warns."""
+NOISE_VIEWS = 8
+"""Images of random pixels the same-scene check holds the held-out photos against: features in which the typical
+photo looks like noise (above :data:`SAME_SCENE`) carry no information about scenes (an untrained network's make
+every image look alike: ten different photos were all said to be views of training photos)."""
 
 
 @dataclass
@@ -275,23 +281,42 @@ def recovery_data(data: Any, teacher: nn.Module, opts: dict[str, Any],
                         synthetic_heldout=bool(groups) and groups[0].startswith("synthetic-"))
 
 
-def same_scene_share(teacher: nn.Module, heldout: torch.Tensor, groups: list[str], fit: torch.Tensor) -> float:
+def same_scene_share(teacher: nn.Module, heldout: torch.Tensor, groups: list[str], fit: torch.Tensor) -> float | None:
     """The share of held-out photos whose centre view looks like a view of a training photo: the
     cosine similarity of the teacher's pooled features (the input of its last linear layer) to
-    some training view is above :data:`SAME_SCENE`."""
+    some training view is above :data:`SAME_SCENE`. None when those features carry no information:
+    the typical held-out photo looks as much like one of :data:`NOISE_VIEWS` images of random pixels."""
     linear = [m for m in teacher.modules() if isinstance(m, nn.Linear)]
     if not linear or not len(heldout) or not len(fit):
         return 0.0
     seen: list[torch.Tensor] = []
     handle = linear[-1].register_forward_pre_hook(lambda _m, args: seen.append(args[0].flatten(1).float()))
     first = sorted({g: i for i, g in reversed(list(enumerate(groups)))}.values())
+    noise = torch.randn((NOISE_VIEWS, *heldout.shape[1:]), generator=torch.Generator().manual_seed(0))
     device = next(teacher.parameters()).device
     try:
         with torch.no_grad():
-            for x in (heldout[first], fit):
+            for x in (heldout[first], fit, noise):
                 teacher(x.to(device))
     finally:
         handle.remove()
-    held, train = (torch.nn.functional.normalize(t, dim=1) for t in seen[:2])
+    held, train, random_pixels = (torch.nn.functional.normalize(t, dim=1) for t in seen[:3])
+    if float((held @ random_pixels.T).max(1).values.median()) > SAME_SCENE:
+        return None
     return float(((held @ train.T).max(1).values > SAME_SCENE).float().mean())
 
+
+def same_scene_warnings(teacher: nn.Module, found: RecoveryData) -> list[str]:
+    """The warning when many held-out photos look like views of training photos (none for synthetic held-out
+    images, which have their own, nor where the teacher's features cannot tell photos from noise)."""
+    if found.synthetic_heldout:
+        return []
+    share = same_scene_share(teacher, found.heldout, found.groups, found.fit)
+    if share is None:
+        log.info("same-scene check skipped: the teacher's features find the held-out photos as alike to random "
+                 "pixels as to anything")
+        return []
+    if share < SAME_SCENE_WARNING:
+        return []
+    return [f"{share:.0%} of the held-out photos look like views of training photos (many files, few scenes?): "
+            "the held-out agreement flatters the result; pass eval_data (--eval-data) with photos of other scenes"]
