@@ -129,7 +129,19 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type name when the message is empty).
 
     Wrapped errors keep this line of their cause, so that what the library underneath said
-    (the class torch refused to unpickle, the op onnxruntime lacks) reaches the user.
+    (the class torch refused to unpickle, the op onnxruntime lacks) reaches the user. A line
+    longer than ``limit`` characters is cut after its last whole sentence that fits, else after
+    its last whole word, with ``...``: never mid-sentence without saying so.
     """
     text = str(err).strip()
-    return text.splitlines()[0][:limit] if text else type(err).__name__
+    if not text:
+        return type(err).__name__
+    line = text.splitlines()[0]
+    if len(line) <= limit:
+        return line
+    head = line[: limit + 1]  # a sentence may end exactly at the limit
+    end = max(head.rfind(mark) for mark in (". ", "! ", "? "))
+    if end > 0:
+        return line[: end + 1]
+    space = line.rfind(" ", 0, limit + 1)
+    return (line[:space].rstrip(",;:") if space > 0 else line[:limit]) + "..."

@@ -194,3 +194,27 @@ def test_qualified_weights_names_are_parsed_by_the_one_parser() -> None:
     assert parse_weights("resnet50", "none").kind == "none"
     with pytest.raises(WeightsError, match="IMAGENET1K_V1"):
         parse_weights("resnet50", "ResNet18_Weights.IMAGENET1K_V1")
+
+
+def test_a_truncated_weights_file_is_refused_in_whole_sentences(tmp_path: Path, resnet18_state: dict) -> None:
+    """Defect: torch's reason was cut at 200 characters, mid-sentence ("... that your checkpoint file is)")."""
+    whole = tmp_path / "whole.pt"
+    torch.save(resnet18_state, whole)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(WeightsError) as info:
+        gn_convert.load_model("resnet18", str(truncated))
+    message = str(info.value)
+    reason = message[message.index("(RuntimeError: ") + len("(RuntimeError: "):message.index("); only tensors")]
+    assert reason.endswith(".") and "failed finding central directory." in reason, message
+    assert "\n" not in message and len(reason) <= 200
+
+
+def test_first_line_cuts_a_long_line_at_a_sentence_or_word_end() -> None:
+    from gn_convert.errors import first_line
+
+    sentences = RuntimeError("One short sentence. " + "word " * 80)
+    assert first_line(sentences, 60) == "One short sentence."
+    assert first_line(RuntimeError("word " * 80), 22) == "word word word word..."
+    assert first_line(RuntimeError("x" * 50), 10) == "x" * 10 + "..."
+    assert first_line(RuntimeError("fits. Whole."), 12) == "fits. Whole."
