@@ -19,6 +19,7 @@ from types import ModuleType
 
 from gn_convert._version import __version__
 from gn_convert.cli import bench, convert, deploy, export, finetune, listing, native, parity, serve
+from gn_convert.cli.console import CONSOLE, ConsoleHandler
 from gn_convert.errors import GnConvertError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[ConsoleHandler(CONSOLE)])
     if not args.verbose:  # the command owns this process: torch's exporter's notices are noise to its users
         warnings.filterwarnings("ignore", module=r"torch\.onnx|onnxscript|torch\._export")
     try:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from gn_convert.cli.choices import LazyChoices
+from gn_convert.cli.console import CONSOLE
 
 DEFAULT_GROUPS = 32
 DEFAULT_MIN_CHANNELS = 16
@@ -55,9 +55,10 @@ def duration(text: str) -> float:
 
 
 def stderr_sink(text: str) -> None:
-    """Where stage progress goes: stderr, flushed, only on rank 0 under torchrun."""
+    """Where stage progress goes: stderr, through the console (log lines and bars on lines of their own), only on
+    rank 0 under torchrun."""
     if is_main_process():
-        print(text, end="", file=sys.stderr, flush=True)
+        CONSOLE.stage(text)
 
 
 def is_main_process() -> bool:
@@ -248,8 +249,8 @@ class ProgressBar:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, initial=info.step - 1, desc=self.label, unit="step",
-                            dynamic_ncols=True)
+            self.bar = CONSOLE.open_bar(lambda: tqdm(total=self.total, initial=info.step - 1, desc=self.label,
+                                                     unit="step", dynamic_ncols=True))
         self.bar.n = info.step
         shown = {"loss": f"{info.loss:.4f}"}
         if info.agreement is not None:
@@ -281,8 +282,9 @@ class BudgetBar:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=round(self.budget), desc=self.label, unit="s", dynamic_ncols=True,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}")
+            self.bar = CONSOLE.open_bar(lambda: tqdm(
+                total=round(self.budget), desc=self.label, unit="s", dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}"))
         self.bar.n = min(round(self.clock() - self.start), round(self.budget))
         step = getattr(info, "step", None)
         shown = {"stage": getattr(info, "stage", type(info).__name__)}
