@@ -527,6 +527,11 @@ def test_resume_refuses_the_state_of_another_teacher_data_or_options_naming_what
         recover(tiny_teacher, photos, **run, holdout=0.2, resume=True)
     resumed = recover(tiny_teacher, photos, **run, resume=True)  # the same run resumes
     assert [s.name for s in resumed.stages] == ["convert", "distill"]
+    given = dict(teacher=tiny_teacher, budget=3, input_size=12, stages=(), checkpoint_dir=tmp_path / "given")
+    recover(gn_convert.convert(tiny_teacher, 4), photos, **given)
+    with pytest.raises(CheckpointError, match="the given student's group plan differs"):
+        recover(gn_convert.convert(tiny_teacher, 2), photos, **given, resume=True)
+    assert recover(gn_convert.convert(tiny_teacher, 4), photos, **given, resume=True).plan.policy == "given"
 
 
 def test_a_run_stopped_during_its_first_stage_resumes_with_the_steps_it_planned(tiny_teacher, tmp_path,
