@@ -156,16 +156,19 @@ def recover(
             BatchNorm statistics, so they stay natural).
         synthetic_dir: also write them there as PNG files (a new folder).
         weights, input_size: the model's preprocessing (crop size, normalisation).
-        holdout: fraction (or count) of the photos held out when there is no ``eval_data``.
+        holdout: fraction (or count) of the photos held out when there is no ``eval_data``; above 0 (every
+            stage is judged on held-out photos).
         eval_data: photos of other scenes to score on (a folder or Dataset); then all of
             ``data`` trains.
         seed: seed of splits, orders and augmentations.
         device: where to compute (default: CUDA when available).
         callback: called with a :class:`~gn_convert.fidelity.recovery.Progress` as each stage
             starts and after every synthesis batch, fitted block and distillation step.
-        checkpoint_dir: keep the run's state there after each stage (and during distillation),
-            so that a stopped run can be resumed.
-        resume: go on from ``checkpoint_dir``'s state (the same options are required).
+        checkpoint_dir: keep the run's state there as soon as the student is converted, when distillation
+            has planned its steps, after each stage and during distillation, so that a stopped run can be
+            resumed (one stopped during its first stage too).
+        resume: go on from ``checkpoint_dir``'s state; it must be the same run (the teacher's weights, a given
+            student and its plan, the data's files and sizes, the options): another run's state is refused.
 
     Under ``torchrun`` (gloo on CPU, NCCL on GPU) the same call runs on every process: the
     training images are drawn per process, distillation is data-parallel (DDP) and block
