@@ -72,6 +72,28 @@ def test_a_convolution_read_elsewhere_too_is_refused() -> None:
         fold_batchnorm(Tapped().eval(), ["bn"], torch.randn(2, 3, 8, 8))
 
 
+class TappedOutputs(nn.Module):
+    """The convolution's raw output returned as well: as the second element of a tuple, or under a dict key."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.conv, self.bn, self.as_dict = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), as_dict
+        with torch.no_grad():
+            self.bn.running_mean.fill_(0.7)
+
+    def forward(self, x: torch.Tensor) -> object:
+        y = self.conv(x)
+        z = self.bn(y)
+        return {"main": z, "tap": y} if self.as_dict else (z, y)
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["tuple", "dict"])
+def test_a_change_to_any_output_of_a_structured_output_is_refused(as_dict: bool) -> None:
+    """The old check read only ``x[0]``: a KeyError on dict outputs, blind to a tuple's second element."""
+    with pytest.raises(UnsupportableLayerError, match="changed the model's output .* read elsewhere"):
+        fold_batchnorm(TappedOutputs(as_dict).eval(), ["bn"], torch.randn(2, 3, 8, 8))
+
+
 def test_feeders_are_found_by_one_forward_pass() -> None:
     model = resnet18()
     found = feeders(model, ["bn1", "layer1.0.bn2", "layer2.0.downsample.1"], torch.randn(1, 3, 32, 32))

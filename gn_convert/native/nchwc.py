@@ -34,11 +34,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from gn_convert.difference import relative_error
 from gn_convert.errors import NativeBuildError, SessionError, first_line
 from gn_convert.native import nchwc_cache
 from gn_convert.onnx.passes import blocked_layout
 from gn_convert.onnx.passes.blocked_layout import FUSED_OP, NCHWC_DOMAIN, OP_DOMAIN
-from gn_convert.runtime.compare import BATCHES, SEEDS, compare_sessions, random_feeds, relative_error
+from gn_convert.runtime.compare import BATCHES, SEEDS, compare_sessions, random_feeds
 
 log = logging.getLogger(__name__)
 

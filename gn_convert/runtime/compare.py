@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from gn_convert.difference import relative_error
 from gn_convert.errors import GnConvertError, first_line
 
 SEEDS = (0, 1)
@@ -44,15 +45,6 @@ def random_feeds(inputs: Any, seed: int, batch: int, error: type[GnConvertError]
         else:
             feeds[value.name] = rng.integers(0, 4, shape).astype(dtype)
     return feeds
-
-
-def relative_error(want: Any, got: Any) -> float:
-    """The largest absolute difference of two outputs over ``want``'s largest value (at least 1e-6);
-    0 for empty outputs, NaN where either holds a NaN (so that ``not error <= tolerance``)."""
-    want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
-    if want.shape != got.shape:
-        return float("inf")
-    return float(np.abs(want - got).max() / max(np.abs(want).max(), 1e-6)) if want.size else 0.0
 
 
 def compare_sessions(reference: Any, candidate: Any, what: str, error: type[GnConvertError], tolerance: float,

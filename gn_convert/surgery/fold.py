@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gn_convert.difference import relative_error
 from gn_convert.errors import UnsupportableLayerError
 from gn_convert.modes import eval_mode
 from gn_convert.surgery.observe import norm_tail
@@ -137,7 +138,7 @@ def fold_batchnorm(model: nn.Module, names: list[str], example: torch.Tensor, *,
         return found
     with eval_mode(model), torch.no_grad():
         after = model(example)
-    error = _relative_error(before, after)
+    error = relative_error(before, after)
     if not error <= 1e-4:
         raise UnsupportableLayerError(f"folding {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} changed the "
                                       f"model's output (relative error {error:.1e}): a folded convolution's output is "
@@ -145,8 +146,3 @@ def fold_batchnorm(model: nn.Module, names: list[str], example: torch.Tensor, *,
     log.info("folded %d BatchNorm layers into their convolutions (relative error %.1e on the example)",
              len(names), error)
     return found
-
-
-def _relative_error(a: Any, b: Any) -> float:
-    a, b = (x if isinstance(x, torch.Tensor) else x[0] for x in (a, b))
-    return float((a.double() - b.double()).abs().max() / (a.double().abs().max() + 1e-12))
