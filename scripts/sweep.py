@@ -40,6 +40,7 @@ from torchvision import models as tvm
 
 import gn_convert
 from gn_convert.surgery.registry import is_batchnorm
+from gn_convert.testing.catalog import TIMM_CATALOG
 from gn_convert.testing.photos import nontrivial_batchnorm, photo_crops
 from gn_convert.testing.sweep_row import MainOutput, classification_row, first_output, parity_summary, timed
 
@@ -53,14 +54,7 @@ DENSE = {
     "retinanet_resnet50_fpn": tvm.detection.retinanet_resnet50_fpn,
 }
 DETECTION = {"fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn"}
-TIMM = tuple(f"timm/{name}" for name in (
-    "resnet18", "resnet34", "resnet50", "resnet50d", "resnet101", "resnext50_32x4d", "seresnet50",
-    "wide_resnet50_2", "resnetrs50", "resnest14d", "efficientnet_b0", "efficientnet_b2", "efficientnet_lite0",
-    "tf_efficientnet_b0", "efficientnetv2_rw_s", "tf_efficientnetv2_b0", "mixnet_s", "mobilenetv2_100",
-    "mobilenetv3_small_050", "mobilenetv3_large_100", "tf_mobilenetv3_large_100", "lcnet_050", "ghostnet_100",
-    "regnetx_002", "regnetx_016", "regnety_002", "regnety_016", "regnetz_b16", "cspresnet50", "cspresnext50",
-    "cspdarknet53", "cs3darknet_s", "darknet53", "densenet121", "dla34", "dpn68", "rexnet_100", "hrnet_w18_small",
-    "selecsls42b", "tresnet_m"))
+TIMM = TIMM_CATALOG
 """The timm section: BatchNorm classification models by family (untrained weights)."""
 CAUSES = {
     "inception_v3": (

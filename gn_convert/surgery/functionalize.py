@@ -1,35 +1,39 @@
-"""One module's forward, with its in-place tensor operations made out of place (``torch.fx``).
+"""One module's forward with its in-place tensor operations applied to copies (``torch.fx``): the
+fallback of :func:`gn_convert.surgery.dp.make_dp_ready` for the rare module that modifies, in its own
+forward, a tensor Opacus hands it as a view (its input).
 
-Opacus's per-sample hooks hand each module's output on as a view, and an in-place operation on
-that view fails the backward pass. This pass traces one module's own ``forward`` (children are
-leaves) and rewrites every in-place operation into its out-of-place form **and every later read
-of the mutated tensor into a read of the new value**, which is what makes the rewrite keep the
-function: ``out.add_(x); F.relu(out, inplace=True); return out`` becomes
-``a = out.add(x); r = F.relu(a); return r``.
+The pass traces the module's own ``forward`` (children are leaves; parameters and buffers are
+proxied), and before every in-place operation on an activation inserts ``clone()`` of the tensor it
+modifies, so the operation (the same kernel, in place) runs on the copy, and every later read of the
+tensor reads the copy: ``x.relu_(); return self.conv(x) + x`` becomes
+``c = x.clone(); r = c.relu_(); return self.conv(r) + r``. In-place updates of parameters and
+buffers (``self.calls += 1``, ``self.seen.mul_(0.9)``) are left as they are.
 
-What counts as in place: ``x += y`` (and the other augmented assignments, recorded by a proxy
-that knows them), ``x.add_(..)``-style methods, ``torch.relu_(x)``-style functions,
-``inplace=True`` keyword arguments, and calls of child modules whose ``inplace`` flag was on
-(``self.relu(x)`` on ``ReLU(inplace=True)`` mutates ``x``).
+What counts as in place: ``x += y`` (and the other augmented assignments, recorded by a proxy that
+knows them), tensor methods ``x.add_(..)``, ``x.zero_()``, ``x.copy_(..)`` (every ``Tensor`` method
+ending in ``_`` that writes data; ``requires_grad_`` and ``share_memory_`` do not), ``torch.relu_(x)``,
+an ``inplace`` argument that is true (by keyword or position), and calls of descendant modules whose
+``inplace`` flag is on (``self.acts[0](x)`` on ``ReLU(inplace=True)`` modifies ``x``).
 
 Preconditions, each checked; a module that breaks one is refused by name
 (:class:`~gn_convert.errors.UnsupportableLayerError`):
 
-- the forward traces with ``torch.fx`` (no data-dependent control flow, no item assignment
-  such as ``out[:, :2] += 1``);
-- the traced graph is the same in training and evaluation mode;
-- no in-place operation mutates a tensor that shares memory with another one still read
-  afterwards (a slice, a view, ``nn.Identity``'s output): a slice's mutation changes its base,
-  which a rewrite of values cannot follow.
+- the forward traces with ``torch.fx`` (no data-dependent control flow, no item assignment such as
+  ``out[:, :2] += 1``), and to the same graph in training and in evaluation mode;
+- no in-place operation modifies memory shared with another tensor read afterwards (a slice, a
+  view): a copy cannot follow what a view of the original sees;
+- the graph reads no tensor that is neither a parameter nor a buffer of the module.
 
-The rewrite is checked by value, on a probe input, by :func:`gn_convert.surgery.dp.make_dp_ready`.
+torch.fx records calls, not grad mode (a ``torch.no_grad()`` block disappears) nor Python-side
+effects; what it loses is caught by :func:`gn_convert.surgery.equivalence.assert_same_function`,
+which compares gradients and buffers as well as outputs.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import operator
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -38,14 +42,12 @@ from torch import fx, nn
 
 from gn_convert.errors import UnsupportableLayerError
 
-IN_PLACE_OPERATORS: dict[Callable[..., Any], Callable[..., Any]] = {
-    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-    operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv, operator.imod: operator.mod,
-    operator.ipow: operator.pow, operator.iand: operator.and_, operator.ior: operator.or_,
-    operator.ixor: operator.xor, operator.ilshift: operator.lshift, operator.irshift: operator.rshift,
-}
-# source text that may modify a tensor in place: worth tracing
-_SUSPECT = re.compile(r"[-+*/%&|^]=(?!=)|<<=|>>=|\w_\(|inplace\s*=\s*True")
+IN_PLACE_OPERATORS: frozenset[Callable[..., Any]] = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+})
+NOT_DATA_WRITES = frozenset({"requires_grad_", "share_memory_", "retain_grad_", "record_stream_"})
+"""Tensor methods ending in ``_`` that write no tensor data."""
 # operations whose result may share memory with their first argument
 _VIEW_METHODS = frozenset({
     "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose",
@@ -77,7 +79,11 @@ for _op in IN_PLACE_OPERATORS:
 
 
 class _ShallowTracer(fx.Tracer):
-    """Traces one module's own ``forward``: every child module is a leaf; augmented assignments are kept."""
+    """Traces one module's own ``forward``: every child module is a leaf; parameters and buffers are
+    graph inputs (``get_attr``), so their in-place updates are recorded, not run; augmented
+    assignments are kept."""
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
@@ -86,41 +92,36 @@ class _ShallowTracer(fx.Tracer):
         return _InPlaceProxy(node, self)
 
 
-def _mutated_argument(node: fx.Node, in_place_children: frozenset[str]) -> fx.Node | None:
-    """The tensor node that ``node`` modifies in place, or None when it modifies nothing we rewrite."""
+def _inplace_argument(target: Callable[..., Any], node: fx.Node) -> bool:
+    """Whether a call passes ``inplace=True``, by keyword or by position."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:
+        parameters = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return False
+    index = parameters.index("inplace") if "inplace" in parameters else -1
+    return 0 <= index < len(node.args) and node.args[index] is True
+
+
+def _mutated_argument(node: fx.Node, in_place_modules: frozenset[str]) -> fx.Node | None:
+    """The tensor node that ``node`` modifies in place, or None."""
     first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
     if not isinstance(first, fx.Node):
         return None
-    if node.op == "call_function":
-        target = node.target
+    target = node.target
+    if node.op == "call_function" and callable(target):
         name = getattr(target, "__name__", "")
-        if target in IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True:
+        if target in IN_PLACE_OPERATORS or _inplace_argument(target, node):
             return first
-        if (name.endswith("_") and not name.startswith("_") and getattr(torch, name, None) is target
-                and callable(getattr(torch, name[:-1], None))):
+        if name.endswith("_") and not name.startswith("_") and getattr(torch, name, None) is target:
             return first  # torch.relu_(x)
-    if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
-            and not node.target.startswith("_") and hasattr(torch.Tensor, node.target[:-1]):
-        return first  # x.add_(y)
-    if node.op == "call_module" and node.target in in_place_children:
+    if node.op == "call_method" and isinstance(target, str) and target.endswith("_") \
+            and not target.startswith("_") and target not in NOT_DATA_WRITES and hasattr(torch.Tensor, target):
+        return first  # x.add_(y), x.zero_()
+    if node.op == "call_module" and target in in_place_modules:
         return first  # self.relu(x) on ReLU(inplace=True): x is modified and returned
     return None
-
-
-def _make_out_of_place(node: fx.Node) -> bool:
-    """Turn one in-place node into its out-of-place form; False for a child module's call, which
-    needs no change (its ``inplace`` flag is turned off by the caller)."""
-    if node.op == "call_function" and node.target in IN_PLACE_OPERATORS:
-        node.target = IN_PLACE_OPERATORS[node.target]
-    elif node.op == "call_function" and node.kwargs.get("inplace") is True:
-        node.kwargs = {**node.kwargs, "inplace": False}
-    elif node.op == "call_function" and callable(node.target):
-        node.target = getattr(torch, node.target.__name__[:-1])
-    elif node.op == "call_method" and isinstance(node.target, str):
-        node.target = node.target[:-1]
-    else:
-        return False
-    return True
 
 
 def _is_view(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -132,22 +133,32 @@ def _is_view(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Identity)
 
 
-def functionalize(graph: fx.Graph, modules: dict[str, nn.Module], in_place_children: frozenset[str],
+def _clone_before(graph: fx.Graph, node: fx.Node, tensor: fx.Node) -> fx.Node:
+    """Insert ``tensor.clone()`` before ``node`` and make ``node`` modify the clone instead."""
+    with graph.inserting_before(node):
+        clone = graph.call_method("clone", (tensor,))
+    if node.args and node.args[0] is tensor:
+        node.args = (clone, *node.args[1:])
+    else:
+        node.kwargs = {k: clone if v is tensor else v for k, v in node.kwargs.items()}
+    return clone
+
+
+def functionalize(graph: fx.Graph, modules: dict[str, nn.Module], in_place_modules: frozenset[str],
                   where: str) -> int:
-    """Rewrite ``graph``'s in-place operations out of place and redirect later reads to the new values.
+    """Make ``graph``'s in-place operations on activations act on copies; redirect later reads to them.
 
     Args:
         graph: a graph traced by :class:`_ShallowTracer` (modified in place).
-        modules: the traced module's children by name (to recognise ``nn.Identity``).
-        in_place_children: names of children whose ``inplace`` flag was on.
+        modules: the traced module's descendants by qualified name (to recognise ``nn.Identity``).
+        in_place_modules: qualified names of descendants whose ``inplace`` flag is on.
         where: the module's qualified name, for the error.
 
     Returns:
-        How many nodes changed: operations made out of place plus reads redirected (0: the
-        graph computes as the module did without any rewrite).
+        How many in-place operations now act on copies (0: nothing to change).
 
     Raises:
-        UnsupportableLayerError: an in-place operation mutates memory shared with a tensor read later.
+        UnsupportableLayerError: an in-place operation modifies memory shared with a tensor read later.
     """
     order = {node: i for i, node in enumerate(graph.nodes)}
     identity: dict[fx.Node, fx.Node] = {}   # in-place result -> the node that first held that tensor
@@ -156,81 +167,98 @@ def functionalize(graph: fx.Graph, modules: dict[str, nn.Module], in_place_child
     changes = 0
 
     def newest(arg: fx.Node) -> fx.Node:
-        nonlocal changes
-        new = latest.get(identity.get(arg, arg), arg)
-        changes += new is not arg
-        return new
+        return latest.get(identity.get(arg, arg), arg)
 
     for node in list(graph.nodes):
         node.args = fx.node.map_arg(node.args, newest)
         node.kwargs = fx.node.map_arg(node.kwargs, newest)
-        mutated = _mutated_argument(node, in_place_children)
+        mutated = _mutated_argument(node, in_place_modules)
         if mutated is None:
             if _is_view(node, modules) and node.args and isinstance(node.args[0], fx.Node):
                 memory[node] = memory.get(node.args[0], node.args[0])
             continue
         tensor, shared = identity.get(mutated, mutated), memory.get(mutated, mutated)
+        if shared.op == "get_attr":  # a parameter or buffer updated in place: kept as it is
+            identity[node], memory[node] = tensor, shared
+            continue
         aliases = [other for other, base in memory.items() if base == shared and identity.get(other, other) != tensor]
         aliases += [shared] if shared != tensor else []
-        read_later = [a for a in aliases if any(order[user] > order[node] for user in a.users)]
+        read_later = [a for a in aliases if any(order.get(user, -1) > order[node] for user in a.users)]
         if read_later:
             raise UnsupportableLayerError(
                 f"cannot make {where} DP-ready: `{node.format_node()}` modifies in place memory shared with "
                 f"{read_later[0].name} (a slice or view) that is read afterwards; write that step out of place "
                 "in the model's code")
-        changes += _make_out_of_place(node)
-        identity[node], memory[node], latest[tensor] = tensor, shared, node
+        clone = _clone_before(graph, node, mutated)
+        changes += 1
+        identity[node], memory[node], memory[clone], latest[tensor] = tensor, clone, clone, node
     graph.lint()
     return changes
 
 
-def rewritten(module: nn.Module, where: str, in_place_children: frozenset[str]) -> fx.GraphModule | None:
-    """``module`` with its forward's in-place operations out of place, or None when nothing needs it.
+def _trace(module: nn.Module, training: bool, label: str) -> fx.Graph:
+    """The module's own forward in one mode, traced on a copy (tracing runs Python code, which may
+    change attributes; the copy takes it)."""
+    scratch = copy.deepcopy(module).train(training)
+    try:
+        return _ShallowTracer().trace(scratch)
+    except Exception as err:  # noqa: BLE001 - any tracing failure means we cannot rewrite it safely
+        raise UnsupportableLayerError(
+            f"cannot make {label} DP-ready: its forward modifies in place a tensor Opacus hands it as a view, and "
+            f"torch.fx cannot trace it ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+
+
+def rewritten_graph(module: nn.Module, where: str) -> fx.Graph | None:
+    """``module``'s forward with its in-place operations on activations acting on copies, or None when
+    its own forward has none.
 
     Args:
-        module: the module whose own ``forward`` is traced (children are not entered).
+        module: the module whose own ``forward`` is traced (children are not entered); not modified.
         where: its qualified name in the model, for errors.
-        in_place_children: names of its children whose ``inplace`` flag was on.
 
     Raises:
-        UnsupportableLayerError: its forward may modify tensors in place and cannot be rewritten
-            safely (see the module docstring).
+        UnsupportableLayerError: the forward cannot be rewritten safely (see the module docstring).
     """
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        source = "+="  # unknown: treat as in place
-    suspect = bool(_SUSPECT.search(source))  # then a forward that cannot be traced is refused
     label = f"{where or 'the model'} ({type(module).__name__})"
-    graphs = []
-    for training in (True, False):  # the rewrite must not freeze train/eval behaviour into the graph
-        was = module.training
-        module.train(training)
-        try:
-            graphs.append(_ShallowTracer().trace(module))
-        except Exception as err:  # noqa: BLE001 - any tracing failure means we cannot rewrite it safely
-            if not suspect:
-                return None  # nothing in place in its own code; the probe check covers helpers it calls
-            raise UnsupportableLayerError(
-                f"cannot make {label} DP-ready: its forward may modify tensors in place and torch.fx cannot "
-                f"trace it ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
-        finally:
-            module.train(was)
-    children = dict(module.named_children())
-    changes = [functionalize(graph, children, in_place_children, label) for graph in graphs]
+    descendants = dict(module.named_modules())
+    in_place = frozenset(name for name, m in descendants.items() if name and getattr(m, "inplace", None) is True)
+    graphs = [_trace(module, training, label) for training in (True, False)]
+    changes = [functionalize(graph, descendants, in_place, label) for graph in graphs]
     if not any(changes):
-        return None  # the module is kept as it is (its mode-dependent code included)
+        return None
     if str(graphs[0]) != str(graphs[1]):
         raise UnsupportableLayerError(f"cannot make {label} DP-ready: its forward modifies tensors in place "
                                       "and depends on training mode")
-    new = fx.GraphModule(module, graphs[0], class_name=type(module).__name__)
-    for name, child in module.named_children():  # children, parameters and buffers the forward never touches
-        if name not in new._modules:
-            new.add_module(name, child)
-    for name, param in module.named_parameters(recurse=False):
-        if name not in new._parameters:
-            new.register_parameter(name, param)
-    for name, buffer in module.named_buffers(recurse=False):
-        if name not in new._buffers:
-            new.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
-    return new.train(module.training)
+    names = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
+    foreign = [str(n.target) for n in graphs[0].nodes if n.op == "get_attr" and n.target not in names]
+    if foreign:
+        raise UnsupportableLayerError(f"cannot make {label} DP-ready: its forward reads {foreign[0]}, a tensor that "
+                                      "is neither a parameter nor a buffer, which a rewrite would freeze")
+    return graphs[0]
+
+
+class RewrittenForward:
+    """A module's ``forward`` replaced by a rewritten graph, run with the module itself as ``self``:
+    the module keeps its type, attributes, hooks, children and state_dict keys. Set as the instance's
+    ``forward`` attribute; pickles (and deep-copies) with the module."""
+
+    def __init__(self, module: nn.Module, graph: fx.Graph) -> None:
+        self.module = module
+        self.code = fx.GraphModule(module, copy.deepcopy(graph), class_name=type(module).__name__)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.code).forward(self.module, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _restore_forward, (self.module, self.code)
+
+
+def _restore_forward(module: nn.Module, code: fx.GraphModule) -> RewrittenForward:
+    forward = RewrittenForward.__new__(RewrittenForward)
+    forward.module, forward.code = module, code
+    return forward
+
+
+def install_forward(module: nn.Module, graph: fx.Graph) -> None:
+    """Run ``graph`` as ``module``'s forward from now on (see :class:`RewrittenForward`)."""
+    module.forward = RewrittenForward(module, graph)

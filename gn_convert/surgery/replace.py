@@ -92,13 +92,12 @@ def convert(
         inplace: modify ``model`` itself instead of a deep copy.
         prove: prove folded layers exact on the example (False only for placeholder weights
             that are overwritten next, as :func:`gn_convert.load_converted` does).
-        dp_ready: also make the result trainable under Opacus DP-SGD as it is (activations and
-            in-place tensor operations out of place, training mode, proved on ``example_input``
-            or a probe built from the first layer; see :func:`gn_convert.surgery.dp.make_dp_ready`).
+        dp_ready: also make the result trainable under Opacus DP-SGD as it is, with the same outputs
+            and gradients (proved on ``example_input`` or a probe built from the first layer, and in
+            training mode; see :func:`gn_convert.surgery.dp.make_dp_ready`).
 
     Returns:
-        The converted module (``model`` itself when ``inplace``, unless ``dp_ready`` had to
-        rewrite the root module's own forward).
+        The converted module (``model`` itself when ``inplace``).
 
     Raises:
         GroupPlanError, UnsupportableLayerError, NoBatchNormError: see :func:`gn_convert.plan`.
