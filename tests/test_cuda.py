@@ -39,3 +39,23 @@ def test_recover_on_cuda_distils_with_amp_and_leaves_the_callers_model_on_the_cp
         on_gpu = result.model(images.cuda()).float().cpu()
         on_cpu = copy.deepcopy(result.model).cpu()(images)
     assert float((on_gpu - on_cpu).abs().max() / on_cpu.abs().max()) < 1e-3
+
+
+def test_make_dp_ready_on_a_gpu_model_proves_on_the_gpu_and_restores_its_random_state() -> None:
+    """The old proof built its probe on the CPU and forked only the CPU's random state."""
+    import torchvision
+
+    import gn_convert
+    from gn_convert.surgery.dp import check_dp_ready, is_dp_ready, make_dp_ready
+
+    torch.manual_seed(0)
+    model = gn_convert.convert(torchvision.models.resnet18(num_classes=10).eval(), 8).cuda()
+    reference = copy.deepcopy(model)
+    torch.cuda.manual_seed(123)
+    state = torch.cuda.get_rng_state()
+    ready = make_dp_ready(model)
+    assert torch.equal(torch.cuda.get_rng_state(), state) and is_dp_ready(ready)
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        assert torch.equal(ready.eval()(x), reference.eval()(x))
+    check_dp_ready(ready, x)
