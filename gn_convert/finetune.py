@@ -11,14 +11,15 @@ calls :func:`run_finetune`; everything it does is available here without the CLI
 The student is the checkpoint's converted model, the teacher its BatchNorm original (what the
 checkpoint records, or ``teacher``/``teacher_weights``). The resumable state lives in
 ``state_dir`` (default ``OUT.train-state``, saved every ``checkpoint_every`` steps); ``resume``
-continues a killed run from it exactly. Under ``torchrun`` the run is data-parallel and only rank 0
+continues a killed run from it exactly. After a successful run the files gn-convert wrote there are
+removed (``keep_state`` keeps them); a ``state_dir`` the user named, and anything else in it, stays.
+Under ``torchrun`` the run is data-parallel and only rank 0
 writes. The output folder is assembled under a temporary name and renamed into place at the end.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,9 @@ from typing import Any
 from torch import nn
 
 from gn_convert import strict_json
-from gn_convert.atomic import check_output_folder, staged_folder
 from gn_convert.errors import CheckpointError, DataError
+from gn_convert.output_folder import check_output_folder, refuse_overlap, staged_folder
+from gn_convert.ownership import remove_owned
 from gn_convert.stages import Stages
 
 #: config.json fields that :func:`gn_convert.save` writes itself (the rest is carried over)
@@ -51,7 +53,8 @@ class FinetuneOptions:
         state_dir: the resumable state folder (default ``OUT.train-state``).
         checkpoint_every: steps between state saves.
         resume: continue a stopped run from ``state_dir``.
-        keep_state: keep ``state_dir`` after success.
+        keep_state: keep the state files after success (by default only the files gn-convert wrote
+            into ``state_dir`` are removed, and ``state_dir`` itself only when it is the default).
         fidelity: keyword arguments of :func:`gn_convert.fidelity.stage.run_fidelity` (calibration
             and distillation: ``steps``, ``calibrate_batches``, ``lr``, ...), ``data`` excepted.
     """
@@ -130,6 +133,7 @@ def run_finetune(opts: FinetuneOptions, *, stages: Stages | None = None,
         raise DataError("finetuning needs data: a folder of images or of class subfolders (data=, --data DIR)")
     out = check_output_folder(opts.output, opts.force)
     state_dir = opts.state_dir or out.with_name(out.name + ".train-state")
+    refuse_overlap(out, "--out", state_dir, "--state-dir")
     config = read_config(opts.checkpoint)
     stages = stages or Stages()
     with stages("load", f"loading {opts.checkpoint} and its teacher"):
@@ -147,6 +151,6 @@ def run_finetune(opts: FinetuneOptions, *, stages: Stages | None = None,
              weights_format="pt" if config.get("weights_file", "").endswith(".pt") else "safetensors",
              extra={k: v for k, v in config.items() if k not in _WRITTEN_BY_SAVE})
         (tmp / "report.json").write_text(strict_json.dumps(report, indent=2))
-    if not opts.keep_state:
-        shutil.rmtree(state_dir, ignore_errors=True)
+    if not opts.keep_state:  # the files gn-convert wrote there; a folder the user named stays
+        remove_owned(state_dir, remove_folder=opts.state_dir is None)
     return report

@@ -8,7 +8,7 @@ export -> parity -> deploy, returning the report that ``report.json`` holds.
     report = run_pipeline(PipelineOptions("resnet50", weights="none", out=Path("gn-resnet50")))
 
 The output folder is assembled under a temporary name and renamed into place at the end
-(:func:`gn_convert.atomic.staged_folder`), so a failed or interrupted run leaves nothing behind.
+(:func:`gn_convert.output_folder.staged_folder`), so a failed or interrupted run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from torch import nn
 
 from gn_convert import strict_json
 from gn_convert._version import __version__
-from gn_convert.atomic import check_output_folder, staged_folder
 from gn_convert.errors import DeployError, OptionError
 from gn_convert.load.weights import ModelSource, load_model, resolve_source
+from gn_convert.output_folder import check_output_folder, refuse_overlap, staged_folder
 from gn_convert.stages import Stages
 from gn_convert.surgery.checkpoint import save
 from gn_convert.surgery.plan import GroupPlan, plan
@@ -115,7 +115,8 @@ def check_options(opts: PipelineOptions) -> tuple[Path, Path | None]:
         ``native_library``, or one built here, for a portable ``-march`` when it goes to Triton).
 
     Raises:
-        OutputError: the output folder cannot be written (or exists, without ``force``).
+        OutputError: the output folder cannot be written (or exists, without ``force``), or it and the
+            Triton repository overlap.
         OptionError, DeployError: contradictory options.
         NativeBuildError: ``native`` and the kernel cannot be had here.
         ServeExtraMissingError: ``triton_repo`` without ``tritonclient``.
@@ -140,6 +141,7 @@ def check_options(opts: PipelineOptions) -> tuple[Path, Path | None]:
         from gn_convert.deploy.extra import model_config_pb2
 
         model_config_pb2()
+        refuse_overlap(out, "--out", opts.triton_repo, "--triton-repo")  # one staged write would swallow the other
         check_output_folder(opts.triton_repo / _triton_name(opts, out), opts.force, "--triton-name",
                             within=opts.triton_repo)
     return out, library

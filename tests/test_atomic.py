@@ -13,13 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from gn_convert.atomic import MARKER, atomic_file, check_output_folder, staged_files, staged_folder, sweep_stale
+from gn_convert.atomic import atomic_file, staged_files, sweep_stale
 from gn_convert.errors import OutputError
+from gn_convert.output_folder import check_output_folder, staged_folder
+from gn_convert.ownership import MARKER
 
 WRITER = """
 import sys, time
 from pathlib import Path
-from gn_convert.atomic import atomic_file, staged_files, staged_folder
+from gn_convert.atomic import atomic_file, staged_files
+from gn_convert.output_folder import staged_folder
 kind, dest = sys.argv[1], Path(sys.argv[2])
 if kind == "folder":
     with staged_folder(dest, force=True) as tmp:
@@ -226,8 +229,8 @@ def test_files_written_atomically_get_the_users_umask(tmp_path: Path, umask: int
 @pytest.mark.skipif(not Path("/proc/self/mounts").exists(), reason="no /proc here")
 def test_an_output_on_a_kernel_file_system_names_the_real_reason() -> None:
     """Defect: --out /proc/x said "cannot write under /proc (No such file or directory)"."""
-    from gn_convert.atomic import check_output_folder
     from gn_convert.errors import OutputError
+    from gn_convert.output_folder import check_output_folder
 
     with pytest.raises(OutputError, match=r"^cannot write under /proc: it is on the kernel's proc file system, which "
                                           r"holds no files of its own; choose a writable --out$"):

@@ -66,8 +66,29 @@ def test_finetune_writes_a_new_checkpoint_and_resumes_from_its_state(tmp_path, c
     assert main([*args, "--out", str(second), "--resume", "--state-dir", str(state)]) == 0
     again = load_converted(second).state_dict()
     assert all(torch.equal(again[k], trained[k]) for k in trained)
-    assert not state.exists()  # removed after success without --keep-state
+    assert list(state.iterdir()) == []  # its files removed after success without --keep-state; a named folder stays
     assert "distilled 4 steps" in capsys.readouterr().out
+
+
+def test_a_named_state_dir_keeps_the_users_files_and_itself(tmp_path, workspace) -> None:
+    """Defect: ``finetune --state-dir DIR`` removed DIR after a successful run, whatever else the user kept there."""
+    _, data, checkpoint = workspace
+    state = tmp_path / "experiments"
+    (state / "notes").mkdir(parents=True)
+    (state / "notes" / "plan.md").write_text("years of work")
+    (state / "run.log").write_text("mine")
+    args = ["finetune", str(checkpoint), "--data", str(data), "--steps", "2", "--checkpoint-every", "1", *FAST]
+    assert main([*args, "--out", str(tmp_path / "out"), "--state-dir", str(state)]) == 0
+    assert (state / "notes" / "plan.md").read_text() == "years of work" and (state / "run.log").read_text() == "mine"
+    assert sorted(p.name for p in state.iterdir()) == ["notes", "run.log"]  # state.pt and the manifest are gone
+
+
+def test_a_state_dir_inside_the_output_is_refused_before_any_work(tmp_path, workspace, error_line) -> None:
+    _, data, checkpoint = workspace
+    out = tmp_path / "out"
+    code = main(["finetune", str(checkpoint), "--data", str(data), "--out", str(out), "--state-dir",
+                 str(out / "state")])
+    assert code == 2 and "overlap" in error_line() and not out.exists()
 
 
 @pytest.mark.parametrize("problem", ["missing data", "empty data", "teacher mismatch", "corrupt checkpoint",

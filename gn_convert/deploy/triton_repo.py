@@ -27,7 +27,6 @@ from typing import Any
 
 import onnx
 
-from gn_convert.atomic import staged_folder
 from gn_convert.deploy.blocked_target import (
     blocked_metadata,
     check_config_comments,
@@ -38,6 +37,7 @@ from gn_convert.deploy.extra import model_config_pb2
 from gn_convert.deploy.onnx_io import ModelIO, read_model_io
 from gn_convert.deploy.served_check import check_served
 from gn_convert.errors import DeployError
+from gn_convert.output_folder import staged_folder
 
 log = logging.getLogger(__name__)
 

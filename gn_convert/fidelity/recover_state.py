@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gn_convert.atomic import atomic_file
 from gn_convert.errors import CheckpointError
 from gn_convert.fidelity.recovery import StageResult
+from gn_convert.fidelity.train_state import write_state_file
 from gn_convert.surgery.plan import GroupPlan
 
 STATE_FILE = "recover.pt"
@@ -44,18 +44,11 @@ def save_recovery(folder: str | Path, *, plan: dict[str, Any], results: list[Sta
     Raises:
         CheckpointError: the folder cannot be created or written.
     """
-    path = Path(folder) / STATE_FILE
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CheckpointError(f"cannot create checkpoint folder {path.parent}: {err.strerror or err}") from None
     state = {"format": FORMAT, "plan": plan, "results": [asdict(r) for r in results],
              "student": {k: v.detach().cpu() for k, v in student.items()},
              "best": None if best is None else {k: v.detach().cpu() for k, v in best.items()},
              "best_kl": best_kl, "elapsed": elapsed, "planned": planned, "fingerprint": fingerprint}
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
-    return path
+    return write_state_file(Path(folder) / STATE_FILE, state)
 
 
 def load_recovery(folder: str | Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gn_convert.atomic import staged_folder
 from gn_convert.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from gn_convert.errors import OptionError
 from gn_convert.fidelity.pairs import forward_hooks
 from gn_convert.modes import eval_mode
+from gn_convert.output_folder import staged_folder
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from gn_convert.atomic import atomic_file
-from gn_convert.errors import CheckpointError
+from gn_convert.errors import CheckpointError, OutputError
+from gn_convert.ownership import record
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +37,31 @@ def state_path(folder: str | Path) -> Path:
     return Path(folder) / STATE_FILE
 
 
-def save_state(folder: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` (plain tensors, numbers, lists, dicts) to ``folder/state.pt`` atomically.
+def write_state_file(path: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` (plain tensors, numbers, lists, dicts) to ``path`` atomically, and record the file
+    in its folder's manifest (clean-up removes it, and nothing the user keeps there).
 
     Raises:
-        OutputError: the folder cannot be created or written.
+        CheckpointError: the folder cannot be created or written.
     """
-    path = state_path(folder)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CheckpointError(f"cannot create checkpoint folder {path.parent}: {err.strerror or err}") from None
-    with atomic_file(path) as tmp:
-        torch.save({"format": STATE_FORMAT, **state}, tmp)
+        with atomic_file(path) as tmp:
+            torch.save(state, tmp)
+        record(path.parent, [path.name])
+    except (OSError, OutputError) as err:
+        reason = err.strerror if isinstance(err, OSError) else str(err)
+        raise CheckpointError(f"cannot write checkpoint folder {path.parent}: {reason or err}") from None
+    return path
+
+
+def save_state(folder: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``folder/state.pt`` (see :func:`write_state_file`).
+
+    Raises:
+        CheckpointError: the folder cannot be created or written.
+    """
+    path = write_state_file(state_path(folder), {"format": STATE_FORMAT, **state})
     log.debug("saved training state at step %s to %s", state.get("step"), path)
     return path
 

@@ -25,6 +25,7 @@ from gn_convert.atomic import atomic_file
 from gn_convert.errors import CheckpointError, GnConvertError, OutputError
 from gn_convert.load.names import build_model
 from gn_convert.load.state_dict import load_weights_into, read_state_dict
+from gn_convert.ownership import manifest, record
 from gn_convert.surgery.plan import GroupPlan
 from gn_convert.surgery.replace import convert
 
@@ -60,18 +61,27 @@ def save(
     Returns:
         The folder's path.
 
+    The two files are recorded in the folder's manifest (:mod:`gn_convert.ownership`); a file of the
+    same name that gn-convert did not write is never overwritten.
+
     Raises:
-        OutputError: the folder or a file cannot be written.
+        OutputError: the folder or a file cannot be written, or a file of the same name that
+            gn-convert did not write is in the way.
     """
     if weights_format not in WEIGHT_FILES:
         raise GnConvertError(f"unknown weights format {weights_format!r}; use safetensors or pt")
     folder = Path(folder)
+    weights_file = WEIGHT_FILES[weights_format]
+    ours = manifest(folder) or set()
+    clash = [name for name in (weights_file, CONFIG_FILE) if (folder / name).exists() and name not in ours]
+    if clash:
+        raise OutputError(f"{folder / clash[0]} exists and gn-convert did not write it; save into a new or empty "
+                          "folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(f"cannot create {folder}: {err.strerror or err}; choose a writable location") from None
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    weights_file = WEIGHT_FILES[weights_format]
     if weights_format == "safetensors":
         from safetensors.torch import save_file
 
@@ -93,6 +103,10 @@ def save(
     }
     with atomic_file(folder / CONFIG_FILE) as tmp:
         tmp.write_text(strict_json.dumps(config, indent=2))
+    try:
+        record(folder, [weights_file, CONFIG_FILE])  # --force and clean-up remove these two, nothing else
+    except OSError as err:
+        raise OutputError(f"cannot write {folder}: {err.strerror or err}; choose a writable location") from None
     return folder
 
 
