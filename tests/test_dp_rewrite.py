@@ -369,3 +369,12 @@ def test_functionalize_puts_the_copy_before_the_in_place_operation_and_redirects
     gm = fx.GraphModule(module, graph)
     x = torch.ones(3)
     assert torch.equal(gm(x), torch.full((3,), 4.0)) and torch.equal(x, torch.ones(3))
+
+
+def test_a_probe_the_model_cannot_take_is_named_as_such() -> None:
+    """Inception's auxiliary head needs a larger input in training mode; the refusal says so instead of
+    blaming Opacus's hooks."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Conv2d(4, 4, 9))
+    with pytest.raises(UnsupportableLayerError, match=r"fails on the probe input in training mode .*\(in 2\)\); pass an "
+                                                      "example input"):
+        make_dp_ready(model, torch.randn(2, 3, 8, 8))

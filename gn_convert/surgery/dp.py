@@ -121,15 +121,15 @@ class _Failure(Exception):
         self.message, self.running = message, running
 
 
-def _hooked_pass(model: nn.Module, example: torch.Tensor) -> None:
-    """One forward and backward pass of ``model`` (modified: run a copy) under a full backward hook on
-    every module Opacus hooks, in training mode.
+def _hooked_pass(model: nn.Module, example: torch.Tensor, hooks: bool = True) -> None:
+    """One forward and backward pass of ``model`` (modified: run a copy) in training mode, with (by
+    default) a full backward hook on every module Opacus hooks.
 
     Raises:
         _Failure: the pass failed; with the modules running when it did (outermost first).
     """
     running: list[str] = []
-    handles = [m.register_full_backward_hook(lambda *_: None) for _, m in hooked_modules(model)]
+    handles = [m.register_full_backward_hook(lambda *_: None) for _, m in hooked_modules(model)] if hooks else []
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(lambda *_, name=name: running.append(name)))
         handles.append(module.register_forward_hook(lambda *_: running.pop() and None))
@@ -172,7 +172,19 @@ def check_dp_ready(model: nn.Module, example: torch.Tensor) -> None:
 
 def _rewrite_until_trainable(candidate: nn.Module, example: torch.Tensor) -> dict[str, Any]:
     """Rewrite, innermost first, the forward of each module found running where a hooked pass fails,
-    until a pass runs; the rewritten graphs by module name."""
+    until a pass runs; the rewritten graphs by module name.
+
+    Raises:
+        UnsupportableLayerError: the model fails on ``example`` without hooks too (the probe does not
+            fit it), or a failing module cannot be rewritten.
+    """
+    try:
+        _hooked_pass(copy.deepcopy(candidate), example, hooks=False)
+    except _Failure as failure:
+        raise UnsupportableLayerError(
+            f"cannot make the model DP-ready: it fails on the probe input in training mode "
+            f"({failure.message}{_where(failure.running)}); pass an example input it accepts "
+            "(example= / example_input=)") from None
     rewrites: dict[str, Any] = {}
     for _ in range(sum(1 for _ in candidate.modules()) + 1):
         try:

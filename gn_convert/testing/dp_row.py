@@ -54,7 +54,8 @@ def _dp_step(model: nn.Module, size: int, classes: int) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus's secure-RNG and full-backward-hook notes
         private, optimizer, loader = PrivacyEngine().make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=False)  # every batch holds its two samples
         xb, yb = next(iter(loader))
         optimizer.zero_grad()
         # every output's loss (GoogLeNet trains its auxiliary classifiers too: Opacus wants every parameter's gradient)
@@ -79,7 +80,7 @@ def dp_row(name: str, groups: int = 8) -> dict[str, Any]:
     start = time.perf_counter()
     torch.manual_seed(0)
     converted = convert(build_model(name, num_classes=10).eval(), groups, on_single="skip").eval()
-    size = smallest_size(converted)
+    size = smallest_size(converted, modes=(True, False))  # Inception's auxiliary head runs in training only
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
     row: dict[str, Any] = {"model": name, "input_size": size,
                            "params_m": round(sum(p.numel() for p in converted.parameters()) / 1e6, 2)}

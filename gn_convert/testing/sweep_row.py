@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gn_convert.load.names import build_model
+from gn_convert.modes import training_mode
 from gn_convert.onnx.export import export_onnx, lower_onnx
 from gn_convert.parity.check import check_parity
 from gn_convert.surgery.plan import plan as make_plan
@@ -53,12 +54,14 @@ class MainOutput(nn.Module):
         return first_output(self.model(x))
 
 
-def smallest_size(model: nn.Module) -> int:
-    """The smallest side in :data:`SIZES` that the model runs at (batch 2, eval mode)."""
+def smallest_size(model: nn.Module, modes: tuple[bool, ...] = (False,)) -> int:
+    """The smallest side in :data:`SIZES` that the model runs at (batch 2) in each of ``modes``
+    (False: evaluation, True: training; each module's mode is restored)."""
     for size in SIZES:
         try:
-            with torch.no_grad():
-                model(torch.zeros(2, 3, size, size))
+            for training in modes:
+                with torch.no_grad(), training_mode(model, training=training):
+                    model(torch.zeros(2, 3, size, size))
             return size
         except (RuntimeError, ValueError):
             continue
