@@ -31,6 +31,7 @@ unchanged model without any of this; measured here it is slower (docs/DP.md).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
@@ -121,13 +122,34 @@ class _Failure(Exception):
         self.message, self.running = message, running
 
 
+@contextlib.contextmanager
+def _state_kept(model: nn.Module) -> Iterator[None]:
+    """Put back, after the block, each module's mode, every buffer's value and every gradient (None)."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+        model.zero_grad(set_to_none=True)
+
+
 def _hooked_pass(model: nn.Module, example: torch.Tensor, hooks: bool = True) -> None:
-    """One forward and backward pass of ``model`` (modified: run a copy) in training mode, with (by
-    default) a full backward hook on every module Opacus hooks.
+    """One forward and backward pass of ``model`` in training mode, with (by default) a full backward
+    hook on every module Opacus hooks; the model's mode, buffers and gradients are put back after.
 
     Raises:
         _Failure: the pass failed; with the modules running when it did (outermost first).
     """
+    with _state_kept(model):
+        _pass(model, example, hooks)
+
+
+def _pass(model: nn.Module, example: torch.Tensor, hooks: bool) -> None:
     running: list[str] = []
     handles = [m.register_full_backward_hook(lambda *_: None) for _, m in hooked_modules(model)] if hooks else []
     for name, module in model.named_modules():
@@ -179,7 +201,7 @@ def _rewrite_until_trainable(candidate: nn.Module, example: torch.Tensor) -> dic
             fit it), or a failing module cannot be rewritten.
     """
     try:
-        _hooked_pass(copy.deepcopy(candidate), example, hooks=False)
+        _hooked_pass(candidate, example, hooks=False)
     except _Failure as failure:
         raise UnsupportableLayerError(
             f"cannot make the model DP-ready: it fails on the probe input in training mode "
@@ -188,7 +210,7 @@ def _rewrite_until_trainable(candidate: nn.Module, example: torch.Tensor) -> dic
     rewrites: dict[str, Any] = {}
     for _ in range(sum(1 for _ in candidate.modules()) + 1):
         try:
-            _hooked_pass(copy.deepcopy(candidate), example)
+            _hooked_pass(candidate, example)
             return rewrites
         except _Failure as failure:
             refusals = []
@@ -236,7 +258,7 @@ def make_dp_ready(model: nn.Module, example: torch.Tensor | None = None) -> nn.M
     candidate = copy.deepcopy(model)
     copy_hooked_outputs(candidate)
     rewrites = _rewrite_until_trainable(candidate, probes[0])
-    difference = assert_same_function(model, candidate, probes, "make_dp_ready")
+    difference = assert_same_function(model, candidate, probes, "make_dp_ready", copy_changed=False)
     count = copy_hooked_outputs(model)
     for name, graph in rewrites.items():
         install_forward(model.get_submodule(name), graph)

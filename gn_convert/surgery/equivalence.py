@@ -174,11 +174,12 @@ def _compare(want: dict[str, Any], got: dict[str, Any]) -> tuple[str | None, flo
 
 
 def assert_same_function(original: nn.Module, changed: nn.Module, probes: torch.Tensor | list[torch.Tensor],
-                         what: str) -> float:
+                         what: str, copy_changed: bool = True) -> float:
     """Prove on ``probes`` that ``changed`` computes what ``original`` computes: outputs, parameter
     gradients, buffers and the input after the pass, in training and evaluation mode.
 
-    Both models are deep-copied first; neither is run or modified.
+    ``original`` is deep-copied first and never run or modified; so is ``changed``, unless
+    ``copy_changed`` is False (a throwaway candidate: one model copy less in memory).
 
     Returns:
         The largest relative difference found (0.0 for an exact change).
@@ -189,7 +190,7 @@ def assert_same_function(original: nn.Module, changed: nn.Module, probes: torch.
             for an output the first module whose output differs.
     """
     probes = [probes] if isinstance(probes, torch.Tensor) else probes
-    reference, candidate = copy.deepcopy(original), copy.deepcopy(changed)
+    reference, candidate = copy.deepcopy(original), copy.deepcopy(changed) if copy_changed else changed
     worst = 0.0
     for training in (True, False):
         for index, probe in enumerate(probes):
