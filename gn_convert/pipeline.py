@@ -25,6 +25,7 @@ from torch import nn
 
 from gn_convert import strict_json
 from gn_convert._version import __version__
+from gn_convert.data.folders import check_data
 from gn_convert.errors import DeployError, OptionError
 from gn_convert.load.weights import ModelSource, load_model, resolve_source
 from gn_convert.output_folder import check_output_folder, refuse_overlap, staged_folder
@@ -117,11 +118,13 @@ def check_options(opts: PipelineOptions) -> tuple[Path, Path | None]:
     Raises:
         OutputError: the output folder cannot be written (or exists, without ``force``), or it and the
             Triton repository overlap.
+        DataError: the data folder is missing or holds no images.
         OptionError, DeployError: contradictory options.
         NativeBuildError: ``native`` and the kernel cannot be had here.
         ServeExtraMissingError: ``triton_repo`` without ``tritonclient``.
     """
     out, library = check_output_folder(opts.output, opts.force), None
+    check_data((opts.recover or {}).get("data", opts.fidelity.get("data")))
     if opts.parity_batch < 2:
         raise OptionError(f"the parity batch must be at least 2 (batch 1 always runs), got {opts.parity_batch}")
     if opts.native or opts.triton_repo is not None:
@@ -249,7 +252,8 @@ def _export_stage(opts: PipelineOptions, converted: nn.Module, folder: Path, sou
     from gn_convert.onnx.export import export_onnx
 
     metadata = {"source_architecture": opts.model, "source_weights": source.weights,
-                "group_plan": layer_plan.summary()}
+                "group_plan": layer_plan.summary(),
+                "min_channels_per_group": str(layer_plan.min_channels_per_group)}
     with stages("export", f"exporting model.onnx ({opts.onnx_target})"):
         report = export_onnx(converted, folder / "model.onnx", target=opts.onnx_target,
                              input_shape=(1, 3, *source.input_size), allow_batchnorm=bool(layer_plan.untouched),

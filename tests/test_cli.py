@@ -30,7 +30,7 @@ def test_convert_writes_checkpoint_and_report(tmp_path: Path, capsys: pytest.Cap
     assert report["model"] == "mobilenet_v3_small" and report["weights"] == "none"
     assert len(report["plan"]["layers"]) == 34
     fallbacks = [layer for layer in report["plan"]["layers"] if layer["fallback"]]
-    assert len(fallbacks) == 22
+    assert len(fallbacks) == 22 and report["plan"]["min_channels_per_group"] == 1  # the tests' bound (conftest)
     assert {(layer["num_channels"], layer["num_groups"]) for layer in fallbacks} == {
         (16, 16), (24, 24), (40, 20), (48, 24), (72, 24), (88, 22), (120, 30), (144, 24), (240, 30)}
     assert "34 BatchNorm layers -> GroupNorm" in stdout
@@ -222,3 +222,14 @@ def test_cli_recover_refuses_holdout_0_before_loading_anything(tmp_path: Path, c
     line = error_line()  # about the holdout, not the missing weights file: refused before anything was loaded
     assert "holdout=0 holds no photo out" in line and "--holdout 0.1" in line and "--eval-data DIR" in line
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("stage", [["--calibrate", "2"], ["--recover"]])
+def test_a_data_folder_without_images_is_refused_before_the_model_loads(tmp_path: Path, capsys, error_line,
+                                                                       stage: list[str]) -> None:
+    """--data was checked only after the model was loaded and converted."""
+    (tmp_path / "empty").mkdir()
+    code = main(["resnet18", "--weights", str(tmp_path / "missing.pt"), "--data", str(tmp_path / "empty"), *stage,
+                 "--out", str(tmp_path / "gn")])
+    assert code == 2 and "holds no images" in error_line()  # not the missing weights file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]

@@ -105,13 +105,16 @@ def test_plan_round_trips_through_dict() -> None:
     again = gn_convert.GroupPlan.from_dict(plan.to_dict())
     assert again == plan
     assert (len(plan.layers), len(plan.converted), len(plan.fallbacks), len(plan.untouched)) == (34, 34, 11, 0)
-    assert plan.summary() == "34 BatchNorm layers -> GroupNorm (G=16, policy=gcd), 11 fallbacks, 0 left as BatchNorm"
+    assert plan.summary() == ("34 BatchNorm layers -> GroupNorm (G=16, policy gcd): 23 with 16 groups, 11 with 8; "
+                              "11 fallbacks (gcd); 0 left as BatchNorm")
+    assert again.min_channels_per_group == plan.min_channels_per_group == 1
     assert again.summary() == plan.summary()
 
 
 def test_summary_counts_excluded_layers_as_left_as_batchnorm() -> None:
     plan = gn_convert.plan(gn_convert.load_model("resnet18", "none"), 32, exclude=["layer4.*", "bn1"])
-    assert plan.summary() == "14 BatchNorm layers -> GroupNorm (G=32, policy=divisor), 0 fallbacks, 6 left as BatchNorm"
+    assert plan.summary() == ("14 BatchNorm layers -> GroupNorm (G=32, policy divisor): 14 with 32 groups; 0 fallbacks "
+                              "(divisor); 6 left as BatchNorm")
 
 
 def _mixed_mode_model() -> nn.Module:
@@ -173,8 +176,8 @@ def test_min_channels_per_group_bounds_every_policy_and_is_recorded(policy: str)
         if before.num_channels // before.num_groups >= 4:
             assert after.num_groups == before.num_groups
         else:
-            assert after.num_groups < before.num_groups and after.fallback
-            assert "at least 4 channels per group" in after.reason
+            assert after.num_groups < before.num_groups and after.bounded and after.fallback == before.fallback
+            assert "the bound of at least 4 channels per group gives" in after.reason
     assert any(layer.num_channels == 16 and layer.num_groups == 4 for layer in bounded.converted)  # 16 ch: 4 groups
     tiny = gn_convert.plan(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)), 32,
                            min_channels_per_group=8)
@@ -193,8 +196,10 @@ def test_default_plan_keeps_sixteen_channels_per_group_unless_told() -> None:
     model = torchvision.models.resnet18()
     by_width = {layer.num_channels: layer for layer in gn_convert.plan(model, 32).converted}
     assert {c: layer.num_groups for c, layer in by_width.items()} == {64: 4, 128: 8, 256: 16, 512: 32}
-    assert by_width[64].fallback and "at least 16 channels per group" in by_width[64].reason
-    assert not by_width[512].fallback
+    assert by_width[64].bounded and not by_width[64].fallback  # a chosen default, not a request that failed
+    assert by_width[64].reason == "32 groups would hold 2 channels each; the bound of at least 16 channels per group " \
+                                  "gives 4"
+    assert not by_width[512].bounded and not by_width[512].reason
     forced = gn_convert.plan(model, 32, min_channels_per_group=1)
     assert {layer.num_groups for layer in forced.converted} == {32}  # G=32 on every layer, as asked
     by_size = gn_convert.plan(model, group_size=4)  # a group-size request is its own bound
@@ -213,3 +218,42 @@ def test_cli_plan_arguments_leave_the_bound_to_the_library() -> None:
     add_plan_arguments(parser)
     assert plan_kwargs(parser.parse_args([]), parser)["min_channels_per_group"] is None
     assert plan_kwargs(parser.parse_args(["--min-channels-per-group", "1"]), parser)["min_channels_per_group"] == 1
+
+
+@pytest.mark.product_defaults
+def test_the_default_summary_says_the_group_counts_and_the_bound_in_words() -> None:
+    """ResNet-50 at G=32 gives 31 of 53 layers 4, 8 or 16 groups; the summary read '31 fallbacks'."""
+    plan = gn_convert.plan(gn_convert.load_model("resnet50", "none"), 32)
+    assert plan.summary() == (
+        "53 BatchNorm layers -> GroupNorm (G=32, policy divisor): 22 with 32 groups, 16 with 16, 8 with 8, 7 with 4; "
+        "31 keep at least 16 channels per group (--min-channels-per-group 1 for G=32 on every layer); "
+        "0 fallbacks (divisor); 0 left as BatchNorm")
+    assert plan.to_dict()["min_channels_per_group"] == 16 and not plan.fallbacks and len(plan.bounded) == 31
+
+
+@pytest.mark.product_defaults
+def test_with_gcd_the_reason_says_which_rule_won_in_good_english() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 24, 3), nn.BatchNorm2d(24))
+    layer = gn_convert.plan(model, 16, policy="gcd").converted[0]
+    assert layer.num_groups == 1 and layer.fallback and layer.bounded
+    assert layer.reason == ("16 does not divide 24; using 8 (gcd); then 8 groups would hold 3 channels each; the bound "
+                            "of at least 16 channels per group gives 1")
+    one = gn_convert.plan(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16)), 16).converted[0]
+    assert one.reason.startswith("16 groups would hold 1 channel each;")
+
+
+def test_a_group_size_larger_than_a_layer_gives_it_one_group() -> None:
+    """``--group-size 1000`` ended in 'internal error: StopIteration'."""
+    plan = gn_convert.plan(gn_convert.load_model("resnet18", "none"), group_size=1000)
+    assert {layer.num_groups for layer in plan.converted} == {1}
+    assert plan.converted[0].reason == "group size 1000 does not divide 64; using 64"
+    with pytest.raises(GroupPlanError, match="group size 1000 does not divide 64"):
+        gn_convert.plan(gn_convert.load_model("resnet18", "none"), group_size=1000, policy="strict")
+
+
+@pytest.mark.parametrize("option", ["include", "exclude", "fold"])
+def test_a_pattern_that_matches_no_layer_is_refused_naming_it(option: str) -> None:
+    model = gn_convert.load_model("resnet18", "none")
+    with pytest.raises(GroupPlanError, match=rf"{option} pattern 'layr4\.\*' matches no BatchNorm layer \(a typo\?\); "
+                                             r"this model's BatchNorm layers are bn1, layer1\.0\.bn1, \.\.\., layer4"):
+        gn_convert.plan(model, 32, **{option: ["layr4.*"]})

@@ -68,8 +68,8 @@ def choose_groups(
             )
         if policy == "gcd":
             size = math.gcd(group_size, channels)
-        else:
-            size = next(k for k in range(group_size, channels + 1) if channels % k == 0)
+        else:  # the smallest size >= K that divides C; one group of all C when K exceeds C
+            size = next((k for k in range(group_size, channels + 1) if channels % k == 0), channels)
         return channels // size, f"group size {group_size} does not divide {channels}; using {size}"
     if groups is None or groups < 1:
         raise GroupPlanError(f"groups must be >= 1, got {groups}")
@@ -94,11 +94,16 @@ def candidates(channels: int, groups: int, min_channels_per_group: int = 1) -> l
     return found or [1]
 
 
-def bounded(channels: int, num_groups: int, reason: str, min_channels_per_group: int) -> tuple[int, str]:
-    """``num_groups`` lowered, if needed, so that each group keeps ``min_channels_per_group`` channels."""
+def channels_text(count: int) -> str:
+    """``1 channel``, ``16 channels``."""
+    return f"{count} channel{'' if count == 1 else 's'}"
+
+
+def bounded(channels: int, num_groups: int, min_channels_per_group: int) -> tuple[int, str]:
+    """``num_groups`` lowered, if needed, so that each group keeps ``min_channels_per_group`` channels;
+    with the reason when it was (empty when not)."""
     if channels // num_groups >= min_channels_per_group:
-        return num_groups, reason
-    bounded = max(candidates(channels, num_groups, min_channels_per_group))
-    note = f"{num_groups} groups would hold {channels // num_groups} channels each; using {bounded} " \
-           f"(at least {min_channels_per_group} channels per group)"
-    return bounded, f"{reason}; {note}" if reason else note
+        return num_groups, ""
+    lowered = max(candidates(channels, num_groups, min_channels_per_group))
+    return lowered, (f"{num_groups} groups would hold {channels_text(channels // num_groups)} each; the bound of "
+                     f"at least {channels_text(min_channels_per_group)} per group gives {lowered}")

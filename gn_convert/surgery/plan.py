@@ -17,14 +17,18 @@ With ``group_size=K`` (channels per group) instead of ``groups``, the target is 
 when K does not divide C, ``divisor`` takes the smallest group size >= K that divides C,
 ``gcd`` takes groups of gcd(K, C) channels, and ``strict`` refuses.
 
-``min_channels_per_group=K`` bounds every policy from below: a layer whose chosen groups would
-hold fewer than K channels (the narrow layers of mobile networks at G=32 become one-channel
-groups, instance norm) gets the largest divisor of C that keeps K channels per group (one group
-when C < K), and the plan records it as a fallback with its reason.
+``min_channels_per_group=K`` bounds every policy from below (16 by default for a ``groups``
+request): a layer whose chosen groups would hold fewer than K channels (the narrow layers of mobile
+networks at G=32 become one-channel groups, instance norm) gets the largest divisor of C that keeps
+K channels per group (one group when C < K). That is a chosen default, not a failed request: the
+plan records it per layer (``bounded``, with its reason) apart from the policy's *fallbacks*, and
+its summary says in words how many layers have each group count. Patterns (``include``,
+``exclude``, ``fold``) that match no layer are refused: a typo is the usual cause.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import logging
@@ -38,7 +42,15 @@ from torch import nn
 
 from gn_convert.errors import GroupPlanError, NoBatchNormError, UnsupportableLayerError
 from gn_convert.modes import eval_mode
-from gn_convert.surgery.group_count import FIDELITY, POLICIES, bounded, candidates, choose_groups, resolve_min_channels
+from gn_convert.surgery.group_count import (
+    FIDELITY,
+    POLICIES,
+    bounded,
+    candidates,
+    channels_text,
+    choose_groups,
+    resolve_min_channels,
+)
 from gn_convert.surgery.registry import BatchNormState, read_batchnorm, unknown_forward
 
 log = logging.getLogger(__name__)
@@ -65,11 +77,13 @@ class LayerPlan:
         action: ``convert``, ``skip`` (unsupportable, left as BatchNorm), ``exclude`` (by
             the user's patterns) or ``fold`` (absorbed by the convolution before it, by the
             user's fold patterns; see :mod:`gn_convert.surgery.fold`).
-        fallback: True when ``num_groups`` differs from the requested target.
-        reason: why the layer fell back or was skipped; empty otherwise.
+        fallback: True when the request could not be met as asked (G does not divide C, or K
+            channels per group does not); the policy chose ``num_groups``.
+        reason: why the layer fell back, was bounded or skipped; empty otherwise.
         elements_per_group: values each group normalises per sample, when known.
         measured_error: with the ``fidelity`` policy, the layer's measured output error at its
             chosen group count (1 - R^2 of the best per-channel affine; 0 = exact).
+        bounded: True when the channels-per-group bound lowered the group count.
     """
 
     name: str
@@ -83,6 +97,7 @@ class LayerPlan:
     reason: str = ""
     elements_per_group: int | None = None
     measured_error: float | None = None
+    bounded: bool = False
 
 
 @dataclass
@@ -93,6 +108,8 @@ class GroupPlan:
     group_size: int | None
     policy: str
     layers: list[LayerPlan] = field(default_factory=list)
+    min_channels_per_group: int | None = None
+    """The channels-per-group bound in force (None in plans saved before it was recorded)."""
 
     @property
     def converted(self) -> list[LayerPlan]:
@@ -114,14 +131,29 @@ class GroupPlan:
         """Layers folded into the convolution before them."""
         return [layer for layer in self.layers if layer.action == "fold"]
 
+    @property
+    def bounded(self) -> list[LayerPlan]:
+        """Converted layers whose group count the channels-per-group bound lowered."""
+        return [layer for layer in self.converted if layer.bounded]
+
     def summary(self) -> str:
-        """One line: how many layers convert, fall back, fold and stay BatchNorm."""
+        """One line, in words: the group counts the layers got, why some got fewer than asked, and
+        how many fall back, fold and stay BatchNorm."""
+        counts = collections.Counter(layer.num_groups for layer in self.converted)
+        ordered = sorted(counts.items(), key=lambda item: -(item[0] or 0))
+        listed = ", ".join(f"{n} with {g} group{'' if g == 1 else 's'}" if k == 0 else f"{n} with {g}"
+                           for k, (g, n) in enumerate(ordered))
         target = f"G={self.groups}" if self.group_size is None else f"group_size={self.group_size}"
-        folded = f", {len(self.folded)} folded into their convolutions" if self.folded else ""
-        return (
-            f"{len(self.converted)} BatchNorm layers -> GroupNorm ({target}, policy={self.policy}), "
-            f"{len(self.fallbacks)} fallbacks{folded}, {len(self.untouched)} left as BatchNorm"
-        )
+        parts = [f"{len(self.converted)} BatchNorm layers -> GroupNorm ({target}, policy {self.policy})"
+                 + (f": {listed}" if listed else "")]
+        if self.bounded:
+            parts.append(f"{len(self.bounded)} keep at least {channels_text(self.min_channels_per_group or 1)} per "
+                         f"group (--min-channels-per-group 1 for {target} on every layer)")
+        parts.append(f"{len(self.fallbacks)} fallback{'' if len(self.fallbacks) == 1 else 's'} ({self.policy})")
+        if self.folded:
+            parts.append(f"{len(self.folded)} folded into their convolutions")
+        parts.append(f"{len(self.untouched)} left as BatchNorm")
+        return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; :meth:`from_dict` reverses it."""
@@ -129,6 +161,7 @@ class GroupPlan:
             "groups": self.groups,
             "group_size": self.group_size,
             "policy": self.policy,
+            "min_channels_per_group": self.min_channels_per_group,
             "layers": [asdict(layer) for layer in self.layers],
         }
 
@@ -136,7 +169,7 @@ class GroupPlan:
     def from_dict(cls, data: dict[str, Any]) -> GroupPlan:
         """Rebuild a plan written by :meth:`to_dict`."""
         layers = [LayerPlan(**layer) for layer in data["layers"]]
-        return cls(data["groups"], data["group_size"], data["policy"], layers)
+        return cls(data["groups"], data["group_size"], data["policy"], layers, data.get("min_channels_per_group"))
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module, BatchNormState]]:
@@ -170,6 +203,16 @@ def _matches(name: str, patterns: Sequence[str] | None) -> bool:
 def _excluded(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     """Whether the user's patterns leave layer ``name`` as BatchNorm."""
     return bool(include and not _matches(name, include)) or _matches(name, exclude)
+
+
+def _refuse_unmatched(patterns: dict[str, list[str]], names: list[str]) -> None:
+    """Refuse patterns that match no BatchNorm layer (all of them, in one message)."""
+    unmatched = [f"{option} pattern {pattern!r}" for option, given in patterns.items() for pattern in given
+                 if not any(fnmatch.fnmatchcase(name, pattern) for name in names)]
+    if unmatched:
+        example = ", ".join(names[:2]) + (f", ..., {names[-1]}" if len(names) > 2 else "")
+        raise GroupPlanError(f"{'; '.join(unmatched)} matches no BatchNorm layer (a typo?); this model's BatchNorm "
+                             f"layers are {example}")
 
 
 def _spatial_sizes(model: nn.Module, example_input: torch.Tensor | None) -> dict[str, int]:
@@ -258,11 +301,12 @@ def plan(
     if not layers:
         if allow_no_bn:
             log.warning("model has no BatchNorm layer: nothing to convert")
-            return GroupPlan(groups, group_size, policy)
+            return GroupPlan(groups, group_size, policy, min_channels_per_group=min_channels_per_group)
         raise NoBatchNormError("the model has no BatchNorm layer to convert; to accept that as a no-op, pass "
                                "--allow-no-bn (allow_no_bn=True from Python)")
+    _refuse_unmatched({"include": include, "exclude": exclude, "fold": fold}, [name for name, _, _ in layers])
     spatial = _spatial_sizes(model, example_input)
-    result = GroupPlan(groups, group_size, policy)
+    result = GroupPlan(groups, group_size, policy, min_channels_per_group=min_channels_per_group)
     for name, _module, state in layers:
         if _matches(name, fold):
             result.layers.append(LayerPlan(name, type(_module).__name__, state.num_channels, None, state.eps,
@@ -273,8 +317,8 @@ def plan(
     if policy == FIDELITY:
         assert measure is not None and groups is not None
         result.layers = _measured(result.layers, groups, min_channels_per_group, measure)
-    for layer in result.fallbacks:
-        log.info("group plan fallback at %s: %s", layer.name, layer.reason)
+    for layer in result.fallbacks + [b for b in result.bounded if not b.fallback]:
+        log.info("group plan at %s: %s", layer.name, layer.reason)
     for layer in result.untouched:
         level = logging.INFO if layer.action == "exclude" else logging.WARNING
         log.log(level, "%s left as BatchNorm (%s): %s", layer.name, layer.action, layer.reason)
@@ -301,10 +345,11 @@ def _plan_layer(
     if _excluded(name, include, exclude):
         return layer(num_groups=None, action="exclude", reason="excluded by pattern")
     try:
-        num_groups, reason = choose_groups(state.num_channels, groups, group_size, policy)
+        num_groups, fell_back = choose_groups(state.num_channels, groups, group_size, policy)
     except GroupPlanError as err:
         raise GroupPlanError(f"layer {name}: {err}") from None
-    num_groups, reason = bounded(state.num_channels, num_groups, reason, min_channels_per_group)
+    num_groups, bound = bounded(state.num_channels, num_groups, min_channels_per_group)
+    reason = "; then ".join(r for r in (fell_back, bound) if r)  # the bound, applied last, wins
     per_channel = spatial if spatial is not None else (1 if state.min_rank == 2 else None)
     elements = None if per_channel is None else per_channel * state.num_channels // num_groups
     if elements == 1:
@@ -316,7 +361,8 @@ def _plan_layer(
                 "use fewer groups, exclude the layer, or on_single='skip' (--skip-unsupportable)"
             )
         return layer(num_groups=None, action="skip", reason=why, elements_per_group=1)
-    return layer(num_groups=num_groups, fallback=bool(reason), reason=reason, elements_per_group=elements)
+    return layer(num_groups=num_groups, fallback=bool(fell_back), bounded=bool(bound), reason=reason,
+                 elements_per_group=elements)
 
 
 def _measured(layers: list[LayerPlan], groups: int, min_channels_per_group: int, measure: Measure) -> list[LayerPlan]:
