@@ -101,6 +101,10 @@ class DeployError(InputError):
     """A model cannot be deployed as asked (its inputs do not fit Triton, a bad option...)."""
 
 
+class BuildMismatchError(EnvironmentProblem):
+    """torch and torchvision (or another compiled pair) installed from builds that do not fit together."""
+
+
 class ServeExtraMissingError(EnvironmentProblem):
     """The optional ``serve`` dependencies (nvidia-pytriton, tritonclient) are not installed."""
 
@@ -123,6 +127,28 @@ class SessionError(InputError):
 
 class BenchError(InputError):
     """A benchmark cannot run as asked."""
+
+
+MISMATCHED_BUILDS = ("operator torchvision::", "Couldn't load custom C++ ops")
+"""What torchvision says when its compiled ops were built for another torch."""
+
+
+def build_mismatch(err: BaseException) -> BuildMismatchError | None:
+    """The one-line error for a torch/torchvision build mismatch behind ``err``, or None when it is not one."""
+    if not any(text in str(err) for text in MISMATCHED_BUILDS):
+        return None
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "(not installed)"
+
+    return BuildMismatchError(
+        f"torch {version('torch')} and torchvision {version('torchvision')} are not built for each other "
+        f"({first_line(err, 80)}): reinstall both from the same index, e.g. `pip install --force-reinstall torch "
+        "torchvision --index-url https://download.pytorch.org/whl/cpu`")
 
 
 def first_line(err: BaseException, limit: int = 300) -> str:

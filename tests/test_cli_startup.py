@@ -4,6 +4,7 @@ copies of API defaults agree with the API's own maps."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -101,3 +102,18 @@ def test_convert_help_groups_every_option_by_stage() -> None:
     groups_help = " ".join(next(a for a in parser._actions if a.dest == "groups").help.split())
     assert "by default every layer keeps at least 16 channels per group" in groups_help
     assert "--min-channels-per-group 1 gives G on every layer" in groups_help
+
+
+def test_mismatched_torch_and_torchvision_builds_are_one_line_and_exit_2(tmp_path) -> None:
+    """A torchvision built for another torch fails at import with 'operator torchvision::nms does not exist';
+    the command said 'internal error ... please report it' with exit 1."""
+    fake = tmp_path / "torchvision"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "gn_convert", "list"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("gn-convert: error: torch ") and "are not built for each other" in lines[0]
+    assert "reinstall both from the same index" in lines[0]

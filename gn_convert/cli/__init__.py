@@ -20,7 +20,7 @@ from types import ModuleType
 from gn_convert._version import __version__
 from gn_convert.cli import bench, convert, deploy, export, finetune, listing, native, parity, serve
 from gn_convert.cli.console import CONSOLE, ConsoleHandler
-from gn_convert.errors import GnConvertError
+from gn_convert.errors import GnConvertError, build_mismatch
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -102,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Exception as err:  # an unexpected failure: say so, with the traceback under -v
+        mismatch = build_mismatch(err)
+        if mismatch is not None:  # an environment that cannot do the job: one line, exit 2
+            print(f"gn-convert: error: {mismatch}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if args.verbose:
             raise
         print(f"gn-convert: internal error: {type(err).__name__}: {err} (rerun with -v for the "
