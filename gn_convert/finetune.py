@@ -28,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from gn_convert import strict_json
+from gn_convert.data.folders import check_data
 from gn_convert.errors import CheckpointError, DataError
 from gn_convert.output_folder import check_output_folder, refuse_overlap, staged_folder
 from gn_convert.ownership import remove_owned
@@ -131,6 +132,7 @@ def run_finetune(opts: FinetuneOptions, *, stages: Stages | None = None,
 
     if opts.data is None:
         raise DataError("finetuning needs data: a folder of images or of class subfolders (data=, --data DIR)")
+    check_data(opts.data)
     out = check_output_folder(opts.output, opts.force)
     state_dir = opts.state_dir or out.with_name(out.name + ".train-state")
     refuse_overlap(out, "--out", state_dir, "--state-dir")

@@ -149,3 +149,14 @@ def scan_folder(root: str | os.PathLike[str], *, verify: bool = True) -> FolderS
     labels = [k for _, k in pairs] if classes is not None else None
     log.info("%s: %d images%s", path, len(files), f" in {len(classes)} classes" if classes else " (unlabelled)")
     return FolderScan(path, files, labels, classes, skipped)
+
+
+def check_data(data: object) -> None:
+    """Fail fast, before any model is loaded, when ``data`` names a folder that cannot give images
+    (missing, not a folder, no image files); a Dataset or None passes.
+
+    Raises:
+        DataError: see :func:`scan_folder` (files are listed, not opened).
+    """
+    if isinstance(data, (str, os.PathLike)):
+        scan_folder(data, verify=False)
