@@ -466,18 +466,31 @@ def test_a_library_that_kills_the_process_is_one_line(tmp_path: Path, monkeypatc
         served_check.check_served(tmp_path / "m.onnx", tmp_path / "lib.so")
 
 
-def test_native_builds_are_cached_per_cpu_and_portable_ones_are_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_native_builds_are_cached_per_cpu_and_portable_ones_are_shared(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
     """Defect: the key held the text -march=native but not the CPU: a shared cache handed an
     AVX-512 build to a CPU without it (SIGILL)."""
+    headers = tmp_path / "include"
+    headers.mkdir()
+    (headers / "onnxruntime_c_api.h").write_text("#define ORT_API_VERSION 29\n")
     native_flags, portable_flags = ["-O3", "-march=native"], ["-O3", f"-march={PORTABLE_MARCH}"]
-    here = native_build.build_key(native_flags, 29, "g++ 12")
+    here = native_build.build_key(native_flags, headers, "g++ 12")
     assert "flags" in native_build.cpu_identity()  # this Linux x86 machine: model name and feature flags
     monkeypatch.setattr(native_build, "cpu_identity", lambda: "model name : Another CPU\nflags : sse2 avx512f")
-    assert native_build.build_key(native_flags, 29, "g++ 12") != here
-    portable = native_build.build_key(portable_flags, 29, "g++ 12")
+    assert native_build.build_key(native_flags, headers, "g++ 12") != here
+    portable = native_build.build_key(portable_flags, headers, "g++ 12")
     monkeypatch.setattr(native_build, "cpu_identity", lambda: "model name : A third CPU\nflags : sse2")
-    assert native_build.build_key(portable_flags, 29, "g++ 12") == portable
-    assert native_build.build_key(native_flags, 30, "g++ 12") != native_build.build_key(native_flags, 29, "g++ 12")
+    assert native_build.build_key(portable_flags, headers, "g++ 12") == portable
+
+
+def test_the_build_key_hashes_the_headers_contents_not_only_their_api_number(tmp_path: Path) -> None:
+    """Defect: two header sets that declare the same API number (a patched or mismatched copy) shared a build."""
+    headers = tmp_path / "include"
+    headers.mkdir()
+    (headers / "onnxruntime_c_api.h").write_text("#define ORT_API_VERSION 29\nstruct OrtApi { int a; };\n")
+    before = native_build.build_key(["-O3"], headers, "g++ 12")
+    (headers / "onnxruntime_c_api.h").write_text("#define ORT_API_VERSION 29\nstruct OrtApi { long a; };\n")
+    assert native_build.build_key(["-O3"], headers, "g++ 12") != before
 
 
 def test_the_library_records_the_march_it_was_built_for(library: Path, portable_library: Path, tmp_path: Path) -> None:

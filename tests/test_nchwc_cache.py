@@ -190,3 +190,17 @@ def test_a_corrupt_or_wrong_entry_is_deleted_with_a_warning_and_rebuilt(
     rebuilt = nchwc_cache.lookup(key)
     assert rebuilt is not None
     nchwc.check_probe(open_session(rebuilt.data, library=native_library, blocked=False), rebuilt.probe)
+
+
+def test_a_cache_folder_others_can_write_is_not_used(model: Path, native_library: Path, cache: Path,
+                                                      optimisations: list, caplog: pytest.LogCaptureFixture) -> None:
+    """A consistent bad entry (a model and a record that agree) written by someone else passes the checks
+    made when an entry is read: the cache is used only where no one else can write."""
+    open_session(model, library=native_library, blocked=True)
+    assert cache.stat().st_mode & 0o777 == 0o700
+    cache.chmod(0o777)
+    nchwc_cache._warn_shared.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="gn_convert.native.nchwc_cache"):
+        open_session(model, library=native_library, blocked=True)
+    assert len(optimisations) == 2  # rewritten again, not read from the shared folder
+    assert "can be written by others" in caplog.text

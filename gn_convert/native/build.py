@@ -78,10 +78,12 @@ def cpu_identity() -> str:
     return "\n".join(fields) or f"{platform.machine()} {platform.processor()}"
 
 
-def build_key(flags: list[str], header_api: int, compiler_id: str) -> str:
-    """The cache folder's name: a hash of the sources, the headers' API, the flags, the compiler
-    and, for ``-march=native``, :func:`cpu_identity`."""
-    parts = [SOURCE.read_text(), *(h.read_text() for h in HEADERS), str(header_api), " ".join(flags), compiler_id]
+def build_key(flags: list[str], headers: Path, compiler_id: str) -> str:
+    """The cache folder's name: a hash of the sources, onnxruntime's headers (their contents, not only
+    the API number they declare), the flags, the compiler and, for ``-march=native``, :func:`cpu_identity`."""
+    onnxruntime_headers = [f"{h.name}\n{h.read_text(errors='replace')}" for h in sorted(Path(headers).glob("*.h"))]
+    parts = [SOURCE.read_text(), *(h.read_text() for h in HEADERS), *onnxruntime_headers, " ".join(flags),
+             compiler_id]
     if any(flag in ("-march=native", "-mcpu=native", "-mtune=native") for flag in flags):
         parts.append(cpu_identity())
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -114,7 +116,7 @@ def build_library(include: str | Path | None = None, *, march: str = DEFAULT_MAR
         raise NativeBuildError(f"-march {march!r} is not a compiler target name (letters, digits, '.', '_', '+', '-')")
     cxx = compiler()
     flags = [*_FLAGS, f"-march={march}", f'-DGN_CONVERT_MARCH="{march}"']
-    target = cache_root() / "native" / build_key(flags, header_api, _compiler_id(cxx)) / LIBRARY_NAME
+    target = cache_root() / "native" / build_key(flags, headers, _compiler_id(cxx)) / LIBRARY_NAME
     if target.is_file() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,8 @@ enum Activation { kNone = 0, kRelu = 1, kHardSwish = 2, kQuickGelu = 3 };
 
 constexpr int64_t kChunkValues = 4096;
 constexpr int kUnroll = 4;  // positions in flight: independent accumulator chains
+// channel_stats adds the chains as (c0 + c1) + (c2 + c3): another count must change that sum too
+static_assert(kUnroll == 4, "channel_stats combines exactly four accumulator chains");
 
 // One block row (B floats, one per channel) as a compiler vector: AVX/AVX-512 registers where the
 // target has them, narrower ones otherwise.

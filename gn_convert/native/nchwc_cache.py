@@ -11,9 +11,13 @@ The key hashes everything the rewritten file depends on: the model's bytes (and 
 files), onnxruntime's and onnx's versions, the kernel library's bytes, this CPU
 (:func:`gn_convert.native.build.cpu_identity`: model and feature flags, hence the block size) and
 the source of the rewrite (``nchwc.py`` and the graph pass), so that a changed pass never reuses
-an old file. Entries are never trusted: a record that does not parse, a model whose hash differs
-from its record, or a model that does not reproduce the probe is deleted, with a warning, and
-rebuilt.
+an old file. Entries are checked when read: a record that does not parse, a model whose hash
+differs from its record, or a model that does not reproduce the probe is deleted, with a warning,
+and rebuilt. Those checks catch corruption, not a consistent bad entry (a model and a record that
+agree with each other, written by someone else): re-running the original model to compare would
+cost the optimisation the cache saves. So the cache is used only in a folder that no one but this
+user can write (owned by them, not writable by group or others); elsewhere (a shared cache) it is
+skipped with a warning, and every model is rewritten and fully self-checked.
 
 Size: at most ``$GN_CONVERT_NCHWC_CACHE_MB`` megabytes (default 2048; 0 turns the cache off), the
 least recently used entries evicted first (a hit refreshes an entry's time). Opt out with
@@ -72,8 +76,33 @@ class Entry:
 
 
 def enabled(cache: bool = True) -> bool:
-    """Whether the cache is used: ``cache`` and no opt-out in the environment, and a positive limit."""
-    return cache and os.environ.get(NO_CACHE_VAR, "") in ("", "0") and limit_bytes() > 0
+    """Whether the cache is used: ``cache``, no opt-out in the environment, a positive limit, and a
+    folder only this user can write (:func:`private`)."""
+    return cache and os.environ.get(NO_CACHE_VAR, "") in ("", "0") and limit_bytes() > 0 and private(folder())
+
+
+def private(path: Path) -> bool:
+    """Whether the cache folder ``path`` can be written by this user alone: owned by them and not writable
+    by group or others (the cache makes it so: mode 0700). A folder not yet made counts as private
+    (this process makes it). Warns once when not. Another user who could replace the whole folder
+    (a writable parent) would leave one they own, which this refuses too."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        _warn_shared(path)
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_shared(path: Path) -> None:
+    log.warning("not using the blocked-layout cache: %s can be written by others, and a consistent bad entry "
+                "there could not be told from a good one; every model is rewritten and fully checked instead "
+                "(point GN_CONVERT_CACHE at a private folder to use the cache)", path)
 
 
 def limit_bytes() -> int:
@@ -205,7 +234,8 @@ def store(key: str, entry: Entry) -> bool:
     arrays = {f"in{k}": value for k, value in enumerate(entry.probe.feeds.values())}
     arrays.update({f"out{k}": np.asarray(value) for k, value in enumerate(entry.probe.outputs)})
     try:
-        model_path.parent.mkdir(parents=True, exist_ok=True)
+        model_path.parent.parent.mkdir(parents=True, exist_ok=True)
+        model_path.parent.mkdir(mode=0o700, exist_ok=True)  # private: see the module docstring
         with atomic_file(model_path) as staged:
             staged.write_bytes(entry.data)
         with atomic_file(record_path) as staged, open(staged, "wb") as stream:
