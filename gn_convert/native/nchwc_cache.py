@@ -98,7 +98,7 @@ def private(path: Path) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_shared(path: Path) -> None:
     log.warning("not using the blocked-layout cache: %s can be written by others, and a consistent bad entry "
                 "there could not be told from a good one; every model is rewritten and fully checked instead "
