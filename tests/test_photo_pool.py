@@ -315,7 +315,7 @@ def _real_photos() -> dict[str, Image.Image]:
     try:
         import matplotlib.cbook
 
-        with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as opened:
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as file, Image.open(file) as opened:
             photos["hopper"] = opened.convert("RGB")
     except (ImportError, OSError):
         pass
