@@ -40,7 +40,7 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> None:
                    "local functions, e.g. OpenVINO)")
     g.add_argument("--native-ops", action="store_true",
                    help="ship gn-convert's native GroupNorm kernel and load it with model_operations; it must "
-                   "suit the server's CPU and onnxruntime (see README)")
+                   "suit the server's CPU and onnxruntime (see docs/DEPLOY.md)")
     add_native_library_argument(g)
     g.add_argument("--blocked", action="store_true",
                    help="with --native-ops, ship the model rewritten for onnxruntime's blocked (NCHWc) layout: "
