@@ -33,6 +33,7 @@ from gn_convert.stages import Stages
 from gn_convert.surgery.checkpoint import save
 from gn_convert.surgery.plan import GroupPlan, plan
 from gn_convert.surgery.replace import convert
+from gn_convert.tasks import TASKS
 
 PARITY_BATCH = 2
 
@@ -42,9 +43,14 @@ class PipelineOptions:
     """Everything the main command can be asked to do (the CLI's options, by the same names).
 
     Attributes:
-        model: torchvision model name.
+        model: torchvision model name (any task: :mod:`gn_convert.tasks`) or ``timm/...``.
         weights: ``DEFAULT``, a weights name, ``none`` or a local file (see :mod:`gn_convert.load`).
         num_classes: classifier size, for untrained weights or a local file.
+        weights_backbone: a dense model's backbone weights with ``weights="none"`` (see
+            :func:`gn_convert.load.load_model`).
+        input_size: the side in pixels of the example, export and parity inputs (default: the
+            weights' preset: 224 for most classifiers, 520 for segmentation, 112 for video clips of
+            16 frames, 480x640 images for detection).
         out: output folder (default ``./gn-MODEL``, ``/`` replaced by ``-``).
         force: replace an existing output folder (and Triton model).
         weights_format: ``safetensors`` or ``pt``.
@@ -73,6 +79,8 @@ class PipelineOptions:
     model: str
     weights: str = "DEFAULT"
     num_classes: int | None = None
+    weights_backbone: str | None = None
+    input_size: int | None = None
     out: Path | None = None
     force: bool = False
     weights_format: str = "safetensors"
@@ -175,17 +183,19 @@ def run_pipeline(opts: PipelineOptions, *, stages: Stages | None = None,
     out, library = check_options(opts)
     stages = stages or Stages()
     source = resolve_source(opts.model, opts.weights)
+    task = TASKS[source.task]
+    size = sized(source.input_size, opts.input_size)
     with stages("load", f"loading {opts.model} (weights: {source.weights})"):
-        model = load_model(opts.model, opts.weights, num_classes=opts.num_classes)
+        model = load_model(opts.model, opts.weights, num_classes=opts.num_classes,
+                           weights_backbone=opts.weights_backbone)
     fidelity: dict[str, Any] = {}
     if opts.recover is not None:
         converted, layer_plan, fidelity = _recover_stage(opts, model, stages, progress)
     else:
         with stages("plan", "planning groups"):
-            layer_plan = plan(model, example_input=torch.zeros(1, 3, *source.input_size), **opts.plan)
+            layer_plan = plan(model, example_input=task.example(size, batch=1), **opts.plan)
         with stages("convert", f"converting ({layer_plan.summary()})"):
-            probe = torch.randn(2, 3, *source.input_size, generator=torch.Generator().manual_seed(0))
-            converted = convert(model, plan=layer_plan, init=opts.init, example_input=probe)
+            converted = convert(model, plan=layer_plan, init=opts.init, example_input=task.example(size))
     if opts.fidelity and opts.recover is None:
         from gn_convert.fidelity.stage import run_fidelity
 
@@ -194,19 +204,20 @@ def run_pipeline(opts: PipelineOptions, *, stages: Stages | None = None,
         from gn_convert.surgery.dp import make_dp_ready
 
         with stages("dp-ready", "making the model trainable under Opacus DP-SGD"):
-            example = torch.randn(2, 3, *source.input_size, generator=torch.Generator().manual_seed(0))
-            converted = make_dp_ready(converted, example)
+            converted = make_dp_ready(converted, task.example(size))
     with staged_folder(out, opts.force) as tmp:
         with stages("save", f"saving to {out}"):
             kwargs = {} if opts.num_classes is None else {"num_classes": opts.num_classes}
             save(converted, tmp, plan=layer_plan, architecture=opts.model, model_kwargs=kwargs,
                  source_weights=source.weights, weights_format=opts.weights_format,
-                 extra={"input_size": list(source.input_size), "categories": source.categories,
-                        "dp_ready": opts.dp_ready})
-        onnx_fields = _export_stage(opts, converted, tmp, source, layer_plan, stages, library)
-        triton_fields = _deploy_stage(opts, tmp, out, source.categories, stages, parity_failed(onnx_fields), library)
+                 extra={"input_size": list(size), "categories": source.categories, "task": task.name,
+                        "weights_backbone": opts.weights_backbone, "dp_ready": opts.dp_ready})
+        onnx_fields = _export_stage(opts, converted, tmp, source, size, layer_plan, stages, library)
+        triton_fields = _deploy_stage(opts, tmp, out, task.labels(source.categories), stages,
+                                      parity_failed(onnx_fields), library)
         report = {
             "model": opts.model,
+            "task": task.name,
             "weights": source.weights,
             "init": opts.init,
             "dp_ready": opts.dp_ready,
@@ -245,33 +256,34 @@ def parity_failed(fields: dict[str, Any]) -> bool:
 
 
 def _export_stage(opts: PipelineOptions, converted: nn.Module, folder: Path, source: ModelSource,
-                  layer_plan: GroupPlan, stages: Stages, library: Path | None) -> dict[str, Any]:
-    """Write ``model.onnx`` and check its parity; the ``onnx`` and ``parity`` report fields."""
+                  size: tuple[int, ...], layer_plan: GroupPlan, stages: Stages, library: Path | None) -> dict[str, Any]:
+    """Write ``model.onnx`` and check its parity (the model's task says how); the ``onnx`` and
+    ``parity`` report fields."""
     if not opts.onnx:
         return {}
-    from gn_convert.onnx.export import export_onnx
-
-    metadata = {"source_architecture": opts.model, "source_weights": source.weights,
+    task = TASKS[source.task]
+    metadata = {"source_architecture": opts.model, "source_weights": source.weights, "task": task.name,
                 "group_plan": layer_plan.summary(),
                 "min_channels_per_group": str(layer_plan.min_channels_per_group)}
     with stages("export", f"exporting model.onnx ({opts.onnx_target})"):
-        report = export_onnx(converted, folder / "model.onnx", target=opts.onnx_target,
-                             input_shape=(1, 3, *source.input_size), allow_batchnorm=bool(layer_plan.untouched),
-                             metadata=metadata)
+        report = task.export(converted, folder / "model.onnx", input_size=size, target=opts.onnx_target,
+                             allow_batchnorm=bool(layer_plan.untouched), metadata=metadata)
     data = report.to_dict()
     data.update(path="model.onnx", files=[Path(p).name for p in data["files"]])
     if not opts.parity:
         return {"onnx": data}
-    from gn_convert.parity.check import check_parity
-
     providers = ("cpu", "cpu-native") if opts.native else ("cpu",)
     with stages("parity", f"checking parity on {', '.join(providers)}"):
-        parity = check_parity(converted, report.path, providers=providers, batch=opts.parity_batch,
-                              native_library=library)
+        parity = task.check_parity(converted, report.path, providers=providers, batch=opts.parity_batch,
+                                   native_library=library, input_size=size)
     result = parity.to_dict()
-    result.update(onnx_path="model.onnx", providers=list(providers),
-                  worst_max_rel=max((row.metrics.max_rel for row in parity.rows), default=float("nan")))
+    result.update(onnx_path="model.onnx", providers=list(providers), worst_max_rel=parity.worst_max_rel)
     return {"onnx": data, "parity": result}
+
+
+def sized(preset: tuple[int, ...], side: int | None) -> tuple[int, ...]:
+    """The preset input size, or with its last two axes (height and width) ``side`` pixels."""
+    return preset if side is None else (*preset[:-2], side, side)
 
 
 def _deploy_stage(opts: PipelineOptions, folder: Path, out: Path, categories: list[str] | None, stages: Stages,

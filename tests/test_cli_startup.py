@@ -94,7 +94,7 @@ def test_convert_help_groups_every_option_by_stage() -> None:
                             "fidelity: calibration and distillation by step count", "differential privacy (Opacus)",
                             "ONNX export and parity", "deploy: Triton model repository", "output"]
     assert groups["positional arguments"] == [] and groups["options"] == ["help"]  # every option has its stage
-    assert groups["model and weights"] == ["model", "weights", "num_classes"]
+    assert groups["model and weights"] == ["model", "weights", "num_classes", "weights_backbone"]
     assert groups["output"] == ["out", "force", "format"] and groups["differential privacy (Opacus)"] == ["dp_ready"]
     assert {"recover", "budget", "state_dir"} <= set(groups[next(t for t in groups if "recovery" in t)])
     assert parser.format_help().startswith("usage: gn-convert [convert] MODEL [options]\n")

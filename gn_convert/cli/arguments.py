@@ -182,7 +182,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                    help="separate held-out folder (default: --holdout of --data)")
     g.add_argument("--holdout", type=fraction, default=0.1, metavar="F",
                    help="fraction of --data held out for evaluation (0.1)")
-    g.add_argument("--input-size", type=int, metavar="PX", help="crop side in pixels (default: the model's preset)")
+    g.add_argument("--input-size", type=int, metavar="PX", help="input side in pixels: the crops of --data, and the "
+                   "example, export and parity inputs (default: the model's preset)")
     g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the split, data order and augmentation (0)")
     g.add_argument("--workers", type=int, default=0, metavar="N", help="data-loading worker processes (0)")
     g.add_argument("--no-flip", action="store_true", help="no horizontal flips in training augmentation")

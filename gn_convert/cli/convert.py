@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     output.
     """
     p = sub.add_parser(
-        "convert", help="convert a torchvision model (the default command)",
+        "convert", help="convert a torchvision model of any task, or a timm model (the default command)",
         usage="gn-convert [convert] MODEL [options]",
         description="Convert a torchvision model's BatchNorm layers to GroupNorm and write the "
         "checkpoint, model.onnx (checked for parity) and report.json into --out. Every stage after "
@@ -51,11 +51,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog="Examples and every option in detail: docs/USAGE.md.",
     )
     g = p.add_argument_group("model and weights")
-    g.add_argument("model", help="torchvision model name, or timm/NAME (`gn-convert list` shows them)")
+    g.add_argument("model", help="torchvision model name (classification, segmentation, detection, video), or "
+                   "timm/NAME (`gn-convert list` shows them)")
     g.add_argument("--weights", default="DEFAULT",
                    help="DEFAULT (torchvision's pretrained weights; downloaded or cached), a weights "
                    "name (IMAGENET1K_V1), none (untrained; works offline), or a local file")
     g.add_argument("--num-classes", type=int, metavar="N", help="classifier size, for untrained or local weights")
+    g.add_argument("--weights-backbone", metavar="WEIGHTS",
+                   help="segmentation and detection models with --weights none: the backbone's pretrained weights "
+                   "(DEFAULT: torchvision's default for the model; or a weights name), downloaded or cached "
+                   "(default: none, an untrained backbone)")
     add_plan_arguments(p)
     add_data_arguments(p)
     add_recover_arguments(p)
@@ -98,7 +103,8 @@ def options_from(args: argparse.Namespace) -> PipelineOptions:
                           f"or --recover, or drop {unused[0]}")
 
     return PipelineOptions(
-        model=args.model, weights=args.weights, num_classes=args.num_classes, out=args.out, force=args.force,
+        model=args.model, weights=args.weights, num_classes=args.num_classes, weights_backbone=args.weights_backbone,
+        input_size=args.input_size, out=args.out, force=args.force,
         weights_format=args.format, plan=plan_kwargs(args, getattr(args, "parser", None)), init=args.init,
         dp_ready=args.dp_ready,
         fidelity=fidelity_kwargs(args), recover=recover_kwargs(args, getattr(args, "parser", None)),

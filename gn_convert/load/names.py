@@ -1,4 +1,5 @@
-"""Classification model names, and building the architectures without their weights.
+"""torchvision's model names of every task (:mod:`gn_convert.tasks`), and building the architectures
+without their weights.
 
 Building a model only to read its layers, or to overwrite its weights at once, should not pay
 for the weight initialisation: :func:`build_model` with ``init_weights=False`` builds on the
@@ -12,34 +13,34 @@ import functools
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchvision
 from torch import nn
-from torchvision import models as tvm
 
 from gn_convert.atomic import atomic_file
 from gn_convert.errors import UnknownModelError
 from gn_convert.load.timm_models import build_timm, check_timm_name, is_timm_name
 from gn_convert.surgery.registry import is_batchnorm
+from gn_convert.tasks import CLASSIFICATION, TASKS, all_names, task_of
 
 log = logging.getLogger(__name__)
 
 
 def classification_names() -> list[str]:
     """Every torchvision classification model name, sorted."""
-    return sorted(tvm.list_models(module=tvm))
+    return CLASSIFICATION.names()
 
 
 def check_model_name(name: str) -> None:
-    """Raise :class:`UnknownModelError` unless ``name`` is a torchvision classification model or ``timm/...``."""
+    """Raise :class:`UnknownModelError` unless ``name`` is a torchvision model of a task gn-convert serves
+    (classification, segmentation, detection, video) or ``timm/...``."""
     if is_timm_name(name):
         check_timm_name(name)
         return
-    names = classification_names()
+    names = all_names()
     if name not in names:
         close = [n for n in names if n.startswith(name[:4])][:5]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -47,10 +48,9 @@ def check_model_name(name: str) -> None:
 
 
 def build_torchvision(name: str, **kwargs: Any) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, module="torchvision")  # GoogLeNet/Inception notices
-        model: nn.Module = tvm.get_model(name, **kwargs)
-        return model
+    """torchvision's builder of ``name`` (through its task: dense models built without weights do not
+    fetch backbone weights either)."""
+    return task_of(name).build(name, **kwargs)
 
 
 def build_model(name: str, *, num_classes: int | None = None, init_weights: bool = True) -> nn.Module:
@@ -93,21 +93,15 @@ def _cache_file() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def list_models() -> list[str]:
-    """The torchvision classification models that contain BatchNorm.
-
-    Computed by building each model on the meta device, then cached on disk per torchvision
-    version (``~/.cache/gn_convert``).
-
-    Returns:
-        Sorted model names.
-    """
+def _with_batchnorm() -> frozenset[str]:
+    """Every torchvision model (of every task) that contains BatchNorm: built on the meta device once,
+    then cached on disk per torchvision version (``~/.cache/gn_convert``)."""
     cache = _cache_file()
-    names = classification_names()
+    names = all_names()
     try:
         cached = json.loads(cache.read_text())
         if cached["all"] == names:
-            return [str(name) for name in cached["batchnorm"]]
+            return frozenset(str(name) for name in cached["batchnorm"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     found = [name for name in names if any(is_batchnorm(m) for m in _structure(name).modules())]
@@ -117,4 +111,21 @@ def list_models() -> list[str]:
             tmp.write_text(json.dumps({"all": names, "batchnorm": found}))
     except Exception as err:  # noqa: BLE001 - a cache that cannot be written is only slower
         log.debug("cannot cache the model list: %s", err)
-    return found
+    return frozenset(found)
+
+
+def list_models(task: str | None = None) -> list[str]:
+    """The torchvision models that contain BatchNorm, sorted.
+
+    Args:
+        task: ``classification``, ``segmentation``, ``detection`` or ``video``; None for every task.
+    """
+    names = TASKS[task].names() if task is not None else all_names()
+    return sorted(set(names) & _with_batchnorm())
+
+
+def models_by_task() -> dict[str, tuple[list[str], list[str]]]:
+    """Per task, (the models with BatchNorm, the models without: nothing to convert)."""
+    found = _with_batchnorm()
+    return {name: ([n for n in task.names() if n in found], [n for n in task.names() if n not in found])
+            for name, task in TASKS.items()}

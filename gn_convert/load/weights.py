@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import urllib.request
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from gn_convert.errors import WeightsError, WeightsUnavailableError, first_line
 from gn_convert.load.names import build_model, build_torchvision, check_model_name
 from gn_convert.load.state_dict import load_weights_into, read_state_dict
 from gn_convert.load.timm_models import is_timm_name, load_timm_pretrained, timm_preset
+from gn_convert.tasks import task_of
 
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 PROBE_TIMEOUT_S = 5
@@ -120,14 +122,17 @@ class ModelSource:
     Attributes:
         architecture: the torchvision model name.
         weights: ``none``, a weights enum name (``ResNet50_Weights.IMAGENET1K_V2``) or a path.
-        input_size: (H, W) the weights were evaluated at, from torchvision's meta.
+        input_size: the per-sample spatial size the weights were evaluated at, from torchvision's
+            meta: ``(H, W)``, ``(T, H, W)`` for video clips (:meth:`gn_convert.tasks.Task.input_size`).
         categories: class names when the weights carry them.
+        task: the model's task (:data:`gn_convert.tasks.TASKS`).
     """
 
     architecture: str
     weights: str
-    input_size: tuple[int, int]
+    input_size: tuple[int, ...]
     categories: list[str] | None = None
+    task: str = "classification"
 
 
 def resolve_source(name: str, weights: str = "DEFAULT") -> ModelSource:
@@ -137,12 +142,34 @@ def resolve_source(name: str, weights: str = "DEFAULT") -> ModelSource:
         UnknownModelError, WeightsError: see :func:`parse_weights`.
     """
     spec = parse_weights(name, weights)
-    crop = default_weights_enum(name).transforms().crop_size
-    side = int(crop[0] if isinstance(crop, (list, tuple)) else crop)
+    task = task_of(name)
     categories = None
     if spec.kind in ("torchvision", "timm"):
         categories = list(spec.enum.meta.get("categories") or []) or None
-    return ModelSource(name, spec.label, (side, side), categories)
+    return ModelSource(name, spec.label, task.input_size(default_weights_enum(name)), categories, task.name)
+
+
+def parse_backbone_weights(name: str, weights_backbone: str | None) -> Any:
+    """The backbone weights enum member for a dense model (``DEFAULT``: the one torchvision's builder
+    defaults to; or a name of its backbone's weights), or None for ``none``/None.
+
+    Raises:
+        WeightsError: the model has no separate backbone weights, or no such name.
+    """
+    if weights_backbone is None or weights_backbone.lower() == "none":
+        return None
+    parameter = inspect.signature(tvm.get_model_builder(name)).parameters.get("weights_backbone")
+    default = getattr(parameter, "default", None)
+    enum = type(default) if default is not None and not isinstance(default, type) else None
+    if enum is None:
+        raise WeightsError(f"{name} takes no separate backbone weights; --weights-backbone applies to torchvision's "
+                           "segmentation and detection models")
+    # DEFAULT: the builder's own default (ResNet50_Weights.IMAGENET1K_V1 for DeepLabV3, not the enum's DEFAULT)
+    member = default if weights_backbone.upper() == "DEFAULT" else enum.__members__.get(weights_backbone)
+    if member is None:
+        raise WeightsError(f"{name}'s backbone has no weights {weights_backbone!r}; choose one of "
+                           f"{', '.join(['DEFAULT', 'none', *enum.__members__])}")
+    return member
 
 
 def _cache_path(url: str) -> Path:
@@ -158,8 +185,10 @@ def _reachable(url: str) -> bool:
     return True
 
 
-def _build_pretrained(name: str, enum: Any) -> nn.Module:
-    """torchvision's own pretrained build (it handles each model's quirks), failing fast offline."""
+def _build_pretrained(name: str, enum: Any, **kwargs: Any) -> nn.Module:
+    """torchvision's own pretrained build (it handles each model's quirks), failing fast offline.
+
+    ``enum`` is the model's weights, or (with ``weights_backbone=`` in ``kwargs``) its backbone's."""
     cached = _cache_path(enum.url)
     if not cached.exists() and not _reachable(enum.url):
         raise WeightsUnavailableError(
@@ -167,7 +196,7 @@ def _build_pretrained(name: str, enum: Any) -> nn.Module:
             "there, or pass weights=\"none\" (untrained) or weights=PATH (a local file)"
         )
     try:
-        return build_torchvision(name, weights=enum)
+        return build_torchvision(name, **(kwargs or {"weights": enum}))
     except Exception as err:  # network, hash or format failure of the download
         raise WeightsUnavailableError(
             f"cannot get {enum} ({type(err).__name__}: {first_line(err, 160)}); cache: {cached}; "
@@ -175,15 +204,20 @@ def _build_pretrained(name: str, enum: Any) -> nn.Module:
         ) from err
 
 
-def load_model(name: str, weights: str = "DEFAULT", *, num_classes: int | None = None) -> nn.Module:
-    """Build a torchvision (or ``timm/...``) classification model by name and load its weights.
+def load_model(name: str, weights: str = "DEFAULT", *, num_classes: int | None = None,
+               weights_backbone: str | None = None) -> nn.Module:
+    """Build a torchvision (or ``timm/...``) model by name and load its weights.
 
     Args:
-        name: a torchvision classification model name (``gn_convert.list_models()``), or
-            ``timm/<architecture>[.<pretrained tag>]`` (needs the timm extra).
+        name: a torchvision model name of any task (``gn_convert.list_models()``: classification,
+            segmentation, detection, video), or ``timm/<architecture>[.<pretrained tag>]`` (needs the
+            timm extra).
         weights: ``DEFAULT`` (torchvision's pretrained weights, downloaded or cached), a
             torchvision weights name, ``none`` (untrained), or a path to a local file.
         num_classes: classifier size for untrained weights or a local file with its own head.
+        weights_backbone: for segmentation and detection models with ``weights="none"``: the backbone's
+            pretrained weights (``DEFAULT`` or a name; downloaded or cached, failing fast offline), or
+            None / ``none`` for an untrained backbone (the default: nothing is downloaded).
 
     Returns:
         The model in eval mode, on the CPU.
@@ -203,6 +237,13 @@ def load_model(name: str, weights: str = "DEFAULT", *, num_classes: int | None =
         if num_classes is not None:
             raise WeightsError(f"num_classes=N does not apply to pretrained {name}; use a local weights file")
         return load_timm_pretrained(name, reachable=_reachable).eval()
+    backbone = parse_backbone_weights(name, weights_backbone)
+    if backbone is not None:
+        if spec.kind != "none":
+            raise WeightsError("weights_backbone applies to an untrained model (weights=\"none\"); the model's "
+                               "own weights already hold its backbone")
+        kwargs = {"weights_backbone": backbone, **({} if num_classes is None else {"num_classes": num_classes})}
+        return _build_pretrained(name, backbone, **kwargs).eval()
     model = build_model(name, num_classes=num_classes, init_weights=spec.kind == "none")
     if spec.path is not None:  # a file
         load_weights_into(model, read_state_dict(spec.path), f"weights file {spec.path}")

@@ -44,7 +44,7 @@ from gn_convert.onnx.lowering.function import attach_function
 from gn_convert.onnx.op import DEFAULT_BODY, groupnorm_nodes
 from gn_convert.onnx.reading import LAYERS_KEY, groupnorm_layers, read_model
 from gn_convert.onnx.targets import DEFAULT_TARGET, STANDARD_OPSET, TARGET_KEY, get_target
-from gn_convert.onnx.trace import trace
+from gn_convert.onnx.trace import OUTPUT_NAME, trace
 from gn_convert.onnx.verify import NodeCounts, count_nodes
 from gn_convert.onnx.write import lower, set_metadata, write_model
 from gn_convert.surgery.registry import is_batchnorm
@@ -126,6 +126,8 @@ def export_onnx(
     metadata: Mapping[str, str] | None = None,
     external_data: bool | None = None,
     body: str = DEFAULT_BODY,
+    output_names: Sequence[str] = (OUTPUT_NAME,),
+    images: bool = False,
 ) -> ExportReport:
     """Export a model with GroupNorm layers to ONNX, with one custom node per GroupNorm call.
 
@@ -149,6 +151,10 @@ def export_onnx(
         body: the op's function body for the ``function`` and ``inlined`` targets, a key of
             :data:`gn_convert.onnx.op.BODIES` (default ``layer-norm``: as fast as any on
             onnxruntime CPU and the most precise; recorded in the metadata as ``gn_convert.body``).
+        output_names: the names of the model's outputs (a tensor or a tuple of tensors), in order.
+        images: the model takes a list of images (torchvision detection): ``input_shape`` is one
+            image's ``(C, H, W)``, traced with torch's TorchScript-based exporter with height and width
+            dynamic (:mod:`gn_convert.onnx.script_trace`); ``dynamic_batch`` and ``fp16`` do not apply.
 
     Returns:
         The :class:`ExportReport`; ``report.path`` is the written file.
@@ -159,12 +165,23 @@ def export_onnx(
         OutputError: ``path`` cannot be written. Nothing is left behind on any error.
     """
     start = time.perf_counter()
+    if images:
+        from gn_convert.onnx.script_trace import SCRIPT_OPSET, trace_images
+
+        if input_shape is None or fp16:
+            raise ExportError("a model that takes a list of images needs input_shape=(C, H, W), in float32")
+        opset, dynamic_batch = SCRIPT_OPSET, False
     get_target(target, opset)
     if not allow_batchnorm:
         _check_no_batchnorm(model)
     path = Path(path)
     with staged_files(path) as stage:
-        traced = trace(model, input_shape, dynamic_batch=dynamic_batch, opset=opset, fp16=fp16)
+        if images:
+            assert input_shape is not None  # checked above
+            traced = trace_images(model, input_shape, output_names)
+        else:
+            traced = trace(model, input_shape, dynamic_batch=dynamic_batch, opset=opset, fp16=fp16,
+                           output_names=output_names)
         layers = [(node.name, node.output[0]) for node in groupnorm_nodes(traced.model)]
         if target in ("function", "inlined"):
             attach_function(traced.model, body)

@@ -106,6 +106,7 @@ def trace(
     dynamic_batch: bool = True,
     opset: int = 21,
     fp16: bool = False,
+    output_names: Sequence[str] = (OUTPUT_NAME,),
 ) -> Traced:
     """Export ``model`` with torch's dynamo exporter and name its custom GroupNorm nodes.
 
@@ -115,6 +116,7 @@ def trace(
         dynamic_batch: make the first input axis symbolic (``batch``).
         opset: default-domain opset of the graph (>= 18).
         fp16: trace a half-precision copy of the model, for a float16 graph.
+        output_names: the names of the model's outputs (a tensor, or a tuple of tensors), in order.
 
     Returns:
         The traced graph, ready for the lowering passes (:mod:`gn_convert.onnx.lowering`).
@@ -134,7 +136,7 @@ def trace(
             program = torch.onnx.export(
                 source, (example,), dynamo=True, custom_translation_table=translation_table(),
                 opset_version=opset, dynamic_shapes=dynamic, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], optimize=True, verbose=False,
+                output_names=list(output_names), optimize=True, verbose=False,
             )
         except Exception as exc:  # torch raises many types; the message is what matters
             raise ExportError(f"torch cannot export {type(model).__name__}: {first_line(exc)}") from exc

@@ -61,14 +61,17 @@ def _dtype(onnx_model: onnx.ModelProto) -> str:
         elem, onnx.helper.tensor_dtype_to_np_dtype(elem).name)
 
 
-def _reference(model: nn.Module, x: torch.Tensor) -> NDArray[Any]:
+def _reference(model: nn.Module, x: torch.Tensor) -> list[NDArray[Any]]:
+    """The model's outputs on ``x``: one tensor, or each tensor of a tuple, in order."""
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     with torch.no_grad():
         out = model(x.to(device))
-    if not isinstance(out, torch.Tensor):
-        raise ParityError(f"the PyTorch model returns {type(out).__name__}, not one tensor; parity needs one output")
-    return out.detach().float().cpu().numpy()
+    outputs = list(out) if isinstance(out, (tuple, list)) else [out]
+    if not outputs or not all(isinstance(o, torch.Tensor) for o in outputs):
+        raise ParityError(f"the PyTorch model returns {type(out).__name__}; parity needs a tensor or a tuple of tensors "
+                          "(a dict output: compare the task's exportable module, gn_convert.tasks)")
+    return [o.detach().float().cpu().numpy() for o in outputs]
 
 
 def _recorded_batchnorm(onnx_model: onnx.ModelProto) -> int:
@@ -87,11 +90,13 @@ def _check_match(model: nn.Module, onnx_model: onnx.ModelProto, sample: tuple[in
     except Exception as exc:  # the model rejects the ONNX model's input shape
         raise ParityError(f"the ONNX model does not match the PyTorch model: its input (N, {', '.join(map(str, sample))}) "
                           f"fails in PyTorch ({type(exc).__name__}: {first_line(exc, 120)})") from None
-    if len(onnx_model.graph.output) != 1:
-        raise ParityError(f"the ONNX model has {len(onnx_model.graph.output)} outputs, the PyTorch model one")
-    dims = _dims(onnx_model.graph.output[0])
-    if len(dims) != out.ndim or any(d is not None and d != s for d, s in zip(dims[1:], out.shape[1:])):
-        raise ParityError(f"the ONNX model does not match the PyTorch model: output {dims} vs {list(out.shape)}")
+    if len(onnx_model.graph.output) != len(out):
+        raise ParityError(f"the ONNX model has {len(onnx_model.graph.output)} outputs, the PyTorch model {len(out)}")
+    for value, ref in zip(onnx_model.graph.output, out):
+        dims = _dims(value)
+        if len(dims) != ref.ndim or any(d is not None and d != s for d, s in zip(dims[1:], ref.shape[1:])):
+            raise ParityError(f"the ONNX model does not match the PyTorch model: output {value.name} {dims} vs "
+                              f"{list(ref.shape)}")
     names = {name for name, _ in model.named_modules()}
     has_groupnorm = any(isinstance(m, nn.GroupNorm) for m in model.modules())
     if has_groupnorm and not groupnorm_layers(onnx_model) and not groupnorm_nodes(onnx_model):
@@ -119,7 +124,7 @@ class ReferenceNoise:
     closely any float32 implementation can be expected to agree with the reference.
     """
 
-    def __init__(self, model: nn.Module, sets: list[InputSet], refs: dict[str, NDArray[Any]]) -> None:
+    def __init__(self, model: nn.Module, sets: list[InputSet], refs: dict[str, list[NDArray[Any]]]) -> None:
         self.model, self.sets, self.refs = model, {s.name: s for s in sets}, refs
         self.exact: nn.Module | None = None
         self.cache: dict[str, tuple[float, float]] = {}
@@ -130,9 +135,10 @@ class ReferenceNoise:
             if self.exact is None:
                 self.exact = copy.deepcopy(self.model).cpu().double().eval()
             with torch.no_grad():
-                out = self.exact(self.sets[name].data.double()).numpy()
-            found = compare(out, self.refs[name])
-            self.cache[name] = (found.max_rel, found.cosine)
+                out = self.exact(self.sets[name].data.double())
+            outputs = list(out) if isinstance(out, (tuple, list)) else [out]
+            found = [compare(o.numpy(), ref) for o, ref in zip(outputs, self.refs[name])]
+            self.cache[name] = (max(f.max_rel for f in found), min(f.cosine for f in found))
         return self.cache[name]
 
 
@@ -224,7 +230,7 @@ def check_parity(
 
 def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.ModelProto, path: Path,
                   provider: Availability, level: str, tolerance: Tolerance, sets: list[InputSet],
-                  refs: dict[str, NDArray[Any]], noise: ReferenceNoise | None, batches: list[int],
+                  refs: dict[str, list[NDArray[Any]]], noise: ReferenceNoise | None, batches: list[int],
                   localise_failures: bool) -> None:
     """All comparisons and the invariant check of one provider at one optimisation level.
 
@@ -235,10 +241,10 @@ def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.Model
     sess = open_session(path, provider=name, **session_kwargs(provider, level))
     feed_type = np.float16 if report.dtype == "float16" else np.float32
     input_name = sess.get_inputs()[0].name
+    output_names = [o.name for o in sess.get_outputs()] if len(sess.get_outputs()) > 1 else [""]
 
-    def run(x: torch.Tensor) -> NDArray[Any]:
-        out: NDArray[Any] = run_session(sess, {input_name: x.numpy().astype(feed_type)})[0]
-        return out
+    def run(x: torch.Tensor) -> list[NDArray[Any]]:
+        return list(run_session(sess, {input_name: x.numpy().astype(feed_type)}))
 
     first_failure: torch.Tensor | None = None
     first_tol = tolerance
@@ -246,18 +252,19 @@ def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.Model
         tol = tolerance.scaled(HARD_INPUT_FACTOR) if inputs.hard else tolerance
         for size in batches:
             x = inputs.data[:size]
-            row = ParityRow(name, level, inputs.name, len(x), compare(refs[inputs.name][:size], run(x)), tol)
-            if not row.passed and noise is not None:  # within the reference's own float32 noise still passes
-                row.tolerance = tol.within_noise(*noise(inputs.name))
-            report.rows.append(row)
-            if not row.passed and first_failure is None:
-                first_failure, first_tol = x, row.tolerance
+            for output, want, got in zip(output_names, refs[inputs.name], run(x)):
+                row = ParityRow(name, level, inputs.name, len(x), compare(want[:size], got), tol, output)
+                if not row.passed and noise is not None:  # within the reference's own float32 noise still passes
+                    row.tolerance = tol.within_noise(*noise(inputs.name))
+                report.rows.append(row)
+                if not row.passed and first_failure is None:
+                    first_failure, first_tol = x, row.tolerance
     random = sets[0].data[: max(batches)]
     if len(random) > 1:
         together = run(random)
-        alone = np.concatenate([run(random[i:i + 1]) for i in range(len(random))])
-        scale = max(float(np.abs(together).max()), 1e-30)
-        change = float(np.abs(together.astype(np.float64) - alone).max() / scale)
+        alone = [run(random[i:i + 1]) for i in range(len(random))]
+        change = max(float(np.abs(whole.astype(np.float64) - np.concatenate([a[k] for a in alone])).max()
+                           / max(float(np.abs(whole).max()), 1e-30)) for k, whole in enumerate(together))
         report.invariance.append(InvarianceResult(name, level, len(random), change, tolerance.invariance_rel))
     if first_failure is not None and localise_failures:
         report.localisation[f"{name}/{level}"] = localise(model, onnx_model, first_failure, provider, level,

@@ -10,6 +10,7 @@ nodes named after a module are used.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +70,8 @@ def _with_outputs(model: onnx.ModelProto, values: list[str]) -> bytes:
     return data
 
 
-def _torch_outputs(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict[str, NDArray[Any]]:
+def _torch_outputs(model: nn.Module, layers: list[str], x: torch.Tensor,
+                   call: Callable[[nn.Module, torch.Tensor], Any] | None = None) -> dict[str, NDArray[Any]]:
     """Each named layer's output (``name#k``: the k-th call) via forward hooks."""
     modules = dict(model.named_modules())
     calls: dict[str, list[NDArray[Any]]] = defaultdict(list)
@@ -80,7 +82,7 @@ def _torch_outputs(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict
     handles = [register_output_hook(modules[n], hook(n)) for n in {layer.split("#")[0] for layer in layers}]
     try:
         with torch.no_grad():
-            model(x)
+            (call or _call)(model, x)
     finally:
         for handle in handles:
             handle.remove()
@@ -93,17 +95,22 @@ def _torch_outputs(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict
     return found
 
 
+def _call(model: nn.Module, x: torch.Tensor) -> Any:
+    return model(x)
+
+
 def localise(model: nn.Module, onnx_model: onnx.ModelProto, x: torch.Tensor, provider: Availability, level: str,
-             max_rel: float) -> Localisation:
+             max_rel: float, call: Callable[[nn.Module, torch.Tensor], Any] | None = None) -> Localisation:
     """Compare every GroupNorm output of the ONNX model with the torch layer's output.
 
     Args:
         model: the PyTorch model (eval mode).
         onnx_model: the exported model.
-        x: the input that made the check fail (float32, the model's device).
+        x: the input that made the check fail (float32, the model's device); the ONNX model's one input.
         provider: the provider (and its kernel library, for ``cpu-native``).
         level: ``off``, ``all`` or ``blocked`` (:data:`gn_convert.parity.providers.BLOCKED`).
         max_rel: the per-layer bound.
+        call: how the PyTorch model takes ``x`` (default ``model(x)``; a detection model ``model([x])``).
 
     Returns:
         The per-layer errors and the first layer above ``max_rel``.
@@ -114,7 +121,7 @@ def localise(model: nn.Module, onnx_model: onnx.ModelProto, x: torch.Tensor, pro
     feed: NDArray[Any] = x.cpu().numpy().astype(_numpy_type(sess))
     names = [o.name for o in sess.get_outputs()]
     got = dict(zip(names, run_session(sess, {sess.get_inputs()[0].name: feed})))
-    reference = _torch_outputs(model, [layer for layer, _ in pairs], x)
+    reference = _torch_outputs(model, [layer for layer, _ in pairs], x, call)
     result = Localisation(None, max_rel)
     for layer, value in pairs:
         if layer not in reference:

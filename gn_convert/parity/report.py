@@ -20,6 +20,8 @@ class ParityRow:
     batch: int
     metrics: Metrics
     tolerance: Tolerance
+    output: str = ""
+    """The output compared, for models with several (empty for one)."""
 
     @property
     def passed(self) -> bool:
@@ -73,9 +75,15 @@ class ParityReport:
         return bool(self.rows) and not self.errors and all(r.passed for r in self.rows) \
             and all(i.passed for i in self.invariance)
 
+    @property
+    def worst_max_rel(self) -> float:
+        """The largest relative error of any comparison (NaN when none ran)."""
+        return max((row.metrics.max_rel for row in self.rows), default=float("nan"))
+
     def failures(self) -> list[str]:
         """One line per failed comparison or check, naming the first failing layer when found."""
-        lines = [f"{r.provider}/{r.level} {r.inputs} batch {r.batch}: max_rel {r.metrics.max_rel:.2e} "
+        lines = [f"{r.provider}/{r.level} {r.inputs} batch {r.batch}{' ' + r.output if r.output else ''}: max_rel "
+                 f"{r.metrics.max_rel:.2e} "
                  f"(<= {r.tolerance.max_rel:.0e}), cosine {r.metrics.cosine:.6f}" for r in self.rows if not r.passed]
         lines += [f"{i.provider}/{i.level} batch independence: a sample changes by {i.max_rel:.2e} "
                   f"(<= {i.tolerance:.0e}) with its batch" for i in self.invariance if not i.passed]
@@ -93,7 +101,8 @@ class ParityReport:
             m = r.metrics
             top1 = "-" if m.top1 is None else f"{m.top1:.2f}"
             top5 = "-" if m.top5 is None else f"{m.top5:.2f}"
-            lines.append(f"{r.provider:10} {r.level:7} {r.inputs:12} {r.batch:5d} {m.max_abs:9.2e} {m.max_rel:9.2e} "
+            inputs = f"{r.inputs}:{r.output}" if r.output else r.inputs
+            lines.append(f"{r.provider:10} {r.level:7} {inputs:12} {r.batch:5d} {m.max_abs:9.2e} {m.max_rel:9.2e} "
                          f"{r.tolerance.max_rel:7.0e} {m.cosine:10.7f} {top1:>5} {top5:>5}  "
                          f"{'pass' if r.passed else 'FAIL'}")
         for i in self.invariance:

@@ -18,4 +18,4 @@ def catalog_names(timm: bool = True) -> list[str]:
     """Every torchvision classification model with BatchNorm, then (with ``timm``) :data:`TIMM_CATALOG`."""
     from gn_convert.load.names import list_models
 
-    return [*list_models(), *(TIMM_CATALOG if timm else ())]
+    return [*list_models("classification"), *(TIMM_CATALOG if timm else ())]

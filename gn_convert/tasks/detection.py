@@ -1,0 +1,86 @@
+"""Object detection (torchvision's ``models.detection``: Faster/Mask/Keypoint R-CNN, RetinaNet, FCOS,
+SSDlite; their backbones use FrozenBatchNorm2d when pretrained, BatchNorm2d when built without weights).
+
+A model takes a list of images ``(3, H, W)`` in [0, 1] (it resizes and normalises them itself) and
+returns, per image, boxes, labels and scores (and masks or keypoints). The export follows
+torchvision's own ONNX path: torch's TorchScript-based exporter, one image, height and width
+dynamic (:mod:`gn_convert.onnx.script_trace`). Parity compares the backbone and FPN features like
+any output, and the detections by matching boxes (:mod:`gn_convert.parity.detections`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from gn_convert.tasks.base import Task
+
+IMAGE_SIZE = (480, 640)
+"""The example image's height and width (the model resizes it to its own ``min_size``)."""
+
+
+class Detection(Task):
+    """Detections per image: a list of ``(3, H, W)`` images in, boxes, labels, scores out."""
+
+    name = "detection"
+    module = tvm.detection
+
+    def build(self, name: str, **kwargs: Any) -> nn.Module:
+        """torchvision's builder; without weights, without backbone weights too (unless given)."""
+        if kwargs.get("weights") is None:
+            kwargs.setdefault("weights_backbone", None)
+        return super().build(name, **kwargs)
+
+    def input_size(self, weights: Any) -> tuple[int, ...]:
+        return IMAGE_SIZE
+
+    def example(self, size: tuple[int, ...], batch: int = 2, seed: int = 0) -> torch.Tensor:
+        """Images in [0, 1], as a batch (the model takes it as a list of images)."""
+        return torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+    def output_names(self, model: nn.Module) -> tuple[str, ...]:
+        """``boxes``, ``labels``, ``scores``, then ``masks`` (Mask R-CNN) or ``keypoints`` and
+        ``keypoints_scores`` (Keypoint R-CNN)."""
+        heads = getattr(model, "roi_heads", None)
+        extra: tuple[str, ...] = ()
+        if heads is not None and heads.has_mask():
+            extra = ("masks",)
+        elif heads is not None and heads.has_keypoint():
+            extra = ("keypoints", "keypoints_scores")
+        return ("boxes", "labels", "scores", *extra)
+
+    def labels(self, categories: list[str] | None) -> list[str] | None:
+        return None  # labels come out as class indices per detection, not as a classifier's last axis
+
+    def export(self, model: nn.Module, path: Path, *, input_size: tuple[int, ...], **options: Any) -> Any:
+        from gn_convert.onnx.export import export_onnx
+
+        options.pop("dynamic_batch", None)
+        return export_onnx(model, path, input_shape=(3, *input_size), images=True,
+                           output_names=self.output_names(model), **options)
+
+    def check_parity(self, model: nn.Module, path: Path, *, input_size: tuple[int, ...] | None = None,
+                     **options: Any) -> Any:
+        """Every GroupNorm layer of the file, and the detections matched, on pictures of ``input_size``
+        (:mod:`gn_convert.parity.detections`); ``providers`` and ``native_library`` as for any model."""
+        from gn_convert.parity.detections import (
+            DetectionParityReport,
+            detection_rows,
+            layer_rows,
+            pictures,
+            with_open_threshold,
+        )
+
+        size = tuple(input_size or IMAGE_SIZE)
+        providers, library = tuple(options.get("providers", ("cpu",))), options.get("native_library")
+        images, kind = pictures((int(size[0]), int(size[1])))
+        layers, skipped = layer_rows(model, path, images, providers, library)
+        rows = detection_rows(model, path, images, providers, "as written", library)
+        opened, opened_path, scratch = with_open_threshold(model, lambda m, p: self.export(m, p, input_size=size))
+        with scratch:
+            rows += detection_rows(opened, opened_path, images, providers, "threshold 0", library)
+        return DetectionParityReport(str(path), kind, layers, rows, skipped)
