@@ -36,24 +36,15 @@ from typing import Any
 
 import torch
 import torchvision
-from torchvision import models as tvm
 
 import gn_convert
-from gn_convert.surgery.registry import is_batchnorm
 from gn_convert.testing.catalog import TIMM_CATALOG
-from gn_convert.testing.photos import nontrivial_batchnorm, photo_crops
-from gn_convert.testing.sweep_row import MainOutput, classification_row, first_output, parity_summary, timed
+from gn_convert.testing.sweep_row import classification_row, task_row
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG = ROOT / "models" / "catalog.json"
-DENSE = {
-    "deeplabv3_resnet50": tvm.segmentation.deeplabv3_resnet50,
-    "fcn_resnet50": tvm.segmentation.fcn_resnet50,
-    "lraspp_mobilenet_v3_large": tvm.segmentation.lraspp_mobilenet_v3_large,
-    "fasterrcnn_resnet50_fpn": tvm.detection.fasterrcnn_resnet50_fpn,
-    "retinanet_resnet50_fpn": tvm.detection.retinanet_resnet50_fpn,
-}
-DETECTION = {"fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn"}
+DENSE = tuple(name for task in ("segmentation", "detection", "video") for name in gn_convert.list_models(task))
+"""Every torchvision segmentation, detection and video model with BatchNorm."""
 TIMM = TIMM_CATALOG
 """The timm section: BatchNorm classification models by family (untrained weights)."""
 CAUSES = {
@@ -64,48 +55,6 @@ CAUSES = {
         "from torch's own cosine deficit. Ordinary and large-scale inputs pass at both levels"),
 }
 """Causes of known failures, measured by hand (printed in CATALOG.md beside the row)."""
-
-
-def dense_row(name: str, folder: Path) -> dict[str, Any]:
-    """Convert and run one segmentation or detection model; export and check where possible."""
-    torch.manual_seed(0)
-    teacher = DENSE[name](weights=None, weights_backbone=None).eval()
-    kinds = sorted({type(m).__name__ for m in teacher.modules() if is_batchnorm(m)})
-    size = 128
-    detection = name in DETECTION
-    # detection models take lists of images and need targets in train mode: measure the
-    # statistics through the backbone alone, which takes a plain batch
-    nontrivial_batchnorm(teacher.backbone if detection else teacher, size=size, batch_size=2)
-    teacher.eval()
-    plan, plan_s = timed(lambda: gn_convert.plan(teacher, 32, on_single="skip"))
-    student, convert_s = timed(lambda: gn_convert.convert(teacher, plan=plan).eval())
-    row: dict[str, Any] = {
-        "model": name, "kind": "dense", "input_size": size, "bn_kinds": kinds,
-        "bn_layers": len(plan.layers), "fallbacks": len(plan.fallbacks), "left_as_bn": len(plan.untouched),
-        "params_m": round(sum(p.numel() for p in student.parameters()) / 1e6, 2),
-        "convert_s": round(plan_s + convert_s, 2),
-    }
-    images = photo_crops(1, size, seed=1)
-    with torch.no_grad():
-        eager: Any = student(list(images)) if detection else first_output(student(images))
-    row["eager_ok"] = bool(torch.isfinite(eager[0]["boxes"] if detection else eager).all())
-    if detection:
-        row["export"] = ("the whole model is not exported: torchvision detection models take a list of images and "
-                         "return per-image dicts of data-dependent size (NMS); the converted backbone + FPN is "
-                         "exported and checked instead (its finest FPN level)")
-        student = student.backbone
-    exported = MainOutput(student)
-    path = folder / f"{name}.function.onnx"
-    try:
-        _, row["function_export_s"] = timed(lambda: gn_convert.export_onnx(
-            exported, path, input_shape=(1, 3, size, size), allow_batchnorm=bool(plan.untouched)))
-        row.update(parity_summary(gn_convert.check_parity(exported, path, providers=("cpu",), batch=2), "function"))
-        row["passed"] = row["function_passed"] and row["eager_ok"]
-    except Exception as err:  # noqa: BLE001 - the sweep records every failure and goes on
-        row.update(passed=False, error=f"export: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-    finally:
-        path.unlink(missing_ok=True)
-    return row
 
 
 def load_catalog() -> dict[str, dict[str, Any]]:
@@ -139,6 +88,7 @@ def _num(value: Any, spec: str) -> str:
 def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The catalog as a Markdown page."""
     torchvision_rows = [r for r in rows if r["kind"] != "timm"]
+    dense = [r for r in torchvision_rows if r["kind"] in DENSE_KINDS]
     passed = sum(1 for r in torchvision_rows if r.get("passed"))
     lines = [
         "# Model catalog", "",
@@ -148,13 +98,13 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "Inputs use the smallest side of 64/128/224/299 that the model accepts (for speed).", "",
         f"**{passed} of {len(torchvision_rows)} pass.** torch {meta['torch']}, torchvision {meta['torchvision']}, "
         f"gn-convert {meta['gn_convert']}; total wall time of the sweep runs that wrote this page "
-        f"{meta['sweep_wall_s']} s on 2 shared CPU cores.", "",
+        f"{meta['sweep_wall_s']} s on 2 shared CPU cores.", "", *family_table(rows), "",
         "| model | input | BN layers | fallbacks | left BN | params (M) | convert s | export s (fn) "
         "| max abs (fn) | max rel (fn) | max rel (inl) | pass |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        if r["kind"] == "timm":
+        if r["kind"] != "classification":
             continue
         verdict = "yes" if r.get("passed") else "**no** (see notes)"
         lines.append(
@@ -162,6 +112,7 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r.get('left_as_bn', '-')} | {_num(r.get('params_m'), '.1f')} | {_num(r.get('convert_s'), '.2f')} "
             f"| {_num(r.get('function_export_s'), '.1f')} | {_num(r.get('function_max_abs'), '.1e')} "
             f"| {_num(r.get('function_max_rel'), '.1e')} | {_num(r.get('inlined_max_rel'), '.1e')} | {verdict} |")
+    lines += dense_section(dense)
     lines += timm_section([r for r in rows if r["kind"] == "timm"])
     notes = [f"- {r['model']}: {r['export']}" for r in rows if r.get("export")]
     for r in rows:
@@ -172,6 +123,39 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     if notes:
         lines += ["", "Notes:", "", *notes]
     return "\n".join(lines) + "\n"
+
+
+DENSE_KINDS = ("segmentation", "detection", "video")
+
+
+def family_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Pass/fail per task: the table the README shows."""
+    lines = ["| task | models | pass |", "| --- | --- | --- |"]
+    for kind in ("classification", *DENSE_KINDS, "timm"):
+        group = [r for r in rows if r["kind"] == kind]
+        if group:
+            lines.append(f"| {kind} | {len(group)} | {sum(1 for r in group if r.get('passed'))} |")
+    return lines
+
+
+def dense_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Segmentation, detection and video models: exported and checked the way the main command does."""
+    if not rows:
+        return []
+    lines = ["", "## Segmentation, detection and video", "",
+             "Each exported and checked by its task (`gn_convert/tasks`): segmentation's `out`/`aux` logits per "
+             "pixel, video clips of 16 frames, detection through torchvision's ONNX path with every GroupNorm layer "
+             "compared on pictures and the detections matched by IoU (docs/PARITY.md).", "",
+             "| model | task | input | BN kinds | BN layers | custom nodes | BN nodes | params (M) | export s "
+             "| parity s | worst max rel | pass |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(rows, key=lambda r: (r["kind"], r["model"])):
+        verdict = "yes" if r.get("passed") else "**no** (see notes)"
+        lines.append(f"| {r['model']} | {r['kind']} | {r.get('input_size', '-')} | {', '.join(r.get('bn_kinds', []))} "
+                     f"| {r.get('bn_layers', '-')} | {r.get('custom_nodes', '-')} | {r.get('batchnorm_nodes', '-')} "
+                     f"| {_num(r.get('params_m'), '.1f')} | {_num(r.get('function_export_s'), '.1f')} "
+                     f"| {_num(r.get('parity_s'), '.1f')} | {_num(r.get('function_max_rel'), '.1e')} | {verdict} |")
+    return lines
 
 
 def timm_section(rows: list[dict[str, Any]]) -> list[str]:
@@ -201,14 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", help="comma-separated subset (default: every model with BatchNorm)")
     parser.add_argument("--redo", action="store_true", help="sweep models already in the catalog again")
-    parser.add_argument("--dense-only", action="store_true", help="only segmentation and detection models")
-    parser.add_argument("--classification-only", action="store_true", help="skip segmentation and detection")
+    parser.add_argument("--dense-only", action="store_true", help="only segmentation, detection and video models")
+    parser.add_argument("--classification-only", action="store_true", help="skip segmentation, detection and video")
     parser.add_argument("--timm-only", action="store_true", help="only the timm section")
     parser.add_argument("--no-timm", action="store_true", help="skip the timm section")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = [*([] if args.dense_only or args.timm_only else gn_convert.list_models()),
+    names = [*([] if args.dense_only or args.timm_only else gn_convert.list_models("classification")),
              *([] if args.classification_only or args.timm_only else DENSE),
              *([] if args.dense_only or args.no_timm else TIMM)]
     if args.models:
@@ -226,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         for k, name in enumerate(todo, 1):
             t0 = time.perf_counter()
             try:
-                rows[name] = (dense_row if name in DENSE else classification_row)(name, Path(tmp))
+                rows[name] = (task_row if name in DENSE else classification_row)(name, Path(tmp))
             except Exception as err:  # noqa: BLE001 - record and go on
-                kind = "dense" if name in DENSE else "timm" if name in TIMM else "classification"
+                kind = gn_convert.tasks.task_of(name).name if name in DENSE else "timm" if name in TIMM else "classification"
                 rows[name] = {"model": name, "kind": kind,
                               "passed": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
                 traceback.print_exc(limit=2)

@@ -46,8 +46,11 @@ def _group_norm_symbolic(g: Any, x: Any, num_groups: Any, weight: Any, bias: Any
         weight = g.op("Expand", g.op("CastLike", g.op("Constant", value_t=torch.tensor(1.0)), x), channels)
     if symbolic_helper._is_none(bias):
         bias = g.op("Expand", g.op("CastLike", g.op("Constant", value_t=torch.tensor(0.0)), x), channels)
-    return g.op(f"{DOMAIN}::{OP_TYPE}", x, weight, bias, num_groups_i=int(groups),
-                epsilon_f=float(epsilon)).setType(x.type())
+    out = g.op(f"{DOMAIN}::{OP_TYPE}", x, weight, bias, num_groups_i=int(groups), epsilon_f=float(epsilon))
+    rank = x.type().dim()
+    # the type of X without its traced sizes: a size recorded here would be a static shape in the file, which
+    # onnxruntime's memory planner trusts, while the image's height and width (hence these sizes) are dynamic
+    return out.setType(x.type().with_sizes([None] * rank) if rank is not None else x.type())
 
 
 def scopes_from_name(node_name: str) -> list[str]:

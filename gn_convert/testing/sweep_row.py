@@ -23,7 +23,8 @@ from gn_convert.onnx.export import export_onnx, lower_onnx
 from gn_convert.parity.check import check_parity
 from gn_convert.surgery.plan import plan as make_plan
 from gn_convert.surgery.replace import convert
-from gn_convert.testing.photos import nontrivial_batchnorm
+from gn_convert.testing.bn_stats import estimate_batchnorm_stats, randomize_batchnorm_affine
+from gn_convert.testing.photos import nontrivial_batchnorm, photo_crops
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.GELU, nn.Mish,
                nn.Sigmoid, nn.Tanh, nn.PReLU, nn.ELU, nn.CELU, nn.SELU)
@@ -125,3 +126,56 @@ def parity_summary(report: Any, target: str) -> dict[str, Any]:
         f"{target}_providers": sorted({r.provider for r in rows}),
         **({f"{target}_failures": report.failures()[:3]} if not report.passed else {}),
     }
+
+
+DENSE_SIZES = {"segmentation": 128, "detection": 256, "video": 64}
+"""The input side the sweep checks each dense task at (for speed; video clips keep their 16 frames)."""
+
+
+def task_row(name: str, folder: Path) -> dict[str, Any]:
+    """Convert, export and check one segmentation, detection or video model the way the main command
+    does (its task's export and parity; :mod:`gn_convert.tasks`), at :data:`DENSE_SIZES`.
+
+    Args:
+        name: a torchvision segmentation, detection or video model name.
+        folder: where the exported file is written (and removed again).
+    """
+    from gn_convert.load.weights import resolve_source
+    from gn_convert.pipeline import sized
+    from gn_convert.surgery.registry import is_batchnorm
+    from gn_convert.tasks import task_of
+
+    torch.manual_seed(0)
+    task = task_of(name)
+    teacher = build_model(name).eval()
+    size = sized(resolve_source(name, "none").input_size, DENSE_SIZES[task.name])
+    kinds = sorted({type(m).__name__ for m in teacher.modules() if is_batchnorm(m)})
+    backbone = teacher.get_submodule("backbone") if task.name == "detection" else teacher  # takes a plain batch
+    if task.name == "video":  # statistics measured on clips of photo crops
+        clips = photo_crops(4, size[-1], seed=0).unsqueeze(2).expand(-1, -1, size[0], -1, -1).contiguous()
+        randomize_batchnorm_affine(teacher, seed=0)
+        estimate_batchnorm_stats(teacher, clips.split(2))
+    else:
+        nontrivial_batchnorm(backbone, size=size[-1], batch_size=2)
+    teacher.eval()
+    plan, plan_s = timed(lambda: make_plan(teacher, 32, on_single="skip", example_input=task.example(size, 1)))
+    student, convert_s = timed(lambda: convert(teacher, plan=plan).eval())
+    row: dict[str, Any] = {
+        "model": name, "kind": task.name, "input_size": "x".join(map(str, size)), "bn_kinds": kinds,
+        "bn_layers": len(plan.layers), "fallbacks": len(plan.fallbacks), "left_as_bn": len(plan.untouched),
+        "params_m": round(sum(p.numel() for p in student.parameters()) / 1e6, 2),
+        "convert_s": round(plan_s + convert_s, 2),
+    }
+    path = folder / f"{name}.function.onnx"
+    try:
+        report, row["function_export_s"] = timed(lambda: task.export(
+            student, path, input_size=size, allow_batchnorm=bool(plan.untouched)))
+        row.update(custom_nodes=report.counts.custom, batchnorm_nodes=report.counts.batchnorm)
+        parity, row["parity_s"] = timed(lambda: task.check_parity(student, path, input_size=size, batch=2))
+        row.update(function_max_rel=parity.worst_max_rel, function_passed=parity.passed,
+                   **({"function_failures": parity.failures()[:3]} if not parity.passed else {}))
+        row["passed"] = bool(parity.passed and report.counts.batchnorm == 0
+                             and report.counts.custom == sum(isinstance(m, nn.GroupNorm) for m in student.modules()))
+    finally:
+        path.unlink(missing_ok=True)
+    return row
