@@ -33,7 +33,7 @@ from gn_convert.stages import Stages
 from gn_convert.surgery.checkpoint import save
 from gn_convert.surgery.plan import GroupPlan, plan
 from gn_convert.surgery.replace import convert
-from gn_convert.tasks import TASKS
+from gn_convert.tasks import TASKS, Task
 
 PARITY_BATCH = 2
 
@@ -213,8 +213,8 @@ def run_pipeline(opts: PipelineOptions, *, stages: Stages | None = None,
                  extra={"input_size": list(size), "categories": source.categories, "task": task.name,
                         "weights_backbone": opts.weights_backbone, "dp_ready": opts.dp_ready})
         onnx_fields = _export_stage(opts, converted, tmp, source, size, layer_plan, stages, library)
-        triton_fields = _deploy_stage(opts, tmp, out, task.labels(source.categories), stages,
-                                      parity_failed(onnx_fields), library)
+        triton_fields = _deploy_stage(opts, tmp, out, task, source.categories, stages, parity_failed(onnx_fields),
+                                      library)
         report = {
             "model": opts.model,
             "task": task.name,
@@ -286,8 +286,8 @@ def sized(preset: tuple[int, ...], side: int | None) -> tuple[int, ...]:
     return preset if side is None else (*preset[:-2], side, side)
 
 
-def _deploy_stage(opts: PipelineOptions, folder: Path, out: Path, categories: list[str] | None, stages: Stages,
-                  failed: bool, library: Path | None) -> dict[str, Any]:
+def _deploy_stage(opts: PipelineOptions, folder: Path, out: Path, task: Task, categories: list[str] | None,
+                  stages: Stages, failed: bool, library: Path | None) -> dict[str, Any]:
     """Write ``model.onnx`` into the Triton repository; the ``triton`` report field.
 
     A model whose parity check failed is not deployed: the repository is left alone and the
@@ -303,7 +303,9 @@ def _deploy_stage(opts: PipelineOptions, folder: Path, out: Path, categories: li
     native_ops = library if opts.native else None
     with stages("triton", f"writing Triton model {name} into {opts.triton_repo}"):
         model_dir = write_triton_repo(folder / "model.onnx", opts.triton_repo, name=name,
-                                      instance=opts.triton_instance, labels=categories, native_ops=native_ops,
-                                      force=opts.force)
+                                      instance=opts.triton_instance, labels=task.labels(categories),
+                                      native_ops=native_ops, force=opts.force,
+                                      max_batch_size=8 if task.batched else 0)
     return {"triton": {"model_dir": str(model_dir), "name": name, "instance": opts.triton_instance,
-                       "labels": bool(categories), "native_ops": str(native_ops) if native_ops else None}}
+                       "labels": bool(task.labels(categories)),
+                       "native_ops": str(native_ops) if native_ops else None}}

@@ -45,6 +45,8 @@ class Task:
     module: Any = tvm
     frames = 0
     """Frames of a clip (video tasks); 0 for images."""
+    batched = True
+    """Whether the exported file takes a batch (its first axis); a server batches requests only then."""
 
     def names(self) -> list[str]:
         """The torchvision model names of this task, sorted."""

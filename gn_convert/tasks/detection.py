@@ -28,6 +28,7 @@ class Detection(Task):
 
     name = "detection"
     module = tvm.detection
+    batched = False  # one image a call, of any height and width
 
     def build(self, name: str, **kwargs: Any) -> nn.Module:
         """torchvision's builder; without weights, without backbone weights too (unless given)."""
