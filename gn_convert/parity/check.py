@@ -216,7 +216,7 @@ def check_parity(
                 report.skipped[name] = found.reason
                 continue
             tolerance = tolerance_for(name, report.dtype, tolerances)
-            for level in levels_for(found, levels):
+            for level in levels_for(found, levels, rank=1 + len(sample)):
                 given = (name, report.dtype) in (tolerances or {})  # a user's bound is taken literally
                 try:
                     _run_provider(report, model, onnx_model, Path(onnx_path), found, level, tolerance, sets, refs,

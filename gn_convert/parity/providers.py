@@ -71,11 +71,12 @@ def availability(name: str, library: str | Path | None = None) -> Availability:
         return Availability(name, False, str(err))
 
 
-def levels_for(provider: Availability, levels: Sequence[str]) -> list[str]:
+def levels_for(provider: Availability, levels: Sequence[str], rank: int = 4) -> list[str]:
     """The rows one provider runs: ``levels``, and for ``cpu-native`` with ``all`` also
-    :data:`BLOCKED` where this CPU has onnxruntime's blocked layout."""
+    :data:`BLOCKED` where this CPU has onnxruntime's blocked layout and the input is an image batch
+    (``rank`` 4: onnxruntime's blocked layout holds 2-D convolutions only, not a clip's 3-D ones)."""
     rows = list(levels)
-    if provider.name == NATIVE and "all" in rows:
+    if provider.name == NATIVE and "all" in rows and rank == 4:
         from gn_convert.native.nchwc import block_size
 
         if block_size() in (8, 16):
