@@ -41,8 +41,6 @@ import argparse
 import copy
 import json
 import logging
-import math
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -52,10 +50,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _study_models import small_resnet  # noqa: E402
+from _study_protocol import sample_order, seed_stats, train_linear_scaled  # noqa: E402
 
 from gn_convert import convert  # noqa: E402
 from gn_convert.atomic import atomic_file  # noqa: E402
@@ -162,23 +160,6 @@ def make_tasks(cfg: StudyConfig) -> tuple[Task, Task]:
     return tasks[0], tasks[1]
 
 
-def sample_order(count: int, samples: int, seed: int) -> torch.Tensor:
-    """Indices of ``samples`` training samples: seeded epochs of ``range(count)``, concatenated.
-
-    The order depends only on the seed, so runs at different batch sizes see the same samples
-    in the same sequence, grouped differently.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    epochs = math.ceil(samples / count)
-    return torch.cat([torch.randperm(count, generator=gen) for _ in range(epochs)])[:samples]
-
-
-def _freeze_batchnorm(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
-
-
 def train(model: nn.Module, task: Task, *, batch_size: int, epochs: float, lr: float,
           weight_decay: float, seed: int, freeze_bn: bool = False) -> nn.Module:
     """Train ``model`` in train mode with SGD on ``task``; returns it in eval mode.
@@ -195,21 +176,9 @@ def train(model: nn.Module, task: Task, *, batch_size: int, epochs: float, lr: f
             affine still trained), the usual small-batch workaround (detectron2's FrozenBN).
     """
     order = sample_order(len(task.labels), int(epochs * len(task.labels)), seed)
-    steps = len(order) // batch_size
-    opt = torch.optim.SGD(model.parameters(), lr=lr * batch_size / REFERENCE_BATCH, momentum=0.9,
-                          weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    model.train()
-    if freeze_bn:
-        _freeze_batchnorm(model)
-    for k in range(steps):
-        idx = order[k * batch_size:(k + 1) * batch_size]
-        loss = F.cross_entropy(model(task.images[idx]), task.labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
+    return train_linear_scaled(model, lambda idx: (task.images[idx], task.labels[idx]), order,
+                               batch_size=batch_size, lr=lr, reference_batch=REFERENCE_BATCH,
+                               weight_decay=weight_decay, frozen_bn=model if freeze_bn else None)
 
 
 @torch.no_grad()
@@ -308,13 +277,11 @@ def summarize(runs: Sequence[Run]) -> list[dict]:
                 group = [r for r in runs if (r.regime, r.norm, r.batch_size) == (regime, norm, batch_size)]
                 if not group:
                     continue
-                errors = [r.error for r in group]
+                stats = seed_stats([r.error for r in group])
                 precise = [r.error_precise_bn for r in group if r.error_precise_bn is not None]
                 rows.append({"regime": regime, "norm": norm, "batch_size": batch_size, "seeds": len(group),
-                             "error_mean": statistics.fmean(errors),
-                             "error_std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
-                             "error_min": min(errors), "error_max": max(errors),
-                             "error_precise_bn_mean": statistics.fmean(precise) if precise else None})
+                             **{f"error_{key}": value for key, value in stats.items()},
+                             "error_precise_bn_mean": seed_stats(precise)["mean"] if precise else None})
     return rows
 
 
