@@ -237,7 +237,7 @@ def run_pipeline(opts: PipelineOptions, *, stages: Stages | None = None,
 def _recover_stage(opts: PipelineOptions, model: nn.Module, stages: Stages,
                    progress: Callable[[Any], None] | None) -> tuple[nn.Module, GroupPlan, dict[str, Any]]:
     """Convert and recover in one budgeted call (:func:`gn_convert.recover`)."""
-    from gn_convert.fidelity.recover import recover
+    from gn_convert.fidelity.recover.engine import recover
     from gn_convert.load.weights import default_weights_enum
 
     options = dict(opts.recover or {})

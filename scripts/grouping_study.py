@@ -34,8 +34,8 @@ from torch import nn
 
 import gn_convert
 from gn_convert.fidelity.metrics import agreement_metrics, logits
-from gn_convert.fidelity.recover import recover
-from gn_convert.fidelity.recover_data import SeededViews
+from gn_convert.fidelity.recover.data import SeededViews
+from gn_convert.fidelity.recover.engine import recover
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _study_models import efficientnet_lite0  # noqa: E402

@@ -2,7 +2,7 @@
 
 What ``gn_convert.recover(model, "synthetic")`` sees when a user has no data: images optimised
 so that every BatchNorm layer's batch statistics match its running ones, under jitter, flip,
-total-variation and L2 priors (:mod:`gn_convert.fidelity.synthesize`). Needs the realnet extra.
+total-variation and L2 priors (:mod:`gn_convert.fidelity.synthesize.engine`). Needs the realnet extra.
 
 Usage: ``python scripts/synthetic_grid.py [--count 32] [--size 96] [--budget 240]``
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from gn_convert.fidelity.synthesize import grid, synthesize
+from gn_convert.fidelity.synthesize.engine import grid, synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
 

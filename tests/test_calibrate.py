@@ -9,10 +9,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gn_convert import calibrate, convert
 from gn_convert.errors import DataError, GnConvertError, ModelMismatchError
-from gn_convert.fidelity.calibration import CalibrationReport, calibration_batches
-from gn_convert.fidelity.greedy import SCORE_BATCHES
-from gn_convert.fidelity.losses import kl_loss
-from gn_convert.fidelity.moments import LayerFit, Moments
+from gn_convert.fidelity.calibrate.engine import CalibrationReport, calibration_batches
+from gn_convert.fidelity.calibrate.greedy import SCORE_BATCHES
+from gn_convert.fidelity.calibrate.moments import LayerFit, Moments
+from gn_convert.fidelity.distill.losses import kl_loss
 from gn_convert.fidelity.pairs import images_of, norm_pairs
 from gn_convert.load.names import build_model
 from helpers.models import agreement

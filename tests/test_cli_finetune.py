@@ -14,7 +14,7 @@ from PIL import Image
 import gn_convert
 from gn_convert import load_converted
 from gn_convert.cli import main
-from gn_convert.fidelity.train_state import state_path
+from gn_convert.fidelity.distill.state import state_path
 
 FAST = ["--input-size", "16", "--batch-size", "8", "--eval-every", "2", "--holdout", "0.2"]
 

@@ -58,9 +58,9 @@ def test_lazy_choices_and_cli_defaults_match_the_api_maps() -> None:
     from gn_convert.cli import arguments, build_parser, convert, deploy, serve
     from gn_convert.deploy.server import LOOPBACK
     from gn_convert.deploy.triton_repo import DEFAULT_SERVER_REPO, INSTANCE_KINDS
-    from gn_convert.fidelity.calibration import ORDERS
-    from gn_convert.fidelity.moments import FITS
-    from gn_convert.fidelity.options import TRAINABLE
+    from gn_convert.fidelity.calibrate.engine import ORDERS
+    from gn_convert.fidelity.calibrate.moments import FITS
+    from gn_convert.fidelity.distill.options import TRAINABLE
     from gn_convert.onnx.targets import DEFAULT_TARGET, TARGETS
     from gn_convert.pipeline import PARITY_BATCH
     from gn_convert.surgery.group_count import DEFAULT_MIN_CHANNELS

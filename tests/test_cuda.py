@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from gn_convert.fidelity.recover import recover
+from gn_convert.fidelity.recover.engine import recover
 from gn_convert.testing.synthetic import SyntheticImages
 
 pytestmark = [

@@ -24,6 +24,7 @@ from gn_convert.deploy import (
 from gn_convert.errors import OptionError, OutputError
 from gn_convert.pipeline import PipelineOptions, _deploy_stage, check_options
 from gn_convert.stages import Stages
+from gn_convert.tasks import CLASSIFICATION
 from helpers.models import MODELS, SIZE
 from helpers.triton import parsed
 
@@ -225,7 +226,7 @@ def test_pipeline_stage_writes_model_with_the_weights_categories(tmp_path: Path,
     opts = _options(tmp_path / "repo", out)
     assert check_options(opts) == (out, None)
     categories = [f"class {i}" for i in range(1000)]
-    fields = _deploy_stage(opts, staged, out, categories, Stages(), False, None)
+    fields = _deploy_stage(opts, staged, out, CLASSIFICATION, categories, Stages(), False, None)
     model_dir = tmp_path / "repo" / "gn-resnet18"
     assert fields == {"triton": {"model_dir": str(model_dir), "name": "gn-resnet18", "instance": "cpu",
                                  "labels": True, "native_ops": None}}
@@ -235,7 +236,7 @@ def test_pipeline_stage_writes_model_with_the_weights_categories(tmp_path: Path,
         check_options(opts)
     with pytest.raises(OptionError, match="drop --no-onnx"):
         check_options(_options(tmp_path / "r2", out, onnx=False))
-    assert _deploy_stage(_options(None, out), staged, out, None, Stages(), False, None) == {}
+    assert _deploy_stage(_options(None, out), staged, out, CLASSIFICATION, None, Stages(), False, None) == {}
 
 
 @needs_serve
@@ -243,7 +244,7 @@ def test_pipeline_stage_does_not_deploy_a_model_that_failed_parity(tmp_path: Pat
     staged, out = tmp_path / "staged", tmp_path / "gn-resnet18"
     staged.mkdir()
     shutil.copy2(exports.exported("resnet18").path, staged / "model.onnx")
-    fields = _deploy_stage(_options(tmp_path / "repo", out), staged, out, None, Stages(), True, None)
+    fields = _deploy_stage(_options(tmp_path / "repo", out), staged, out, CLASSIFICATION, None, Stages(), True, None)
     assert fields == {"triton": {"skipped": "parity failed", "name": "gn-resnet18"}}
     assert not (tmp_path / "repo").exists()
 

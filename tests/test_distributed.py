@@ -124,7 +124,7 @@ import torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from helpers.models import make_tiny_teacher
-from gn_convert.fidelity.recover import recover
+from gn_convert.fidelity.recover.engine import recover
 from gn_convert.testing.synthetic import SyntheticImages
 teacher = make_tiny_teacher()
 result = recover(teacher, SyntheticImages(count=64, shape=(3, 12, 12), num_classes=5, seed=7), budget=20,

@@ -12,9 +12,9 @@ from torch import nn
 import gn_convert
 from gn_convert import convert, distill
 from gn_convert.errors import CheckpointError, GnConvertError
-from gn_convert.fidelity.losses import kl_loss, label_loss
-from gn_convert.fidelity.options import lr_factor
-from gn_convert.fidelity.train_state import state_path
+from gn_convert.fidelity.distill.losses import kl_loss, label_loss
+from gn_convert.fidelity.distill.options import lr_factor
+from gn_convert.fidelity.distill.state import state_path
 from gn_convert.load.names import build_model
 from gn_convert.testing.synthetic import SyntheticImages
 
@@ -187,7 +187,7 @@ def test_leftover_batchnorm_stays_frozen_and_frozen_parameters_stay_put(tiny_tea
 
 
 def test_statistics_loss_pulls_the_inputs_batch_statistics_to_the_running_ones(tiny_teacher) -> None:
-    from gn_convert.fidelity.losses import StatisticsTaps
+    from gn_convert.fidelity.distill.losses import StatisticsTaps
     from gn_convert.fidelity.pairs import norm_pairs
 
     student = gn_convert.convert(tiny_teacher, 4)

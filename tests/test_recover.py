@@ -23,9 +23,9 @@ from gn_convert.fidelity import distributed as ddp
 from gn_convert.fidelity.blocks import find_blocks
 from gn_convert.fidelity.group_search import fidelity_plan, layer_errors
 from gn_convert.fidelity.metrics import agreement_metrics, statistics_spread
-from gn_convert.fidelity.reconstruct import reconstruct
-from gn_convert.fidelity.recover import recover
-from gn_convert.fidelity.synthesize import grid, synthesize, write_pngs
+from gn_convert.fidelity.reconstruct.engine import reconstruct
+from gn_convert.fidelity.recover.engine import recover
+from gn_convert.fidelity.synthesize.engine import grid, synthesize, write_pngs
 from gn_convert.surgery.plan import candidates
 from gn_convert.testing.digits import predictions
 from gn_convert.testing.synthetic import SyntheticImages
@@ -282,7 +282,7 @@ def test_heldout_is_split_by_photo_with_fixed_views_and_fit_is_reported(tiny_tea
 
 
 def test_overfit_warning_names_the_gap() -> None:
-    from gn_convert.fidelity.recovery import overfit_warning
+    from gn_convert.fidelity.recover.report import overfit_warning
 
     assert "more varied images would help" in overfit_warning({"fit": 0.65, "top1": 0.09})
     assert overfit_warning({"fit": 0.30, "top1": 0.25}) is None
@@ -290,7 +290,7 @@ def test_overfit_warning_names_the_gap() -> None:
 
 
 def test_same_scene_share_sees_views_of_training_photos() -> None:
-    from gn_convert.fidelity.recover_data import same_scene_share
+    from gn_convert.fidelity.recover.data import same_scene_share
 
     teacher = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 2))  # features: channel means
     gen = torch.Generator().manual_seed(0)
@@ -341,7 +341,7 @@ def test_a_folder_mixed_with_synthetic_images_needs_no_input_size(tiny_teacher, 
 
 def test_a_stopped_recovery_resumes_after_the_stages_it_finished(tiny_teacher, tmp_path, monkeypatch) -> None:
     from gn_convert.errors import CheckpointError
-    recover_module = importlib.import_module("gn_convert.fidelity.recover")
+    recover_module = importlib.import_module("gn_convert.fidelity.recover.engine")
 
     data = SyntheticImages(64, (3, 12, 12), num_classes=5)
     state = tmp_path / "state"
@@ -373,7 +373,7 @@ def test_synthetic_heldout_gets_its_own_warning_not_the_same_scene_one(tiny_teac
 
 
 def test_qdrop_takes_each_input_element_from_the_teacher_with_its_probability() -> None:
-    from gn_convert.fidelity.reconstruct import _mixed
+    from gn_convert.fidelity.reconstruct.engine import _mixed
 
     torch.manual_seed(0)
     student_in, teacher_in = torch.zeros(64, 8, 16, 16), torch.ones(64, 8, 16, 16)
@@ -386,7 +386,7 @@ def test_qdrop_takes_each_input_element_from_the_teacher_with_its_probability() 
 
 def test_reconstruction_by_error_share_and_qdrop_lowers_the_error_and_checks_its_options(tiny_teacher) -> None:
     from gn_convert.fidelity.pairs import capture_io
-    from gn_convert.fidelity.reconstruct import _weights, block_error
+    from gn_convert.fidelity.reconstruct.engine import _weights, block_error
 
     images = torch.randn(64, 3, 12, 12)
     student = gn_convert.convert(tiny_teacher, 2)
@@ -460,7 +460,7 @@ def test_heldout_photos_in_class_subfolders_are_told_apart_by_their_path(tiny_te
 def test_a_stage_skipped_for_lack_of_budget_is_said_to_be_skipped_not_to_raise_the_kl(tiny_teacher,
                                                                                       monkeypatch) -> None:
     """Defect: a skipped stage repeats the scores before it, and was reported as having raised the held-out KL."""
-    from gn_convert.fidelity import recovery
+    from gn_convert.fidelity.recover import report as recovery
 
     monkeypatch.setattr(recovery, "RESERVE", 1.0)  # the whole budget kept in reserve: no stage can start
     result = recover(tiny_teacher, SyntheticImages(40, (3, 12, 12), num_classes=5), budget=5, batch_size=8,
@@ -538,7 +538,7 @@ def test_a_run_stopped_during_its_first_stage_resumes_with_the_steps_it_planned(
                                                                                 monkeypatch) -> None:
     """Defect: nothing was saved until a stage ended, so a resumed run planned its steps again and its
     distillation state was refused ("options differ (steps 13 -> 85)")."""
-    recover_module = importlib.import_module("gn_convert.fidelity.recover")
+    recover_module = importlib.import_module("gn_convert.fidelity.recover.engine")
     monkeypatch.setattr(recover_module, "CHECKPOINT_EVERY", 2)
     data, state = SyntheticImages(64, (3, 12, 12), num_classes=5), tmp_path / "state"
 
@@ -562,7 +562,7 @@ def test_same_scene_check_stays_silent_where_the_teachers_features_carry_no_info
     teacher's features make every image look alike."""
     from PIL import Image
 
-    from gn_convert.fidelity.recover_data import same_scene_share
+    from gn_convert.fidelity.recover.data import same_scene_share
 
     constant = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
     with torch.no_grad():

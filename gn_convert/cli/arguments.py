@@ -24,9 +24,9 @@ FIDELITY = "fidelity"
 """``--policy fidelity`` (:data:`gn_convert.surgery.plan.FIDELITY`)."""
 POLICY_CHOICES = LazyChoices("gn_convert.surgery.plan:POLICIES")
 INIT_CHOICES = LazyChoices("gn_convert.surgery.initialize:INITS")
-FIT_CHOICES = LazyChoices("gn_convert.fidelity.moments:FITS")
-ORDER_CHOICES = LazyChoices("gn_convert.fidelity.calibration:ORDERS")
-TRAINABLE_CHOICES = LazyChoices("gn_convert.fidelity.options:TRAINABLE")
+FIT_CHOICES = LazyChoices("gn_convert.fidelity.calibrate.moments:FITS")
+ORDER_CHOICES = LazyChoices("gn_convert.fidelity.calibrate.engine:ORDERS")
+TRAINABLE_CHOICES = LazyChoices("gn_convert.fidelity.distill.options:TRAINABLE")
 TARGET_CHOICES = LazyChoices("gn_convert.onnx.targets:TARGETS")
 
 
@@ -144,7 +144,9 @@ def recover_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser | N
     if args.resume and args.state_dir is None and parser is not None:
         parser.error("--resume continues from --state-dir DIR: give the folder of the stopped run")
     data = "synthetic" if str(args.data) == "synthetic" and not args.data.exists() else args.data
-    from gn_convert.fidelity.recover_data import check_heldout  # the API's rule for --holdout, before any loading
+    from gn_convert.fidelity.recover.data import (
+        check_heldout,  # the API's rule for --holdout, before any loading
+    )
 
     check_heldout(data, args.holdout, args.eval_data)
     kwargs = plan_kwargs(args, parser)

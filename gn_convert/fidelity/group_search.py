@@ -6,7 +6,7 @@ The plan itself is made by :func:`gn_convert.plan` (``policy="fidelity"``, ``mea
 C channels, every divisor G' of C up to the requested G (and with at least
 ``min_channels_per_group`` channels per group) is a candidate. On the teacher's own inputs to the
 layer, the candidate's normalised output (GroupNorm without affine) is fitted to the BatchNorm
-output channel by channel (the variance-preserving fit of :mod:`gn_convert.fidelity.moments`), and
+output channel by channel (the variance-preserving fit of :mod:`gn_convert.fidelity.calibrate.moments`), and
 the candidate whose fit leaves the smallest error (1 - R^2, averaged over channels) is chosen. All
 candidates of all layers are measured in the same passes over the data, so the cost is a few teacher
 forward passes.
@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gn_convert.errors import GroupPlanError
-from gn_convert.fidelity.moments import Moments
+from gn_convert.fidelity.calibrate.moments import Moments
 from gn_convert.fidelity.pairs import forward_hooks
 from gn_convert.modes import eval_mode
 from gn_convert.surgery.plan import FIDELITY, GroupPlan, Measure, batchnorm_layers

@@ -10,8 +10,8 @@ from typing import Any
 from torch import nn
 
 from gn_convert.errors import DataError
-from gn_convert.fidelity.calibration import calibrate
-from gn_convert.fidelity.distillation import distill
+from gn_convert.fidelity.calibrate.engine import calibrate
+from gn_convert.fidelity.distill.engine import distill
 from gn_convert.fidelity.pairs import TRAINED_WEIGHTS_HINT, check_trained
 from gn_convert.load.weights import default_weights_enum
 from gn_convert.stages import Stages

@@ -1,6 +1,6 @@
 """Greedy calibration: per layer, keep whichever affine makes the network's output closest.
 
-Closed-form fits (:mod:`gn_convert.fidelity.moments`) optimise each layer alone; on the digits
+Closed-form fits (:mod:`gn_convert.fidelity.calibrate.moments`) optimise each layer alone; on the digits
 ResNet-18 neither the independent nor the sequential fit beat the data-free bn-stats init
 reliably. The greedy order walks the GroupNorm layers in execution order and, for each,
 scores three candidate affines on a few calibration batches: the layer's current affine (its
@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gn_convert.fidelity.losses import kl_loss
-from gn_convert.fidelity.moments import FITS, LayerFit, Moments
+from gn_convert.fidelity.calibrate.moments import FITS, LayerFit, Moments
+from gn_convert.fidelity.distill.losses import kl_loss
 from gn_convert.fidelity.pairs import NormPair, capture, execution_order, normalised
 
 #: calibration batches the candidates are scored on (the statistics use all of them)

@@ -36,7 +36,7 @@ from torch import nn
 from gn_convert.errors import OptionError
 from gn_convert.fidelity import distributed as ddp
 from gn_convert.fidelity.blocks import Block, find_blocks
-from gn_convert.fidelity.options import trainable_only
+from gn_convert.fidelity.distill.options import trainable_only
 from gn_convert.fidelity.pairs import capture_io, capture_span
 from gn_convert.modes import eval_mode
 

@@ -9,13 +9,13 @@ sufficient statistics (count, sums, sums of squares and cross products, in float
 - ``y``: the teacher's BatchNorm output,
 
 so memory stays at six vectors per layer however many batches are seen
-(:mod:`gn_convert.fidelity.moments`, which also defines the fits ``variance``, the default,
+(:mod:`gn_convert.fidelity.calibrate.moments`, which also defines the fits ``variance``, the default,
 and ``least-squares``).
 
 With ``order="independent"`` every layer is fitted on the teacher's own input to the layer,
 all in one pass over the data. ``order="sequential"`` fits layer by layer, in execution
 order, on the student's input (after the layers before it were fitted): one pass per layer.
-``order="greedy"`` (default; :mod:`gn_convert.fidelity.greedy`) is sequential and keeps,
+``order="greedy"`` (default; :mod:`gn_convert.fidelity.calibrate.greedy`) is sequential and keeps,
 per layer, whichever of the layer's init, the variance fit and the least-squares fit gives
 the network output closest to the teacher's on a few calibration batches.
 
@@ -42,8 +42,8 @@ from torch.utils.data import DataLoader
 
 from gn_convert.data.sources import load_data
 from gn_convert.errors import DataError, OptionError
-from gn_convert.fidelity.greedy import fit_greedy
-from gn_convert.fidelity.moments import FITS, LayerFit, Moments
+from gn_convert.fidelity.calibrate.greedy import fit_greedy
+from gn_convert.fidelity.calibrate.moments import FITS, LayerFit, Moments
 from gn_convert.fidelity.pairs import (
     NormPair,
     capture,
@@ -200,10 +200,10 @@ def calibrate(
             images are used, labels are ignored.
         batches: batches to accumulate statistics over (per layer).
         batch_size: images per batch (ignored for a DataLoader).
-        method: ``variance`` (default) or ``least-squares``; see :mod:`gn_convert.fidelity.moments`.
+        method: ``variance`` (default) or ``least-squares``; see :mod:`gn_convert.fidelity.calibrate.moments`.
         order: ``greedy`` (default: sequential, keeping per layer the best-scoring of the
             init, variance and least-squares fits; ``method`` is then ignored; see
-            :mod:`gn_convert.fidelity.greedy`), ``independent`` (one pass, teacher inputs)
+            :mod:`gn_convert.fidelity.calibrate.greedy`), ``independent`` (one pass, teacher inputs)
             or ``sequential`` (one pass per layer, student inputs).
         seed: seed of the image order.
         weights: torchvision weights enum of the model, for its preprocessing (folders).

@@ -2,14 +2,14 @@
 
 :func:`distill` trains the student to reproduce the frozen BatchNorm teacher (eval mode) on
 images, labelled or not: KL(teacher || student) at a temperature, optional cross-entropy on
-labelled items, optional feature loss at every GroupNorm output (:mod:`gn_convert.fidelity.losses`).
+labelled items, optional feature loss at every GroupNorm output (:mod:`gn_convert.fidelity.distill.losses`).
 It trains all parameters or only the GroupNorm affines (with their own learning-rate scale),
 with AdamW, linear warmup and cosine decay, gradient accumulation, and AMP on CUDA. Every
 ``eval_every`` steps it measures top-1 agreement with the teacher (and accuracy, with labels)
 on held-out images, and stops early once ``target_agreement`` is reached.
 
 Resume is exact: every ``checkpoint_every`` steps the run's state goes to
-``checkpoint_dir/state.pt`` (:mod:`gn_convert.fidelity.train_state`); the data order, each item's
+``checkpoint_dir/state.pt`` (:mod:`gn_convert.fidelity.distill.state`); the data order, each item's
 augmentation, the learning rate and the global random state are pure functions of
 (seed, step), so a run resumed from step ``s`` ends with the weights of a run that never
 stopped. Under ``torchrun`` the same call runs data-parallel (DDP, :mod:`gn_convert.fidelity.distributed`):
@@ -36,8 +36,8 @@ from gn_convert.data.items import split_batch
 from gn_convert.data.sources import DataSplit, load_data
 from gn_convert.errors import CheckpointError, OptionError
 from gn_convert.fidelity import distributed as ddp
-from gn_convert.fidelity.losses import FeatureTaps, StatisticsTaps, kl_loss, label_loss
-from gn_convert.fidelity.options import (
+from gn_convert.fidelity.distill.losses import FeatureTaps, StatisticsTaps, kl_loss, label_loss
+from gn_convert.fidelity.distill.options import (
     TRAINABLE,
     DistillOptions,
     DistillResult,
@@ -47,8 +47,8 @@ from gn_convert.fidelity.options import (
     param_groups,
     trainable_only,
 )
+from gn_convert.fidelity.distill.state import check_compatible, load_state, save_state
 from gn_convert.fidelity.pairs import norm_pairs
-from gn_convert.fidelity.train_state import check_compatible, load_state, save_state
 from gn_convert.modes import eval_mode
 from gn_convert.surgery.registry import is_batchnorm
 
@@ -115,7 +115,7 @@ def distill(
             this many seconds have passed, the learning rate annealing with the time spent so that
             the schedule ends with the time; ``stats_weight``: weight of the loss that keeps each
             GroupNorm input's batch statistics at the teacher's running statistics
-            (:class:`~gn_convert.fidelity.losses.StatisticsTaps`); ``mixup``: blend each training image with
+            (:class:`~gn_convert.fidelity.distill.losses.StatisticsTaps`); ``mixup``: blend each training image with
             another, weight ~ Beta(mixup, mixup), the same blend for teacher and student, as in
             function matching (Beyer et al. 2022); ``accumulate``, ``warmup_steps``,
             ``weight_decay``, ``seed``, ``holdout``, ``augment``, ``flip``, ``amp``,

@@ -1,4 +1,4 @@
-"""The options, results and schedule of a distillation run (see :mod:`gn_convert.fidelity.distillation`).
+"""The options, results and schedule of a distillation run (see :mod:`gn_convert.fidelity.distill.engine`).
 
 Plain dataclasses and pure functions: :class:`DistillOptions` (what shapes a run),
 :class:`EvalPoint` and :class:`DistillResult` (what it measured), :class:`StepInfo` (what a

@@ -52,7 +52,7 @@ class FeatureTaps:
     :meth:`loss` call, and not at all while :attr:`enabled` is False (evaluation).
 
     Args:
-        pairs: the student/teacher layer pairs (from :func:`gn_convert.fidelity.calibration.norm_pairs`).
+        pairs: the student/teacher layer pairs (from :func:`gn_convert.fidelity.calibrate.engine.norm_pairs`).
     """
 
     def __init__(self, pairs: list[NormPair]) -> None:

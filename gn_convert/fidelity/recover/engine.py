@@ -7,10 +7,10 @@ and init), then run the stages asked for within ``budget`` seconds:
   augmented views of the training photos: KL on the logits plus a loss on every GroupNorm
   output (a dense target per layer); its learning rate anneals with the *time* spent, so a busy
   machine gets fewer steps but a finished schedule, never a half-done one;
-- ``reconstruct``: block-wise reconstruction (:mod:`gn_convert.fidelity.reconstruct`) first.
+- ``reconstruct``: block-wise reconstruction (:mod:`gn_convert.fidelity.reconstruct.engine`) first.
 
 After each stage the student is scored on held-out photos that no step trains on
-(:mod:`gn_convert.fidelity.recover_data`: the split is by photo, several fixed views of each),
+(:mod:`gn_convert.fidelity.recover.data`: the split is by photo, several fixed views of each),
 and on fresh views of the training photos (the fit). The state with the lowest held-out KL is
 kept, so a stage that made things worse is undone and the call always returns the best state it
 reached. The result carries both figures and warnings when the fit runs ahead of the held-out
@@ -39,10 +39,10 @@ from gn_convert.data.items import split_batch
 from gn_convert.data.sources import DataSplit
 from gn_convert.errors import OptionError
 from gn_convert.fidelity import distributed as ddp
-from gn_convert.fidelity.distillation import _size, distill
+from gn_convert.fidelity.distill.engine import _size, distill
 from gn_convert.fidelity.pairs import TRAINED_WEIGHTS_HINT, check_trained, norm_pairs
-from gn_convert.fidelity.reconstruct import reconstruct
-from gn_convert.fidelity.recover_data import (
+from gn_convert.fidelity.reconstruct.engine import reconstruct
+from gn_convert.fidelity.recover.data import (
     SYNTHETIC,
     AugmentedTensors,
     RecoveryData,
@@ -52,15 +52,8 @@ from gn_convert.fidelity.recover_data import (
     recovery_data,
     same_scene_warnings,
 )
-from gn_convert.fidelity.recover_plan import group_plan, step_seconds, student_plan
-from gn_convert.fidelity.recover_state import (
-    load_recovery,
-    run_fingerprint,
-    save_recovery,
-    saved_plan,
-    trajectory,
-)
-from gn_convert.fidelity.recovery import (
+from gn_convert.fidelity.recover.plan import group_plan, step_seconds, student_plan
+from gn_convert.fidelity.recover.report import (
     Clock,
     Judge,
     Progress,
@@ -69,7 +62,14 @@ from gn_convert.fidelity.recovery import (
     closing_warnings,
     kept_stage,
 )
-from gn_convert.fidelity.synthesize import synthesize, write_pngs
+from gn_convert.fidelity.recover.state import (
+    load_recovery,
+    run_fingerprint,
+    save_recovery,
+    saved_plan,
+    trajectory,
+)
+from gn_convert.fidelity.synthesize.engine import synthesize, write_pngs
 from gn_convert.modes import eval_mode
 from gn_convert.surgery.group_count import resolve_min_channels
 from gn_convert.surgery.plan import GroupPlan
@@ -147,7 +147,7 @@ def recover(
             3.0% on EfficientNet-Lite0; data-free, the images choose the fidelity plan).
         batch_size, lr, mixup, feature_weight: distillation (see :func:`gn_convert.distill`).
         reconstruct_lr, reconstruct_drop, reconstruct_allocate: block reconstruction's Adam learning
-            rate, QDrop input mixing and budget shares (see :func:`~gn_convert.fidelity.reconstruct.reconstruct`).
+            rate, QDrop input mixing and budget shares (see :func:`~gn_convert.fidelity.reconstruct.engine.reconstruct`).
         synthetic: synthetic images to make from the teacher (added to ``data``; 256 by default
             when ``data="synthetic"``).
         synthetic_size: their side in pixels.
@@ -162,7 +162,7 @@ def recover(
             ``data`` trains.
         seed: seed of splits, orders and augmentations.
         device: where to compute (default: CUDA when available).
-        callback: called with a :class:`~gn_convert.fidelity.recovery.Progress` as each stage
+        callback: called with a :class:`~gn_convert.fidelity.recover.report.Progress` as each stage
             starts and after every synthesis batch, fitted block and distillation step.
         checkpoint_dir: keep the run's state there as soon as the student is converted, when distillation
             has planned its steps, after each stage and during distillation, so that a stopped run can be
@@ -177,7 +177,7 @@ def recover(
     logs, reports progress, writes checkpoints and synthetic images.
 
     Returns:
-        The :class:`~gn_convert.fidelity.recovery.RecoveryResult`.
+        The :class:`~gn_convert.fidelity.recover.report.RecoveryResult`.
 
     Raises:
         OptionError: no data, an unknown stage, a student without its teacher, or nothing held out

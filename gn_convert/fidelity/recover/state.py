@@ -4,7 +4,7 @@ Rank 0 writes ``CHECKPOINT_DIR/recover.pt`` (atomically) as soon as the student 
 stage has planned its steps, and after each stage: the plan, the stages done with their results, the
 student's weights, the best state kept so far, the seconds spent, the step counts planned and the
 run's fingerprint. A distillation stage also keeps its own resumable state in
-``CHECKPOINT_DIR/distill`` (:mod:`gn_convert.fidelity.train_state`), so a run killed in the middle
+``CHECKPOINT_DIR/distill`` (:mod:`gn_convert.fidelity.distill.state`), so a run killed in the middle
 of it (its first stage too) resumes at the step it reached, with the step count it planned.
 
 The fingerprint (:func:`run_fingerprint`) tells one run from another: digests of the teacher's
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from gn_convert.errors import CheckpointError
-from gn_convert.fidelity.recovery import StageResult
-from gn_convert.fidelity.train_state import write_state_file
+from gn_convert.fidelity.distill.state import write_state_file
+from gn_convert.fidelity.recover.report import StageResult
 from gn_convert.surgery.plan import GroupPlan
 
 STATE_FILE = "recover.pt"
@@ -99,7 +99,7 @@ def run_fingerprint(teacher: nn.Module, student: nn.Module | None, plan: GroupPl
         teacher: the BatchNorm model.
         student, plan: a given student and the plan it embodies (None when the run converts the teacher: its plan
             follows from the teacher and the plan options).
-        data: the data's fingerprint (:func:`gn_convert.fidelity.recover_data.data_fingerprint`).
+        data: the data's fingerprint (:func:`gn_convert.fidelity.recover.data.data_fingerprint`).
         options: the options that shape the run (:func:`trajectory`, and the stages).
     """
     plan_text = None if plan is None else json.dumps(plan.to_dict(), sort_keys=True, default=str)

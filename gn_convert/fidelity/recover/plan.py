@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gn_convert.data.sources import DataSplit
-from gn_convert.fidelity.distillation import distill
+from gn_convert.fidelity.distill.engine import distill
 from gn_convert.fidelity.group_search import layer_errors
 from gn_convert.fidelity.pairs import norm_pairs
 from gn_convert.surgery.plan import FIDELITY, GroupPlan, LayerPlan

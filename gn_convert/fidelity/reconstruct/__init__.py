@@ -1,0 +1,1 @@
+"""Block-wise reconstruction: each block fit to the teacher's block output."""

@@ -1,0 +1,1 @@
+"""Synthetic images inverted from the teacher, for recovery without enough photos."""
