@@ -36,6 +36,8 @@ Usage::
     python scripts/bench_latency.py --provider cuda --rounds 50
     python scripts/bench_latency.py --models resnet50,mobilenet_v3_large --threads 2 --rounds 16 \
         --variants bn,function,fast,blocked                        # issue 23, item 4: the blocked target
+    python scripts/bench_latency.py --models deeplabv3_resnet50 --size 520 --batch 1 --variants bn,function,native,native-nchwc
+    python scripts/bench_latency.py --models r3d_18 --size 112 --batch 1 --variants bn,function,native  # 16x112x112
 """
 
 from __future__ import annotations
@@ -63,10 +65,13 @@ from gn_convert.bench.reorders import count_reorders
 from gn_convert.bench.variants import ort_session, session_variant, torch_variant
 from gn_convert.errors import GnConvertError, NativeBuildError, ProviderUnavailableError
 from gn_convert.load.names import build_model
+from gn_convert.load.weights import resolve_source
 from gn_convert.native.nchwc import block_size
 from gn_convert.onnx import export_onnx, lower_onnx
 from gn_convert.onnx.lowering.function import set_body
+from gn_convert.pipeline import sized
 from gn_convert.runtime import check_provider
+from gn_convert.tasks import task_of
 
 MODELS = ("resnet50",)
 ALL_MODELS = ("resnet50", "resnet18", "mobilenet_v3_large", "efficientnet_b0")
@@ -94,7 +99,13 @@ NOTES = {
 }
 
 
-def _export_torch_default(model: nn.Module, path: Path, shape: tuple[int, ...], fp16: bool) -> None:
+def sample_shape(name: str, size: int) -> tuple[int, ...]:
+    """One sample's input shape: ``(3, size, size)``, ``(3, 16, size, size)`` for a video model."""
+    return (3, *sized(resolve_source(name, "none").input_size, size))
+
+
+def _export_torch_default(model: nn.Module, path: Path, shape: tuple[int, ...], fp16: bool,
+                          outputs: tuple[str, ...]) -> None:
     """torch's own export of the GN model (no custom translation), dynamic batch, opset 20."""
     source = model.half() if fp16 else model
     example = torch.randn(2, *shape[1:], dtype=torch.float16 if fp16 else torch.float32)
@@ -102,7 +113,7 @@ def _export_torch_default(model: nn.Module, path: Path, shape: tuple[int, ...], 
         warnings.simplefilter("ignore")
         program = torch.onnx.export(source, (example,), dynamo=True, opset_version=20, optimize=True,
                                     dynamic_shapes=({0: "batch"},), input_names=["input"],
-                                    output_names=["output"], verbose=False)
+                                    output_names=list(outputs), verbose=False)
     assert program is not None  # the dynamo exporter always returns one
     program.save(str(path))
     if fp16:
@@ -113,17 +124,20 @@ def export_variants(name: str, folder: Path, *, groups: int, size: int, fp16: bo
                     wanted: list[str], min_channels: int = 1) -> tuple[dict[str, Path], nn.Module]:
     """Export every ONNX variant of one model into ``folder`` (reused when already there)."""
     torch.manual_seed(0)
-    bn = build_model(name).eval()
-    gn = gn_convert.convert(bn, groups, min_channels_per_group=min_channels).eval()
-    shape = (1, 3, size, size)
+    task = task_of(name)
+    original = build_model(name).eval()
+    converted = gn_convert.convert(original, groups, min_channels_per_group=min_channels).eval()
+    outputs = task.output_names(original)
+    bn, gn = task.exportable(original), task.exportable(converted)  # a tensor or a tuple of tensors out
+    shape = (1, *sample_shape(name, size))
     tag = f"{size}px.G{groups}K{min_channels}.{'fp16' if fp16 else 'fp32'}"
     paths = {v: folder / f"{name}.{v}.{tag}.onnx" for v in wanted
              if v not in ("torch-eager", "native", "native-nchwc")}
     paths.setdefault("function", folder / f"{name}.function.{tag}.onnx")  # every lowering starts from it
     steps = {
-        "bn": lambda p: export_onnx(bn, p, input_shape=shape, allow_batchnorm=True, fp16=fp16),
-        "function": lambda p: export_onnx(gn, p, input_shape=shape, fp16=fp16),
-        "torch-default": lambda p: _export_torch_default(gn, p, shape, fp16),
+        "bn": lambda p: export_onnx(bn, p, input_shape=shape, allow_batchnorm=True, fp16=fp16, output_names=outputs),
+        "function": lambda p: export_onnx(gn, p, input_shape=shape, fp16=fp16, output_names=outputs),
+        "torch-default": lambda p: _export_torch_default(gn, p, shape, fp16, outputs),
     }
     function_file = paths["function"]
     order = ["bn", "torch-default", "function"] + [v for v in paths if v not in ("bn", "torch-default", "function")]
@@ -156,9 +170,9 @@ def _native_library() -> Path | None:
         return None
 
 
-def reorder_counts(paths: dict[str, Path], wanted: list[str], size: int) -> dict[str, dict[str, int]]:
+def reorder_counts(paths: dict[str, Path], wanted: list[str], shape: tuple[int, ...]) -> dict[str, dict[str, int]]:
     """The NCHWc reorders onnxruntime leaves in each wanted ONNX file on this CPU, printed as one line."""
-    counts = {v: count_reorders(paths[v], input_shape=(1, 3, size, size)).to_dict() for v in wanted if v in paths}
+    counts = {v: count_reorders(paths[v], input_shape=(1, *shape)).to_dict() for v in wanted if v in paths}
     print(f"  reorders of activations onnxruntime leaves here (NCHWc block {block_size()}; out + in, elements a "
           "sample): " + ", ".join(f"{v} {c['large_out']} + {c['large_in']}, {c['large_elements']}"
                                   for v, c in counts.items()), flush=True)
@@ -172,7 +186,8 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]
     print(f"{name}: exporting ({', '.join(wanted)})", flush=True)
     paths, gn = export_variants(name, folder, groups=args.groups, size=args.size, fp16=fp16, wanted=wanted,
                                 min_channels=args.min_channels_per_group)
-    reorders = reorder_counts(paths, wanted, args.size) if args.provider == "cpu" else {}
+    shape = sample_shape(name, args.size)
+    reorders = reorder_counts(paths, wanted, shape) if args.provider == "cpu" and len(shape) == 3 else {}
     library = _native_library() if {"native", "native-nchwc"} & set(wanted) else None
     results = []
     for threads in parse_batches(args.threads):
@@ -193,12 +208,12 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]
                     continue
                 session = ort_session(paths[variant], threads=threads, provider=args.provider, spinning=spin)
                 variants.append(session_variant(variant, session, note=NOTES.get(variant, "")))
-            result = run_bench(variants, (3, args.size, args.size), batches=parse_batches(args.batch),
+            result = run_bench(variants, shape, batches=parse_batches(args.batch),
                                rounds=args.rounds, warmup=args.warmup, baseline="bn" if "bn" in wanted else None,
                                threads=threads, provider=args.provider, clock=args.clock)
             lines = []
             if "bn" in wanted and not fp16:
-                lines = limit_lines(result, lambda b: groupnorm_traffic(gn, (b, 3, args.size, args.size)), threads, "bn")
+                lines = limit_lines(result, lambda b: groupnorm_traffic(gn, (b, *shape)), threads, "bn")
             print(f"\n## {name} (G={args.groups}, {'float16' if fp16 else 'float32'}, {threads} thread(s), "
                   f"spinning {spinning})\n{result.table()}\n" + "\n".join(lines) + "\n", flush=True)
             results.append({"model": name, "spinning": spin, "limit": lines, "reorders": reorders, **result.to_dict()})
@@ -221,7 +236,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-channels-per-group", type=int, default=1, metavar="K",
                    help="the plan's bound (default 1: G on every layer, as every figure in PERF.md; the library's "
                    "default is 16)")
-    p.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
+    p.add_argument("--size", type=int, default=224, help="input height and width (default 224; a video model's clips "
+                   "keep their 16 frames: r3d_18 is timed at --size 112)")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: latency (default); cpu: process CPU time, robust on a busy machine")
