@@ -100,7 +100,29 @@ _LAYER_BODY = _HEAD + """    row_shape = Shape <start = 2> (xg)
     normed_g = LayerNormalization <axis = 2, epsilon: float = @epsilon> (xg, row_ones)
 """ + _AFFINE_TAIL
 
-BODIES = {"layer-norm": _LAYER_BODY, "instance-norm": _INSTANCE_BODY, "two-pass": _BODY}
+_TWO_LEVEL_BODY = _BODY.replace("""    grouped_shape = Concat <axis = 0> (keep_dim, groups_1d, rest)
+    xg = Reshape (x, grouped_shape)
+""", """    channels_1d = Shape <start = 1, end = 2> (X)
+    per_group = Div (channels_1d, groups_1d)
+    grouped_shape = Concat <axis = 0> (keep_dim, groups_1d, per_group, rest)
+    xg = Reshape (x, grouped_shape)
+""").replace("""    reduce_axis = Constant <value_ints = [2]> ()
+    mean = ReduceMean <keepdims = 1> (xg, reduce_axis)
+    centered = Sub (xg, mean)
+    squared = Mul (centered, centered)
+    var = ReduceMean <keepdims = 1> (squared, reduce_axis)""", """    inner_axis = Constant <value_ints = [3]> ()
+    outer_axis = Constant <value_ints = [2]> ()
+    channel_means = ReduceMean <keepdims = 1> (xg, inner_axis)
+    mean = ReduceMean <keepdims = 1> (channel_means, outer_axis)
+    centered = Sub (xg, mean)
+    squared = Mul (centered, centered)
+    channel_vars = ReduceMean <keepdims = 1> (squared, inner_axis)
+    var = ReduceMean <keepdims = 1> (channel_vars, outer_axis)""")
+"""``two-pass`` with each row reduced in two levels: X as (N, G, C/G, -1), each channel's mean (and
+mean squared deviation) first, then the mean of those (channels of a group are the same size, so it
+is the row's)."""
+
+BODIES = {"layer-norm": _LAYER_BODY, "instance-norm": _INSTANCE_BODY, "two-pass": _BODY, "two-level": _TWO_LEVEL_BODY}
 """Function bodies by name; the first is the default. Each reshapes X to (N, G, -1) and
 normalises every (sample, group) row, then applies the per-channel affine as one
 BatchNormalization with mean 0, variance 1 and epsilon 0 (exact), except ``two-pass``.
@@ -112,8 +134,14 @@ BatchNormalization with mean 0, variance 1 and epsilon 0 (exact), except ``two-p
   CPU kernel is single-threaded).
 - ``two-pass``: ReduceMean, Sub, Mul, ReduceMean, Add, Sqrt, Div, then Mul and Add (about ten
   passes over the activation; the body before issue 16).
+- ``two-level``: ``two-pass`` reducing each row in two levels (each channel's spatial positions,
+  then the group's channels). onnxruntime's float32 reductions lose precision on long rows: a
+  GroupNorm of 16 channels at 80x80 (a detection backbone at 320 pixels; 102,400 values a row) is
+  3.4e-5 from float64 with every one-level body, 2.7e-7 with this one (torch: 1e-7), at the
+  one-level bodies' speed for that layer (scripts/PERF.md). The default for dense tasks
+  (segmentation, detection, video: :mod:`gn_convert.tasks`), whose rows are long.
 
-All three compute the variance from deviations in float32; OpenVINO runs each inlined. On
+All compute the variance from deviations in float32; OpenVINO runs each inlined. On
 onnxruntime CPU, ResNet-50's default artifact costs, relative to the BatchNorm original
 (batch 1 / 8, wall clock, quiet machine, scripts/PERF.md): one thread ``layer-norm``
 1.23x / 1.34x, ``instance-norm`` 1.22x / 1.32x, ``two-pass`` 1.30x / 1.45x; two threads

@@ -47,6 +47,9 @@ class Task:
     """Frames of a clip (video tasks); 0 for images."""
     batched = True
     """Whether the exported file takes a batch (its first axis); a server batches requests only then."""
+    body = "layer-norm"
+    """The GroupNorm function body of the export (:data:`gn_convert.onnx.op.BODIES`): dense tasks take
+    ``two-level``, precise on the long rows of high-resolution activations."""
 
     def names(self) -> list[str]:
         """The torchvision model names of this task, sorted."""
@@ -86,6 +89,7 @@ class Task:
         """Export ``model`` (converted) to ``path``; the :class:`gn_convert.onnx.ExportReport`."""
         from gn_convert.onnx.export import export_onnx
 
+        options.setdefault("body", self.body)
         return export_onnx(self.exportable(model), path, input_shape=(1, 3, *input_size),
                            output_names=self.output_names(model), **options)
 

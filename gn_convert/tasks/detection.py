@@ -28,6 +28,7 @@ class Detection(Task):
 
     name = "detection"
     module = tvm.detection
+    body = "two-level"
     batched = False  # one image a call, of any height and width
 
     def build(self, name: str, **kwargs: Any) -> nn.Module:
@@ -61,6 +62,7 @@ class Detection(Task):
         from gn_convert.onnx.export import export_onnx
 
         options.pop("dynamic_batch", None)
+        options.setdefault("body", self.body)
         return export_onnx(model, path, input_shape=(3, *input_size), images=True,
                            output_names=self.output_names(model), **options)
 

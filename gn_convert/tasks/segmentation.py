@@ -21,6 +21,7 @@ class Segmentation(Task):
 
     name = "segmentation"
     module = tvm.segmentation
+    body = "two-level"
 
     def build(self, name: str, **kwargs: Any) -> nn.Module:
         """torchvision's builder; without weights, without backbone weights too (unless given)."""

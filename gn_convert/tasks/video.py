@@ -16,4 +16,5 @@ class Video(Task):
 
     name = "video"
     module = tvm.video
+    body = "two-level"
     frames = 16
