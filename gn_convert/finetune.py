@@ -103,7 +103,9 @@ def load_teacher(opts: FinetuneOptions, config: dict[str, Any]) -> tuple[str, nn
     num_classes = opts.num_classes
     if num_classes is None and os.path.exists(weights) and architecture == config.get("architecture"):
         num_classes = config.get("model_kwargs", {}).get("num_classes")
-    teacher = load_model(architecture, weights, num_classes=num_classes)
+    backbone = config.get("weights_backbone") if architecture == config.get("architecture") and not opts.teacher_weights \
+        else None  # a dense model converted from a pretrained backbone: its teacher has that backbone too
+    teacher = load_model(architecture, weights, num_classes=num_classes, weights_backbone=backbone)
     check_trained(teacher, f"give the BatchNorm weights {opts.checkpoint} was converted from "
                            "(teacher_weights=, --teacher-weights FILE)")
     return architecture, teacher
