@@ -241,6 +241,7 @@ def _recover_stage(opts: PipelineOptions, model: nn.Module, stages: Stages,
     from gn_convert.load.weights import default_weights_enum
 
     options = dict(opts.recover or {})
+    options.setdefault("task", resolve_source(opts.model, opts.weights).task)
     options.setdefault("groups", opts.plan.get("groups") or 32)
     options.setdefault("weights", default_weights_enum(opts.model))
     budget = options.get("budget", 900.0)

@@ -33,6 +33,8 @@ PARITY_BATCH = 2
 """The default larger batch of the parity check (:data:`gn_convert.pipeline.PARITY_BATCH`)."""
 
 SHOWN_FALLBACKS = 5
+DENSE_SCORES = {"miou": "mIoU", "feature_r2": "feature R^2"}
+"""Scores a dense task's recovery adds (per-pixel agreement's mean IoU; detection features' R^2)."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -127,6 +129,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                   f"{recovery['seconds']:.0f} s (held-out agreement, KL, fit on the training photos):"]
         lines += [f"  {s['name']:12} {s['seconds']:7.1f} s  agreement {_fraction(s['agreement'])}  "
                   f"KL {_number(s['scores'].get('kl'))}  fit {_fraction(s['scores'].get('fit'))}"
+                  + "".join(f"  {label} {_fraction(s['scores'][key])}" for key, label in DENSE_SCORES.items()
+                            if s["scores"].get(key) is not None)
                   for s in recovery["stages"]]
         lines += [f"  warning: {w}" for w in recovery["warnings"]]
     return lines + fidelity_lines(report)

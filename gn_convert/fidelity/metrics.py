@@ -37,7 +37,9 @@ def agreement_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """Agreement of a student's outputs with its teacher's on the same inputs.
 
     Args:
-        student_logits, teacher_logits: ``(N, classes)``.
+        student_logits, teacher_logits: ``(N, classes)``, or ``(N, classes, ...)`` per position (a
+            segmentation model's pixels): then every position counts as an item of its sample's group,
+            and ``miou`` (:func:`mean_iou` of the two class maps) is added.
         groups: the group (photo) of each input, for the bootstrap interval; None: per input.
         resamples: bootstrap resamples.
         seed: seed of the bootstrap.
@@ -46,25 +48,45 @@ def agreement_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         ``top1``, ``top1_low``, ``top1_high`` (95% interval), ``confident`` (top-1 agreement where
         the teacher's top probability is above 0.5) and ``n_confident``, ``top5``, ``kl``; fractions.
     """
+    extra: dict[str, Any] = {}
+    if teacher_logits.dim() > 2:  # dense outputs (N, classes, H, W): every position is an item of its sample's group
+        extra["miou"] = mean_iou(student_logits.argmax(1), teacher_logits.argmax(1), teacher_logits.shape[1])
+        positions = teacher_logits[0, 0].numel()
+        names = [str(g) for g in groups] if groups is not None else [str(i) for i in range(len(teacher_logits))]
+        groups = [g for g in names for _ in range(positions)]
+        student_logits, teacher_logits = (x.movedim(1, -1).reshape(-1, x.shape[1]) for x in (student_logits,
+                                                                                         teacher_logits))
     teacher_prob = teacher_logits.softmax(1)
     target = teacher_logits.argmax(1)
     agree = (student_logits.argmax(1) == target).float()
     confident = teacher_prob.max(1).values > CONFIDENT
     top5 = (student_logits.topk(min(5, student_logits.shape[1]), 1).indices == target[:, None]).any(1).float()
     kl = (teacher_prob * (teacher_logits.log_softmax(1) - student_logits.log_softmax(1))).sum(1)
-    labels = list(groups) if groups is not None else list(range(len(agree)))
+    labels: list[Any] = list(groups) if groups is not None else list(range(len(agree)))
     names = sorted(set(labels), key=str)
-    index = {name: [i for i, g in enumerate(labels) if g == name] for name in names}
+    slot = {name: k for k, name in enumerate(names)}
+    member = torch.tensor([slot[g] for g in labels])
+    sums = torch.zeros(len(names), dtype=torch.float64).index_add_(0, member, agree.double())
+    counts = torch.zeros(len(names), dtype=torch.float64).index_add_(0, member, torch.ones(len(agree), dtype=torch.float64))
     gen = torch.Generator().manual_seed(seed)
     samples = []
-    for _ in range(resamples):
-        chosen = torch.randint(len(names), (len(names),), generator=gen).tolist()
-        rows = [i for k in chosen for i in index[names[k]]]
-        samples.append(float(agree[rows].mean()))
+    for _ in range(resamples):  # the agreement over every item of the groups drawn (with replacement)
+        chosen = torch.randint(len(names), (len(names),), generator=gen)
+        samples.append(float(sums[chosen].sum() / counts[chosen].sum()))
     low, high = torch.tensor(samples).quantile(torch.tensor([0.025, 0.975])).tolist()
     return {"top1": float(agree.mean()), "top1_low": low, "top1_high": high,
             "confident": float(agree[confident].mean()) if bool(confident.any()) else float("nan"),
-            "n_confident": int(confident.sum()), "top5": float(top5.mean()), "kl": float(kl.mean())}
+            "n_confident": int(confident.sum()), "top5": float(top5.mean()), "kl": float(kl.mean()), **extra}
+
+
+def mean_iou(student: torch.Tensor, teacher: torch.Tensor, classes: int) -> float:
+    """Mean over the classes the teacher predicts of the IoU of the student's mask with the teacher's
+    (per-pixel class maps of the same shape)."""
+    ious = []
+    for k in teacher.unique().tolist():
+        t, s = teacher == k, student == k
+        ious.append(float((t & s).sum()) / max(float((t | s).sum()), 1.0))
+    return sum(ious) / len(ious) if ious else float("nan")
 
 
 @torch.no_grad()

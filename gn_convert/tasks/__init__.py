@@ -30,9 +30,26 @@ def task_of(name: str) -> Task:
     return _owners().get(name, CLASSIFICATION)
 
 
+def task_for_module(model: object) -> Task:
+    """The task of a model given as a module: torchvision's detection and segmentation families by their
+    classes, a video model by its 3-D convolutions; classification otherwise."""
+    from torch import nn
+    from torchvision.models import detection, segmentation
+
+    detectors = (detection.generalized_rcnn.GeneralizedRCNN, detection.RetinaNet, detection.FCOS, detection.ssd.SSD)
+    if isinstance(model, detectors):
+        return TASKS["detection"]
+    if isinstance(model, (segmentation.deeplabv3.DeepLabV3, segmentation.fcn.FCN, segmentation.lraspp.LRASPP)):
+        return TASKS["segmentation"]
+    if isinstance(model, nn.Module) and any(isinstance(m, nn.Conv3d) for m in model.modules()):
+        return TASKS["video"]
+    return CLASSIFICATION
+
+
 def all_names() -> list[str]:
     """Every torchvision model name of every task, sorted."""
     return sorted(_owners())
 
 
-__all__ = ["CLASSIFICATION", "TASKS", "Detection", "Segmentation", "Task", "Video", "all_names", "task_of"]
+__all__ = ["CLASSIFICATION", "TASKS", "Detection", "Segmentation", "Task", "Video", "all_names", "task_for_module",
+           "task_of"]

@@ -93,6 +93,33 @@ class Task:
         return export_onnx(self.exportable(model), path, input_shape=(1, 3, *input_size),
                            output_names=self.output_names(model), **options)
 
+    # -- recovery (gn_convert.recover): what is distilled and how it is scored --------------------------------
+
+    def output_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The distillation loss between the head's outputs: KL on the class axis at ``temperature`` (per
+        position for dense outputs; :func:`gn_convert.fidelity.distill.losses.kl_loss`)."""
+        from gn_convert.fidelity.distill.losses import kl_loss
+
+        return kl_loss(student, teacher, temperature)
+
+    def head(self, model: nn.Module) -> nn.Module:
+        """The module recovery distils and scores: the recovery's batches in, the compared outputs out
+        (``(N, classes)`` logits for a classifier)."""
+        return model
+
+    def recovery_views(self, found: Any) -> Any:
+        """The recovery's data (:class:`~gn_convert.fidelity.recover.data.RecoveryData` of image views) as
+        the head takes them (images, for every task but video)."""
+        return found
+
+    def measure(self, student: torch.Tensor, teacher: torch.Tensor, groups: Any = None,
+                resamples: int = 500) -> dict[str, Any]:
+        """Held-out scores of the head's outputs (:func:`gn_convert.fidelity.metrics.agreement_metrics`:
+        top-1 agreement, confident share, top-5, KL; per position for dense outputs, with mean IoU)."""
+        from gn_convert.fidelity.metrics import agreement_metrics
+
+        return agreement_metrics(student, teacher, groups, resamples=resamples)
+
     def check_parity(self, model: nn.Module, path: Path, *, input_size: tuple[int, ...] | None = None,
                      **options: Any) -> Any:
         """Compare the exported file with ``model`` (:func:`gn_convert.parity.check_parity`; the file's

@@ -58,6 +58,24 @@ class Detection(Task):
     def labels(self, categories: list[str] | None) -> list[str] | None:
         return None  # labels come out as class indices per detection, not as a classifier's last axis
 
+    # -- recovery: the backbone and FPN features (every GroupNorm of the RPN and box heads' inputs) ----------
+
+    def head(self, model: nn.Module) -> nn.Module:
+        """The backbone and FPN features of an image batch, flattened into one vector a sample."""
+        return Features(model.get_submodule("backbone"))
+
+    def output_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The features' squared error over the teacher features' variance (scale-free; 1 for a constant)."""
+        return ((student.float() - teacher.float()) ** 2).mean() / teacher.float().var().clamp_min(1e-12)
+
+    def measure(self, student: torch.Tensor, teacher: torch.Tensor, groups: Any = None,
+                resamples: int = 500) -> dict[str, Any]:
+        """``top1`` is the features' R^2 against the teacher's (1 - ``kl``), ``kl`` the loss above."""
+        error = float(self.output_loss(student, teacher, 1.0))
+        return {"top1": 1.0 - error, "top1_low": float("nan"), "top1_high": float("nan"), "confident": float("nan"),
+                "n_confident": 0, "top5": float("nan"), "kl": error, "feature_r2": 1.0 - error}
+
+
     def export(self, model: nn.Module, path: Path, *, input_size: tuple[int, ...], **options: Any) -> Any:
         from gn_convert.onnx.export import export_onnx
 
@@ -87,3 +105,14 @@ class Detection(Task):
         with scratch:
             rows += detection_rows(opened, opened_path, images, providers, "threshold 0", library)
         return DetectionParityReport(str(path), kind, layers, rows, skipped)
+
+
+class Features(nn.Module):
+    """A detection backbone's feature maps (a dict by level), flattened and concatenated per sample."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([level.flatten(1) for level in self.backbone(x).values()], dim=1)

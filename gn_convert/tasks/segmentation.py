@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from torchvision import models as tvm
 
@@ -44,3 +45,20 @@ class Segmentation(Task):
 
     def labels(self, categories: list[str] | None) -> list[str] | None:
         return None  # the classes lie along the channel axis of a per-pixel output, not a classifier's last axis
+
+    def head(self, model: nn.Module) -> nn.Module:
+        """The per-pixel logits ``out`` (recovery distils KL per pixel and scores per-pixel agreement and the
+        mean IoU of the student's class map with the teacher's)."""
+        return Output(model, "out")
+
+
+class Output(nn.Module):
+    """One entry of ``model``'s dict output."""
+
+    def __init__(self, model: nn.Module, key: str) -> None:
+        super().__init__()
+        self.model, self.key = model, key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(x)[self.key]
+        return out

@@ -81,6 +81,7 @@ def distill(
     input_size: int | None = None,
     device: torch.device | str | None = None,
     callback: Callable[[StepInfo], None] | None = None,
+    output_loss: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
     **options: Any,
 ) -> DistillResult:
     """Fine-tune ``student`` (in place) to reproduce ``teacher`` by knowledge distillation.
@@ -111,6 +112,9 @@ def distill(
         input_size: crop side in pixels for folders, overriding the weights' preset.
         device: where to compute (default CUDA when available); torchrun picks per rank.
         callback: called on rank 0 with a :class:`StepInfo` after every step.
+        output_loss: ``loss(student_out, teacher_out, temperature)`` between the outputs (default
+            :func:`~gn_convert.fidelity.distill.losses.kl_loss`: KL on the class axis, per position for dense
+            outputs; a task's own, :meth:`gn_convert.tasks.Task.output_loss`).
         **options: more :class:`DistillOptions` fields (``time_limit``: stop, evaluated, once
             this many seconds have passed, the learning rate annealing with the time spent so that
             the schedule ends with the time; ``stats_weight``: weight of the loss that keeps each
@@ -144,6 +148,7 @@ def distill(
     procs = ddp.setup(device)
     try:
         run = _Run(student, teacher, split, opts, procs, checkpoint_dir, callback)
+        run.output_loss = output_loss or kl_loss
         return run.train(resume)
     finally:
         ddp.teardown(procs)
@@ -187,6 +192,7 @@ class _Run:
         self.teacher_accuracy: float | None = None
         self.teacher_predictions: list[torch.Tensor] = []
         self.started = time.perf_counter()
+        self.output_loss: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = kl_loss
 
     # -- state -------------------------------------------------------------------------------
     def _options_dict(self) -> dict[str, Any]:
@@ -257,7 +263,7 @@ class _Run:
                     self.teacher_predictions.append(self._predict(self.teacher, images))
                 s, t = self._predict(self.student, images), self.teacher_predictions[k]
                 counts[0] += float((s == t).sum())
-                counts[1] += images.shape[0]
+                counts[1] += s.numel()  # one a sample; one a pixel for a per-pixel output
                 if labels is not None:
                     keep = labels >= 0
                     counts[2] += float((s[keep] == labels[keep]).sum())
@@ -295,7 +301,7 @@ class _Run:
             with torch.no_grad():
                 target = self.teacher(images)
             logits = model(images)
-        loss = kl_loss(logits, target, self.opts.temperature)
+        loss = self.output_loss(logits, target, self.opts.temperature)
         ce = label_loss(logits, labels) if self.opts.ce_weight else None
         if ce is not None:
             loss = loss + self.opts.ce_weight * ce

@@ -1,7 +1,8 @@
 """Knowledge-distillation losses: logits at a temperature, labels, and GroupNorm outputs.
 
 - :func:`kl_loss`: KL(teacher || student) of the softened distributions, times T^2 so that
-  its gradient scale does not depend on the temperature (Hinton et al., 2015).
+  its gradient scale does not depend on the temperature (Hinton et al., 2015); per pixel for a
+  segmentation model's ``(N, classes, H, W)`` logits.
 - :func:`label_loss`: cross-entropy on the items that carry a label (label >= 0).
 - :class:`FeatureTaps`: records, during the forward passes, each student GroupNorm's output
   and the teacher BatchNorm output it replaced; :meth:`FeatureTaps.loss` is the mean over
@@ -28,11 +29,13 @@ from gn_convert.surgery.observe import register_output_hook
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over the batch of KL(teacher || student) at ``temperature``, scaled by T^2."""
+    """Mean over the batch, and over the positions of dense outputs (``(N, classes, H, W)``: per pixel),
+    of KL(teacher || student) over the class axis (1) at ``temperature``, scaled by T^2."""
     t = float(temperature)
     student_log = F.log_softmax(student_logits.float() / t, dim=1)
     teacher_log = F.log_softmax(teacher_logits.float() / t, dim=1)
-    return F.kl_div(student_log, teacher_log, log_target=True, reduction="batchmean") * (t * t)
+    positions = student_logits.numel() // max(student_logits.shape[1], 1)
+    return F.kl_div(student_log, teacher_log, log_target=True, reduction="sum") / max(positions, 1) * (t * t)
 
 
 def label_loss(student_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from gn_convert.data.items import LabelledItems, split_batch
 from gn_convert.data.sources import DataSplit, load_data, split_indices
 from gn_convert.data.transforms import model_transforms
 from gn_convert.errors import OptionError
+from gn_convert.fidelity import distributed as ddp
 
 log = logging.getLogger(__name__)
 
@@ -320,3 +322,17 @@ def same_scene_warnings(teacher: nn.Module, found: RecoveryData) -> list[str]:
         return []
     return [f"{share:.0%} of the held-out photos look like views of training photos (many files, few scenes?): "
             "the held-out agreement flatters the result; pass eval_data (--eval-data) with photos of other scenes"]
+
+
+def endless_batches(dataset: Dataset, batch_size: int, device: torch.device, seed: int,
+             rank: int = 0) -> Iterator[torch.Tensor]:
+    """Shuffled batches of ``dataset``, epoch after epoch (a smaller last batch only when it is all there is);
+    each process of a distributed run draws its own order (``rank``)."""
+    size = len(dataset)  # type: ignore[arg-type]
+    if size == 0:
+        raise OptionError("recover has no training image left after the held-out split; add data")
+    gen = torch.Generator().manual_seed(ddp.mix_seed(seed, rank) if rank else seed)
+    while True:
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=size >= batch_size,
+                                generator=gen):
+            yield split_batch(batch)[0].to(device)

@@ -33,9 +33,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from gn_convert.data.items import split_batch
 from gn_convert.data.sources import DataSplit
 from gn_convert.errors import OptionError
 from gn_convert.fidelity import distributed as ddp
@@ -48,6 +47,7 @@ from gn_convert.fidelity.recover.data import (
     RecoveryData,
     check_heldout,
     data_fingerprint,
+    endless_batches,
     fresh_views,
     recovery_data,
     same_scene_warnings,
@@ -75,6 +75,7 @@ from gn_convert.surgery.group_count import resolve_min_channels
 from gn_convert.surgery.plan import GroupPlan
 from gn_convert.surgery.registry import is_batchnorm
 from gn_convert.surgery.replace import convert
+from gn_convert.tasks import CLASSIFICATION, TASKS, Task, task_for_module
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ def recover(
     callback: Callable[[Any], None] | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    task: str | None = None,
 ) -> RecoveryResult:
     """Convert ``model`` to GroupNorm and bring it back to its function within ``budget`` seconds.
 
@@ -169,6 +171,10 @@ def recover(
             resumed (one stopped during its first stage too).
         resume: go on from ``checkpoint_dir``'s state; it must be the same run (the teacher's weights, a given
             student and its plan, the data's files and sizes, the options): another run's state is refused.
+        task: ``classification``, ``segmentation`` (KL per pixel on the logits ``out``; scored per pixel, with the
+            mean IoU of the student's class map with the teacher's), ``detection`` (the backbone and FPN
+            features, their squared error over the teacher's variance; scored by their R^2) or ``video``
+            (clip logits; photos become still clips); default: from the model (:func:`gn_convert.tasks.task_for_module`).
 
     Under ``torchrun`` (gloo on CPU, NCCL on GPU) the same call runs on every process: the
     training images are drawn per process, distillation is data-parallel (DDP) and block
@@ -198,6 +204,9 @@ def recover(
         raise OptionError("resume needs the checkpoint_dir of the run to resume")
     check_heldout(data, holdout, eval_data)
     given_student = teacher is not None
+    kind = TASKS[task] if task is not None else task_for_module(teacher if teacher is not None else model)
+    if kind is not CLASSIFICATION and (synthetic or (isinstance(data, str) and data == SYNTHETIC)):
+        raise OptionError(f"synthetic images are made for classifiers; recover a {kind.name} model from photos")
     if teacher is None and not any(is_batchnorm(m) for m in model.modules()):
         raise OptionError("the model has no BatchNorm layer: pass the converted student with its teacher=")
     if teacher is not None:
@@ -205,7 +214,7 @@ def recover(
     check_trained(teacher if teacher is not None else model, TRAINED_WEIGHTS_HINT)
     procs = ddp.setup(device)
     try:
-        run = _Recovery(procs, Clock(budget), callback, checkpoint_dir)
+        run = _Recovery(procs, Clock(budget), callback, checkpoint_dir, kind)
         return run.go(model, teacher if teacher is not None else model, data, stages, given_student, dict(
             plan=dict(groups=groups, group_size=group_size, policy=policy,
                       min_channels_per_group=resolve_min_channels(min_channels_per_group, group_size),
@@ -224,8 +233,8 @@ class _Recovery:
     """One recovery in one process (of one, or of several under torchrun)."""
 
     def __init__(self, procs: ddp.Processes, clock: Clock, callback: Callable[[Any], None] | None,
-                 checkpoint_dir: str | Path | None) -> None:
-        self.procs, self.clock, self.device = procs, clock, procs.device
+                 checkpoint_dir: str | Path | None, task: Task = CLASSIFICATION) -> None:
+        self.procs, self.clock, self.device, self.task = procs, clock, procs.device, task
         self.callback = callback if procs.is_main else None
         self.folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.results: list[StageResult] = []
@@ -243,15 +252,16 @@ class _Recovery:
         """Data, conversion (or the saved state), each stage not yet done, the best state kept."""
         teacher = _on_device(teacher, self.device)
         with eval_mode(teacher):
-            found = recovery_data(data, teacher, opts["data"],
-                                  lambda n, train: self._synthesise(teacher, n, data, train, opts))
-            judge = Judge(teacher, found.heldout, found.groups, found.fit)
-            warnings = list(found.warnings) + same_scene_warnings(teacher, found)
+            found = self.task.recovery_views(recovery_data(data, teacher, opts["data"],
+                                                           lambda n, train: self._synthesise(teacher, n, data, train,
+                                                                                             opts)))
+            judge = Judge(self.task.head(teacher), found.heldout, found.groups, found.fit, self.task.measure)
+            warnings = list(found.warnings) + same_scene_warnings(self.task.head(teacher), found)
             batch_size, images = opts["distill"]["batch_size"], _size(found.train)
             if batch_size > images:
                 log.warning("batch size %d lowered to the %d training images", batch_size, images)
                 opts["distill"]["batch_size"] = batch_size = images
-            batches = _endless(found.train, batch_size, self.device, opts["data"]["seed"], self.procs.rank)
+            batches = endless_batches(found.train, batch_size, self.device, opts["data"]["seed"], self.procs.rank)
             given = _on_device(model, self.device, always_copy=True) if given_student else None
             if self.folder is not None:
                 self.fingerprint = run_fingerprint(
@@ -328,7 +338,8 @@ class _Recovery:
                                  callback=lambda _fit: self.tell(Progress("reconstruct", next(fitted))))
             detail, completed = report.to_dict(), report.completed
         else:
-            detail, history, completed = self._distill(student, teacher, found, opts, save)
+            detail, history, completed = self._distill(self.task.head(student), self.task.head(teacher), found,
+                                                       opts, save)
         self.results.append(self._scored(stage, student, judge, started, detail, completed))
         return history
 
@@ -339,7 +350,8 @@ class _Recovery:
         The count is saved before the first step, so a resumed run goes on with the same schedule."""
         share = ddp.from_main(self.clock.share("distill"), self.procs)
         if "distill" not in self.planned:
-            per_step = step_seconds(student, teacher, found.train, opts["distill"], self.device)
+            per_step = step_seconds(student, teacher, found.train, {**opts["distill"],
+                                                                    "output_loss": self.task.output_loss}, self.device)
             self.planned["distill"] = ddp.from_main(max(1, int(share / per_step)), self.procs)
             save()
         steps = self.planned["distill"]
@@ -348,13 +360,13 @@ class _Recovery:
         result = distill(student, teacher, DataSplit(found.train, None, False), steps=steps, eval_every=steps + 1,
                          device=self.device, callback=lambda info: self.tell(Progress("distill", info.step)),
                          time_limit=share, checkpoint_dir=folder, checkpoint_every=CHECKPOINT_EVERY if folder else 0,
-                         resume=self.resumed, **opts["distill"])
+                         resume=self.resumed, output_loss=self.task.output_loss, **opts["distill"])
         detail = {**result.to_dict(), "planned_steps": steps}
         return detail, result.history, result.steps >= COMPLETE * steps
 
     def _scored(self, name: str, student: nn.Module, judge: Judge, started: float, detail: dict[str, Any],
                 completed: bool = True) -> StageResult:
-        scores = ddp.from_main(judge.score(student), self.procs)  # every process keeps the same state
+        scores = ddp.from_main(judge.score(self.task.head(student)), self.procs)  # every process keeps the same state
         if judge.keep_best(student, scores):
             detail = {**detail, "best_so_far": True}
         log.info("%s: held-out agreement %.3f, KL %.3f, fit %.3f", name, scores["top1"], scores["kl"], scores["fit"])
@@ -375,17 +387,3 @@ def _on_device(model: nn.Module, device: torch.device, always_copy: bool = False
     """``model`` itself when it already lives on ``device`` (and no copy is asked), else a copy there."""
     here = next(iter(model.parameters()), torch.empty(0)).device
     return copy.deepcopy(model).to(device) if always_copy or here != device else model
-
-
-def _endless(dataset: Dataset, batch_size: int, device: torch.device, seed: int,
-             rank: int = 0) -> Iterator[torch.Tensor]:
-    """Shuffled batches of ``dataset``, epoch after epoch (a smaller last batch only when it is all there is);
-    each process of a distributed run draws its own order (``rank``)."""
-    size = len(dataset)  # type: ignore[arg-type]
-    if size == 0:
-        raise OptionError("recover has no training image left after the held-out split; add data")
-    gen = torch.Generator().manual_seed(ddp.mix_seed(seed, rank) if rank else seed)
-    while True:
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=size >= batch_size,
-                                generator=gen):
-            yield split_batch(batch)[0].to(device)

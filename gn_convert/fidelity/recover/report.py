@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,21 +42,24 @@ RESERVE = 0.06
 class Judge:
     """Scores students on fixed held-out and fit views against the teacher (see the module docstring)."""
 
-    def __init__(self, teacher: nn.Module, heldout: torch.Tensor, groups: list[str], fit: torch.Tensor) -> None:
+    def __init__(self, teacher: nn.Module, heldout: torch.Tensor, groups: list[str], fit: torch.Tensor,
+                 measure: Callable[..., dict[str, Any]] | None = None) -> None:
         self.heldout, self.groups, self.fit = heldout, groups, fit
+        self.measure = measure or agreement_metrics  # a task's own (gn_convert.tasks.Task.measure)
         self.teacher_heldout = logits(teacher, heldout) if len(heldout) else torch.empty(0)
         self.teacher_fit = logits(teacher, fit) if len(fit) else torch.empty(0)
         self.best_kl = math.inf
         self.best_state: dict[str, torch.Tensor] | None = None
 
     def score(self, student: nn.Module) -> dict[str, float]:
-        """``heldout`` metrics (see :func:`gn_convert.fidelity.metrics.agreement_metrics`) and ``fit``."""
+        """``heldout`` metrics (see :func:`gn_convert.fidelity.metrics.agreement_metrics`, or the task's
+        ``measure``) and ``fit`` (top-1 agreement on the fit views)."""
         found: dict[str, float] = {"fit": math.nan}
         if len(self.fit):
-            found["fit"] = float((logits(student, self.fit).argmax(1) == self.teacher_fit.argmax(1)).float().mean())
+            found["fit"] = float(self.measure(logits(student, self.fit), self.teacher_fit, None, resamples=1)["top1"])
         if len(self.heldout):
-            found.update(agreement_metrics(logits(student, self.heldout), self.teacher_heldout, self.groups,
-                                           resamples=500))
+            found.update(self.measure(logits(student, self.heldout), self.teacher_heldout, self.groups,
+                                      resamples=500))
         else:
             found.update(top1=math.nan, confident=math.nan, kl=math.nan)
         return found
@@ -154,8 +158,9 @@ class RecoveryResult:
             kl, fit = s.scores.get("kl", math.nan), s.scores.get("fit", math.nan)
             low, high = s.scores.get("top1_low", math.nan), s.scores.get("top1_high", math.nan)
             interval = f" [{low:.2f}-{high:.2f}]" if math.isfinite(low) and math.isfinite(high) else ""
+            miou = f"  mIoU {s.scores['miou']:.3f}" if "miou" in s.scores else ""
             lines.append(f"{s.name:12} {s.seconds:7.1f} s  held-out agreement {s.agreement:.3f}{interval}  KL {kl:.2f}  "
-                         f"fit {fit:.3f}{'' if s.completed else '  (budget ran out)'}")
+                         f"fit {fit:.3f}{miou}{'' if s.completed else '  (budget ran out)'}")
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
     def to_dict(self) -> dict[str, Any]:
