@@ -153,3 +153,16 @@ def test_the_two_level_body_stays_at_torchs_precision_on_long_rows() -> None:
         y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
         errors[body] = float(np.abs(y - exact).max() / np.abs(exact).max())
     assert errors["two-level"] < 5e-7 and errors["two-level"] < errors["layer-norm"], errors
+
+
+@pytest.mark.parametrize("body", list(BODIES))
+def test_a_batch_of_no_samples_runs_and_gives_no_samples(body: str) -> None:
+    """A detection head's GroupNorm on an image without boxes gets (0, C, H, W); the body reshaped to (N, G, -1),
+    which onnxruntime refuses when there is nothing to infer -1 from (Mask R-CNN v2 failed on such an image)."""
+    import onnxruntime as ort
+
+    model = set_body(one_node_model((2, 32, 14, 14), 8, 1e-5, onnx.TensorProto.FLOAT), body)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"X": np.zeros((0, 32, 14, 14), np.float32), "scale": np.ones(32, np.float32),
+             "bias": np.zeros(32, np.float32)}
+    assert session.run(None, feeds)[0].shape == (0, 32, 14, 14)

@@ -50,13 +50,19 @@ _HEAD = """
     zero_axis = Constant <value_ints = [0]> ()
     groups_1d = Unsqueeze (groups, zero_axis)
     keep_dim = Constant <value_ints = [0]> ()
-    rest = Constant <value_ints = [-1]> ()
-    grouped_shape = Concat <axis = 0> (keep_dim, groups_1d, rest)
+    spatial_dims = Shape <start = 2> (X)
+    rest = ReduceProd <keepdims = 1> (spatial_dims)
+    channels_1d = Shape <start = 1, end = 2> (X)
+    per_group = Div (channels_1d, groups_1d)
+    grouped_shape = Concat <axis = 0> (keep_dim, groups_1d, per_group, rest)
     xg = Reshape (x, grouped_shape)
 """
-"""Every body: float32 copies, then X reshaped to (N, G, -1), one row per (sample, group)."""
+"""Every body: float32 copies, then X reshaped to (N, G, C/G, D1 * ... * Dk): axes 2 and 3 of a (sample, group)
+are its row. The sizes are computed, never ``-1``: a batch of no samples (a detection head on an image without
+boxes) leaves nothing to infer ``-1`` from, and onnxruntime refuses such a Reshape (its graph optimiser
+also writes one when a row's size is a product it does not fold)."""
 
-_BODY = _HEAD + """    reduce_axis = Constant <value_ints = [2]> ()
+_BODY = _HEAD + """    reduce_axis = Constant <value_ints = [2, 3]> ()
     mean = ReduceMean <keepdims = 1> (xg, reduce_axis)
     centered = Sub (xg, mean)
     squared = Mul (centered, centered)
@@ -100,13 +106,7 @@ _LAYER_BODY = _HEAD + """    row_shape = Shape <start = 2> (xg)
     normed_g = LayerNormalization <axis = 2, epsilon: float = @epsilon> (xg, row_ones)
 """ + _AFFINE_TAIL
 
-_TWO_LEVEL_BODY = _BODY.replace("""    grouped_shape = Concat <axis = 0> (keep_dim, groups_1d, rest)
-    xg = Reshape (x, grouped_shape)
-""", """    channels_1d = Shape <start = 1, end = 2> (X)
-    per_group = Div (channels_1d, groups_1d)
-    grouped_shape = Concat <axis = 0> (keep_dim, groups_1d, per_group, rest)
-    xg = Reshape (x, grouped_shape)
-""").replace("""    reduce_axis = Constant <value_ints = [2]> ()
+_TWO_LEVEL_BODY = _BODY.replace("""    reduce_axis = Constant <value_ints = [2, 3]> ()
     mean = ReduceMean <keepdims = 1> (xg, reduce_axis)
     centered = Sub (xg, mean)
     squared = Mul (centered, centered)
@@ -118,13 +118,13 @@ _TWO_LEVEL_BODY = _BODY.replace("""    grouped_shape = Concat <axis = 0> (keep_d
     squared = Mul (centered, centered)
     channel_vars = ReduceMean <keepdims = 1> (squared, inner_axis)
     var = ReduceMean <keepdims = 1> (channel_vars, outer_axis)""")
-"""``two-pass`` with each row reduced in two levels: X as (N, G, C/G, -1), each channel's mean (and
-mean squared deviation) first, then the mean of those (channels of a group are the same size, so it
+"""``two-pass`` with each row reduced in two levels: each channel's mean (and mean squared deviation)
+over axis 3 first, then the mean of those over axis 2 (channels of a group are the same size, so it
 is the row's)."""
 
 BODIES = {"layer-norm": _LAYER_BODY, "instance-norm": _INSTANCE_BODY, "two-pass": _BODY, "two-level": _TWO_LEVEL_BODY}
-"""Function bodies by name; the first is the default. Each reshapes X to (N, G, -1) and
-normalises every (sample, group) row, then applies the per-channel affine as one
+"""Function bodies by name; the first is the default. Each reshapes X to (N, G, C/G, D1 * ... * Dk) and
+normalises every (sample, group) row (axes 2 and 3), then applies the per-channel affine as one
 BatchNormalization with mean 0, variance 1 and epsilon 0 (exact), except ``two-pass``.
 
 - ``layer-norm`` (default): LayerNormalization over each row. onnxruntime's CPU kernel is

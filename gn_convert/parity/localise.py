@@ -70,14 +70,14 @@ def _with_outputs(model: onnx.ModelProto, values: list[str]) -> bytes:
     return data
 
 
-def _torch_outputs(model: nn.Module, layers: list[str], x: torch.Tensor,
+def torch_layer_outputs(model: nn.Module, layers: list[str], x: torch.Tensor,
                    call: Callable[[nn.Module, torch.Tensor], Any] | None = None) -> dict[str, NDArray[Any]]:
     """Each named layer's output (``name#k``: the k-th call) via forward hooks."""
     modules = dict(model.named_modules())
     calls: dict[str, list[NDArray[Any]]] = defaultdict(list)
 
     def hook(name: str) -> Any:
-        return lambda _m, _i, out: calls[name].append(out.detach().float().cpu().numpy().copy())  # before in-place ops
+        return lambda _m, _i, out: calls[name].append(out.detach().cpu().numpy().copy())  # before in-place ops
 
     handles = [register_output_hook(modules[n], hook(n)) for n in {layer.split("#")[0] for layer in layers}]
     try:
@@ -100,7 +100,8 @@ def _call(model: nn.Module, x: torch.Tensor) -> Any:
 
 
 def localise(model: nn.Module, onnx_model: onnx.ModelProto, x: torch.Tensor, provider: Availability, level: str,
-             max_rel: float, call: Callable[[nn.Module, torch.Tensor], Any] | None = None) -> Localisation:
+             max_rel: float, call: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+             keep: Callable[[str], bool] | None = None) -> Localisation:
     """Compare every GroupNorm output of the ONNX model with the torch layer's output.
 
     Args:
@@ -111,17 +112,19 @@ def localise(model: nn.Module, onnx_model: onnx.ModelProto, x: torch.Tensor, pro
         level: ``off``, ``all`` or ``blocked`` (:data:`gn_convert.parity.providers.BLOCKED`).
         max_rel: the per-layer bound.
         call: how the PyTorch model takes ``x`` (default ``model(x)``; a detection model ``model([x])``).
+        keep: which layers to compare (default all; a detection model's heads run on data-dependent boxes).
 
     Returns:
         The per-layer errors and the first layer above ``max_rel``.
     """
-    pairs = layer_values(onnx_model, {name for name, _ in model.named_modules()})
+    pairs = [(layer, value) for layer, value in layer_values(onnx_model, {name for name, _ in model.named_modules()})
+             if keep is None or keep(layer)]
     sess = open_session(_with_outputs(onnx_model, [v for _, v in pairs]), provider=provider.name,
                         cache=False, **session_kwargs(provider, level))  # a one-off model: not worth caching
     feed: NDArray[Any] = x.cpu().numpy().astype(_numpy_type(sess))
     names = [o.name for o in sess.get_outputs()]
     got = dict(zip(names, run_session(sess, {sess.get_inputs()[0].name: feed})))
-    reference = _torch_outputs(model, [layer for layer, _ in pairs], x, call)
+    reference = torch_layer_outputs(model, [layer for layer, _ in pairs], x, call)
     result = Localisation(None, max_rel)
     for layer, value in pairs:
         if layer not in reference:

@@ -45,13 +45,16 @@ class Detection(Task):
         return torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
 
     def output_names(self, model: nn.Module) -> tuple[str, ...]:
-        """``boxes``, ``labels``, ``scores``, then ``masks`` (Mask R-CNN) or ``keypoints`` and
-        ``keypoints_scores`` (Keypoint R-CNN)."""
+        """The keys of the model's detections, in the order it returns them (the exporter flattens the dict
+        so): ``boxes``, ``labels``, ``scores`` and ``masks`` or ``keypoints`` and ``keypoints_scores`` for the
+        R-CNNs; ``boxes``, ``scores``, ``labels`` for RetinaNet, FCOS and SSD."""
         heads = getattr(model, "roi_heads", None)
+        if heads is None:
+            return ("boxes", "scores", "labels")
         extra: tuple[str, ...] = ()
-        if heads is not None and heads.has_mask():
+        if heads.has_mask():
             extra = ("masks",)
-        elif heads is not None and heads.has_keypoint():
+        elif heads.has_keypoint():
             extra = ("keypoints", "keypoints_scores")
         return ("boxes", "labels", "scores", *extra)
 
