@@ -176,7 +176,7 @@ def task_row(name: str, folder: Path) -> dict[str, Any]:
                    **({"function_failures": parity.failures()[:3]} if not parity.passed else {}))
         exported = {layer.split("#")[0] for layer, _ in report.layers}  # a head shared by FPN levels: one node a call
         row["passed"] = bool(parity.passed and report.counts.batchnorm == 0 and exported == {
-            n for n, m in student.named_modules() if isinstance(m, nn.GroupNorm)})
+            n for n, m in task.exportable(student).named_modules() if isinstance(m, nn.GroupNorm)})
     finally:
         path.unlink(missing_ok=True)
     return row
