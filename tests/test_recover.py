@@ -589,3 +589,15 @@ def test_each_recovery_warning_reaches_the_user_once(tiny_teacher, tmp_path, cap
     assert any("only 5 held-out photos" in w for w in result.warnings)
     shown = "\n".join(r.getMessage() for r in caplog.records) + "\n" + result.summary()
     assert all(shown.count(w) == 1 for w in result.warnings), shown
+
+
+def test_recover_spends_its_budget_and_says_why_distillation_stopped(tiny_teacher) -> None:
+    """Tried as a user would, recover returned after 527-770 s of a 900 s budget and did not say why: its step
+    plan fitted the probe's step time exactly, and steps that ran faster ended the schedule early."""
+    start = time.perf_counter()
+    result = recover(tiny_teacher, SyntheticImages(400, (3, 12, 12), num_classes=5), budget=12, batch_size=16)
+    elapsed = time.perf_counter() - start
+    distilled = result.stages[-1]
+    assert 0.8 * 12 <= elapsed <= budget_bound(12), result.summary()
+    assert distilled.detail["stopped"] == "its share of the budget was spent" and distilled.completed
+    assert distilled.detail["steps"] < distilled.detail["planned_steps"]
