@@ -170,11 +170,12 @@ def test_parity_on_the_native_provider_passes_and_localises_a_corrupt_layer(libr
     assert not report.passed and "layer2.0.bn1" in report.table()
 
 
-def test_native_provider_reports_why_it_is_unavailable(monkeypatch: pytest.MonkeyPatch, exports) -> None:
+def test_native_provider_reports_why_it_is_unavailable(monkeypatch: pytest.MonkeyPatch, exports, tmp_path: Path) -> None:
     from gn_convert.parity import check_parity
 
     def refuse(*args: object, **kwargs: object) -> Path:
         raise NativeBuildError("no C++ compiler found")
+    monkeypatch.setattr(native_build, "PACKAGED", tmp_path / "no-wheel" / native_build.LIBRARY_NAME)
     monkeypatch.setattr(native_build, "build_library", refuse)
     report = check_parity(exports.converted("resnet18"), exports.exported("resnet18").path, providers="cpu-native",
                           levels=("all",))
@@ -313,7 +314,7 @@ def test_deploy_ships_the_library_given(library: Path, tmp_path: Path, exports) 
                  "--name", "r2", "--native-library", str(given)]) == 2  # a library to ship needs --native-ops
 
 
-def test_resolve_library_uses_the_path_given_or_a_portable_build(tmp_path: Path, monkeypatch) -> None:
+def test_resolve_library_uses_the_path_given_then_the_wheels_then_a_build(tmp_path: Path, monkeypatch) -> None:
     given = tmp_path / "lib.so"
     given.write_bytes(b"x")
     assert resolve_library(given) == given
@@ -321,9 +322,14 @@ def test_resolve_library_uses_the_path_given_or_a_portable_build(tmp_path: Path,
         resolve_library(tmp_path / "none.so")
     marches: list[str] = []
     monkeypatch.setattr(native_build, "build_library", lambda **kw: marches.append(kw["march"]) or given)
+    monkeypatch.setattr(native_build, "PACKAGED", tmp_path / "wheel" / native_build.LIBRARY_NAME)
     resolve_library(portable=True)
     resolve_library()
-    assert marches == [PORTABLE_MARCH, "native"]
+    assert marches == [PORTABLE_MARCH, "native"]  # no wheel's library: a build, portable where it ships
+    native_build.PACKAGED.parent.mkdir()
+    native_build.PACKAGED.write_bytes(b"the wheel's")
+    assert resolve_library() == resolve_library(portable=True) == native_build.PACKAGED  # before any build
+    assert resolve_library(given) == given and marches == [PORTABLE_MARCH, "native"]
 
 
 def test_bench_and_serve_take_the_native_library_given(tmp_path: Path, capsys, exports) -> None:

@@ -4,25 +4,29 @@
 // The op's ONNX function body stays in the model; onnxruntime prefers a registered kernel
 // over inlining the body, so the same artifact runs with or without this library.
 //
-// One task per (sample, group): the group's Cg*S values are contiguous in NCHW. Three
-// passes over the block -- the mean, the mean of squared deviations (two-pass variance,
-// robust to inputs with a large mean, as the function body), then
-// y = (x - mean) * rstd * scale[c] + bias[c] -- the second and third from cache for the
-// blocks of common CNNs. Tasks run on onnxruntime's intra-op thread pool.
+// One task per (sample, group) on onnxruntime's intra-op thread pool; the arithmetic
+// (groupnorm_kernels.h) is compiled for several instruction sets and the best one this CPU runs is
+// chosen when the library loads (kernel_dispatch.h), so one file serves every x86-64 server.
 //
 // GroupNormNchwc (groupnorm_nchwc.h) is the same op on onnxruntime's blocked layout, and
 // ScaleNchwc squeeze-excite's gating there, for graphs rewritten by gn_convert/native/nchwc.py;
 // both refuse, when onnxruntime creates them, a model written for another CPU's block (nchwc_block.h).
 //
-// Built by gn_convert/native/build.py against onnxruntime's C/C++ API headers.
+// onnxruntime's C API is negotiated when the library is registered (RegisterCustomOps below): the
+// library asks for min(the runtime's API version, the headers' ORT_API_VERSION), as
+// onnxruntime-extensions does, so one build loads on every onnxruntime from kMinApiVersion on,
+// older or newer than the headers it was compiled against.
+//
+// Built by gn_convert/native/build.py (at run time, or into the wheel by setup.py) against
+// onnxruntime's C/C++ API headers.
 
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 #include "onnxruntime_lite_custom_op.h"
 
-#include <cmath>
-#include <cstdint>
+#include <algorithm>
+#include <cstdlib>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -31,73 +35,16 @@
 #include <vector>
 
 #include "groupnorm_nchwc.h"
+#include "kernel_dispatch.h"
 
 namespace {
 
 constexpr const char* kDomain = "ai.gn_convert";
-constexpr int kLanes = 16;       // independent float accumulators: vectorisable, no reassociation
-constexpr int64_t kChunk = 4096;  // values summed in float before the chunk goes into a double
 
-inline float to_float(float v) { return v; }
-inline float to_float(Ort::Float16_t v) { return v.ToFloat(); }
-inline float to_float(Ort::BFloat16_t v) { return v.ToFloat(); }
-template <typename T> T from_float(float v) { return T(v); }
-template <> inline float from_float<float>(float v) { return v; }
-
-// Sum of (x[i] - shift)^Power over n values: float lanes within a chunk, double across chunks.
-template <int Power, typename T>
-double chunked_sum(const T* x, int64_t n, float shift) {
-  double total = 0.0;
-  for (int64_t start = 0; start < n; start += kChunk) {
-    const int64_t end = start + kChunk < n ? start + kChunk : n;
-    float acc[kLanes] = {0.0f};
-    int64_t i = start;
-    for (; i + kLanes <= end; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const float d = to_float(x[i + j]) - shift;
-        acc[j] += Power == 1 ? d : d * d;
-      }
-    }
-    for (; i < end; ++i) {
-      const double d = static_cast<double>(to_float(x[i])) - shift;
-      total += Power == 1 ? d : d * d;
-    }
-    for (int j = 0; j < kLanes; ++j) total += acc[j];
-  }
-  return total;
-}
-
-template <typename T>
-struct Job {
-  const T* x;
-  const T* scale;
-  const T* bias;
-  T* y;
-  int64_t groups;
-  int64_t channels_per_group;
-  int64_t spatial;
-  float epsilon;
-};
-
-template <typename T>
-void normalize_group(void* data, size_t task) {
-  const Job<T>& job = *static_cast<const Job<T>*>(data);
-  const int64_t block = job.channels_per_group * job.spatial;
-  const int64_t offset = static_cast<int64_t>(task) * block;
-  const T* x = job.x + offset;
-  T* y = job.y + offset;
-  const float mean = static_cast<float>(chunked_sum<1>(x, block, 0.0f) / block);
-  const double var = chunked_sum<2>(x, block, mean) / block;
-  const float rstd = static_cast<float>(1.0 / std::sqrt(var + job.epsilon));
-  const int64_t first_channel = (static_cast<int64_t>(task) % job.groups) * job.channels_per_group;
-  for (int64_t c = 0; c < job.channels_per_group; ++c) {
-    const float a = rstd * to_float(job.scale[first_channel + c]);
-    const float b = to_float(job.bias[first_channel + c]);
-    const T* xc = x + c * job.spatial;
-    T* yc = y + c * job.spatial;
-    for (int64_t i = 0; i < job.spatial; ++i) yc[i] = from_float<T>((to_float(xc[i]) - mean) * a + b);
-  }
-}
+template <typename T> gn_dispatch::TaskFn group_task(const gn_dispatch::Kernels& k);
+template <> gn_dispatch::TaskFn group_task<float>(const gn_dispatch::Kernels& k) { return k.group_f32; }
+template <> gn_dispatch::TaskFn group_task<Ort::Float16_t>(const gn_dispatch::Kernels& k) { return k.group_f16; }
+template <> gn_dispatch::TaskFn group_task<Ort::BFloat16_t>(const gn_dispatch::Kernels& k) { return k.group_bf16; }
 
 // Statistics and arithmetic in float32 for every input type, as the op's function body.
 template <typename T>
@@ -131,8 +78,9 @@ struct GroupNormKernel {
     }
     T* y = Y.Allocate(shape);
     if (batch == 0 || spatial == 0) return Ort::Status(nullptr);
-    Job<T> job{X.Data(), scale.Data(), bias.Data(), y, groups_, channels / groups_, spatial, epsilon_};
-    Ort::KernelContext(context).ParallelFor(normalize_group<T>, static_cast<size_t>(batch * groups_), 0, &job);
+    gn_plain::Job<T> job{X.Data(), scale.Data(), bias.Data(), y, groups_, channels / groups_, spatial, epsilon_};
+    Ort::KernelContext(context).ParallelFor(group_task<T>(gn_dispatch::kernels()), static_cast<size_t>(batch * groups_),
+                                            0, &job);
     return Ort::Status(nullptr);
   }
 
@@ -154,19 +102,59 @@ extern "C" ORT_EXPORT __attribute__((used)) const char GnConvertBuildTarget[] =
 // block onnxruntime's own reorder pads to.
 extern "C" ORT_EXPORT int GnConvertNchwcBlockSize() { return gn_nchwc::cpu_block_size(); }
 
+// The instruction-set variant the kernels run on this CPU ("avx512", "avx2" or "baseline", kernel_dispatch.h).
+extern "C" ORT_EXPORT const char* GnConvertKernelIsa() { return gn_dispatch::kernels().name; }
+
+namespace {
+
+// The oldest C API this library runs on: the newest OrtApi function its code calls is GetTensorData
+// (API 23; the lite custom-op API reads every input through it), then KernelContext_ParallelFor (17);
+// the lite ops need CreateKernelV2 and KernelComputeV2 (16). tests/test_native_api.py reads the calls
+// from the built library's machine code and checks them against this number.
+constexpr int kMinApiVersion = 23;
+
+// The C API version an onnxruntime serves: its minor version number ("1.32.0" -> 32), as
+// onnxruntime-extensions reads it; 0 when the string is not of that form.
+int runtime_api_version(const OrtApiBase* api_base) {
+  const std::string version = api_base->GetVersionString();
+  const size_t dot = version.find('.');
+  if (dot == std::string::npos || version.compare(0, dot, "1") != 0) return 0;
+  return std::atoi(version.c_str() + dot + 1);
+}
+
+}  // namespace
+
+// The C API version this library uses on the onnxruntime at hand: min(runtime, headers), as
+// onnxruntime-extensions negotiates it; set when onnxruntime registers the library (0 before).
+static int negotiated_api_version = 0;
+extern "C" ORT_EXPORT int GnConvertOrtApiVersion() { return negotiated_api_version; }
+
+// The C API version of the headers the library was compiled against, and the oldest it runs on.
+extern "C" ORT_EXPORT int GnConvertCompiledApiVersion() { return ORT_API_VERSION; }
+extern "C" ORT_EXPORT int GnConvertMinApiVersion() { return kMinApiVersion; }
+
 extern "C" ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                  const OrtApiBase* api_base) {
-  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
-  if (api == nullptr) {  // an onnxruntime older than these headers: say so through the oldest API
-    return api_base->GetApi(1)->CreateStatus(
-        ORT_FAIL, "gn_convert native ops were built against newer onnxruntime headers; rebuild them "
-                  "(gn-convert native --force) against this onnxruntime");
+  const int runtime = runtime_api_version(api_base);
+  const int version = runtime > 0 ? std::min(runtime, ORT_API_VERSION) : ORT_API_VERSION;
+  const OrtApi* api = version >= kMinApiVersion ? api_base->GetApi(version) : nullptr;
+  if (api == nullptr) {  // too old for the calls this library makes: say so through the oldest API
+    const std::string message = std::string("gn_convert native ops need onnxruntime C API ") +
+                                std::to_string(kMinApiVersion) + " or newer (onnxruntime 1." +
+                                std::to_string(kMinApiVersion) + "); this onnxruntime is " +
+                                api_base->GetVersionString();
+    return api_base->GetApi(1)->CreateStatus(ORT_FAIL, message.c_str());
   }
-  Ort::InitApi(api);
   static std::mutex lock;
   static std::unique_ptr<Ort::CustomOpDomain> domain;
   static std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>> kernels;
   std::lock_guard<std::mutex> guard(lock);
+  if (domain && version != negotiated_api_version) {  // one process holds one onnxruntime
+    return api->CreateStatus(ORT_FAIL, "gn_convert native ops were registered with another onnxruntime C API "
+                                       "version in this process");
+  }
+  Ort::InitApi(api);
+  negotiated_api_version = version;
   try {
     if (!domain) {
       const char* ep = "CPUExecutionProvider";
@@ -174,9 +162,12 @@ extern "C" ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOption
       kernels.emplace_back(Ort::Custom::CreateLiteCustomOp<GroupNormKernel<Ort::Float16_t>>("GroupNorm", ep));
       kernels.emplace_back(Ort::Custom::CreateLiteCustomOp<GroupNormKernel<Ort::BFloat16_t>>("GroupNorm", ep));
       kernels.emplace_back(Ort::Custom::CreateLiteCustomOp<GroupNormNchwcKernel>("GroupNormNchwc", ep));
-      kernels.back()->GetAliasMap = gn_nchwc::alias_input;
+      kernels.back()->GetAliasMap = gn_nchwc::alias_input;  // read by onnxruntime only from the API that has it
       kernels.back()->ReleaseAliasMap = gn_nchwc::release_alias;
       kernels.emplace_back(Ort::Custom::CreateLiteCustomOp<ScaleNchwcKernel>("ScaleNchwc", ep));
+      // The lite ops declare the headers' version; onnxruntime hands each op the OrtApi of the version it
+      // declares (older releases refuse a version newer than theirs), so each declares the negotiated one.
+      for (const auto& kernel : kernels) kernel->version = static_cast<uint32_t>(version);
       domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
       for (const auto& kernel : kernels) domain->Add(kernel.get());
     }
