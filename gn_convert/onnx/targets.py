@@ -59,6 +59,8 @@ TARGETS: dict[str, Target] = {target.name: target for target in (
            "activation around GroupNorm (4-D layers whose C is a multiple of 16; the others as fast): onnxruntime CPU "
            "without the native kernel",
            f"{_PASSES}.blocked:to_blocked"),
+    Target("openvino", "GroupNorm from per-channel statistics, no reshape of the activation (OpenVINO keeps its "
+           "blocked layout; runs with a static or a dynamic batch): OpenVINO CPU", f"{_PASSES}.channel_stats:to_channel_stats"),
     Target("ms-groupnorm", "onnxruntime's CUDA contrib com.microsoft.GroupNorm (NHWC, one-pass variance): "
            "onnxruntime CUDA only", f"{_PASSES}.ms_groupnorm:to_ms_groupnorm"),
 )}

@@ -8,7 +8,8 @@
   custom node per exported GroupNorm call and the function attached; for the ``inlined`` and
   ``standard`` forms no custom node and no function of ours left, and for ``standard`` one
   ``GroupNormalization`` per call (one InstanceNormalization for ``fast``, one contrib GroupNorm or
-  InstanceNormalization for ``ms-groupnorm``, one marked Resize or InstanceNormalization for ``blocked``).
+  InstanceNormalization for ``ms-groupnorm``, one marked Resize or InstanceNormalization for ``blocked``, one
+  marked Add or InstanceNormalization for ``openvino``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import onnx.shape_inference
 from gn_convert.errors import ExportError, first_line
 from gn_convert.onnx.external import weights_detached
 from gn_convert.onnx.lowering.blocked import RESIZE_SUFFIX
+from gn_convert.onnx.lowering.channel_stats import OUTPUT_SUFFIX
 from gn_convert.onnx.op import BODY_KEY, DOMAIN, groupnorm_nodes
 
 
@@ -38,6 +40,8 @@ class NodeCounts:
         instance_norm: ``InstanceNormalization`` nodes (one per call in the ``fast`` form).
         ms_groupnorm: ``com.microsoft.GroupNorm`` nodes (the ``ms-groupnorm`` form).
         blocked_groupnorm: calls in the ``blocked`` form (its Resize nodes named ``<layer>/scale_hw``).
+        channel_stats: calls in the ``openvino`` form computed from per-channel statistics (their last node
+            named ``<layer>/normalised``; its calls with one channel a group are InstanceNormalization nodes).
     """
 
     custom: int
@@ -47,6 +51,7 @@ class NodeCounts:
     instance_norm: int = 0
     ms_groupnorm: int = 0
     blocked_groupnorm: int = 0
+    channel_stats: int = 0
 
 
 def count_nodes(model: onnx.ModelProto) -> NodeCounts:
@@ -61,6 +66,8 @@ def count_nodes(model: onnx.ModelProto) -> NodeCounts:
         ms_groupnorm=ops.count(("com.microsoft", "GroupNorm")),
         blocked_groupnorm=sum(1 for node in model.graph.node
                               if node.op_type == "Resize" and node.name.endswith(RESIZE_SUFFIX)),
+        channel_stats=sum(1 for node in model.graph.node
+                          if node.op_type != "InstanceNormalization" and node.name.endswith(OUTPUT_SUFFIX)),
     )
 
 
@@ -90,7 +97,8 @@ def _calls_in(counts: NodeCounts, target: str, body: str) -> int | None:
     inlined = counts.instance_norm if body == "instance-norm" else None
     return {"function": counts.custom, "standard": counts.standard_groupnorm, "fast": counts.instance_norm,
             "ms-groupnorm": counts.ms_groupnorm + counts.instance_norm, "inlined": inlined,
-            "blocked": counts.blocked_groupnorm + counts.instance_norm}.get(target)
+            "blocked": counts.blocked_groupnorm + counts.instance_norm,
+            "openvino": counts.channel_stats + counts.instance_norm}.get(target)
 
 
 def check_counts(model: onnx.ModelProto, target: str, calls: int, allow_batchnorm: bool) -> NodeCounts:
@@ -102,8 +110,8 @@ def check_counts(model: onnx.ModelProto, target: str, calls: int, allow_batchnor
         calls: GroupNorm calls the exporter translated (one per layer, more for shared ones).
         allow_batchnorm: whether ``BatchNormalization`` nodes of the original model may remain
             (the ``fast`` forms, and the inlined ``instance-norm`` and ``layer-norm`` bodies, add one
-            per call for the affine, ``blocked`` one per call it leaves in the fast form; those are not
-            counted against it).
+            per call for the affine, ``blocked`` and ``openvino`` one per call they leave in the fast form;
+            those are not counted against it).
 
     Returns:
         The counts.
@@ -113,7 +121,8 @@ def check_counts(model: onnx.ModelProto, target: str, calls: int, allow_batchnor
     """
     counts = count_nodes(model)
     body = next((p.value for p in model.metadata_props if p.key == BODY_KEY), "two-pass")
-    affine = calls if target in ("fast", "ms-groupnorm", "blocked") or (target == "inlined" and body != "two-pass") else 0
+    affine = calls if target in ("fast", "ms-groupnorm", "blocked", "openvino") \
+        or (target == "inlined" and body != "two-pass") else 0
     if counts.batchnorm > affine and not allow_batchnorm:
         raise ExportError(f"the exported model still has {counts.batchnorm - affine} BatchNormalization nodes; "
                           "convert every BatchNorm layer, or pass allow_batchnorm=True")

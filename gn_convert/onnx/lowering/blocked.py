@@ -48,13 +48,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
 import onnx.helper as oh
 
+from gn_convert.onnx.lowering.calls import Call, group_mean, per_channel
 from gn_convert.onnx.lowering.common import (
     FLOAT,
     Constants,
@@ -79,38 +78,8 @@ UNKNOWN_BATCH = "gn_convert_batch"
 """The batch dimension recorded in ``value_info`` when the input's batch has neither value nor name."""
 
 
-@dataclass(frozen=True)
-class _Call:
-    """One eligible call: its values, its attributes and the static shape of its input."""
-
-    name: str
-    x: str
-    scale: str
-    bias: str
-    y: str
-    groups: int
-    eps: float
-    shape: tuple[int | str, int, int, int]
-
-    @property
-    def channels(self) -> int:
-        return self.shape[1]
-
-    @property
-    def per_group(self) -> int:
-        return self.channels // self.groups
-
-    def v(self, tag: str) -> str:
-        """The name of this call's value ``tag``."""
-        return f"{self.name}/{tag}"
-
-    def node(self, op: str, inputs: list[str], tag: str, **attrs: Any) -> onnx.NodeProto:
-        """A node named like the one value it writes."""
-        return oh.make_node(op, inputs, [self.v(tag)], name=self.v(tag), **attrs)
-
-
 def _eligible(node: onnx.NodeProto, types: dict[str, int], shapes: dict[str, list[int | str]],
-              inits: dict[str, onnx.TensorProto]) -> _Call | str:
+              inits: dict[str, onnx.TensorProto]) -> Call | str:
     """The call, when it can take the blocked form; otherwise why not."""
     attrs = {a.name: oh.get_attribute_value(a) for a in node.attribute}
     groups, dims, channels = int(attrs["num_groups"]), shapes.get(node.input[0]), call_channels(node, shapes, inits)
@@ -127,36 +96,16 @@ def _eligible(node: onnx.NodeProto, types: dict[str, int], shapes: dict[str, lis
         return "spatial size not static"
     batch = dims[0] if dims[0] not in (0, "") else UNKNOWN_BATCH
     x, scale, bias = node.input
-    return _Call(node.name or node.output[0], x, scale, bias, node.output[0], groups,
+    return Call(node.name or node.output[0], x, scale, bias, node.output[0], groups,
                  float(attrs.get("epsilon", DEFAULT_EPSILON)), (batch, channels, height, width))
 
 
-def _group_mean(call: _Call, tag: str, value: str, consts: Constants) -> tuple[list[onnx.NodeProto], str]:
-    """``value`` ``[N, C, 1, 1]`` to its group means ``[N, G, 1]`` (itself when G == C)."""
-    if call.per_group == 1:
-        return [], value
-    rows = consts.get(f"rows_{call.groups}x{call.per_group}", np.array([0, call.groups, call.per_group], np.int64))
-    axis = consts.get("axis_2", np.array([2], np.int64))
-    return [call.node("Reshape", [value, rows], f"{tag}_rows"),
-            call.node("ReduceMean", [call.v(f"{tag}_rows"), axis], f"{tag}_g", keepdims=1)], call.v(f"{tag}_g")
-
-
-def _per_channel(call: _Call, tag: str, value: str, consts: Constants) -> tuple[list[onnx.NodeProto], str]:
-    """Group values ``[N, G, 1]`` back to ``[N, C, 1, 1]`` (nothing to do when G == C)."""
-    if call.per_group == 1:
-        return [], value
-    wide = consts.get(f"expand_{call.groups}x{call.per_group}", np.array([1, call.groups, call.per_group], np.int64))
-    flat = consts.get(f"channel_shape_{call.channels}", np.array([0, call.channels, 1, 1], np.int64))
-    return [call.node("Expand", [value, wide], f"{tag}_wide"),
-            call.node("Reshape", [call.v(f"{tag}_wide"), flat], f"{tag}_ch")], call.v(f"{tag}_ch")
-
-
-def _centre(call: _Call, consts: Constants) -> list[onnx.NodeProto]:
+def _centre(call: Call, consts: Constants) -> list[onnx.NodeProto]:
     """``centered = X - group mean`` (blocked), its squares, and both their per-channel means."""
     neg_ones = consts.get(f"neg_ones_{call.channels}x1x1x1", -np.ones((call.channels, 1, 1, 1), np.float32))
     nodes = [call.node("GlobalAveragePool", [call.x], "mean_c")]
-    grouped, mean_g = _group_mean(call, "mean", call.v("mean_c"), consts)
-    back, mean_ch = _per_channel(call, "mean", mean_g, consts)
+    grouped, mean_g = group_mean(call, "mean", call.v("mean_c"), consts)
+    back, mean_ch = per_channel(call, "mean", mean_g, consts)
     return nodes + grouped + back + [
         call.node("Conv", [mean_ch, neg_ones], "neg_mean", group=call.channels),
         call.node("Add", [call.x, call.v("neg_mean")], "centered"),
@@ -166,11 +115,11 @@ def _centre(call: _Call, consts: Constants) -> list[onnx.NodeProto]:
     ]
 
 
-def _inverse_std(call: _Call, consts: Constants) -> tuple[list[onnx.NodeProto], str, str]:
+def _inverse_std(call: Call, consts: Constants) -> tuple[list[onnx.NodeProto], str, str]:
     """The group statistics off the layout: ``rstd`` and ``rest * rstd``, per group."""
     eps = consts.get(f"epsilon_{call.eps!r}", np.array(call.eps, np.float32))
-    sq_nodes, sq_g = _group_mean(call, "sq", call.v("sq_c"), consts)
-    rest_nodes, rest_g = _group_mean(call, "rest", call.v("rest_c"), consts)
+    sq_nodes, sq_g = group_mean(call, "sq", call.v("sq_c"), consts)
+    rest_nodes, rest_g = group_mean(call, "rest", call.v("rest_c"), consts)
     return sq_nodes + rest_nodes + [
         call.node("Mul", [rest_g, rest_g], "rest_sq"),  # what rounding left of the mean: tiny, no cancellation
         call.node("Sub", [sq_g, call.v("rest_sq")], "var"),
@@ -181,13 +130,13 @@ def _inverse_std(call: _Call, consts: Constants) -> tuple[list[onnx.NodeProto], 
     ], call.v("rstd"), call.v("rest_rstd")
 
 
-def _normalise(call: _Call, rstd: str, rest_rstd: str, consts: Constants) -> list[onnx.NodeProto]:
+def _normalise(call: Call, rstd: str, rest_rstd: str, consts: Constants) -> list[onnx.NodeProto]:
     """``Y = centered * (gamma * rstd) + (beta - gamma * rest * rstd)``, scale and shift back on the layout."""
     weight_shape = consts.get(f"weight_shape_{call.channels}", np.array([call.channels, 1, 1, 1], np.int64))
     scales = consts.get(f"scales_1x1x{call.shape[2]}x{call.shape[3]}",
                         np.array([1, 1, call.shape[2], call.shape[3]], np.float32))
-    scale_nodes, rstd_ch = _per_channel(call, "rstd", rstd, consts)
-    shift_nodes, rest_ch = _per_channel(call, "rest_rstd", rest_rstd, consts)
+    scale_nodes, rstd_ch = per_channel(call, "rstd", rstd, consts)
+    shift_nodes, rest_ch = per_channel(call, "rest_rstd", rest_rstd, consts)
     resized = call.name + RESIZE_SUFFIX
     return scale_nodes + shift_nodes + [
         call.node("Reshape", [call.scale, weight_shape], "gamma_w"),
@@ -201,7 +150,7 @@ def _normalise(call: _Call, rstd: str, rest_rstd: str, consts: Constants) -> lis
     ]
 
 
-def _lower_call(call: _Call, consts: Constants) -> tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto]]:
+def _lower_call(call: Call, consts: Constants) -> tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto]]:
     """The replacement nodes of one call, and the value_info that proves its Mul's operands of equal shape."""
     stats, rstd, rest_rstd = _inverse_std(call, consts)
     nodes = _centre(call, consts) + stats + _normalise(call, rstd, rest_rstd, consts)
@@ -238,7 +187,7 @@ def to_blocked(model: onnx.ModelProto) -> onnx.ModelProto:
     declined: Counter[str] = Counter()
     for node in lowered.graph.node:
         call = _eligible(node, types, shapes, inits) if is_groupnorm_node(node) else None
-        if not isinstance(call, _Call):
+        if not isinstance(call, Call):
             declined.update([call] if call else [])
             nodes.append(node)
             continue
