@@ -49,7 +49,7 @@ HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
 LIBRARY_NAME = "libgn_convert_ops.so"
 PACKAGED = Path(__file__).with_name(LIBRARY_NAME)
 """Where the wheel puts the library it was built with (absent in a source checkout or editable install)."""
-MIN_API_VERSION = 23
+MIN_API_VERSION = 17
 """The oldest onnxruntime C API the library runs on (``kMinApiVersion`` in ``groupnorm_ops.cc``)."""
 DEFAULT_MARCH = "native"
 PORTABLE_MARCH = {"x86_64": "x86-64-v2", "aarch64": "armv8-a"}.get(platform.machine(), DEFAULT_MARCH)

@@ -24,6 +24,21 @@
 #include "kernel_dispatch.h"
 #include "nchwc_block.h"
 
+namespace gn_ort {
+
+// The data of input `index`, through GetTensorMutableData (C API 1): the lite API's Tensor<T>::Data() calls
+// GetTensorData, which onnxruntime has only from API 23, and would raise the library's floor to 1.23.
+template <typename T>
+const T* input_data(OrtKernelContext* context, size_t index) {
+  const OrtValue* value = nullptr;
+  Ort::ThrowOnError(Ort::GetApi().KernelContext_GetInput(context, index, &value));
+  void* data = nullptr;
+  Ort::ThrowOnError(Ort::GetApi().GetTensorMutableData(const_cast<OrtValue*>(value), &data));
+  return static_cast<const T*>(data);
+}
+
+}  // namespace gn_ort
+
 namespace gn_nchwc {
 
 // Y is X's buffer (onnxruntime's alias map): the result is written over the input, which is in
@@ -95,7 +110,7 @@ struct GroupNormNchwcKernel {
     const float* z = nullptr;
     if (Z.has_value() && *Z != nullptr) {
       if ((*Z)->Shape() != shape) return Ort::Status("GroupNormNchwc: Z must have X's shape", ORT_INVALID_ARGUMENT);
-      z = (*Z)->Data();
+      z = gn_ort::input_data<float>(context, 3);
     }
     float* y = Y.Allocate(shape);
     const int64_t group_channels = channels_ / groups_;
@@ -107,7 +122,8 @@ struct GroupNormNchwcKernel {
     // 7x7 activation's tenth, on every call).
     const std::unique_ptr<float[]> scratch(new float[3 * unit * tasks]);
     const std::unique_ptr<double[]> sums(new double[2 * unit * tasks]);
-    gn_nchwc::Job job{X.Data(), z, scale.Data(), bias.Data(), y, channels_, padded, shape[2] * shape[3],
+    gn_nchwc::Job job{gn_ort::input_data<float>(context, 0), z, gn_ort::input_data<float>(context, 1),
+                      gn_ort::input_data<float>(context, 2), y, channels_, padded, shape[2] * shape[3],
                       group_channels, unit, units, epsilon_, activation_, alpha_, beta_, scratch.get(),
                       sums.get()};
     const gn_dispatch::Kernels& kernels = gn_dispatch::kernels();
@@ -149,7 +165,8 @@ struct ScaleNchwcKernel {
       return Ort::Status("ScaleNchwc: S must be [N, C, 1, 1]", ORT_INVALID_ARGUMENT);
     }
     float* y = Y.Allocate(shape);
-    gn_nchwc::ScaleJob job{X.Data(), S.Data(), y, channels_, shape[1], shape[2] * shape[3], gate[1]};
+    gn_nchwc::ScaleJob job{gn_ort::input_data<float>(context, 0), gn_ort::input_data<float>(context, 1), y,
+                           channels_, shape[1], shape[2] * shape[3], gate[1]};
     const size_t tasks = static_cast<size_t>(shape[0] * (shape[1] / block_));
     if (tasks == 0 || job.spatial == 0) return Ort::Status(nullptr);
     const gn_dispatch::Kernels& kernels = gn_dispatch::kernels();

@@ -78,7 +78,8 @@ struct GroupNormKernel {
     }
     T* y = Y.Allocate(shape);
     if (batch == 0 || spatial == 0) return Ort::Status(nullptr);
-    gn_plain::Job<T> job{X.Data(), scale.Data(), bias.Data(), y, groups_, channels / groups_, spatial, epsilon_};
+    gn_plain::Job<T> job{gn_ort::input_data<T>(context, 0), gn_ort::input_data<T>(context, 1),
+                         gn_ort::input_data<T>(context, 2), y, groups_, channels / groups_, spatial, epsilon_};
     Ort::KernelContext(context).ParallelFor(group_task<T>(gn_dispatch::kernels()), static_cast<size_t>(batch * groups_),
                                             0, &job);
     return Ort::Status(nullptr);
@@ -107,11 +108,11 @@ extern "C" ORT_EXPORT const char* GnConvertKernelIsa() { return gn_dispatch::ker
 
 namespace {
 
-// The oldest C API this library runs on: the newest OrtApi function its code calls is GetTensorData
-// (API 23; the lite custom-op API reads every input through it), then KernelContext_ParallelFor (17);
-// the lite ops need CreateKernelV2 and KernelComputeV2 (16). tests/test_native_api.py reads the calls
-// from the built library's machine code and checks them against this number.
-constexpr int kMinApiVersion = 23;
+// The oldest C API this library runs on: the newest OrtApi function its code calls is
+// KernelContext_ParallelFor (API 17; inputs are read with input_data, not the lite API's GetTensorData of
+// API 23); the lite ops need CreateKernelV2 and KernelComputeV2 (16). tests/test_native_dispatch.py reads
+// the calls from the built library's machine code and checks them against this number.
+constexpr int kMinApiVersion = 17;
 
 // The C API version an onnxruntime serves: its minor version number ("1.32.0" -> 32), as
 // onnxruntime-extensions reads it; 0 when the string is not of that form.
