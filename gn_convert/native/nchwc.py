@@ -64,7 +64,8 @@ def block_size() -> int:
     node = helper.make_node("ReorderInput", ["x"], ["y"], domain=NCHWC_DOMAIN)
     graph = helper.make_graph([node], "block", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 1, 1])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(NCHWC_DOMAIN, 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(NCHWC_DOMAIN, 1)],
+                              ir_version=8)  # onnx's newest IR version is more than older onnxruntimes read
     try:
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         return int(sess.run(None, {"x": np.ones((1, 4, 1, 1), np.float32)})[0].shape[1])
