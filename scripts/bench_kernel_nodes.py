@@ -12,6 +12,10 @@ Usage::
 
     python scripts/bench_kernel_nodes.py --threads 2
     python scripts/bench_kernel_nodes.py --shapes 1x960x7x7,8x960x7x7 --threads 1
+    python scripts/bench_kernel_nodes.py --libraries wheel=WHEEL_LIB.so,local=$(gn-convert native)
+
+With ``--libraries``, one GroupNorm column per library, each timed twice per shape in the order
+A B ... B A (drift on a shared machine falls on both alike) and averaged.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from gn_convert.native import build_library
+from gn_convert.native.build import kernel_isa, library_target
 from gn_convert.native.nchwc import block_size
 from gn_convert.onnx.passes.blocked_layout import FUSED_OP, OP_DOMAIN
 from gn_convert.runtime import session_options
@@ -81,24 +86,34 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--nodes", type=int, default=50)
     p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--libraries", metavar="LABEL=PATH,...",
+                   help="time GroupNorm with each of these kernel libraries (default: the build for this CPU)")
     args = p.parse_args()
     block = block_size()
     if block not in (8, 16):
         raise SystemExit("bench_kernel_nodes: this CPU has no NCHWc layout in onnxruntime; nothing to time")
-    library = str(build_library())
+    pairs = [item.split("=", 1) for item in (args.libraries or "").split(",") if item]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"bench_kernel_nodes: --libraries {args.libraries!r}: expected LABEL=PATH,...")
+    libraries = {label: path for label, path in pairs} or {"GroupNorm": str(build_library())}
     print(f"onnxruntime {ort.__version__}, {args.threads} thread(s), NCHWc block {block}, spinning off; "
           f"us per node, 25th percentile of {args.reps} runs of a chain of {args.nodes}")
-    print(f"{'shape':>16} {'G':>4} {'MB':>6} {'Relu':>8} {'GroupNorm':>10} {'ratio':>6}")
+    for label, path in libraries.items():
+        print(f"  {label}: {path} ({kernel_isa(path)} kernels, {library_target(path)})")
+    print(f"{'shape':>16} {'G':>4} {'MB':>6} {'Relu':>8} " + " ".join(f"{label:>10} {'ratio':>6}" for label in libraries))
     for text in args.shapes.split(","):
         shape = [int(v) for v in text.split("x")]
         if shape[1] % block:
             raise SystemExit(f"bench_kernel_nodes: {text}: C must be a multiple of the block ({block})")
         groups, _ = choose_groups(shape[1], args.groups)
-        common = {"nodes": args.nodes, "reps": args.reps, "threads": args.threads, "library": library, "block": block}
-        relu = per_node_us("relu", shape, groups, **common)
-        norm = per_node_us("gn", shape, groups, **common)
-        print(f"{text:>16} {groups:>4} {np.prod(shape) * 4 / 1e6:>6.1f} {relu:>8.1f} {norm:>10.1f} {norm / relu:>5.2f}x",
-              flush=True)
+        common = {"nodes": args.nodes, "reps": args.reps, "threads": args.threads, "block": block}
+        relu = per_node_us("relu", shape, groups, library=next(iter(libraries.values())), **common)
+        order = [*libraries, *reversed(libraries)] if len(libraries) > 1 else list(libraries)
+        times: dict[str, list[float]] = {label: [] for label in libraries}
+        for label in order:
+            times[label].append(per_node_us("gn", shape, groups, library=libraries[label], **common))
+        cells = " ".join(f"{np.mean(t):>10.1f} {np.mean(t) / relu:>5.2f}x" for t in times.values())
+        print(f"{text:>16} {groups:>4} {np.prod(shape) * 4 / 1e6:>6.1f} {relu:>8.1f} {cells}", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ Usage::
         --variants bn,function,fast,blocked                        # issue 23, item 4: the blocked target
     python scripts/bench_latency.py --models deeplabv3_resnet50 --size 520 --batch 1 --variants bn,function,native,native-nchwc
     python scripts/bench_latency.py --models r3d_18 --size 112 --batch 1 --variants bn,function,native  # 16x112x112
+    python scripts/bench_latency.py --variants bn,native,native-nchwc \
+        --native-library wheel=WHEEL_LIB.so,local=$(gn-convert native)  # the wheel's kernel against a local build
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from gn_convert.bench.variants import ort_session, session_variant, torch_varian
 from gn_convert.errors import GnConvertError, NativeBuildError, ProviderUnavailableError
 from gn_convert.load.names import build_model
 from gn_convert.load.weights import resolve_source
+from gn_convert.native.build import kernel_isa
 from gn_convert.native.nchwc import block_size
 from gn_convert.onnx import export_onnx, lower_onnx
 from gn_convert.onnx.lowering.function import set_body
@@ -159,15 +162,21 @@ def export_variants(name: str, folder: Path, *, groups: int, size: int, fp16: bo
     return paths, gn
 
 
-def _native_library() -> Path | None:
-    """The native kernel library, or None (with the reason printed) where it cannot be built."""
+def _native_libraries(given: str | None) -> dict[str, Path]:
+    """The native kernel libraries to time, by label: ``--native-library`` (``LABEL=PATH,...``), else the
+    one built for this CPU under the label ``""`` (none, with the reason printed, where it cannot be built)."""
     from gn_convert.native import build_library
 
+    if given:
+        pairs = [item.split("=", 1) for item in given.split(",") if item]
+        if any(len(pair) != 2 or not Path(pair[1]).is_file() for pair in pairs):
+            raise NativeBuildError(f"--native-library {given!r}: expected LABEL=PATH,... naming existing files")
+        return {label: Path(path) for label, path in pairs}
     try:
-        return build_library()
+        return {"": build_library()}
     except NativeBuildError as exc:
         print(f"  native: skipped: {exc}", flush=True)
-        return None
+        return {}
 
 
 def reorder_counts(paths: dict[str, Path], wanted: list[str], shape: tuple[int, ...]) -> dict[str, dict[str, int]]:
@@ -188,7 +197,7 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]
                                 min_channels=args.min_channels_per_group)
     shape = sample_shape(name, args.size)
     reorders = reorder_counts(paths, wanted, shape) if args.provider == "cpu" and len(shape) == 3 else {}
-    library = _native_library() if {"native", "native-nchwc"} & set(wanted) else None
+    libraries = _native_libraries(args.native_library) if {"native", "native-nchwc"} & set(wanted) else {}
     results = []
     for threads in parse_batches(args.threads):
         torch.set_num_threads(threads)
@@ -197,10 +206,11 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]
             variants: list[Variant] = []
             for variant in wanted:
                 if variant in ("native", "native-nchwc"):
-                    if library is not None:
+                    for label, library in libraries.items():
                         session = ort_session(paths["function"], threads=threads, custom_ops_library=library,
                                               spinning=spin, blocked=variant == "native-nchwc")
-                        variants.append(session_variant(variant, session, note=NOTES[variant]))
+                        note = NOTES[variant] + (f"; library {library} ({kernel_isa(library)} kernels)" if label else "")
+                        variants.append(session_variant(f"{variant}@{label}" if label else variant, session, note=note))
                     continue
                 if variant == "torch-eager":
                     variants.append(torch_variant(variant, gn, threads=threads, device="cuda" if fp16 else "cpu",
@@ -241,6 +251,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: latency (default); cpu: process CPU time, robust on a busy machine")
+    p.add_argument("--native-library", metavar="LABEL=PATH,...",
+                   help="time the native variants with each of these kernel libraries, interleaved, as "
+                   "native@LABEL (e.g. wheel=...,local=...; default: the build for this CPU)")
     p.add_argument("--workdir", type=Path, help="keep (and reuse) the exported files here")
     p.add_argument("--json", type=Path, help="write all results to this JSON file")
     args = p.parse_args(argv)

@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "first build) and print the shared library's path, for onnxruntime's "
         "SessionOptions.register_custom_ops_library or Triton's op_library_filename. Needs a C++ compiler "
         f"and onnxruntime's C++ headers: --include, ${ENV_VAR}, the system include folders, or fetched "
-        "once from the npm registry.")
+        "once from the npm registry. gn-convert's wheel already carries a portable build, which every other "
+        "command uses first; this one builds for this CPU (or --march).")
     p.add_argument("--include", type=Path, metavar="DIR", help="onnxruntime's include/ folder")
     p.add_argument("--march", default=DEFAULT_MARCH,
                    help="the -march target (default native: this CPU; x86-64-v2 runs on any x86-64 server, "
