@@ -153,3 +153,14 @@ def test_the_native_kernel_runs_video_clips_and_parity_skips_the_blocked_row(nat
     assert parity.passed and not parity.errors, parity.failures()
     native = [row for row in parity.rows if row.provider == "cpu-native"]
     assert {row.level for row in native} == {"off", "all"} and max(r.metrics.max_rel for r in native) < 1e-5
+
+
+def test_torchscript_node_names_map_to_module_names_shared_calls_included() -> None:
+    """FCOS's head runs one tower on every FPN level: the exporter names the calls conv.10, conv.10_1, ...;
+    each call is the layer conv.10 (the sweep found FCOS's head layers exported as unnamed nodes)."""
+    from gn_convert.onnx.script_trace import scopes_from_name
+
+    assert scopes_from_name("/backbone/body/layer1/layer1.0/bn1/GroupNorm")[-2] == "backbone.body.layer1.0.bn1"
+    assert scopes_from_name("/head/classification_head/conv/conv.10_2/GroupNorm")[-2] == \
+        "head.classification_head.conv.10"
+    assert scopes_from_name("/stem/bn_1/GroupNorm")[-2] == "stem.bn_1"  # a module's own name ending in _1 stays

@@ -13,6 +13,7 @@ names for localisation) is shared.
 
 from __future__ import annotations
 
+import re
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from gn_convert.onnx.trace import Traced, groupnorm_layer_names
 SCRIPT_OPSET = 18
 """The TorchScript exporter's opset: the lowest the GroupNorm function body is written for."""
 IMAGE_INPUT = "image"
+_REPEAT = re.compile(r"^(\d+)_\d+$")
 
 
 def _group_norm_symbolic(g: Any, x: Any, num_groups: Any, weight: Any, bias: Any, eps: Any, _cudnn: Any) -> Any:
@@ -58,13 +60,15 @@ def scopes_from_name(node_name: str) -> list[str]:
     ``/backbone/body/layer1/layer1.0/bn1/GroupNorm`` -> ``['', 'backbone', 'backbone.body',
     'backbone.body.layer1', 'backbone.body.layer1.0', 'backbone.body.layer1.0.bn1', 'GroupNorm']``
     (a part that repeats its parent's name with a suffix, ``layer1.0`` under ``layer1``, names the
-    parent's child)."""
+    parent's child; ``conv.10_2``, the exporter's name for the third call of a shared layer ``conv.10``
+    (FCOS's head runs on every FPN level), names ``conv.10``)."""
     parts = [p for p in node_name.split("/") if p]
     if not parts:
         return []
     scopes, path = [""], ""
     for parent, part in zip(["", *parts[:-2]], parts[:-1]):
         relative = part[len(parent) + 1:] if parent and part.startswith(parent + ".") else part
+        relative = _REPEAT.sub(r"\1", relative)  # "10_2": the exporter's name for a shared layer's third call
         path = f"{path}.{relative}" if path else relative
         scopes.append(path)
     return [*scopes, parts[-1]]
