@@ -89,6 +89,7 @@ class BenchResult:
         rounds: timed rounds (each runs every variant once).
         notes: variant name -> description.
         clock: ``wall`` (latency) or ``cpu`` (process CPU time).
+        engine: the runtime timed (``onnxruntime``, ``OpenVINO``); ``runtime`` is its version.
     """
 
     measurements: list[Measurement]
@@ -100,6 +101,7 @@ class BenchResult:
     rounds: int
     notes: dict[str, str] = field(default_factory=dict)
     clock: str = "wall"
+    engine: str = "onnxruntime"
 
     def get(self, variant: str, batch: int) -> Measurement:
         """The measurement of one variant at one batch size (KeyError if absent)."""
@@ -140,7 +142,7 @@ class BenchResult:
         shape = "x".join(map(str, self.input_shape))
         base = f"ratio = median / median of {self.baseline}" if self.baseline else "no baseline"
         what = "wall-clock latency" if self.clock == "wall" else "process CPU time"
-        return (f"onnxruntime {self.runtime}, {PROVIDERS.get(self.provider, self.provider)}, "
+        return (f"{self.engine} {self.runtime}, {PROVIDERS.get(self.provider, self.provider)}, "
                 f"{self.threads} intra-op threads, input Nx{shape}, {what}, median of {self.rounds} "
                 f"interleaved rounds; {base}")
 
@@ -208,7 +210,8 @@ def summarize(name: str, batch: int, seconds: Sequence[float], baseline_median: 
 
 def run_bench(variants: Sequence[Variant], input_shape: Sequence[int], *, batches: Sequence[int] = (1, 8),
               rounds: int = 10, warmup: int = 2, baseline: str | None = None, threads: int = 1,
-              provider: str = "cpu", seed: int = 0, clock: str = "wall") -> BenchResult:
+              provider: str = "cpu", seed: int = 0, clock: str = "wall",
+              engine: tuple[str, str] | None = None) -> BenchResult:
     """Time every variant interleaved, per batch size, and compute ratios to the baseline.
 
     Args:
@@ -222,6 +225,7 @@ def run_bench(variants: Sequence[Variant], input_shape: Sequence[int], *, batche
         provider: ``cpu`` or ``cuda`` (recorded).
         seed: input seed.
         clock: ``wall`` (latency, default) or ``cpu`` (process CPU time; see :data:`CLOCKS`).
+        engine: ``(name, version)`` of the runtime timed (recorded; default onnxruntime's).
 
     Returns:
         The :class:`BenchResult`.
@@ -251,5 +255,6 @@ def run_bench(variants: Sequence[Variant], input_shape: Sequence[int], *, batche
             measurements.append(summarize(name, batch, seconds[name], base))
         log.info("batch %d: %s", batch, ", ".join(f"{m.variant} {m.median_ms:.1f} ms"
                                                  for m in measurements if m.batch == batch))
-    return BenchResult(measurements, baseline, threads, provider, ort.__version__, tuple(input_shape), rounds,
-                       {v.name: v.note for v in variants}, clock)
+    name, version = engine or ("onnxruntime", ort.__version__)
+    return BenchResult(measurements, baseline, threads, provider, version, tuple(input_shape), rounds,
+                       {v.name: v.note for v in variants}, clock, name)

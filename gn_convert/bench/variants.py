@@ -1,8 +1,9 @@
 """What the latency benchmark times: onnxruntime sessions and torch modules, as variants.
 
 - :func:`ort_session`: an onnxruntime session set up for timing (:func:`gn_convert.runtime.open_session`).
-- :func:`session_variant`, :func:`torch_variant`: the :class:`~gn_convert.bench.harness.Variant` of
-  each, timed by :func:`gn_convert.bench.harness.run_bench`.
+- :func:`session_variant`, :func:`openvino_variant`, :func:`torch_variant`: the
+  :class:`~gn_convert.bench.harness.Variant` of each (onnxruntime, OpenVINO, torch), timed by
+  :func:`gn_convert.bench.harness.run_bench`.
 """
 
 from __future__ import annotations
@@ -95,6 +96,23 @@ def session_variant(name: str, session: Any, note: str = "") -> Variant:
             session.run_with_iobinding(binding)
             binding.synchronize_outputs()
         return call
+
+    return Variant(name, prepare, note)
+
+
+def openvino_variant(name: str, session: Any, note: str = "") -> Variant:
+    """A variant that runs an OpenVINO CPU session (:class:`gn_convert.runtime.openvino.OpenVinoSession`).
+
+    The input is set on the infer request once, so only the inference is timed (in static mode the
+    model compiled for that batch's shape).
+    """
+    def prepare(batch: np.ndarray) -> Call:
+        import openvino as ov
+
+        inp = session.get_inputs()[0]
+        request = session.request({inp.name: batch})
+        request.set_input_tensor(ov.Tensor(np.ascontiguousarray(batch, dtype=np.float32)))
+        return lambda: request.infer()
 
     return Variant(name, prepare, note)
 

@@ -28,9 +28,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("onnx", type=Path, metavar="MODEL.onnx", help="the exported file (any target)")
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder written by `gn-convert MODEL`")
     p.add_argument("--providers", default="cpu",
-                   help="comma-separated: cpu, cpu-native (the native GroupNorm kernel), cuda, tensorrt "
-                   "(default cpu); absent ones are reported as skipped")
-    p.add_argument("--levels", default="off,all", help="onnxruntime optimisation levels (default off,all)")
+                   help="comma-separated: cpu, cpu-native (the native GroupNorm kernel), cuda, tensorrt, openvino "
+                   "(OpenVINO's CPU runtime, f32 hint), openvino-default (its default precision: bf16 on CPUs with "
+                   "bfloat16 units) (default cpu); absent ones are reported as skipped")
+    p.add_argument("--levels", default="off,all", help="onnxruntime optimisation levels (default off,all); OpenVINO runs its "
+                   "shape modes instead (dynamic, static)")
     p.add_argument("--batch", type=int, default=8, help="the larger batch size (default 8; batch 1 always runs)")
     p.add_argument("--images", type=Path, help="a folder of images to use as one more input set")
     p.add_argument("--input-shape", metavar="N,C,H,W", help="for ONNX inputs with dynamic axes besides the batch")

@@ -65,6 +65,11 @@ TARGETS: dict[str, Target] = {target.name: target for target in (
            "onnxruntime CUDA only", f"{_PASSES}.ms_groupnorm:to_ms_groupnorm"),
 )}
 DEFAULT_TARGET = next(iter(TARGETS))
+OPENVINO_TARGETS: tuple[str, ...] = ("openvino", "inlined")
+"""The targets gn-convert offers OpenVINO users, fastest first: each compiles and runs on OpenVINO's CPU with
+a static and a dynamic batch (``tests/test_openvino.py``). ``function`` does not load there (OpenVINO runs no
+model-local functions) and ``standard`` crashes OpenVINO 2026.4 when compiled with a static batch
+(``scripts/openvino_segfault_repro.py``)."""
 
 
 def get_target(name: str, opset: int | None = None) -> Target:

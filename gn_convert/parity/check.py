@@ -118,28 +118,33 @@ def _check_match(model: nn.Module, onnx_model: onnx.ModelProto, sample: tuple[in
 
 
 class ReferenceNoise:
-    """The float32 reference's own error against float64, per input set.
+    """How far the float32 reference is from a copy of the model in another precision, per input set.
 
-    Computed on first use only (a float64 copy of the model runs on the CPU): it bounds how
-    closely any float32 implementation can be expected to agree with the reference.
+    - ``float64`` (default): the reference's own error against float64, which bounds how closely any
+      float32 implementation can be expected to agree with the reference;
+    - ``bfloat16``: the same model run by PyTorch in bfloat16 against the float32 reference, which bounds
+      how closely a runtime computing in bfloat16 (OpenVINO's default on CPUs with AVX512-BF16 or AMX) can.
+
+    Computed on first use only (a copy of the model in that precision runs on the CPU).
     """
 
     def __init__(self, model: nn.Module, sets: list[InputSet], refs: dict[str, list[NDArray[Any]]]) -> None:
         self.model, self.sets, self.refs = model, {s.name: s for s in sets}, refs
-        self.exact: nn.Module | None = None
-        self.cache: dict[str, tuple[float, float]] = {}
+        self.copies: dict[torch.dtype, nn.Module] = {}
+        self.cache: dict[tuple[str, torch.dtype], tuple[float, float]] = {}
 
-    def __call__(self, name: str) -> tuple[float, float]:
-        """(max relative error, smallest per-sample cosine) of input set ``name``."""
-        if name not in self.cache:
-            if self.exact is None:
-                self.exact = copy.deepcopy(self.model).cpu().double().eval()
+    def __call__(self, name: str, precision: torch.dtype = torch.float64) -> tuple[float, float]:
+        """(max relative error, smallest per-sample cosine) of input set ``name`` in ``precision``."""
+        key = (name, precision)
+        if key not in self.cache:
+            if precision not in self.copies:
+                self.copies[precision] = copy.deepcopy(self.model).cpu().to(precision).eval()
             with torch.no_grad():
-                out = self.exact(self.sets[name].data.double())
+                out = self.copies[precision](self.sets[name].data.to(precision))
             outputs = list(out) if isinstance(out, (tuple, list)) else [out]
-            found = [compare(o.numpy(), ref) for o, ref in zip(outputs, self.refs[name])]
-            self.cache[name] = (max(f.max_rel for f in found), min(f.cosine for f in found))
-        return self.cache[name]
+            found = [compare(o.double().numpy(), ref) for o, ref in zip(outputs, self.refs[name])]
+            self.cache[key] = (max(f.max_rel for f in found), min(f.cosine for f in found))
+        return self.cache[key]
 
 
 def _batches(static: int | None, batch: int) -> list[int]:
@@ -171,9 +176,12 @@ def check_parity(
     Args:
         model: the PyTorch model (run in eval mode, float32; its modes are restored).
         onnx_path: the exported file (any target: function, inlined, standard).
-        providers: short names (``cpu``, ``cuda``, ``tensorrt``) or ``"cpu,cuda"``; absent ones
-            are reported as skipped, with the reason.
-        levels: onnxruntime optimisation levels, ``off`` and/or ``all``.
+        providers: short names (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``openvino-default``) or
+            ``"cpu,cuda"``; absent ones are reported as skipped, with the reason. ``openvino`` is OpenVINO's
+            CPU runtime with the f32 precision hint, ``openvino-default`` at its default precision (bf16 on
+            CPUs with AVX512-BF16 or AMX, whose rows are bounded by PyTorch's own bfloat16 run of the model).
+        levels: onnxruntime optimisation levels, ``off`` and/or ``all`` (OpenVINO's rows are its shape modes
+            instead: ``dynamic``, the file as it is, and ``static``, reshaped to each batch before compiling).
         batch: the larger batch size (default 8).
         images: a folder of images for one more input set.
         input_shape: ``(N, C, ...)`` for ONNX inputs with dynamic axes besides the batch
@@ -228,6 +236,12 @@ def check_parity(
     return report
 
 
+def _precision(sess: Any) -> torch.dtype:
+    """The precision whose reference noise bounds a session: bfloat16 where it computes in bfloat16
+    (OpenVINO's default precision on CPUs with bfloat16 units), else float64."""
+    return torch.bfloat16 if getattr(sess, "inference_precision", "f32") == "bf16" else torch.float64
+
+
 def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.ModelProto, path: Path,
                   provider: Availability, level: str, tolerance: Tolerance, sets: list[InputSet],
                   refs: dict[str, list[NDArray[Any]]], noise: ReferenceNoise | None, batches: list[int],
@@ -254,8 +268,8 @@ def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.Model
             x = inputs.data[:size]
             for output, want, got in zip(output_names, refs[inputs.name], run(x)):
                 row = ParityRow(name, level, inputs.name, len(x), compare(want[:size], got), tol, output)
-                if not row.passed and noise is not None:  # within the reference's own float32 noise still passes
-                    row.tolerance = tol.within_noise(*noise(inputs.name))
+                if not row.passed and noise is not None:  # within the reference's own noise still passes
+                    row.tolerance = tol.within_noise(*noise(inputs.name, _precision(sess)))
                 report.rows.append(row)
                 if not row.passed and first_failure is None:
                     first_failure, first_tol = x, row.tolerance
@@ -265,7 +279,10 @@ def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.Model
         alone = [run(random[i:i + 1]) for i in range(len(random))]
         change = max(float(np.abs(whole.astype(np.float64) - np.concatenate([a[k] for a in alone])).max()
                            / max(float(np.abs(whole).max()), 1e-30)) for k, whole in enumerate(together))
-        report.invariance.append(InvarianceResult(name, level, len(random), change, tolerance.invariance_rel))
+        bound = tolerance.invariance_rel
+        if noise is not None and _precision(sess) == torch.bfloat16:  # as far as it may differ from PyTorch there
+            bound = max(bound, tolerance.within_noise(*noise(sets[0].name, torch.bfloat16)).max_rel)
+        report.invariance.append(InvarianceResult(name, level, len(random), change, bound))
     if first_failure is not None and localise_failures:
         report.localisation[f"{name}/{level}"] = localise(model, onnx_model, first_failure, provider, level,
                                                           first_tol.max_rel)

@@ -1,4 +1,4 @@
-"""Which onnxruntime providers a parity check asked for, and whether they can run here."""
+"""Which providers a parity check asked for (onnxruntime's, and OpenVINO's CPU runtime), and whether they can run here."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def availability(name: str, library: str | Path | None = None) -> Availability:
     """Whether onnxruntime here offers the provider (a GPU is checked when a session starts).
 
     ``cpu-native`` is available where the kernel library exists (``library``, or a build made
-    here) and onnxruntime loads it.
+    here) and onnxruntime loads it; ``openvino`` and ``openvino-default`` where openvino is installed.
     """
     try:
         check_provider(name)
@@ -74,7 +74,13 @@ def availability(name: str, library: str | Path | None = None) -> Availability:
 def levels_for(provider: Availability, levels: Sequence[str], rank: int = 4) -> list[str]:
     """The rows one provider runs: ``levels``, and for ``cpu-native`` with ``all`` also
     :data:`BLOCKED` where this CPU has onnxruntime's blocked layout and the input is an image batch
-    (``rank`` 4: onnxruntime's blocked layout holds 2-D convolutions only, not a clip's 3-D ones)."""
+    (``rank`` 4: onnxruntime's blocked layout holds 2-D convolutions only, not a clip's 3-D ones).
+    OpenVINO's providers run their two shape modes instead (``dynamic``: the file as it is; ``static``:
+    the model reshaped to each batch before compiling)."""
+    if provider.name.startswith("openvino"):  # OpenVINO has no optimisation levels: its rows are its shape modes
+        from gn_convert.runtime.openvino import SHAPE_MODES
+
+        return list(SHAPE_MODES)
     rows = list(levels)
     if provider.name == NATIVE and "all" in rows and rank == 4:
         from gn_convert.native.nchwc import block_size
@@ -85,7 +91,10 @@ def levels_for(provider: Availability, levels: Sequence[str], rank: int = 4) -> 
 
 
 def session_kwargs(provider: Availability, level: str) -> dict[str, Any]:
-    """``open_session`` keyword arguments for one row (a level of :data:`LEVELS` or :data:`BLOCKED`)."""
+    """``open_session`` keyword arguments for one row (a level of :data:`LEVELS`, :data:`BLOCKED`, or an OpenVINO
+    shape mode)."""
     if level == BLOCKED:
         return {"level": "all", "library": provider.library, "blocked": True}
+    if provider.name.startswith("openvino"):
+        return {"level": level}
     return {"level": level, "library": provider.library, "blocked": False if provider.library is not None else None}

@@ -94,7 +94,7 @@ class ParityReport:
 
     def table(self) -> str:
         """A plain-text table of every row, the invariance checks and the skipped providers."""
-        head = f"{'provider':10} {'opt':7} {'inputs':12} {'batch':>5} {'max_abs':>9} {'max_rel':>9} " \
+        head = f"{'provider':16} {'opt':7} {'inputs':12} {'batch':>5} {'max_abs':>9} {'max_rel':>9} " \
                f"{'tol':>7} {'cosine':>10} {'top1':>5} {'top5':>5}  result"
         lines = [head]
         for r in self.rows:
@@ -102,11 +102,11 @@ class ParityReport:
             top1 = "-" if m.top1 is None else f"{m.top1:.2f}"
             top5 = "-" if m.top5 is None else f"{m.top5:.2f}"
             inputs = f"{r.inputs}:{r.output}" if r.output else r.inputs
-            lines.append(f"{r.provider:10} {r.level:7} {inputs:12} {r.batch:5d} {m.max_abs:9.2e} {m.max_rel:9.2e} "
+            lines.append(f"{r.provider:16} {r.level:7} {inputs:12} {r.batch:5d} {m.max_abs:9.2e} {m.max_rel:9.2e} "
                          f"{r.tolerance.max_rel:7.0e} {m.cosine:10.7f} {top1:>5} {top5:>5}  "
                          f"{'pass' if r.passed else 'FAIL'}")
         for i in self.invariance:
-            lines.append(f"{i.provider:10} {i.level:7} {'batch-indep.':12} {i.batch:5d} {'':9} {i.max_rel:9.2e} "
+            lines.append(f"{i.provider:16} {i.level:7} {'batch-indep.':12} {i.batch:5d} {'':9} {i.max_rel:9.2e} "
                          f"{i.tolerance:7.0e} {'':10} {'':>5} {'':>5}  {'pass' if i.passed else 'FAIL'}")
         lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
         lines += self.failures()

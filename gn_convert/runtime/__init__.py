@@ -1,4 +1,5 @@
-"""The one place gn-convert opens onnxruntime sessions (options and providers: :mod:`.options`).
+"""The one place gn-convert opens onnxruntime sessions (options and providers: :mod:`.options`; OpenVINO's
+CPU runtime behind the same interface: :mod:`.openvino`).
 
 Parity, the latency harness and the Triton server all call :func:`open_session`: the
 execution provider by short name, the optimisation level, intra-op threads, thread-pool
@@ -14,7 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gn_convert.errors import NativeBuildError, OptionError, ProviderUnavailableError, SessionError, first_line
+from gn_convert.errors import (
+    GnConvertError,
+    NativeBuildError,
+    OptionError,
+    ProviderUnavailableError,
+    SessionError,
+    first_line,
+)
 from gn_convert.runtime.options import LEVELS, NATIVE, PROVIDERS, check_provider, session_options
 
 __all__ = ["LEVELS", "NATIVE", "PROVIDERS", "check_provider", "open_session", "run_session", "session_options"]
@@ -34,7 +42,10 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
         model: the ``.onnx`` file (its external data beside it) or serialised model bytes.
         provider: a key of :data:`PROVIDERS`. GPU providers fall back to the CPU for the ops
             they lack; a GPU provider that cannot start at all is an error, not a silent CPU run.
-        threads, level, spinning: see :func:`session_options`.
+            ``openvino`` and ``openvino-default`` open an OpenVINO CPU session instead
+            (:class:`gn_convert.runtime.openvino.OpenVinoSession`, onnxruntime's session interface).
+        threads, level, spinning: see :func:`session_options`; for OpenVINO, ``level`` is the shape mode
+            (``dynamic`` or ``static``) and ``spinning`` does not apply.
         library: the native kernel library; required for ``cpu-native``, allowed with ``cpu``.
         disabled_optimizers: onnxruntime graph transformers to switch off (experiments).
         blocked: with the kernel library on the CPU at level ``all``, compute the GroupNorms on
@@ -52,6 +63,8 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
         ProviderUnavailableError: the provider is absent or could not start.
         NativeBuildError: ``cpu-native`` without a library, or a library onnxruntime refuses.
     """
+    if provider.startswith("openvino"):
+        return _open_openvino(model, provider, threads, level, library)
     import onnxruntime as ort
 
     if blocked:
@@ -79,6 +92,19 @@ def open_session(model: str | Path | bytes, *, provider: str = "cpu", threads: i
     if sess.get_providers()[0] != name:
         raise ProviderUnavailableError(f"onnxruntime could not start {name} for {what} (no GPU visible?)")
     return sess
+
+
+def _open_openvino(model: str | Path | bytes, provider: str, threads: int, level: str,
+                   library: str | Path | None) -> Any:
+    """An OpenVINO CPU session (:mod:`gn_convert.runtime.openvino`); ``level`` is its shape mode."""
+    from gn_convert.runtime.openvino import SHAPE_MODES, open_openvino
+
+    if library is not None:
+        raise OptionError("gn-convert's native kernel library is for onnxruntime; OpenVINO cannot load it")
+    if level not in SHAPE_MODES:
+        raise OptionError(f"OpenVINO sessions take a shape mode ({', '.join(SHAPE_MODES)}) as their level, "
+                          f"not {level!r}")
+    return open_openvino(model, provider, threads=threads, shapes=level)
 
 
 def _check_blocked_options(provider: str, level: str, library: str | Path | None,
@@ -135,5 +161,7 @@ def run_session(sess: Any, feeds: dict[str, Any], outputs: Sequence[str] | None 
     try:
         results: list[Any] = sess.run(list(outputs) if outputs is not None else None, feeds)
         return results
+    except GnConvertError:  # an OpenVINO session's own error already says what failed
+        raise
     except Exception as err:  # onnxruntime's own types, raised at run time (a kernel refusing a shape)
         raise SessionError(f"onnxruntime failed to run the model: {first_line(err)}") from err

@@ -12,12 +12,15 @@ from typing import Any
 
 from gn_convert.errors import NativeBuildError, ProviderUnavailableError, SessionError, first_line
 
-#: short provider name -> onnxruntime execution provider
+#: short provider name -> onnxruntime execution provider (or, for ``openvino*``, the OpenVINO runtime itself and its
+#: precision: :mod:`gn_convert.runtime.openvino`)
 PROVIDERS: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
     "cpu-native": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINO CPU, f32",
+    "openvino-default": "OpenVINO CPU, default precision",
 }
 NATIVE = "cpu-native"
 """The CPU provider with gn-convert's native GroupNorm kernel registered (:mod:`gn_convert.native`)."""
@@ -51,17 +54,23 @@ def gpu_install_hint() -> str:
 
 
 def check_provider(provider: str) -> str:
-    """onnxruntime's name for a short provider name that this onnxruntime offers.
+    """onnxruntime's name for a short provider name that this onnxruntime offers (for ``openvino*``: its
+    description, when openvino is installed).
 
     Raises:
         SessionError: an unknown name.
-        ProviderUnavailableError: this onnxruntime build lacks the provider.
+        ProviderUnavailableError: this onnxruntime build lacks the provider, or openvino is not installed.
     """
-    import onnxruntime as ort
-
     if provider not in PROVIDERS:
         raise SessionError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     name = PROVIDERS[provider]
+    if provider.startswith("openvino"):
+        from gn_convert.runtime.openvino import openvino_version
+
+        openvino_version()
+        return name
+    import onnxruntime as ort
+
     offered = ort.get_available_providers()
     if name not in offered:
         hint = gpu_install_hint() if provider in ("cuda", "tensorrt") else "reinstall onnxruntime"
