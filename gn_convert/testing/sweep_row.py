@@ -140,7 +140,7 @@ def task_row(name: str, folder: Path) -> dict[str, Any]:
         name: a torchvision segmentation, detection or video model name.
         folder: where the exported file is written (and removed again).
     """
-    from gn_convert.load.weights import resolve_source
+    from gn_convert.load.weights import default_weights_enum, resolve_source
     from gn_convert.pipeline import sized
     from gn_convert.surgery.registry import is_batchnorm
     from gn_convert.tasks import task_of
@@ -148,7 +148,8 @@ def task_row(name: str, folder: Path) -> dict[str, Any]:
     torch.manual_seed(0)
     task = task_of(name)
     teacher = build_model(name).eval()
-    size = sized(resolve_source(name, "none").input_size, DENSE_SIZES[task.name])
+    smallest = max(default_weights_enum(name).meta.get("min_size") or (1, 1))  # S3D takes 224 pixels at least
+    size = sized(resolve_source(name, "none").input_size, max(DENSE_SIZES[task.name], int(smallest)))
     kinds = sorted({type(m).__name__ for m in teacher.modules() if is_batchnorm(m)})
     backbone = teacher.get_submodule("backbone") if task.name == "detection" else teacher  # takes a plain batch
     if task.name == "video":  # statistics measured on clips of photo crops
