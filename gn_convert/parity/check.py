@@ -24,7 +24,7 @@ from gn_convert.parity.localise import layer_values, localise
 from gn_convert.parity.metrics import compare
 from gn_convert.parity.providers import LEVELS, Availability, availability, levels_for, parse_providers, session_kwargs
 from gn_convert.parity.report import InvarianceResult, ParityReport, ParityRow
-from gn_convert.parity.tolerances import HARD_INPUT_FACTOR, Tolerance, tolerance_for
+from gn_convert.parity.tolerances import HARD_INPUT_FACTOR, REFERENCE_NOISE_FACTOR, Tolerance, tolerance_for
 from gn_convert.runtime import open_session, run_session
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,13 @@ def _precision(sess: Any) -> torch.dtype:
     return torch.bfloat16 if getattr(sess, "inference_precision", "f32") == "bf16" else torch.float64
 
 
+def _within_noise(tol: Tolerance, noise: ReferenceNoise, name: str, precision: torch.dtype) -> Tolerance:
+    """``tol`` loosened to the reference's noise in ``precision`` on input set ``name`` (bfloat16: the cosine's
+    deficit, about half the squared error, by the square of the error's factor)."""
+    factor = REFERENCE_NOISE_FACTOR ** 2 if precision == torch.bfloat16 else REFERENCE_NOISE_FACTOR
+    return tol.within_noise(*noise(name, precision), cosine_factor=factor)
+
+
 def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.ModelProto, path: Path,
                   provider: Availability, level: str, tolerance: Tolerance, sets: list[InputSet],
                   refs: dict[str, list[NDArray[Any]]], noise: ReferenceNoise | None, batches: list[int],
@@ -269,7 +276,7 @@ def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.Model
             for output, want, got in zip(output_names, refs[inputs.name], run(x)):
                 row = ParityRow(name, level, inputs.name, len(x), compare(want[:size], got), tol, output)
                 if not row.passed and noise is not None:  # within the reference's own noise still passes
-                    row.tolerance = tol.within_noise(*noise(inputs.name, _precision(sess)))
+                    row.tolerance = _within_noise(tol, noise, inputs.name, _precision(sess))
                 report.rows.append(row)
                 if not row.passed and first_failure is None:
                     first_failure, first_tol = x, row.tolerance
@@ -281,7 +288,7 @@ def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.Model
                            / max(float(np.abs(whole).max()), 1e-30)) for k, whole in enumerate(together))
         bound = tolerance.invariance_rel
         if noise is not None and _precision(sess) == torch.bfloat16:  # as far as it may differ from PyTorch there
-            bound = max(bound, tolerance.within_noise(*noise(sets[0].name, torch.bfloat16)).max_rel)
+            bound = max(bound, _within_noise(tolerance, noise, sets[0].name, torch.bfloat16).max_rel)
         report.invariance.append(InvarianceResult(name, level, len(random), change, bound))
     if first_failure is not None and localise_failures:
         report.localisation[f"{name}/{level}"] = localise(model, onnx_model, first_failure, provider, level,

@@ -29,7 +29,10 @@ similarity of each sample's output (the smallest over the batch).
   where the session computes in bfloat16 they are loosened, as for the reference noise below, to
   :data:`REFERENCE_NOISE_FACTOR` times PyTorch's own bfloat16 run of the same model on the same inputs
   (2.5e-2 to 8.4e-2 on those models, cosine down to 0.9972: within a factor 1.4 of OpenVINO's; the
-  bound is derived per model and input, not a constant fitted to them). Its batch-independence bound
+  bound is derived per model and input, not a constant fitted to them). A cosine's deficit
+  ``1 - cos`` is about half the squared relative error, so the same factor on the error is its square
+  on the deficit: bf16 rows allow ``REFERENCE_NOISE_FACTOR ** 2`` times PyTorch's deficit (ResNet-18
+  at 224 px, input mean 1000: OpenVINO 1.37x PyTorch's error, 2.9x its deficit). Its batch-independence bound
   is loosened the same way, to its bound on the random inputs: in bfloat16 OpenVINO's kernels round
   differently at another batch size (a sample of MobileNetV3-Large moved by 2e-2 with its batch in
   the ``openvino`` file, 0 in the ``inlined`` one; float32: 4e-6).
@@ -70,11 +73,13 @@ class Tolerance:
         """The same tolerance with ``max_rel`` times ``factor`` (for hard inputs)."""
         return Tolerance(self.max_rel * factor, self.min_cosine, self.invariance_rel)
 
-    def within_noise(self, noise_rel: float, noise_cosine: float) -> Tolerance:
+    def within_noise(self, noise_rel: float, noise_cosine: float,
+                     cosine_factor: float = REFERENCE_NOISE_FACTOR) -> Tolerance:
         """This tolerance, loosened where needed to :data:`REFERENCE_NOISE_FACTOR` times the
-        reference's own float32 noise (its max relative error and cosine against float64)."""
+        reference's own float32 noise (its max relative error and cosine against float64), and the
+        cosine's deficit to ``cosine_factor`` times the reference's."""
         return Tolerance(max(self.max_rel, REFERENCE_NOISE_FACTOR * noise_rel),
-                         min(self.min_cosine, 1 - REFERENCE_NOISE_FACTOR * (1 - noise_cosine)),
+                         min(self.min_cosine, 1 - cosine_factor * (1 - noise_cosine)),
                          self.invariance_rel)
 
 
