@@ -83,7 +83,7 @@ CPU_VARIANTS = ("bn", "torch-default", "function", "function-in", "function-2p",
 LOWERED = ("inlined", "standard", "fast", "blocked", "ms-groupnorm")
 """Variants that are the function file lowered to the export target of the same name."""
 CUDA_VARIANTS = ("bn", "torch-default", "function", "fast", "ms-groupnorm", "torch-eager")
-BODY_VARIANTS = {"function-2p": "two-pass", "function-in": "instance-norm"}
+BODY_VARIANTS = {"function-2p": "two-pass", "function-in": "instance-norm", "function-2l": "two-level"}
 """Variants that are the function file with another body (gn_convert.onnx.op.BODIES)."""
 NOTES = {
     "bn": "BatchNorm original, BN folded into the convolutions by onnxruntime",
@@ -91,6 +91,7 @@ NOTES = {
     "function": "gn-convert export, target function (our op; its default layer-norm body inlined by onnxruntime)",
     "function-2p": "function file with the two-pass body (ReduceMean/Sub/Mul/... ops)",
     "function-in": "function file with the instance-norm body (InstanceNormalization over each (sample, group) row)",
+    "function-2l": "function file with the two-level body (each row reduced per channel, then per group: dense tasks' default)",
     "inlined": "gn-convert export, target inlined",
     "standard": "gn-convert export, target standard (GroupNormalization-21, one-pass variance)",
     "fast": "function file lowered to the fast target (InstanceNormalization + BatchNormalization affine)",
