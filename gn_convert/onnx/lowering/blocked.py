@@ -46,30 +46,18 @@ Use :func:`to_blocked` on a ``function``-form model, or ``lower_onnx(..., target
 
 from __future__ import annotations
 
-import logging
-from collections import Counter
-
 import numpy as np
 import onnx
 import onnx.helper as oh
 
-from gn_convert.onnx.lowering.calls import Call, group_mean, per_channel
+from gn_convert.onnx.lowering.calls import Call, group_mean, lower_calls, per_channel
 from gn_convert.onnx.lowering.common import (
     FLOAT,
     Constants,
     call_channels,
-    drop_custom_domain,
-    model_opset,
-    set_target,
-    value_types,
 )
-from gn_convert.onnx.lowering.fast import to_fast
-from gn_convert.onnx.op import DEFAULT_EPSILON, groupnorm_nodes, is_groupnorm_node
+from gn_convert.onnx.op import DEFAULT_EPSILON
 
-log = logging.getLogger(__name__)
-
-MIN_OPSET = 18
-"""ReduceMean takes its axes as an input from opset 18 (the function target's floor too)."""
 CHANNEL_MULTIPLE = 16
 """A call takes the blocked form when its C is a multiple of every NCHWc block (8 and 16)."""
 RESIZE_SUFFIX = "/scale_hw"
@@ -175,32 +163,4 @@ def to_blocked(model: onnx.ModelProto) -> onnx.ModelProto:
     Raises:
         ValueError: the opset is too old, or a call left to the fast form has an unknown channel count.
     """
-    opset = model_opset(model)
-    if opset < MIN_OPSET:
-        raise ValueError(f"the blocked lowering needs opset >= {MIN_OPSET}, the model has opset {opset}")
-    lowered = onnx.ModelProto()
-    lowered.CopyFrom(model)
-    types, shapes = value_types(lowered)
-    inits = {init.name: init for init in lowered.graph.initializer}
-    consts = Constants(lowered.graph)
-    nodes: list[onnx.NodeProto] = []
-    declined: Counter[str] = Counter()
-    for node in lowered.graph.node:
-        call = _eligible(node, types, shapes, inits) if is_groupnorm_node(node) else None
-        if not isinstance(call, Call):
-            declined.update([call] if call else [])
-            nodes.append(node)
-            continue
-        more, infos = _lower_call(call, consts)
-        nodes += more
-        lowered.graph.value_info.extend(infos)
-    del lowered.graph.node[:]
-    lowered.graph.node.extend(nodes)
-    if groupnorm_nodes(lowered):
-        lowered = to_fast(lowered)
-    drop_custom_domain(lowered)
-    set_target(lowered, "blocked")
-    blocked = sum(1 for node in nodes if node.name.endswith(RESIZE_SUFFIX))
-    log.info("blocked lowering: %d GroupNorm calls in the blocked form%s", blocked,
-             "".join(f"; {count} in the fast form ({why})" for why, count in declined.items()))
-    return lowered
+    return lower_calls(model, "blocked", _eligible, _lower_call, RESIZE_SUFFIX, "in the blocked form")
