@@ -6,9 +6,7 @@ and not asserted here."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -16,21 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "batch_size_study.py"
+from helpers.scripts import script_module
 
 
 @pytest.fixture(scope="module")
 def study() -> ModuleType:
     pytest.importorskip("sklearn", reason="the study trains on scikit-learn's digits")
-    spec = importlib.util.spec_from_file_location("batch_size_study", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    try:
-        spec.loader.exec_module(module)
+    with script_module("batch_size_study") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,8 @@ DP-SGD trains).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -21,25 +19,16 @@ import torch
 import torchvision
 from torch import nn
 
+from helpers.scripts import load_script
+
 pytest.importorskip("opacus", reason="opacus is not installed (pip install -e '.[dp]')")
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def study_module() -> ModuleType:
     pytest.importorskip("sklearn", reason="the digits task needs scikit-learn")
     try:
-        yield _load("dp_transfer")
+        yield load_script("dp_transfer")
     finally:
         for name in ("dp_transfer", "dp_transfer_tasks", "dp_transfer_report"):
             sys.modules.pop(name, None)

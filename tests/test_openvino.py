@@ -41,11 +41,11 @@ from helpers.onnx_cases import (
     relative_error,
     shape_id,
 )
+from helpers.scripts import SCRIPTS, load_script
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: pip install "
                                     "'gn-convert[openvino]' (the OpenVINO tests are skipped)")
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TORCH_BOUND = 1e-4
 """Max abs error against torch on photo crops, the bound of every float32 CPU target (measured 2e-6 to 5e-6)."""
 EPS = 1e-5
@@ -180,10 +180,7 @@ def test_segfault_repro_script_reports_each_case() -> None:
 
 @needs_openvino
 def test_a_crash_while_compiling_is_a_session_error_not_a_dead_process(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("openvino_segfault_repro", SCRIPTS / "openvino_segfault_repro.py")
-    assert spec is not None and spec.loader is not None
-    repro = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(repro)
+    repro = load_script("openvino_segfault_repro")
     path = tmp_path / "repro.onnx"
     onnx.save(repro.build("relu", "N"), path)
     if _compile_in_child_raw(path) >= 0:

@@ -11,36 +11,22 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import importlib.util
 import io
 import json
 import os
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from gn_convert.testing import near_duplicates as nd
+from helpers.scripts import load_script
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-pp = _load("photo_pool")
+pp = load_script("photo_pool")
 FOLDER = "usr/share/backgrounds"
 PACKAGES = {"fake-a": "1.0-1", "fake-b": "2:3.1-1"}
 KINDS = ("animal", "plant", "urban", "water")

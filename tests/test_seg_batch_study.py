@@ -6,10 +6,8 @@ research, recorded by the script's own runs (docs/BATCH_SIZE.md, "Segmentation")
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -18,8 +16,7 @@ import pytest
 import torch
 
 from gn_convert.testing.shape_masks import CLASSES, build_shape_set, confusion, mean_iou, pixel_accuracy
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "seg_batch_study.py"
+from helpers.scripts import script_module
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +76,8 @@ def study() -> ModuleType:
     pytest.importorskip("skimage", reason="the study draws shapes with skimage.draw")
     pytest.importorskip("efficientnet_lite_pytorch", reason="the study fine-tunes EfficientNet-Lite0 (realnet extra)")
     pytest.importorskip("matplotlib", reason="the study plots its results")
-    spec = importlib.util.spec_from_file_location("seg_batch_study", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    try:
-        spec.loader.exec_module(module)
+    with script_module("seg_batch_study") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_crossings_interpolate_on_a_log2_axis(study: ModuleType) -> None:
