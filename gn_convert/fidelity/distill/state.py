@@ -55,6 +55,21 @@ def write_state_file(path: Path, state: dict[str, Any]) -> Path:
     return path
 
 
+def read_state_file(path: Path, kind: str) -> Any:
+    """What :func:`write_state_file` wrote at ``path``, or None when there is no file; ``kind`` names it in errors.
+
+    Raises:
+        CheckpointError: the file is truncated, corrupt, or pickles anything but plain data.
+    """
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupt, or pickles arbitrary objects
+        raise CheckpointError(f"cannot read {kind} state {path} ({type(err).__name__}); it is corrupt: "
+                              "delete it to start over") from None
+
+
 def save_state(folder: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``folder/state.pt`` (see :func:`write_state_file`).
 
@@ -73,13 +88,9 @@ def load_state(folder: str | Path) -> dict[str, Any] | None:
         CheckpointError: the file exists but is corrupt, truncated or not a distillation state.
     """
     path = state_path(folder)
-    if not path.exists():
+    state = read_state_file(path, "training")
+    if state is None:
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, corrupt, or pickles arbitrary objects
-        raise CheckpointError(f"cannot read training state {path} ({type(err).__name__}); it is corrupt: "
-                              "delete it to start over") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path} is not a gn-convert distillation state; delete it to start over")
     for key in ("step", "student", "optimizer", "options", "history"):

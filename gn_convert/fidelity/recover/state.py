@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from gn_convert.errors import CheckpointError
-from gn_convert.fidelity.distill.state import write_state_file
+from gn_convert.fidelity.distill.state import read_state_file, write_state_file
 from gn_convert.fidelity.recover.report import StageResult
 from gn_convert.surgery.plan import GroupPlan
 
@@ -62,13 +62,9 @@ def load_recovery(folder: str | Path, fingerprint: dict[str, Any]) -> dict[str, 
         CheckpointError: the file is corrupt, not a recovery state, or another run's (what differs is named).
     """
     path = Path(folder) / STATE_FILE
-    if not path.exists():
+    state = read_state_file(path, "recovery")
+    if state is None:
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, corrupt, or pickles arbitrary objects
-        raise CheckpointError(f"cannot read recovery state {path} ({type(err).__name__}); it is corrupt: "
-                              "delete it to start over") from None
     if isinstance(state, dict) and state.get("format") in OLD_FORMATS:
         raise CheckpointError(f"{path} was saved by an older gn-convert, without the fingerprint that tells its run "
                               "from another: delete it to start over")
