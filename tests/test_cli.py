@@ -91,8 +91,12 @@ def test_console_script_lists_models_and_survives_a_closed_pipe() -> None:
     listing = subprocess.run([sys.executable, "-m", "gn_convert", "list"], capture_output=True, text=True,
                              env=env, timeout=300)
     assert listing.returncode == 0
-    names = listing.stdout.split()
-    assert names == gn_convert.list_models()
+    lines = listing.stdout.splitlines()
+    headings = [line for line in lines if not line.startswith("  ")]
+    assert [h.split()[0] for h in headings] == ["classification", "segmentation", "detection", "video"]
+    names = [line.strip() for line in lines if line.startswith("  ") and not line.strip().startswith("without")]
+    assert sorted(names) == sorted(gn_convert.list_models())
+    assert sum(int(h.split("(")[1].rstrip("):")) for h in headings) == len(names)
     closed = subprocess.run(["bash", "-o", "pipefail", "-c", f"{sys.executable} -m gn_convert list | true"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert closed.returncode == 0 and "error" not in closed.stderr.lower(), closed.stderr
