@@ -4,7 +4,8 @@
 images, labelled or not: KL(teacher || student) at a temperature, optional cross-entropy on
 labelled items, optional feature loss at every GroupNorm output (:mod:`gn_convert.fidelity.distill.losses`).
 It trains all parameters or only the GroupNorm affines (with their own learning-rate scale),
-with AdamW, linear warmup and cosine decay, gradient accumulation, and AMP on CUDA. Every
+with AdamW, linear warmup and cosine decay, gradient accumulation, AMP on CUDA, and its
+tensors channels-last (:mod:`gn_convert.fidelity.distill.layout`). Every
 ``eval_every`` steps it measures top-1 agreement with the teacher (and accuracy, with labels)
 on held-out images, and stops early once ``target_agreement`` is reached.
 
@@ -36,6 +37,7 @@ from gn_convert.data.items import split_batch
 from gn_convert.data.sources import DataSplit, load_data
 from gn_convert.errors import CheckpointError, OptionError
 from gn_convert.fidelity import distributed as ddp
+from gn_convert.fidelity.distill.layout import autocast_dtype, channels_last, images_layout
 from gn_convert.fidelity.distill.losses import FeatureTaps, StatisticsTaps, kl_loss, label_loss
 from gn_convert.fidelity.distill.options import (
     TRAINABLE,
@@ -122,7 +124,8 @@ def distill(
             (:class:`~gn_convert.fidelity.distill.losses.StatisticsTaps`); ``mixup``: blend each training image with
             another, weight ~ Beta(mixup, mixup), the same blend for teacher and student, as in
             function matching (Beyer et al. 2022); ``accumulate``, ``warmup_steps``,
-            ``weight_decay``, ``seed``, ``holdout``, ``augment``, ``flip``, ``amp``,
+            ``weight_decay``, ``seed``, ``holdout``, ``augment``, ``flip``, ``amp`` (CUDA),
+            ``cpu_bf16`` (bfloat16 autocast on a CPU that runs it natively), ``channels_last`` (default on),
             ``eval_batch_size``, ``num_workers``).
 
     Returns:
@@ -183,10 +186,9 @@ class _Run:
         self.taps, self.stats = FeatureTaps(pairs), StatisticsTaps(pairs)
         self.groups = param_groups(student, opts)
         self.optimizer = torch.optim.AdamW(self.groups)
-        use_amp = opts.amp and procs.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-        self.use_amp = use_amp
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and self.amp_dtype == torch.float16)
+        dtype = autocast_dtype(procs.device, opts.amp, opts.cpu_bf16)
+        self.amp_dtype, self.use_amp = dtype or torch.float16, dtype is not None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=procs.device.type == "cuda" and dtype == torch.float16)
         self.history: list[EvalPoint] = []
         self.step, self.loss_sum, self.loss_count = 0, 0.0, 0
         self.teacher_accuracy: float | None = None
@@ -329,7 +331,7 @@ class _Run:
         total = 0.0
         for j in range(self.opts.accumulate):
             images, labels = split_batch(next(batches))
-            images = images.to(self.procs.device, non_blocking=True)
+            images = images_layout(images.to(self.procs.device, non_blocking=True), self.opts.channels_last)
             labels = labels.to(self.procs.device) if labels is not None else None
             last = j == self.opts.accumulate - 1
             sync: Any = contextlib.nullcontext() if last or not self.procs.distributed else cast(Any, model).no_sync()
@@ -350,7 +352,7 @@ class _Run:
         opts, stopped = self.opts, False
         stats: Any = self.stats if self.opts.stats_weight else contextlib.nullcontext()
         with trainable_only(self.student, params), self.taps, stats, torch.random.fork_rng(devices=self._rng_devices()), \
-                eval_mode(self.teacher):  # the caller's teacher keeps its own mode afterwards
+                eval_mode(self.teacher), channels_last(self.student, self.teacher, enabled=opts.channels_last):
             if not (resume and self._load()):
                 self._evaluate()
             stopped = self._reached(self.history[-1]) if self.history else False

@@ -48,6 +48,8 @@ class DistillOptions:
     augment: bool = True
     flip: bool = True
     amp: bool = True
+    cpu_bf16: bool = False
+    channels_last: bool = True
     num_workers: int = 0
 
     def check(self) -> None:

@@ -62,13 +62,7 @@ from gn_convert.fidelity.recover.report import (
     closing_warnings,
     kept_stage,
 )
-from gn_convert.fidelity.recover.state import (
-    load_recovery,
-    run_fingerprint,
-    save_recovery,
-    saved_plan,
-    trajectory,
-)
+from gn_convert.fidelity.recover.state import load_recovery, run_fingerprint, save_recovery, saved_plan, trajectory
 from gn_convert.fidelity.synthesize.engine import synthesize, write_pngs
 from gn_convert.modes import eval_mode
 from gn_convert.surgery.group_count import resolve_min_channels
@@ -84,6 +78,8 @@ DEFAULT_STAGES: tuple[str, ...] = ("distill",)
 CHECKPOINT_EVERY = 25
 """Distillation steps between saved states when the recovery has a checkpoint folder."""
 COMPLETE = 0.9
+"""A distillation that ran at least this share of the steps planned from its measured speed counts as
+complete (its learning rate always anneals with the time; fewer steps mean a busier machine)."""
 OVERPLAN = 4.0
 """Distillation plans this many times the steps its measured step time says fit: the time limit ends it, and its
 schedule (warmup and cosine) follows the time spent, so it ends with the budget whatever the steps cost. A
@@ -91,8 +87,6 @@ plan that fit exactly left up to a third of the budget unspent whenever the prob
 the steps (527-770 s of 900 on EfficientNet-Lite1; 1.5 times as many still left 8 s of 19)."""
 TIME_USED = 0.95
 """A stage that ran this share of its time did the work its budget allowed."""
-"""A distillation that ran at least this share of the steps planned from its measured speed counts as
-complete (its learning rate always anneals with the time; fewer steps mean a busier machine)."""
 INVERT_STEPS, INVERT_LR = 20, 0.02
 """Inversion from photos: Adam steps and learning rate (normalised pixels), small so the images stay natural."""
 SYNTHETIC_FROM = ("noise", "photos")
@@ -119,6 +113,8 @@ def recover(
     lr: float = 1e-4,
     mixup: float = 0.0,
     feature_weight: float = 1.0,
+    channels_last: bool = True,
+    cpu_bf16: bool = False,
     reconstruct_lr: float = 1e-3,
     reconstruct_drop: float = 0.0,
     reconstruct_allocate: str = "equal",
@@ -154,7 +150,8 @@ def recover(
             with real data; none with ``data="synthetic"`` (measured: distilling on images
             synthesised from the BatchNorm statistics lowered real-photo agreement, 14.0% ->
             3.0% on EfficientNet-Lite0; data-free, the images choose the fidelity plan).
-        batch_size, lr, mixup, feature_weight: distillation (see :func:`gn_convert.distill`).
+        batch_size, lr, mixup, feature_weight, channels_last, cpu_bf16: distillation (see :func:`gn_convert.distill`;
+            channels-last: 1.52x the steps in a CPU budget; bfloat16 autocast: fewer, and off by default).
         reconstruct_lr, reconstruct_drop, reconstruct_allocate: block reconstruction's Adam learning
             rate, QDrop input mixing and budget shares (see :func:`~gn_convert.fidelity.reconstruct.engine.reconstruct`).
         synthetic: synthetic images to make from the teacher (added to ``data``; 256 by default
@@ -229,7 +226,8 @@ def recover(
             data=dict(weights=weights, input_size=input_size, holdout=holdout, eval_data=eval_data, seed=seed,
                       synthetic=synthetic),
             synthetic=dict(size=synthetic_size, folder=synthetic_dir, start=synthetic_from),
-            distill=dict(batch_size=batch_size, lr=lr, mixup=mixup, feature_weight=feature_weight, seed=seed),
+            distill=dict(batch_size=batch_size, lr=lr, mixup=mixup, feature_weight=feature_weight, seed=seed,
+                         channels_last=channels_last, cpu_bf16=cpu_bf16),
             init=init, reconstruct=dict(lr=reconstruct_lr, drop=reconstruct_drop, allocate=reconstruct_allocate),
             resume=resume))
     finally:
