@@ -68,6 +68,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "zero-shot-k16": {"train": False, "min_channels_per_group": 16},
     "opacus": {"train": False, "init": "identity", "min_channels_per_group": 1},
     "recover": {},
+    "recover-nchw": {"channels_last": False},
+    "recover-bf16": {"cpu_bf16": True},
     "recover-k1": {"min_channels_per_group": 1},
     "recover-k4": {"min_channels_per_group": 4},
     "recover-k8": {"min_channels_per_group": 8},
@@ -140,7 +142,9 @@ def run_row(recipe: str, photos: int | None, seed: int, busy: bool, budget: floa
             student = result.model
             row.update(reported=result.agreement, reported_kl=result.scores.get("kl"), fit=result.scores.get("fit"),
                        completed=result.completed, warnings=result.warnings, kept=result.kept,
-                       stages=[{"name": s.name, "seconds": s.seconds, "agreement": s.agreement} for s in result.stages],
+                       stages=[{"name": s.name, "seconds": s.seconds, "agreement": s.agreement,
+                                **{k: s.detail[k] for k in ("steps", "planned_steps", "stopped") if k in s.detail}}
+                               for s in result.stages],
                        plan=result.plan.summary())
         else:
             student = gn_convert.convert(teacher, 32, **options)
