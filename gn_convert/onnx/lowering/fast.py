@@ -4,7 +4,7 @@ onnxruntime runs our op by inlining its function body: about ten elementwise and
 kernels per call, each a full pass over the activation. This pass instead rewrites each
 ``ai.gn_convert::GroupNorm`` call (``X``: ``(N, C, D1, ...)``, ``num_groups`` = G) as::
 
-    Reshape(X, [0, G, -1]) -> InstanceNormalization(scale=1, bias=0) -> Reshape(Shape(X))
+    Reshape(X, [0, G, (C/G)*D1*...]) -> InstanceNormalization(scale=1, bias=0) -> Reshape(Shape(X))
         -> BatchNormalization(scale, bias, mean=0, var=1, epsilon=0)
 
 onnxruntime's InstanceNormalization kernel computes each (sample, group) row's mean, then the
@@ -31,6 +31,7 @@ Use :func:`to_fast` on a ``function``-form model, or ``lower_onnx(..., target="f
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import onnx
@@ -53,8 +54,10 @@ MIN_OPSET = 15
 """BatchNormalization-15 takes scale/bias and mean/var of different types; Reshape-14 allowzero."""
 
 
-def _lower_call(node: onnx.NodeProto, channels: int | None, dtype: int, consts: Constants) -> list[onnx.NodeProto]:
-    """The replacement nodes of one call (precondition: ``node`` is a custom GroupNorm call)."""
+def _lower_call(node: onnx.NodeProto, channels: int | None, dtype: int, consts: Constants,
+                item: list[int | str] | None = None) -> list[onnx.NodeProto]:
+    """The replacement nodes of one call (precondition: ``node`` is a custom GroupNorm call); ``item``: the input's
+    shape after the batch axis, when inferred."""
     attrs = {a.name: oh.get_attribute_value(a) for a in node.attribute}
     groups, eps = int(attrs["num_groups"]), float(attrs.get("epsilon", DEFAULT_EPSILON))
     name, (x, scale, bias), y = node.name or node.output[0], node.input, node.output[0]
@@ -68,8 +71,11 @@ def _lower_call(node: onnx.NodeProto, channels: int | None, dtype: int, consts: 
     else:
         ones = consts.get(f"ones_{groups}", np.ones(groups, np.float32))
         zeros = consts.get(f"zeros_{groups}", np.zeros(groups, np.float32))
-        grouped = consts.get(f"grouped_shape_{groups}", np.array([0, groups, -1], np.int64))
+        if channels is None:
+            raise ValueError(f"the channel count of {scale!r} is unknown; the fast lowering needs static C")
+        shape_nodes, grouped = _grouped_shape(name, x, groups, item, consts)
         nodes += [
+            *shape_nodes,
             oh.make_node("Reshape", [x, grouped], [f"{name}/grouped"], name=f"{name}/group"),
             oh.make_node("InstanceNormalization", [f"{name}/grouped", ones, zeros], [f"{name}/normed_g"],
                          name=f"{name}/norm", epsilon=eps),
@@ -82,7 +88,27 @@ def _lower_call(node: onnx.NodeProto, channels: int | None, dtype: int, consts: 
     return nodes
 
 
-def _affine(name: str, normed: str, scale: str, bias: str, y: str, channels: int | None,
+def _grouped_shape(name: str, x: str, groups: int, item: list[int | str] | None,
+                   consts: Constants) -> tuple[list[onnx.NodeProto], str]:
+    """The nodes and the name of the grouped shape, never with ``-1``: a batch of no samples (a detection head
+    on an image without boxes) leaves nothing to infer ``-1`` from, and onnxruntime refuses such a Reshape.
+    ``[0, G, C/G * D1 * ... * Dk]`` (0: the batch, copied) when ``item`` (the shape after the batch) is static;
+    else ``[0, G, C/G, prod(Shape(X)[2:])]`` computed from ``Shape(X)`` as the function body's: onnxruntime's
+    optimiser folded a shape with one computed entry (a three-axis row, or C/G as a constant) back into ``-1``."""
+    if item and all(isinstance(d, int) and d > 0 for d in item):
+        row = math.prod(int(d) for d in item) // groups
+        return [], consts.get(f"grouped_shape_{groups}_{row}", np.array([0, groups, row], np.int64))
+    head = consts.get(f"batch_groups_{groups}", np.array([0, groups], np.int64))
+    count = consts.get(f"groups_{groups}", np.array([groups], np.int64))
+    return [oh.make_node("Shape", [x], [f"{name}/channels"], name=f"{name}/channels", start=1, end=2),
+            oh.make_node("Div", [f"{name}/channels", count], [f"{name}/per_group"], name=f"{name}/per_group"),
+            oh.make_node("Shape", [x], [f"{name}/spatial"], name=f"{name}/spatial", start=2),
+            oh.make_node("ReduceProd", [f"{name}/spatial"], [f"{name}/rest"], name=f"{name}/rest", keepdims=1),
+            oh.make_node("Concat", [head, f"{name}/per_group", f"{name}/rest"], [f"{name}/grouped_shape"],
+                         name=f"{name}/grouped_shape", axis=0)], f"{name}/grouped_shape"
+
+
+def _affine(name: str, normed: str, scale: str, bias: str, y: str, channels: int,
             consts: Constants) -> onnx.NodeProto:
     """``y = normed * scale[c] + bias[c]`` as one BatchNormalization (mean 0, variance 1, epsilon 0: exact).
 
@@ -90,8 +116,6 @@ def _affine(name: str, normed: str, scale: str, bias: str, y: str, channels: int
     onnxruntime runs in its NCHWc layout with the Relu and residual Add fused, measured slower
     (scripts/PERF.md).
     """
-    if channels is None:
-        raise ValueError(f"the channel count of {scale!r} is unknown; the fast lowering needs static C")
     mean = consts.get(f"mean_{channels}", np.zeros(channels, np.float32))
     var = consts.get(f"var_{channels}", np.ones(channels, np.float32))
     return oh.make_node("BatchNormalization", [normed, scale, bias, mean, var], [y], name=f"{name}/affine",
@@ -130,7 +154,7 @@ def to_fast(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         calls += 1
         dtype = types.get(node.input[0], FLOAT) or FLOAT
-        nodes += _lower_call(node, call_channels(node, shapes, inits), dtype, consts)
+        nodes += _lower_call(node, call_channels(node, shapes, inits), dtype, consts, shapes.get(node.input[0], [])[1:])
     del lowered.graph.node[:]
     lowered.graph.node.extend(nodes)
     drop_custom_domain(lowered)
