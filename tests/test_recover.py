@@ -530,6 +530,9 @@ def test_resume_refuses_the_state_of_another_teacher_data_or_options_naming_what
         recover(tiny_teacher, photos, **run, holdout=0.2, resume=True)
     resumed = recover(tiny_teacher, photos, **run, resume=True)  # the same run resumes
     assert [s.name for s in resumed.stages] == ["convert", "distill"]
+    # how the steps run (memory layout, CPU bfloat16) is not what the run is: it may change on resume
+    relaid = recover(tiny_teacher, photos, **run, channels_last=False, cpu_bf16=True, resume=True)
+    assert [s.name for s in relaid.stages] == ["convert", "distill"]
     given = dict(teacher=tiny_teacher, budget=3, input_size=12, stages=(), checkpoint_dir=tmp_path / "given")
     recover(gn_convert.convert(tiny_teacher, 4), photos, **given)
     with pytest.raises(CheckpointError, match="the given student's group plan differs"):

@@ -132,6 +132,10 @@ def _data_words(source: dict[str, Any] | None) -> str:
     return f"{source.get('kind')} of {source.get('items')} items"
 
 
+HOW_STEPS_RUN = ("channels_last", "cpu_bf16")
+"""Distillation options that change how fast the steps run, not which run it is: a resume may change them."""
+
+
 def trajectory(opts: dict[str, Any]) -> dict[str, Any]:
     """The options a resumed run must share with the run it resumes (plain values only): the plan, the init,
     distillation and reconstruction, and how the data are split and seen (the budget may change)."""
@@ -139,7 +143,8 @@ def trajectory(opts: dict[str, Any]) -> dict[str, Any]:
     data = {k: opts["data"][k] for k in ("weights", "input_size", "holdout", "synthetic")}
     synthetic = {f"synthetic_{k}": opts["synthetic"][k] for k in ("size", "start")}
     reconstruct = {f"reconstruct_{k}": v for k, v in opts["reconstruct"].items()}
-    return json.loads(json.dumps({**plan, **opts["distill"], "init": opts["init"], **data, **synthetic, **reconstruct},
+    distill = {k: v for k, v in opts["distill"].items() if k not in HOW_STEPS_RUN}
+    return json.loads(json.dumps({**plan, **distill, "init": opts["init"], **data, **synthetic, **reconstruct},
                                  default=str))
 
 
