@@ -68,7 +68,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     "zero-shot-k16": {"train": False, "min_channels_per_group": 16},
     "opacus": {"train": False, "init": "identity", "min_channels_per_group": 1},
     "recover": {},
-    "recover-nchw": {"channels_last": False},
     "recover-bf16": {"cpu_bf16": True},
     "recover-k1": {"min_channels_per_group": 1},
     "recover-k4": {"min_channels_per_group": 4},

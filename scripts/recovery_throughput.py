@@ -12,7 +12,8 @@ on random images (the cost of a step does not depend on what the pixels show):
    second with ``channels_last=False`` (the layout before), the default (channels-last) and ``cpu_bf16``.
 
 Fidelity at a fixed budget is measured by ``scripts/real_network_fidelity.py --split dev --budget 450
---recipes recover-nchw,recover,recover-bf16`` (docs/FIDELITY.md, "Recovery throughput").
+--recipes recover,recover-bf16``, against the code before at a fixed commit (docs/FIDELITY.md, "Recovery
+throughput").
 
 Usage::
 
@@ -35,12 +36,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 import gn_convert
 from gn_convert.data.sources import DataSplit
 from gn_convert.fidelity.distill.layout import channels_last, cpu_bf16_supported, images_layout
+from gn_convert.fidelity.distill.losses import kl_loss
 
 # compile from cold, as a first recovery does: an empty cache of compiled kernels (a warm one made the first step 2-4 s)
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="gn-throughput-inductor-")
@@ -81,8 +82,7 @@ def time_loop(teacher: nn.Module, student: nn.Module, images: torch.Tensor, vari
                 with torch.no_grad():
                     target = teacher(batch)
                 out = model(batch)
-            loss = F.kl_div(out.float().log_softmax(1), target.float().log_softmax(1), log_target=True,
-                            reduction="batchmean")
+            loss = kl_loss(out, target, 1.0)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -4,8 +4,9 @@ Measured on EfficientNet-Lite0 (224 px, batch 16, 2 threads, a Xeon with AVX-512
 ``scripts/recovery_throughput.py``, docs/FIDELITY.md, "Recovery throughput"): the step alone (the
 teacher's forward, the student's forward, backward and AdamW step) gave 1.23-1.44x the images a second in
 channels-last, 1.09-1.22x with bfloat16 autocast and 1.16-1.27x with both; ``torch.compile`` of the
-student 0.88-1.07x after 39-84 s of compilation; batch 32 fewer images a second than batch 16 (both channels-last). Recovery with
-channels-last (and the GroupNorm-output loss reduced in memory order) ran 1.52x the steps in 450 s.
+student 0.88-1.07x after 39-84 s of compilation; batch 32 fewer images a second than batch 16 (both
+channels-last). Recovery with channels-last (and the GroupNorm-output loss reduced in memory order) ran
+1.52x the steps in 450 s.
 """
 
 from __future__ import annotations
