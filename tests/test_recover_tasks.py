@@ -1,12 +1,13 @@
 """Recovery of dense models: segmentation distils KL per pixel and reports per-pixel agreement and the mean
 IoU of the student's class map with the teacher's; video distils clip logits on still clips of the photos;
-detection distils the backbone and FPN features and reports their R^2. Each within its budget, with the
-held-out scores before and after."""
+detection distils the backbone and FPN features and reports their R^2 and the teacher's detections the student
+finds. Each within its budget, with the held-out scores before and after."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -90,6 +91,12 @@ def test_detection_recovery_distils_the_backbone_features(tmp_path: Path) -> Non
     result = recover(teacher.eval(), data, budget=40, input_size=64, holdout=4, groups=16, batch_size=4)
     first, last = result.stages[0].scores, result.stages[-1].scores
     assert 0 < first["feature_r2"] <= last["feature_r2"] < 1 and last["kl"] <= first["kl"]
+    for scores in (first, last):  # detections on 4 held-out photos (this untrained teacher is confident on them)
+        assert scores["box_teacher"] > 0 and 0 <= scores["box_recall"] <= 1 and 0 <= scores["box_f1"] <= 1
+    views = torch.stack(photo_crops(4, 64, seed=5).unbind())
+    itself = TASKS["detection"].model_scores(teacher, SimpleNamespace(heldout=views, groups=list("abcd")))
+    assert itself is not None and itself(copy.deepcopy(teacher))["box_f1"] == 1.0
+    assert "boxes found" in result.summary()
     with torch.no_grad():
         detections = result.model.eval()([torch.rand(3, 96, 96)])
     assert set(detections[0]) == {"boxes", "labels", "scores"}

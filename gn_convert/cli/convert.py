@@ -33,8 +33,10 @@ PARITY_BATCH = 2
 """The default larger batch of the parity check (:data:`gn_convert.pipeline.PARITY_BATCH`)."""
 
 SHOWN_FALLBACKS = 5
-DENSE_SCORES = {"miou": "mIoU", "feature_r2": "feature R^2"}
-"""Scores a dense task's recovery adds (per-pixel agreement's mean IoU; detection features' R^2)."""
+DENSE_SCORES = {"miou": "mIoU", "feature_r2": "feature R^2", "box_recall": "boxes found", "box_precision": "right"}
+"""Scores a dense task's recovery adds (per-pixel agreement's mean IoU; detection features' R^2 and the share of
+the teacher's confident detections the student finds, and of its own that the teacher has:
+:mod:`gn_convert.fidelity.boxes`)."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

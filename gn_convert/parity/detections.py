@@ -16,7 +16,7 @@ the data, after non-maximum suppression: they cannot be compared position by pos
 
 A picture passes when both find as many detections, their sorted scores agree within
 :data:`SCORE_TOLERANCE`, and at least :data:`MIN_MATCHED` of the PyTorch detections whose score is not
-tied with another candidate's are matched with IoU at least :data:`MIN_IOU`, each matched score within
+tied with another PyTorch detection's are matched with IoU at least :data:`MIN_IOU`, each matched score within
 :data:`SCORE_TOLERANCE` (an untrained head scores many boxes alike, and which of two tied boxes is kept
 is decided by rounding). Measured on a converted
 Faster R-CNN (docs/PARITY.md): every one of 50 detections matched and scores within 7e-4, while the
@@ -47,9 +47,11 @@ PICTURES = 3
 class DetectionRow:
     """One picture on one provider: how the file's detections match the model's.
 
-    A detection whose score lies within :data:`SCORE_TOLERANCE` of another candidate's is *tied*: which of
-    the two the top-k and the threshold keep is decided by rounding, so it counts only through the scores
-    (``score_gap``: the largest difference between the two sorted score lists)."""
+    A detection whose score lies within :data:`SCORE_TOLERANCE` of another PyTorch detection's is *tied*:
+    which of the two the top-k and the threshold keep is decided by rounding, so it counts only through the
+    scores (``score_gap``: the largest difference between the two sorted score lists). Its own counterpart in
+    the file does not make it tied (until 8 Dec 2026 it did, so a file whose scores agreed passed whatever
+    its boxes were)."""
 
     provider: str
     variant: str
@@ -186,29 +188,23 @@ def match(want: dict[str, torch.Tensor], got: dict[str, Any]) -> dict[str, Any]:
         :class:`DetectionRow` fields: ``matched``, ``score_max_abs`` (of a matched pair), ``distinct`` and
         ``matched_distinct`` (the untied detections, see :class:`DetectionRow`), ``score_gap``.
     """
-    from torchvision.ops import box_iou
+    from gn_convert.fidelity.boxes import greedy_pairs
 
-    boxes, labels, scores = (torch.as_tensor(np.asarray(got[k])) for k in ("boxes", "labels", "scores"))
+    scores = torch.as_tensor(np.asarray(got["scores"]))
     wanted = want["scores"].float()
     found = {"matched": 0, "score_max_abs": 0.0, "distinct": 0, "matched_distinct": 0, "score_gap": 0.0}
     if len(wanted) == len(scores) and len(scores):
         found["score_gap"] = float((wanted.sort().values - scores.float().sort().values).abs().max())
-    if not len(want["boxes"]) or not len(boxes):
+    if not len(wanted) or not len(scores):
         return found
-    iou = box_iou(want["boxes"].float(), boxes.float())
-    iou[want["labels"][:, None] != labels[None, :]] = 0.0
-    gaps = (wanted[:, None] - torch.cat([wanted, scores.float()])[None, :]).abs()
-    gaps[torch.arange(len(wanted)), torch.arange(len(wanted))] = float("inf")  # not itself
-    tied = gaps.min(1).values <= SCORE_TOLERANCE
-    used: set[int] = set()
-    for i in torch.argsort(wanted, descending=True).tolist():
-        found["distinct"] += int(not tied[i])
-        candidates = [j for j in torch.argsort(iou[i], descending=True).tolist() if j not in used]
-        if candidates and iou[i, candidates[0]] >= MIN_IOU:
-            used.add(candidates[0])
-            found["matched"] += 1
-            found["matched_distinct"] += int(not tied[i])
-            found["score_max_abs"] = max(found["score_max_abs"], abs(float(wanted[i]) - float(scores[candidates[0]])))
+    gaps = (wanted[:, None] - wanted[None, :]).abs()  # among PyTorch's own: its twin in the file is no tie
+    gaps.fill_diagonal_(float("inf"))  # not itself
+    tied = gaps.min(1).values <= SCORE_TOLERANCE if len(wanted) > 1 else torch.zeros(1, dtype=torch.bool)
+    found["distinct"] = int((~tied).sum())
+    for i, j, _ in greedy_pairs(want, {k: np.asarray(got[k]) for k in ("boxes", "labels", "scores")}, MIN_IOU):
+        found["matched"] += 1
+        found["matched_distinct"] += int(not tied[i])
+        found["score_max_abs"] = max(found["score_max_abs"], abs(float(wanted[i]) - float(scores[j])))
     return found
 
 

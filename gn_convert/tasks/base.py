@@ -17,6 +17,7 @@ The pipeline, parity, recovery and deployment never branch on a model's task: th
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,12 @@ class Task:
         """The recovery's data (:class:`~gn_convert.fidelity.recover.data.RecoveryData` of image views) as
         the head takes them (images, for every task but video)."""
         return found
+
+    def model_scores(self, teacher: nn.Module, found: Any) -> Callable[[nn.Module], dict[str, float]] | None:
+        """What a recovery scores on whole models besides the head's outputs: a function of the student
+        (:class:`~gn_convert.fidelity.recover.data.RecoveryData` ``found`` gives the held-out views), or None
+        where the head's outputs say it all (every task but detection)."""
+        return None
 
     def measure(self, student: torch.Tensor, teacher: torch.Tensor, groups: Any = None,
                 resamples: int = 500) -> dict[str, Any]:

@@ -10,6 +10,7 @@ any output, and the detections by matching boxes (:mod:`gn_convert.parity.detect
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,17 @@ class Detection(Task):
         return {"top1": 1.0 - error, "top1_low": float("nan"), "top1_high": float("nan"), "confident": float("nan"),
                 "n_confident": 0, "top5": float("nan"), "kl": error, "feature_r2": 1.0 - error}
 
+    def model_scores(self, teacher: nn.Module, found: Any) -> Callable[[nn.Module], dict[str, float]] | None:
+        """Box agreement with the teacher's detections (:func:`gn_convert.fidelity.boxes.box_agreement`) on one
+        view each of the first :data:`~gn_convert.fidelity.boxes.PICTURES` held-out photos; the teacher's are
+        computed once."""
+        from gn_convert.fidelity.boxes import PICTURES, box_agreement, detections
+
+        pictures = heldout_pictures(found.heldout, found.groups, PICTURES)
+        if not pictures:
+            return None
+        reference = detections(teacher, pictures)
+        return lambda student: box_agreement(reference, detections(student, pictures))
 
     def export(self, model: nn.Module, path: Path, *, input_size: tuple[int, ...], **options: Any) -> Any:
         from gn_convert.onnx.export import export_onnx
@@ -119,3 +131,14 @@ class Features(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([level.flatten(1) for level in self.backbone(x).values()], dim=1)
+
+
+def heldout_pictures(views: torch.Tensor, groups: Sequence[str], count: int) -> list[torch.Tensor]:
+    """The first view of each of the first ``count`` photos among normalised held-out ``views`` (a recovery's:
+    ImageNet mean and deviation), as pictures in [0, 1] (what a detection model takes)."""
+    from gn_convert.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    first = {str(group): k for k, group in reversed(list(enumerate(groups)))}
+    chosen = sorted(first.values())[:count]
+    return [(views[k].float().cpu() * std + mean).clamp(0, 1) for k in chosen]

@@ -260,7 +260,8 @@ class _Recovery:
             found = self.task.recovery_views(recovery_data(data, teacher, opts["data"],
                                                            lambda n, train: self._synthesise(teacher, n, data, train,
                                                                                              opts)))
-            judge = Judge(self.task.head(teacher), found.heldout, found.groups, found.fit, self.task.measure)
+            judge = Judge(self.task.head(teacher), found.heldout, found.groups, found.fit, self.task.measure,
+                          self.task.model_scores(teacher, found))
             warnings = list(found.warnings) + same_scene_warnings(self.task.head(teacher), found)
             batch_size, images = opts["distill"]["batch_size"], _size(found.train)
             if batch_size > images:
@@ -375,7 +376,7 @@ class _Recovery:
 
     def _scored(self, name: str, student: nn.Module, judge: Judge, started: float, detail: dict[str, Any],
                 completed: bool = True) -> StageResult:
-        scores = ddp.from_main(judge.score(self.task.head(student)), self.procs)  # every process keeps the same state
+        scores = ddp.from_main(judge.score(self.task.head(student), student), self.procs)  # every process keeps the same state
         if judge.keep_best(student, scores):
             detail = {**detail, "best_so_far": True}
         log.info("%s: held-out agreement %.3f, KL %.3f, fit %.3f", name, scores["top1"], scores["kl"], scores["fit"])

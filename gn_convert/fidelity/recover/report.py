@@ -43,18 +43,23 @@ class Judge:
     """Scores students on fixed held-out and fit views against the teacher (see the module docstring)."""
 
     def __init__(self, teacher: nn.Module, heldout: torch.Tensor, groups: list[str], fit: torch.Tensor,
-                 measure: Callable[..., dict[str, Any]] | None = None) -> None:
+                 measure: Callable[..., dict[str, Any]] | None = None,
+                 whole: Callable[[nn.Module], dict[str, float]] | None = None) -> None:
         self.heldout, self.groups, self.fit = heldout, groups, fit
         self.measure = measure or agreement_metrics  # a task's own (gn_convert.tasks.Task.measure)
+        self.whole = whole  # scores of the whole student (gn_convert.tasks.Task.model_scores): detections
         self.teacher_heldout = logits(teacher, heldout) if len(heldout) else torch.empty(0)
         self.teacher_fit = logits(teacher, fit) if len(fit) else torch.empty(0)
         self.best_kl = math.inf
         self.best_state: dict[str, torch.Tensor] | None = None
 
-    def score(self, student: nn.Module) -> dict[str, float]:
-        """``heldout`` metrics (see :func:`gn_convert.fidelity.metrics.agreement_metrics`, or the task's
-        ``measure``) and ``fit`` (top-1 agreement on the fit views)."""
+    def score(self, student: nn.Module, whole: nn.Module | None = None) -> dict[str, float]:
+        """``heldout`` metrics of the head ``student`` (see :func:`gn_convert.fidelity.metrics.agreement_metrics`,
+        or the task's ``measure``), ``fit`` (top-1 agreement on the fit views), and the task's scores of the
+        ``whole`` student where it has any."""
         found: dict[str, float] = {"fit": math.nan}
+        if self.whole is not None and whole is not None:
+            found.update(self.whole(whole))
         if len(self.fit):
             found["fit"] = float(self.measure(logits(student, self.fit), self.teacher_fit, None, resamples=1)["top1"])
         if len(self.heldout):
@@ -159,6 +164,8 @@ class RecoveryResult:
             low, high = s.scores.get("top1_low", math.nan), s.scores.get("top1_high", math.nan)
             interval = f" [{low:.2f}-{high:.2f}]" if math.isfinite(low) and math.isfinite(high) else ""
             miou = f"  mIoU {s.scores['miou']:.3f}" if "miou" in s.scores else ""
+            if "box_recall" in s.scores:
+                miou += f"  boxes found {s.scores['box_recall']:.3f}, right {s.scores['box_precision']:.3f}"
             lines.append(f"{s.name:12} {s.seconds:7.1f} s  held-out agreement {s.agreement:.3f}{interval}  KL {kl:.2f}  "
                          f"fit {fit:.3f}{miou}{'' if s.completed else '  (budget ran out)'}")
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
