@@ -47,13 +47,7 @@ DENSE = tuple(name for task in ("segmentation", "detection", "video") for name i
 """Every torchvision segmentation, detection and video model with BatchNorm."""
 TIMM = TIMM_CATALOG
 """The timm section: BatchNorm classification models by family (untrained weights)."""
-CAUSES = {
-    "inception_v3": (
-        "only the mean-1000 input fails. Against a float64 run, onnxruntime with optimisations off is 2.8e-2 "
-        "away where torch float32 is 1.7e-2 (so the two differ by more than twice torch's own error); with "
-        "optimisations on it is 1.6e-2 away, but its cosine (0.99967) falls just short of the bound derived "
-        "from torch's own cosine deficit. Ordinary and large-scale inputs pass at both levels"),
-}
+CAUSES: dict[str, str] = {}
 """Causes of known failures, measured by hand (printed in CATALOG.md beside the row)."""
 
 
