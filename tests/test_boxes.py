@@ -40,7 +40,7 @@ def test_found_at_any_score_right_only_where_confident_labels_and_iou_decide() -
     scores = box_agreement([TEACHER], [student])
     assert scores["box_teacher"] == 3 and scores["box_student"] == 4  # scores >= 0.5
     assert math.isclose(scores["box_recall"], 2 / 3) and math.isclose(scores["box_precision"], 2 / 4)
-    assert math.isclose(scores["box_f1"], (2 + 2) / (3 + 4))
+    assert math.isclose(scores["box_f1"], 2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
     assert math.isclose(scores["box_iou"], 10 / 12, rel_tol=1e-6) or math.isclose(scores["box_iou"], 80 / 120,
                                                                                  rel_tol=1e-6)
     assert math.isclose(scores["box_score_gap"], 0.5, rel_tol=1e-6) or math.isclose(scores["box_score_gap"], 0.1,
@@ -52,6 +52,9 @@ def test_a_student_that_reports_nothing_scores_zero_not_undefined() -> None:
     nothing = found([], [], [])
     scores = box_agreement([TEACHER], [nothing])
     assert scores["box_recall"] == 0.0 and scores["box_f1"] == 0.0 and math.isnan(scores["box_precision"])
+    quiet = {**TEACHER, "scores": TEACHER["scores"] * 0.3}  # the same boxes, none confident: found, yet reports none
+    scores = box_agreement([TEACHER], [quiet])
+    assert scores["box_recall"] == 1.0 and scores["box_f1"] == 0.0
     assert math.isnan(box_agreement([nothing], [nothing])["box_f1"])
 
 

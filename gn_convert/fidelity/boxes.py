@@ -10,9 +10,9 @@ pictures:
 - each of the student's confident detections is *right* when a teacher detection matches it the same way.
 
 ``box_recall`` = found / the teacher's confident detections, ``box_precision`` = right / the student's,
-``box_f1`` = (found + right) / (both models' confident detections), which is their harmonic mean when found
-equals right and 0, not undefined, when one model reports nothing; ``box_iou`` is the median IoU of the found
-pairs and ``box_score_gap`` the median absolute difference of their scores. Matching is greedy by descending reference score, each
+``box_f1`` their harmonic mean (0, not undefined, when one model reports nothing and the other does),
+``box_iou`` the median IoU of the found pairs and ``box_score_gap`` the median absolute difference of their
+scores. Matching is greedy by descending reference score, each
 candidate used once (:func:`greedy_pairs`, shared with the parity check's matching).
 """
 
@@ -110,6 +110,9 @@ def box_agreement(teacher: list[dict[str, torch.Tensor]], student: list[dict[str
         gaps += [abs(float(sure["scores"][i]) - float(theirs["scores"][j])) for i, j, _ in pairs]
     recall = found / wanted if wanted else math.nan
     precision = right / given if given else math.nan
-    f1 = (found + right) / (wanted + given) if wanted + given else math.nan
+    if not wanted or not given:  # one model reports nothing: no agreement, unless neither does
+        f1 = math.nan if wanted == given else 0.0
+    else:
+        f1 = 2 * recall * precision / (recall + precision) if recall + precision > 0 else 0.0
     return {"box_recall": recall, "box_precision": precision, "box_f1": f1, "box_iou": _median(ious),
             "box_score_gap": _median(gaps), "box_teacher": float(wanted), "box_student": float(given)}
