@@ -30,6 +30,7 @@ from torch import nn
 from gn_convert import strict_json
 from gn_convert.data.folders import check_data
 from gn_convert.errors import CheckpointError, DataError
+from gn_convert.fidelity.distill.state import STATE_FILE
 from gn_convert.output_folder import check_output_folder, refuse_overlap, staged_folder
 from gn_convert.ownership import remove_owned
 from gn_convert.stages import Stages
@@ -138,6 +139,9 @@ def run_finetune(opts: FinetuneOptions, *, stages: Stages | None = None,
     out = check_output_folder(opts.output, opts.force)
     state_dir = opts.state_dir or out.with_name(out.name + ".train-state")
     refuse_overlap(out, "--out", state_dir, "--state-dir")
+    refuse_overlap(Path(opts.checkpoint), "the checkpoint", state_dir, "--state-dir")  # clean-up must not reach it
+    if isinstance(opts.data, (str, Path)):
+        refuse_overlap(Path(opts.data), "--data", state_dir, "--state-dir")
     config = read_config(opts.checkpoint)
     stages = stages or Stages()
     with stages("load", f"loading {opts.checkpoint} and its teacher"):
@@ -156,5 +160,5 @@ def run_finetune(opts: FinetuneOptions, *, stages: Stages | None = None,
              extra={k: v for k, v in config.items() if k not in _WRITTEN_BY_SAVE})
         (tmp / "report.json").write_text(strict_json.dumps(report, indent=2))
     if not opts.keep_state:  # the files gn-convert wrote there; a folder the user named stays
-        remove_owned(state_dir, remove_folder=opts.state_dir is None)
+        remove_owned(state_dir, remove_folder=opts.state_dir is None, only=[STATE_FILE])
     return report

@@ -103,23 +103,32 @@ def _prune(folder: Path, relative: str) -> None:
         parent = parent.parent
 
 
-def remove_owned(folder: str | Path, *, remove_folder: bool) -> list[str]:
-    """Delete the files gn-convert wrote under ``folder`` and its manifest; nothing else.
+def remove_owned(folder: str | Path, *, remove_folder: bool, only: Iterable[str] | None = None) -> list[str]:
+    """Delete the files gn-convert wrote under ``folder`` (those of them named in ``only``, when given) and,
+    once none of its files is left, its manifest; nothing else.
 
     Args:
         folder: the folder.
         remove_folder: also remove ``folder`` itself when nothing is left in it (gn-convert created it).
+        only: relative paths to remove, if gn-convert wrote them (a run's own state files): the other files
+            gn-convert wrote there (an earlier output, a checkpoint) stay, and stay in the manifest.
 
     Returns:
-        The files that were kept (not gn-convert's), sorted.
+        The files that were kept, sorted.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    for relative in sorted(owned(folder)):
+    mine = owned(folder)
+    doomed = mine if only is None else mine & set(only)
+    for relative in sorted(doomed):
         (folder / relative).unlink(missing_ok=True)
         _prune(folder, relative)
-    (folder / MARKER).unlink(missing_ok=True)
+    listed = manifest(folder) or set()
+    if (folder / MARKER).exists() and listed - doomed:
+        write_manifest(folder, listed - doomed)
+    else:
+        (folder / MARKER).unlink(missing_ok=True)
     kept = sorted(files_in(folder))
     if kept:
         log.info("kept %d file(s) in %s that gn-convert did not write", len(kept), folder)

@@ -133,6 +133,12 @@ def check_options(opts: PipelineOptions) -> tuple[Path, Path | None]:
     """
     out, library = check_output_folder(opts.output, opts.force), None
     check_data((opts.recover or {}).get("data", opts.fidelity.get("data")))
+    for option, key in (("--state-dir", "checkpoint_dir"), ("--synthetic-dir", "synthetic_dir")):
+        where = (opts.recover or {}).get(key) or opts.fidelity.get(key)
+        if where is not None:  # refused now, not when the result is saved after the whole budget
+            refuse_overlap(out, "--out", Path(where), option)
+            if key == "synthetic_dir":
+                check_output_folder(where, False, option)
     if opts.parity_batch < 2:
         raise OptionError(f"the parity batch must be at least 2 (batch 1 always runs), got {opts.parity_batch}")
     if opts.native or opts.triton_repo is not None:

@@ -91,6 +91,28 @@ def test_a_state_dir_inside_the_output_is_refused_before_any_work(tmp_path, work
     assert code == 2 and "overlap" in error_line() and not out.exists()
 
 
+def test_a_state_dir_that_is_the_checkpoint_is_refused_and_the_checkpoint_stays(tmp_path, workspace,
+                                                                                error_line) -> None:
+    """Defect: clean-up removed every file gn-convert had recorded in --state-dir, so ``--state-dir CHECKPOINT``
+    deleted the checkpoint that was fine-tuned."""
+    _, data, checkpoint = workspace
+    before = sorted(p.name for p in checkpoint.iterdir())
+    code = main(["finetune", str(checkpoint), "--data", str(data), "--out", str(tmp_path / "out"), "--state-dir",
+                 str(checkpoint), *FAST])
+    assert code == 2 and "overlap" in error_line() and sorted(p.name for p in checkpoint.iterdir()) == before
+
+
+@pytest.mark.parametrize("option", ["--state-dir", "--synthetic-dir"])
+def test_the_main_commands_folders_inside_the_output_are_refused_before_any_work(tmp_path, workspace, error_line,
+                                                                                option: str) -> None:
+    """Defect: a --state-dir or --synthetic-dir inside --out failed only at the final save, after the budget."""
+    weights, data, _ = workspace
+    out = tmp_path / "out"
+    code = main(["resnet18", "--weights", str(weights), "--recover", "--data", str(data), "--budget", "5", option,
+                 str(out / "inside"), "--out", str(out), "--no-onnx"])
+    assert code == 2 and "overlap" in error_line() and not out.exists()
+
+
 @pytest.mark.parametrize("problem", ["missing data", "empty data", "teacher mismatch", "corrupt checkpoint",
                                      "corrupt state", "no data for calibration"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, problem: str, workspace, error_line) -> None:

@@ -129,3 +129,34 @@ def test_remove_owned_deletes_only_listed_files_and_a_named_folder_stays(tmp_pat
     (empty / MARKER).write_text(json.dumps({"written_by": "gn-convert", "files": ["state.pt"]}))
     remove_owned(empty, remove_folder=False)
     assert empty.is_dir() and not list(empty.iterdir())
+
+
+def test_remove_owned_of_named_files_keeps_gn_converts_other_files_and_their_record(tmp_path: Path) -> None:
+    """A run's clean-up removes its own state files only: a checkpoint gn-convert wrote into the same folder stays,
+    and stays gn-convert's (a later --force may still replace it)."""
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "state.pt"):
+        (folder / name).write_text(name)
+    (folder / MARKER).write_text(json.dumps({"written_by": "gn-convert",
+                                             "files": ["config.json", "model.safetensors", "state.pt"]}))
+    assert remove_owned(folder, remove_folder=True, only=["state.pt", "recover.pt"]) == ["config.json",
+                                                                                          "model.safetensors"]
+    assert manifest(folder) == {"config.json", "model.safetensors"} and folder.is_dir()
+
+
+def test_a_state_file_the_user_wrote_is_never_replaced(tmp_path: Path) -> None:
+    """Defect: a run's first save replaced a ``state.pt`` another tool kept in the folder, and claimed it."""
+    from gn_convert.errors import CheckpointError
+    from gn_convert.fidelity.distill.state import save_state, state_path
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    torch.save({"epoch": 7}, state_path(folder))
+    with pytest.raises(CheckpointError, match="did not write it"):
+        save_state(folder, {"step": 1})
+    assert torch.load(state_path(folder), weights_only=True) == {"epoch": 7} and manifest(folder) is None
+    fresh = tmp_path / "fresh"
+    save_state(fresh, {"step": 1})
+    save_state(fresh, {"step": 2})  # its own file: replaced
+    assert torch.load(state_path(fresh), weights_only=True)["step"] == 2 and owned(fresh) == {"state.pt"}

@@ -18,7 +18,7 @@ import torch
 
 from gn_convert.atomic import atomic_file
 from gn_convert.errors import CheckpointError, OutputError
-from gn_convert.ownership import record
+from gn_convert.ownership import owned, record
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,12 @@ def write_state_file(path: Path, state: dict[str, Any]) -> Path:
     in its folder's manifest (clean-up removes it, and nothing the user keeps there).
 
     Raises:
-        CheckpointError: the folder cannot be created or written.
+        CheckpointError: the folder cannot be created or written, or ``path`` is a file gn-convert did not
+            write (a user's own ``state.pt`` is never replaced).
     """
+    if path.exists() and path.relative_to(path.parent).as_posix() not in owned(path.parent):
+        raise CheckpointError(f"{path} exists and gn-convert did not write it: it is not replaced; choose another "
+                              "state folder (--state-dir) or move the file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path) as tmp:
