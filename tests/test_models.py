@@ -146,10 +146,28 @@ def test_default_weights_come_from_torchvisions_cache(tmp_path: Path, monkeypatc
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(resnet18_state, cache / "resnet18-f37072fd.pth")
-    monkeypatch.setattr(torch.hub, "check_hash", False, raising=False)
+    monkeypatch.setattr("gn_convert.load.weights.check_cached", lambda path: None)  # this file is no real download
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("network was used"))
     model = gn_convert.load_model("resnet18", "DEFAULT")
     assert _same_weights(model, resnet18_state)
+
+
+@pytest.mark.parametrize("hash_checked", [True, False])
+def test_a_file_planted_in_torchvisions_cache_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture, hash_checked: bool) -> None:
+    """Defect: torchvision's builders unpickled cached weights with weights_only=False, so a file put in
+    $TORCH_HOME/hub/checkpoints under a weights file's name ran its code. Now the file must match the hash in
+    its name, and (that check aside) is read as tensors only."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save({"fc.weight": Payload()}, cache / "resnet18-f37072fd.pth")
+    if not hash_checked:
+        monkeypatch.setattr("gn_convert.load.weights.check_cached", lambda path: None)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("network was used"))
+    with pytest.raises(WeightsError, match="does not match the hash" if hash_checked else "Unpickling|weights_only"):
+        gn_convert.load_model("resnet18", "DEFAULT")
+    assert "must never run" not in capsys.readouterr().out
 
 
 def test_list_models_is_computed_from_torchvision() -> None:

@@ -5,7 +5,8 @@
 - ``"DEFAULT"``, a torchvision weights name (``"IMAGENET1K_V2"``) or a qualified one
   (``"ResNet50_Weights.IMAGENET1K_V2"``, as ``config.json`` records it): torchvision's weights
   API, its download and its cache (``$TORCH_HOME/hub/checkpoints``). Offline with the file not
-  cached, loading fails at once with one line naming the cache path.
+  cached, loading fails at once with one line naming the cache path. A cached file must match the
+  hash in its name, and is read with ``weights_only=True`` too (:mod:`gn_convert.load.hub`).
 - for ``timm/...`` names, ``"DEFAULT"`` means timm's pretrained weights of the name's tag
   (see :mod:`gn_convert.load.timm_models`).
 - ``"none"``: untrained (random) weights.
@@ -31,6 +32,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from gn_convert.errors import WeightsError, WeightsUnavailableError, first_line
+from gn_convert.load.hub import check_cached, tensors_only
 from gn_convert.load.names import build_model, build_torchvision, check_model_name
 from gn_convert.load.state_dict import load_weights_into, read_state_dict
 from gn_convert.load.timm_models import is_timm_name, load_timm_pretrained, timm_preset
@@ -195,8 +197,10 @@ def _build_pretrained(name: str, enum: Any, **kwargs: Any) -> nn.Module:
             f"cannot download {enum} (offline?) and it is not cached at {cached}; put the file "
             "there, or pass weights=\"none\" (untrained) or weights=PATH (a local file)"
         )
+    check_cached(cached)
     try:
-        return build_torchvision(name, **(kwargs or {"weights": enum}))
+        with tensors_only():  # torchvision's own read would unpickle anything put in the cache
+            return build_torchvision(name, **(kwargs or {"weights": enum}))
     except Exception as err:  # network, hash or format failure of the download
         raise WeightsUnavailableError(
             f"cannot get {enum} ({type(err).__name__}: {first_line(err, 160)}); cache: {cached}; "
