@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from gn_convert.atomic import output_error, side_path, sweep_stale, terminate_as_exit
 from gn_convert.errors import OutputError
@@ -172,11 +172,12 @@ def _merge_in(new: Path, path: Path) -> None:
         OutputError: a file of ``new`` would overwrite one gn-convert did not write (nothing moved),
             or a move fails (every move undone).
     """
-    incoming = files_in(new)
-    clash = sorted(incoming & set(foreign(path)))
+    incoming, others = files_in(new), set(foreign(path))
+    # a user's file (or link: a linked folder counts as one entry) at a written file's path or at a folder above it
+    clash = sorted(i for i in incoming if i in others or any(p.as_posix() in others for p in PurePosixPath(i).parents))
     if clash:
-        raise OutputError(f"cannot write {path / clash[0]}: a file gn-convert did not write has that name; move it or "
-                          "choose another output folder")
+        raise OutputError(f"cannot write {path / clash[0]}: a file or link gn-convert did not write is in its way; move "
+                          "it or choose another output folder")
     aside, done = side_path(path, "old"), []  # (from, to) pairs, in the order they were made
     try:
         aside.mkdir()

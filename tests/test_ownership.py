@@ -68,7 +68,7 @@ def test_a_new_output_that_would_overwrite_a_users_file_is_refused_and_nothing_m
     with staged_folder(out) as tmp:
         (tmp / "model.onnx").write_text("old")
     (out / "report.json").write_text("the user's report")
-    with pytest.raises(OutputError, match="report.json: a file gn-convert did not write has that name"):
+    with pytest.raises(OutputError, match="report.json: a file or link gn-convert did not write is in its way"):
         with staged_folder(out, force=True) as tmp:
             (tmp / "report.json").write_text("new")
     assert (out / "report.json").read_text() == "the user's report" and (out / "model.onnx").read_text() == "old"
@@ -160,3 +160,22 @@ def test_a_state_file_the_user_wrote_is_never_replaced(tmp_path: Path) -> None:
     save_state(fresh, {"step": 1})
     save_state(fresh, {"step": 2})  # its own file: replaced
     assert torch.load(state_path(fresh), weights_only=True)["step"] == 2 and owned(fresh) == {"state.pt"}
+
+
+def test_force_never_writes_through_a_users_link_to_a_folder_outside(tmp_path: Path) -> None:
+    """Defect: a user's link ``1 -> elsewhere`` in a Triton model folder counted as one foreign entry named ``1``, so
+    the merge of ``1/model.onnx`` saw no clash and wrote through the link into the user's folder."""
+    out, outside = tmp_path / "repo" / "resnet", tmp_path / "user_store"
+    with staged_folder(out, within=tmp_path / "repo") as tmp:
+        (tmp / "1").mkdir()
+        (tmp / "1" / "model.onnx").write_text("gn v1")
+    outside.mkdir()
+    (outside / "model.onnx").write_text("the user's model")
+    (out / "1" / "model.onnx").unlink()
+    (out / "1").rmdir()
+    (out / "1").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(OutputError, match="in its way"):
+        with staged_folder(out, force=True, within=tmp_path / "repo") as tmp:
+            (tmp / "1").mkdir()
+            (tmp / "1" / "model.onnx").write_text("gn v2")
+    assert (outside / "model.onnx").read_text() == "the user's model" and (out / "1").is_symlink()
