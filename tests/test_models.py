@@ -236,3 +236,18 @@ def test_first_line_cuts_a_long_line_at_a_sentence_or_word_end() -> None:
     assert first_line(RuntimeError("word " * 80), 22) == "word word word word..."
     assert first_line(RuntimeError("x" * 50), 10) == "x" * 10 + "..."
     assert first_line(RuntimeError("fits. Whole."), 12) == "fits. Whole."
+
+
+def test_a_state_with_an_extra_key_loads_nothing(resnet18_state: dict) -> None:
+    """Defect: missing or unexpected keys were found after a non-strict load had already changed the model."""
+    from gn_convert.load.state_dict import load_weights_into
+
+    model = gn_convert.load_model("resnet18", "none")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WeightsError, match="unexpected: head.extra"):
+        load_weights_into(model, {**resnet18_state, "head.extra": torch.zeros(1)}, "the file")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    missing = {k: v for k, v in resnet18_state.items() if k != "fc.bias"}
+    with pytest.raises(WeightsError, match="missing: fc.bias"):
+        load_weights_into(model, missing, "the file")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -165,3 +165,40 @@ def test_frozen_batchnorm_converts_to_groupnorm_that_distill_does_not_train() ->
     converted = gn_convert.convert(model, 4)
     assert isinstance(converted[1], nn.GroupNorm)
     assert not converted[1].weight.requires_grad and not converted[1].bias.requires_grad
+
+
+class TwoNames(nn.Module):
+    """A BatchNorm layer reachable under two names (``bn`` and ``alias``), called once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.conv2, self.bn2 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), \
+            nn.BatchNorm2d(8)
+        self.alias = self.bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(torch.relu(self.bn(self.conv(x)))))
+
+
+def test_conversion_keeps_each_parameters_trainability_hooks_and_shared_layers() -> None:
+    """Defects a review found: the shift took the scale's requires_grad, hooks on a BatchNorm layer were
+    dropped, and a layer registered under two names was converted under one of them only."""
+    model = TwoNames()
+    model.bn.bias.requires_grad_(False)
+    model.bn2.weight.requires_grad_(False)
+    seen: list[str] = []
+    handle = model.bn.register_forward_hook(lambda m, i, o: seen.append(f"fwd {type(m).__name__}"))
+    model.bn.register_forward_pre_hook(lambda m, i: seen.append("pre"))
+    model.bn2.register_full_backward_hook(lambda m, gi, go: seen.append("bwd"))
+    for inplace in (False, True):
+        seen.clear()
+        converted = gn_convert.convert(model, 4, inplace=inplace)
+        assert converted.bn is converted.alias and isinstance(converted.alias, nn.GroupNorm)
+        assert (converted.bn.weight.requires_grad, converted.bn.bias.requires_grad) == (True, False)
+        assert (converted.bn2.weight.requires_grad, converted.bn2.bias.requires_grad) == (False, True)
+        converted(torch.randn(2, 3, 8, 8)).sum().backward()
+        assert seen == ["pre", "fwd GroupNorm", "bwd"]
+    handle.remove()  # a handle on a layer converted in place still removes its hook
+    seen.clear()
+    model(torch.randn(2, 3, 8, 8))
+    assert seen == ["pre"]

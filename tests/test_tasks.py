@@ -128,8 +128,10 @@ def test_detection_exports_torchvisions_way_and_matches_features_and_detections(
     graph = onnx.load(str(report.path)).graph
     assert [o.name for o in graph.output] == ["boxes", "labels", "scores"]
     assert sum(n.op_type == OP_TYPE for n in graph.node) == 46 and report.counts.batchnorm == 0
-    parity = task.check_parity(converted, report.path, input_size=(160, 192), batch=2)
+    parity = task.check_parity(converted.train(), report.path, input_size=(160, 192), batch=2)
     assert parity.passed, parity.failures()
+    assert converted.training and all(m.training for m in converted.modules())  # the caller's mode comes back
+    converted.eval()
     opened = [row for row in parity.rows if row.variant == "threshold 0"]
     assert opened and all(row.torch_count > 0 and row.matched >= 0.9 * row.torch_count for row in opened)
     assert [row.layers for row in parity.layers] == [46] * 3 and parity.worst_max_rel < 1e-4

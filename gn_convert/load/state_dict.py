@@ -103,7 +103,7 @@ def _listed(label: str, items: list[str]) -> str:
 def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
     """Load ``state`` into ``model`` strictly, with one clear line on any mismatch.
 
-    Shapes are checked first, so a mismatch never half-loads the model. The load itself is
+    Shapes and keys are checked first, so a mismatch never half-loads the model. The load itself is
     torch's own, with its hooks (a BatchNorm state from before torch 0.4.1 has no
     ``num_batches_tracked``, and torch fills it in); the keys torch then reports missing or
     unexpected make the message.
@@ -117,9 +117,13 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], origin: 
     if shapes:
         raise WeightsError(f"{origin} does not fit the model: {_listed('shape mismatch', shapes)}; "
                            "check the architecture name (and num_classes=N)")
-    result = model.load_state_dict(state, strict=False)
-    problems = [_listed(label, keys) for label, keys in (("missing", result.missing_keys),
-                                                         ("unexpected", result.unexpected_keys)) if keys]
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]  # torch fills those
+    keys = (("missing", missing), ("unexpected", [k for k in state if k not in expected]))
+    problems = [_listed(label, found) for label, found in keys if found]
+    if not problems:  # the keys were checked before anything is loaded; torch's own report is the backstop
+        result = model.load_state_dict(state, strict=False)
+        problems = [_listed(label, found) for label, found in (("missing", result.missing_keys),
+                                                               ("unexpected", result.unexpected_keys)) if found]
     if problems:
         raise WeightsError(f"{origin} does not fit the model: {'; '.join(problems)}; "
                            "check the architecture name (and num_classes=N)")

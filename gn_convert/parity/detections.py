@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gn_convert.modes import eval_mode
+
 MIN_IOU = 0.9
 MIN_MATCHED = 0.9
 SCORE_TOLERANCE = 5e-3
@@ -161,22 +163,22 @@ def layer_rows(model: nn.Module, path: Path, images: list[torch.Tensor], provide
     from gn_convert.parity.tolerances import tolerance_for
 
     onnx_model, rows, skipped = read_model(path), [], {}
-    model.eval()
-    for name in providers:
-        found = availability(name, native_library)
-        if not found.available:
-            skipped[name] = found.reason
-            continue
-        bound = tolerance_for(name, "float32", None).max_rel
-        for k, image in enumerate(images):
-            compared = localise(model, onnx_model, image, found, "all", float("inf"), call=lambda m, x: m([x]),
-                                keep=_backbone).layers
-            noise = _own_noise(model, [layer.layer for layer in compared], image)
-            limits = {layer.layer: max(bound, NOISE_FACTOR * noise.get(layer.layer, 0.0)) for layer in compared}
-            worst = max(compared, key=lambda layer: layer.max_rel / limits[layer.layer], default=None)
-            failing = next((layer.layer for layer in compared if not layer.max_rel <= limits[layer.layer]), None)
-            rows.append(LayerRow(name, k, len(compared), worst.max_rel if worst else float("nan"),
-                                 limits[worst.layer] if worst else bound, failing))
+    with eval_mode(model):  # the caller's modes come back
+        for name in providers:
+            found = availability(name, native_library)
+            if not found.available:
+                skipped[name] = found.reason
+                continue
+            bound = tolerance_for(name, "float32", None).max_rel
+            for k, image in enumerate(images):
+                compared = localise(model, onnx_model, image, found, "all", float("inf"), call=lambda m, x: m([x]),
+                                    keep=_backbone).layers
+                noise = _own_noise(model, [layer.layer for layer in compared], image)
+                limits = {layer.layer: max(bound, NOISE_FACTOR * noise.get(layer.layer, 0.0)) for layer in compared}
+                worst = max(compared, key=lambda layer: layer.max_rel / limits[layer.layer], default=None)
+                failing = next((layer.layer for layer in compared if not layer.max_rel <= limits[layer.layer]), None)
+                rows.append(LayerRow(name, k, len(compared), worst.max_rel if worst else float("nan"),
+                                     limits[worst.layer] if worst else bound, failing))
     return rows, skipped
 
 
@@ -244,8 +246,8 @@ def detection_rows(model: nn.Module, path: Path, images: list[torch.Tensor], pro
     from gn_convert.parity.providers import availability, session_kwargs
     from gn_convert.runtime import open_session, run_session
 
-    with torch.no_grad():
-        wanted = [model.eval()([image])[0] for image in images]
+    with torch.no_grad(), eval_mode(model):  # the caller's modes come back
+        wanted = [model([image])[0] for image in images]
     rows = []
     for name in providers:
         found = availability(name, native_library)

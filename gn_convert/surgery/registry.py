@@ -39,7 +39,8 @@ class BatchNormState:
         bias: per-channel shift (C,), or None when not affine.
         running_mean: population mean (C,), or None when statistics are not tracked.
         running_var: population variance (C,), or None when statistics are not tracked.
-        requires_grad: whether the affine parameters are trained.
+        requires_grad: whether the affine scale is trained.
+        bias_requires_grad: whether the affine shift is trained (None: as the scale).
         training: the module's train/eval mode.
         min_rank: the smallest input rank the layer accepts (2 for (N, C) input).
         device: device of the layer's tensors.
@@ -58,6 +59,7 @@ class BatchNormState:
     min_rank: int
     device: torch.device
     dtype: torch.dtype
+    bias_requires_grad: bool | None = None
 
 
 Reader = Callable[[nn.Module], BatchNormState]
@@ -166,6 +168,7 @@ def _read_torch_batchnorm(bn: Any) -> BatchNormState:
         min_rank=min_rank,
         device=device,
         dtype=dtype,
+        bias_requires_grad=bool(bn.affine and bn.bias.requires_grad),
     )
 
 

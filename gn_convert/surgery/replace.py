@@ -3,9 +3,11 @@
 :func:`convert` applies a :class:`~gn_convert.surgery.plan.GroupPlan`: each planned BatchNorm
 layer is replaced, in place of the same attribute, by an ``nn.GroupNorm`` (or, for a norm layer
 that also applies an activation, the registry's replacement that keeps it) with the planned
-group count, the layer's eps and affine flag, its device, dtype, ``requires_grad`` and
-train/eval mode, and an affine initialised from the BatchNorm statistics (or identity).
-Every other module is left untouched, and the input model is copied unless ``inplace=True``.
+group count, the layer's eps and affine flag, its device, dtype, ``requires_grad`` (the scale's and
+the shift's), forward and backward hooks and train/eval mode, and an affine initialised from the
+BatchNorm statistics (or identity). A layer registered under several names is replaced by one module
+at each of them, so it stays shared. Every other module is left untouched, and the input model is
+copied unless ``inplace=True``.
 """
 
 from __future__ import annotations
@@ -45,9 +47,22 @@ def group_norm_from(state: BatchNormState, num_groups: int, init: str = "bn-stat
             gn.weight.copy_(weight)
             gn.bias.copy_(bias)
         gn.weight.requires_grad_(state.requires_grad)
-        gn.bias.requires_grad_(state.requires_grad)
+        gn.bias.requires_grad_(state.requires_grad if state.bias_requires_grad is None else state.bias_requires_grad)
     gn.train(state.training)
     return gn
+
+
+HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+         "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+"""A module's hook tables: a replacement takes them over (the same tables, so a handle the user holds on a
+layer converted in place still removes its hook)."""
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the forward and backward hooks registered on ``old`` (they now see ``new``)."""
+    for table in HOOKS:
+        if getattr(old, table, None):
+            setattr(new, table, getattr(old, table))
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -117,6 +132,9 @@ def convert(
         example = example_input if example_input is not None else probe_input(target)
         fold_batchnorm(target, [layer.name for layer in plan.folded], example, prove=prove)
     found = {name: (module, state) for name, module, state in batchnorm_layers(target)}
+    aliases: dict[int, list[str]] = {}  # a layer registered under several names is replaced at each of them
+    for name, module in target.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
     for layer in plan.converted:
         module, state = found.get(layer.name, (None, None))
         if module is None or state is None or layer.num_groups is None:
@@ -125,7 +143,10 @@ def convert(
             raise GroupPlanError(
                 f"the plan gives {layer.name} {layer.num_channels} channels, the model has {state.num_channels}"
             )
-        _set_submodule(target, layer.name, replacement(module, group_norm_from(state, layer.num_groups, init)))
+        new = replacement(module, group_norm_from(state, layer.num_groups, init))
+        _carry_hooks(module, new)
+        for name in aliases.get(id(module), [layer.name]):
+            _set_submodule(target, name, new)
     log.info("converted: %s", plan.summary())
     if dp_ready:
         from gn_convert.surgery.dp import make_dp_ready
