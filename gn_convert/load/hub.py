@@ -31,13 +31,14 @@ def tensors_only() -> Iterator[None]:
     original = _api.WeightsEnum.get_state_dict
 
     def get_state_dict(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return _api.load_state_dict_from_url(self.url, *args, **{**kwargs, "weights_only": True})
+        state: dict[str, Any] = _api.load_state_dict_from_url(self.url, *args, **{**kwargs, "weights_only": True})
+        return state
 
-    _api.WeightsEnum.get_state_dict = get_state_dict  # type: ignore[method-assign]
+    _api.WeightsEnum.get_state_dict = get_state_dict
     try:
         yield
     finally:
-        _api.WeightsEnum.get_state_dict = original  # type: ignore[method-assign]
+        _api.WeightsEnum.get_state_dict = original
 
 
 def check_cached(path: Path) -> None:
