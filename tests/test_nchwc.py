@@ -330,6 +330,17 @@ def test_cli_writes_the_blocked_model(small_onnx: Path, native_library: Path, tm
     assert _compare(small_onnx, native_library, out.read_bytes()) < 1e-5
 
 
+def test_cli_never_writes_the_blocked_model_over_its_input(small_onnx: Path, native_library: Path, tmp_path: Path,
+                                                           error_line) -> None:
+    """Defect: ``--output`` equal to the model replaced the portable file with one valid on this CPU only."""
+    from gn_convert.cli import main
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(small_onnx.read_bytes())
+    assert main(["native", "--blocked", str(model), "-o", str(tmp_path / "." / "m.onnx")]) == 2
+    assert "is the model itself" in error_line() and model.read_bytes() == small_onnx.read_bytes()
+
+
 @pytest.mark.parametrize("problem", ["missing", "no groupnorm", "corrupt"])
 def test_cli_blocked_bad_input(problem: str, native_library: Path, tmp_path: Path, error_line) -> None:
     from gn_convert.cli import main

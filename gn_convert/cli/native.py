@@ -49,11 +49,14 @@ def run(args: argparse.Namespace) -> int:
 def _write_blocked(model: Path, output: Path, library: Path) -> None:
     """Rewrite ``model`` for the blocked layout into ``output`` (atomically) and say what moved."""
     from gn_convert.atomic import atomic_file
-    from gn_convert.errors import SessionError
+    from gn_convert.errors import OutputError, SessionError
     from gn_convert.native.nchwc import block_size, nchwc_model
 
     if not model.is_file():
         raise SessionError(f"ONNX file {model} not found")
+    if output.exists() and output.resolve() == model.resolve():  # the portable file would become this CPU's only
+        raise OutputError(f"--output {output} is the model itself; write the blocked file beside it (the default "
+                          f"is {model.with_suffix('.blocked.onnx').name})")
     data, fused = nchwc_model(model, library)
     if not fused:
         raise SessionError(f"{model} has no GroupNorm that onnxruntime runs on its blocked layout here (no "
