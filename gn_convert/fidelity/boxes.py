@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,6 +84,52 @@ def _median(values: list[float]) -> float:
     return float(torch.tensor(values).median()) if values else math.nan
 
 
+@dataclass(frozen=True)
+class PictureCounts:
+    """One picture's matching: the teacher's confident detections (``wanted``) and how many the student found,
+    the student's (``given``) and how many are right, and the IoU and score gap of each found pair."""
+
+    found: int
+    wanted: int
+    right: int
+    given: int
+    ious: tuple[float, ...]
+    gaps: tuple[float, ...]
+
+
+def picture_counts(teacher: list[dict[str, torch.Tensor]], student: list[dict[str, torch.Tensor]],
+                   min_score: float = MIN_SCORE, min_iou: float = MIN_IOU) -> list[PictureCounts]:
+    """Each picture's :class:`PictureCounts` (see the module docstring; the arguments as :func:`box_agreement`'s)."""
+    if len(teacher) != len(student):
+        raise ValueError(f"{len(teacher)} teacher pictures against {len(student)} student pictures")
+    counts = []
+    for mine, theirs in zip(teacher, student):
+        sure, their_sure = _confident(mine, min_score), _confident(theirs, min_score)
+        pairs = greedy_pairs(sure, theirs, min_iou)
+        counts.append(PictureCounts(
+            len(pairs), len(sure["scores"]), len(greedy_pairs(their_sure, mine, min_iou)), len(their_sure["scores"]),
+            tuple(iou for _, _, iou in pairs),
+            tuple(abs(float(sure["scores"][i]) - float(theirs["scores"][j])) for i, j, _ in pairs)))
+    return counts
+
+
+def summarize(counts: Sequence[PictureCounts]) -> dict[str, float]:
+    """The box-agreement scores of pictures' counts (what :func:`box_agreement` returns; a bootstrap resamples
+    the counts)."""
+    found, wanted = sum(c.found for c in counts), sum(c.wanted for c in counts)
+    right, given = sum(c.right for c in counts), sum(c.given for c in counts)
+    recall = found / wanted if wanted else math.nan
+    precision = right / given if given else math.nan
+    if not wanted or not given:  # one model reports nothing: no agreement, unless neither does
+        f1 = math.nan if wanted == given else 0.0
+    else:
+        f1 = 2 * recall * precision / (recall + precision) if recall + precision > 0 else 0.0
+    return {"box_recall": recall, "box_precision": precision, "box_f1": f1,
+            "box_iou": _median([x for c in counts for x in c.ious]),
+            "box_score_gap": _median([x for c in counts for x in c.gaps]),
+            "box_teacher": float(wanted), "box_student": float(given)}
+
+
 def box_agreement(teacher: list[dict[str, torch.Tensor]], student: list[dict[str, torch.Tensor]],
                   min_score: float = MIN_SCORE, min_iou: float = MIN_IOU) -> dict[str, float]:
     """How the student's detections agree with the teacher's on the same pictures (see the module docstring).
@@ -96,23 +143,4 @@ def box_agreement(teacher: list[dict[str, torch.Tensor]], student: list[dict[str
         ``box_recall``, ``box_precision``, ``box_f1``, ``box_iou``, ``box_score_gap`` (NaN where nothing was
         there to count), ``box_teacher`` and ``box_student`` (the confident detections counted).
     """
-    if len(teacher) != len(student):
-        raise ValueError(f"{len(teacher)} teacher pictures against {len(student)} student pictures")
-    found = right = wanted = given = 0
-    ious: list[float] = []
-    gaps: list[float] = []
-    for mine, theirs in zip(teacher, student):
-        sure, their_sure = _confident(mine, min_score), _confident(theirs, min_score)
-        pairs = greedy_pairs(sure, theirs, min_iou)
-        found, wanted = found + len(pairs), wanted + len(sure["scores"])
-        right, given = right + len(greedy_pairs(their_sure, mine, min_iou)), given + len(their_sure["scores"])
-        ious += [iou for _, _, iou in pairs]
-        gaps += [abs(float(sure["scores"][i]) - float(theirs["scores"][j])) for i, j, _ in pairs]
-    recall = found / wanted if wanted else math.nan
-    precision = right / given if given else math.nan
-    if not wanted or not given:  # one model reports nothing: no agreement, unless neither does
-        f1 = math.nan if wanted == given else 0.0
-    else:
-        f1 = 2 * recall * precision / (recall + precision) if recall + precision > 0 else 0.0
-    return {"box_recall": recall, "box_precision": precision, "box_f1": f1, "box_iou": _median(ious),
-            "box_score_gap": _median(gaps), "box_teacher": float(wanted), "box_student": float(given)}
+    return summarize(picture_counts(teacher, student, min_score, min_iou))
