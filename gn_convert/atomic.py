@@ -166,20 +166,31 @@ class Stage:
             The final paths, the main file first.
 
         Raises:
-            OutputError: a file cannot be moved into place (files already moved are removed again).
+            OutputError: a file cannot be moved into place (files already moved are removed again, and the
+                files they replaced put back: the previous artifact stays whole).
         """
         staged = sorted(self.folder.iterdir(), key=lambda p: p.name == self.destination.name)
         moved: list[Path] = []
+        aside: list[tuple[Path, Path]] = []  # (a file this replaces, where it waits until the commit is whole)
         for source in staged:
             target = self.destination.parent / source.name
             try:
+                if target.exists():
+                    keep = self.folder / f".replaced.{source.name}"
+                    os.replace(target, keep)
+                    aside.append((target, keep))
                 os.replace(source, target)
             except OSError as err:
                 for done in moved:
                     done.unlink(missing_ok=True)
+                for original, keep in aside:
+                    with contextlib.suppress(OSError):
+                        os.replace(keep, original)
                 raise OutputError(f"cannot move {source.name} into {self.destination.parent}: "
                                   f"{err.strerror or err}") from err
             moved.append(target)
+        for _, keep in aside:
+            keep.unlink(missing_ok=True)
         return moved[-1:] + moved[:-1]
 
 

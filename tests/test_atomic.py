@@ -162,6 +162,30 @@ def test_atomic_file_and_staged_files_leave_nothing_on_failure(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
 
 
+def test_a_commit_that_fails_halfway_leaves_the_previous_artifact_whole(tmp_path: Path, monkeypatch) -> None:
+    """Defect: when the main file failed to move after its data file had, the rollback removed the new data file
+    and the previous one was gone with it: the previous model.onnx was left without its weights."""
+    import gn_convert.atomic as atomic
+
+    for name, text in (("m.onnx", "old model"), ("m.onnx.data", "old weights")):
+        (tmp_path / name).write_text(text)
+    real = os.replace
+
+    def failing(source, target):  # the main file's move fails, after its data file's
+        if Path(target) == tmp_path / "m.onnx" and Path(source).name == "m.onnx":
+            raise OSError(28, "No space left on device")
+        return real(source, target)
+
+    monkeypatch.setattr(atomic.os, "replace", failing)
+    with pytest.raises(OutputError, match="No space left"):
+        with staged_files(tmp_path / "m.onnx") as stage:
+            stage.path.write_text("new model")
+            (stage.folder / "m.onnx.data").write_text("new weights")
+            stage.commit()
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"m.onnx": "old model",
+                                                                   "m.onnx.data": "old weights"}
+
+
 def test_force_replaces_only_folders_gn_convert_wrote(tmp_path: Path) -> None:
     mine = tmp_path / "mine"
     mine.mkdir()
