@@ -402,6 +402,27 @@ def test_the_header_cache_keeps_only_the_pinned_headers(library: Path, tmp_path:
     assert not (tmp_path / "ort-headers" / "coreml_provider_factory.h").exists()
 
 
+def test_a_linked_header_cache_is_read_and_never_pruned(library: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect: with ``ort-headers`` a link to a user's onnxruntime include/ folder, the cache's pruning deleted
+    the user's other headers."""
+    import shutil
+
+    real = find_headers(fetch=False)
+    if native_headers.mismatched_headers(real):
+        pytest.skip(f"headers come from {real}, not the pinned set")
+    monkeypatch.delenv(native_headers.ENV_VAR, raising=False)
+    monkeypatch.setenv(native_headers.CACHE_VAR, str(tmp_path / "cache"))
+    monkeypatch.setattr(native_headers, "SYSTEM_DIRS", ())
+    include = tmp_path / "onnxruntime" / "include"
+    shutil.copytree(real, include)
+    (include / "coreml_provider_factory.h").write_text("// the user's\n")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "ort-headers").symlink_to(include, target_is_directory=True)
+    assert find_headers(fetch=False) == tmp_path / "cache" / "ort-headers"
+    assert (include / "coreml_provider_factory.h").read_text() == "// the user's\n"
+
+
 def test_the_onnxruntime_floor_serves_the_pinned_headers_api() -> None:
     """Defect: the headers were API 29 while onnxruntime>=1.20 was declared (a build for 1.20 refused)."""
     import re

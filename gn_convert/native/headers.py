@@ -216,6 +216,11 @@ def find_headers(include: str | Path | None = None, fetch: bool = True) -> Path:
         if has_headers(candidate):
             return candidate
     cached = cache_root() / "ort-headers"
+    if cached.is_symlink():  # a folder gn-convert did not make: read it, never prune or replace it
+        if has_headers(cached) and not mismatched_headers(cached):
+            return cached
+        raise NativeBuildError(f"{cached} is a link to a folder gn-convert does not manage and its headers are not "
+                               f"the pinned ones; set {ENV_VAR} to that folder, or remove the link")
     if has_headers(cached):
         changed = mismatched_headers(cached)
         if not changed:
