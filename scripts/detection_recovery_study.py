@@ -49,12 +49,12 @@ from torchvision.ops import FeaturePyramidNetwork
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _study_models import efficientnet_lite0  # noqa: E402
+from _study_photos import study_photos  # noqa: E402
 
 from gn_convert import convert, recover  # noqa: E402
 from gn_convert.atomic import atomic_file  # noqa: E402
 from gn_convert.fidelity.boxes import PictureCounts, detections, greedy_pairs, picture_counts, summarize  # noqa: E402
-from gn_convert.testing.photo_sets import HELDOUT_PHOTOS, TRAIN_PHOTOS  # noqa: E402
-from gn_convert.testing.shape_masks import CLASSES, ShapeSet, build_shape_set, bundled_photos, folder_photos  # noqa: E402
+from gn_convert.testing.shape_masks import CLASSES, ShapeSet, build_shape_set  # noqa: E402
 
 log = logging.getLogger("detection_recovery_study")
 LOW_BLOCK, LAST_BLOCK = 4, 10  # Lite0's last block at stride 8 (40 channels) and at stride 16 (112 channels)
@@ -171,15 +171,7 @@ def write_folder(images: list[torch.Tensor], folder: Path) -> Path:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train the teacher, make the students, score them; the study's document."""
     start = time.perf_counter()
-    if args.fast:
-        train_photos, eval_photos = bundled_photos(TRAIN_PHOTOS), bundled_photos(HELDOUT_PHOTOS)
-        source = "scikit-image/scikit-learn photos"
-    else:
-        from photo_pool import build_pool
-
-        pool = build_pool()
-        train_photos, eval_photos = folder_photos(pool / "train"), folder_photos(pool / args.eval_split)
-        source = f"photo pool {pool.name}: {len(train_photos)} train, {len(eval_photos)} {args.eval_split} photos"
+    train_photos, eval_photos, source = study_photos(args.fast, args.eval_split)
     train_set = build_shape_set(train_photos, args.train_images, args.size, seed=0)
     eval_set = build_shape_set(eval_photos, args.eval_images, args.size, seed=1)
     train_images, eval_images = pictures(train_set), pictures(eval_set)
