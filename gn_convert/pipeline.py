@@ -284,7 +284,12 @@ def _export_stage(opts: PipelineOptions, converted: nn.Module, folder: Path, sou
         parity = task.check_parity(converted, report.path, providers=providers, batch=opts.parity_batch,
                                    native_library=library, input_size=size)
     result = parity.to_dict()
-    result.update(onnx_path="model.onnx", providers=list(providers), worst_max_rel=parity.worst_max_rel)
+    skipped = {name: why for name, why in parity.skipped.items() if name in providers}
+    result.update(onnx_path="model.onnx", providers=[p for p in providers if p not in skipped],
+                  worst_max_rel=parity.worst_max_rel)
+    if skipped:  # asked for (--native) and not run: the kernel is unchecked, which is no pass
+        result["passed"] = False
+        result["failures"] = [f"{name} did not run: {why}" for name, why in skipped.items()] + result["failures"]
     return {"onnx": data, "parity": result}
 
 

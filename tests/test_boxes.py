@@ -75,6 +75,8 @@ def test_the_parity_check_judges_the_boxes_even_where_the_scores_agree() -> None
     alike = found([[0, 0, 10, 10], [20, 20, 40, 40]], [1, 1], [0.5, 0.502])  # scored alike: which is kept is luck
     swapped = {k: v.numpy() for k, v in found([[20, 20, 40, 40], [60, 60, 70, 70]], [1, 1], [0.502, 0.5]).items()}
     assert match(alike, swapped)["distinct"] == 0
+    row = DetectionRow("cpu", "threshold 0", 0, 2, 2, **match(alike, swapped))
+    assert row.matched == 1 and not row.passed  # a row of tied scores still judges its boxes: half found fails
 
 
 def test_heldout_pictures_are_the_first_view_of_each_photo_back_in_unit_range() -> None:
@@ -85,3 +87,13 @@ def test_heldout_pictures_are_the_first_view_of_each_photo_back_in_unit_range() 
     chosen = heldout_pictures(views, groups, 2)
     assert len(chosen) == 2
     assert torch.allclose(chosen[0], pixels[0], atol=1e-6) and torch.allclose(chosen[1], pixels[2], atol=1e-6)
+
+
+def test_boxes_of_no_area_match_where_they_coincide() -> None:
+    """An untrained RetinaNet returned a box of height 0; its IoU with its twin is 0/0, which matched nothing and
+    failed the parity of a correct file."""
+    line = found([[150.9, 0, 256, 0], [0, 0, 10, 10]], [3, 1], [0.5, 0.6])
+    twin = found([[150.905, 0, 256, 0], [0, 0, 10, 10]], [3, 1], [0.5, 0.6])
+    assert sorted((i, j) for i, j, _ in greedy_pairs(line, twin, 0.9)) == [(0, 0), (1, 1)]
+    elsewhere = found([[100, 0, 256, 0], [0, 0, 10, 10]], [3, 1], [0.5, 0.6])
+    assert sorted((i, j) for i, j, _ in greedy_pairs(line, elsewhere, 0.9)) == [(1, 1)]

@@ -188,3 +188,18 @@ def test_parity_takes_the_native_library_given(checkpoint: Path, tmp_path: Path,
                  "--batch", "2", "--json", str(report_file)]) == 0
     data = json.loads(report_file.read_text())
     assert set(data["skipped"]) == {"cpu-native"} and str(bogus) in data["skipped"]["cpu-native"]
+
+
+def test_the_main_command_fails_when_the_native_kernel_it_was_asked_to_check_never_ran(tmp_path: Path,
+                                                                                      capsys) -> None:
+    """Defect: with --native and a library onnxruntime refuses, cpu-native was skipped and the run said
+    "parity passed on cpu, cpu-native" with exit 0."""
+    bogus = tmp_path / "libbogus.so"
+    bogus.write_bytes(b"not a library")
+    out = tmp_path / "out"
+    assert main(["resnet18", "--weights", "none", "--input-size", "32", "--native", "--native-library", str(bogus),
+                 "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "parity FAILED on cpu (" in err and "cpu-native did not run" in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["parity"]["passed"] is False and report["parity"]["providers"] == ["cpu"]

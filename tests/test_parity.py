@@ -250,3 +250,23 @@ def test_the_cuda_skip_reason_says_how_to_install_onnxruntime_gpu(monkeypatch, i
     with pytest.raises(ProviderUnavailableError, match="^CUDAExecutionProvider is not available") as info:
         options.check_provider("cuda")
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_verdict_never_passes_on_what_was_not_compared() -> None:
+    """Defects a review found: a reference that overflowed opened the bound to infinity (an all-NaN file then
+    passed), outputs of another shape broadcast against the reference, and a detection layer row whose first
+    failing layer was named could still pass."""
+    import numpy as np
+
+    from gn_convert.parity.detections import LayerRow
+    from gn_convert.parity.metrics import compare
+    from gn_convert.parity.tolerances import Tolerance
+
+    bound = Tolerance(1e-4, 0.99999, 1e-4)
+    assert bound.within_noise(float("inf"), -1.0) == bound and bound.within_noise(1e-3, 0.9999).max_rel == 2e-3
+    reference = np.ones((2, 3), np.float32)
+    assert compare(reference, np.ones((1, 3), np.float32)).max_rel == float("inf")
+    assert compare(reference, np.ones((2, 1), np.float32)).max_rel == float("inf")
+    assert compare(reference, reference.copy()).max_rel == 0.0
+    assert not LayerRow("cpu", 0, 10, 1e-5, 1e-4, "backbone.body.bn1").passed
+    assert LayerRow("cpu", 0, 10, 1e-5, 1e-4, None).passed

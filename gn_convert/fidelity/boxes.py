@@ -32,6 +32,8 @@ MIN_IOU = 0.5
 """IoU at which two detections of one label are the same object (COCO's AP50 criterion)."""
 MIN_SCORE = 0.5
 """Score from which a detection counts as one the model reports (what a user typically keeps)."""
+FLAT_BOX_ATOL = 0.01
+"""Pixels by which two boxes of no area (IoU 0/0) may differ in each coordinate and still be the same box."""
 PICTURES = 8
 """Held-out photos a recovery scores detections on (one view each): a Faster R-CNN picture takes 1-2 s on two
 CPU cores, and every stage is scored."""
@@ -54,7 +56,12 @@ def greedy_pairs(ref: dict[str, torch.Tensor], cand: dict[str, Any], min_iou: fl
     boxes, labels = (torch.as_tensor(cand[k]) for k in ("boxes", "labels"))
     if not len(ref["boxes"]) or not len(boxes):
         return []
-    iou = box_iou(torch.as_tensor(ref["boxes"]).float(), boxes.float())
+    mine, theirs = torch.as_tensor(ref["boxes"]).float(), boxes.float()
+    iou = box_iou(mine, theirs)
+    flat = iou.isnan()  # both boxes of no area (a detector may return a line): the same box when they coincide
+    if bool(flat.any()):
+        same = (mine[:, None, :] - theirs[None, :, :]).abs().amax(-1) <= FLAT_BOX_ATOL
+        iou = torch.where(flat, same.float(), iou)
     iou[torch.as_tensor(ref["labels"])[:, None] != labels[None, :]] = 0.0
     used: set[int] = set()
     pairs = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -284,8 +285,9 @@ def _run_provider(report: ParityReport, model: nn.Module, onnx_model: onnx.Model
     if len(random) > 1:
         together = run(random)
         alone = [run(random[i:i + 1]) for i in range(len(random))]
-        change = max(float(np.abs(whole.astype(np.float64) - np.concatenate([a[k] for a in alone])).max()
-                           / max(float(np.abs(whole).max()), 1e-30)) for k, whole in enumerate(together))
+        changes = [float(np.abs(whole.astype(np.float64) - np.concatenate([a[k] for a in alone])).max()
+                         / max(float(np.abs(whole).max()), 1e-30)) for k, whole in enumerate(together)]
+        change = max(math.inf if math.isnan(c) else c for c in changes)  # a NaN in any output fails
         bound = tolerance.invariance_rel
         if noise is not None and _precision(sess) == torch.bfloat16:  # as far as it may differ from PyTorch there
             bound = max(bound, _within_noise(tolerance, noise, sets[0].name, torch.bfloat16).max_rel)

@@ -40,8 +40,11 @@ def compare(reference: NDArray[Any], output: NDArray[Any]) -> Metrics:
         output: the onnxruntime output.
 
     Returns:
-        The metrics; NaN or inf in ``output`` gives ``inf`` errors and cosine -1.
+        The metrics; NaN or inf in ``output``, or a shape other than the reference's, gives ``inf`` errors and
+        cosine -1.
     """
+    if reference.shape != output.shape:  # never broadcast: a wrong shape is a wrong output
+        return Metrics(float("inf"), float("inf"), -1.0, None, None)
     ref = reference.astype(np.float64).reshape(len(reference), -1)
     out = output.astype(np.float64).reshape(len(output), -1)
     if not np.isfinite(out).all():

@@ -47,6 +47,7 @@ similarity of each sample's output (the smallest over the batch).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from gn_convert.errors import ParityError
@@ -78,6 +79,8 @@ class Tolerance:
         """This tolerance, loosened where needed to :data:`REFERENCE_NOISE_FACTOR` times the
         reference's own float32 noise (its max relative error and cosine against float64), and the
         cosine's deficit to ``cosine_factor`` times the reference's."""
+        if not (math.isfinite(noise_rel) and math.isfinite(noise_cosine)):  # a reference that overflowed
+            return self  # says nothing about float32's error: it must not open the bound to infinity
         return Tolerance(max(self.max_rel, REFERENCE_NOISE_FACTOR * noise_rel),
                          min(self.min_cosine, 1 - cosine_factor * (1 - noise_cosine)),
                          self.invariance_rel)
