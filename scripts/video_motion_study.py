@@ -74,7 +74,9 @@ def teacher_model(train: torch.Tensor, seed: int) -> nn.Module:
     estimate_batchnorm_stats(model, clips.split(8))
     model.eval()
     pooled: list[torch.Tensor] = []
-    handle = model.avgpool.register_forward_hook(lambda m, i, out: pooled.append(out.flatten(1)))
+    pool, classifier = model.get_submodule("avgpool"), model.get_submodule("fc")
+    assert isinstance(classifier, nn.Linear)
+    handle = pool.register_forward_hook(lambda m, i, out: pooled.append(out.flatten(1)))
     with torch.no_grad():
         for batch in clips.split(8):
             model(batch)
@@ -84,8 +86,8 @@ def teacher_model(train: torch.Tensor, seed: int) -> nn.Module:
     gen = torch.Generator().manual_seed(seed + 11)
     weight = torch.randn(10, features.shape[1], generator=gen) * SPREAD / features.shape[1] ** 0.5 / std
     with torch.no_grad():
-        model.fc.weight.copy_(weight)
-        model.fc.bias.copy_(-(weight @ mean))
+        classifier.weight.copy_(weight)
+        classifier.bias.copy_(-(weight @ mean))
     return model
 
 
