@@ -270,3 +270,20 @@ def test_a_verdict_never_passes_on_what_was_not_compared() -> None:
     assert compare(reference, reference.copy()).max_rel == 0.0
     assert not LayerRow("cpu", 0, 10, 1e-5, 1e-4, "backbone.body.bn1").passed
     assert LayerRow("cpu", 0, 10, 1e-5, 1e-4, None).passed
+
+
+def test_a_rewrite_that_drops_an_output_is_caught() -> None:
+    """Defect a review found: the sessions' outputs were zipped, so a rewritten model that lost an output
+    compared only the outputs both had, and passed."""
+    from types import SimpleNamespace
+
+    from gn_convert.errors import SessionError
+    from gn_convert.runtime.compare import compare_sessions
+
+    def session(outputs: int) -> SimpleNamespace:
+        inputs = [SimpleNamespace(name="x", type="tensor(float)", shape=["N", 3])]
+        return SimpleNamespace(get_inputs=lambda: inputs, run=lambda names, feeds: [feeds["x"] * 2] * outputs)
+
+    assert compare_sessions(session(2), session(2), "the rewrite", SessionError, 1e-6, "") == 0.0
+    with pytest.raises(SessionError, match="1 where it had 2"):
+        compare_sessions(session(2), session(1), "the rewrite", SessionError, 1e-6, "")

@@ -74,10 +74,13 @@ def compare_sessions(reference: Any, candidate: Any, what: str, error: type[GnCo
         for seed in SEEDS:
             feeds = random_feeds(inputs, seed, batch, error)
             try:
-                pairs = list(zip(reference.run(None, feeds), candidate.run(None, feeds)))
+                wanted, found = reference.run(None, feeds), candidate.run(None, feeds)
             except Exception as err:  # onnxruntime's own types, raised at run time
                 raise error(f"cannot check {what}: onnxruntime failed on a random input (batch {batch}): "
                             f"{first_line(err)}") from err
+            if len(wanted) != len(found):
+                raise error(f"{what} changed the model's outputs: {len(found)} where it had {len(wanted)}; {hint}")
+            pairs = list(zip(wanted, found))
             for want, got in pairs:
                 diff = relative_error(want, got)
                 if not diff <= tolerance:
