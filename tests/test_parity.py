@@ -87,6 +87,15 @@ def test_groupnorm_model_is_batch_independent(tmp_path: Path) -> None:
     assert report.passed and report.invariance[0].max_rel <= 1e-6
 
 
+def test_a_file_with_a_static_batch_above_one_is_checked_at_its_batch(tmp_path: Path) -> None:
+    """Defect a review found: the batch-independence check ran one sample alone through a file whose batch is
+    fixed at 3, so every such file failed with onnxruntime's shape error."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(1)).eval()
+    path = export_onnx(model, tmp_path / "s.onnx", input_shape=(3, 3, 10, 10), dynamic_batch=False).path
+    report = check_parity(model, path, levels=("all",))
+    assert report.passed and not report.errors and {r.batch for r in report.rows} == {3} and not report.invariance
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="CUDA is present: the provider runs instead of being skipped")
 def test_absent_providers_are_reported_with_the_reason(exports) -> None:
     report = check_parity(exports.converted("resnet18"), exports.exported("resnet18").path, providers="cpu,cuda,tensorrt",
