@@ -19,6 +19,7 @@ from gn_convert.cli import main
 from gn_convert.errors import WeightsError, WeightsUnavailableError
 from gn_convert.load.names import list_models, models_by_task
 from gn_convert.onnx.op import OP_TYPE
+from gn_convert.parity.tolerances import Tolerance
 from gn_convert.tasks import TASKS, task_of
 from gn_convert.testing.photos import nontrivial_batchnorm
 
@@ -132,6 +133,9 @@ def test_detection_exports_torchvisions_way_and_matches_features_and_detections(
     assert parity.passed, parity.failures()
     assert converted.training and all(m.training for m in converted.modules())  # the caller's mode comes back
     converted.eval()
+    strict = task.check_parity(converted, report.path, input_size=(160, 192),
+                               tolerances={("cpu", "float32"): Tolerance(1e-12, 0.99999, 1e-4)})
+    assert not strict.passed and strict.layers[0].tolerance == 1e-12  # a user's bound is taken, literally
     opened = [row for row in parity.rows if row.variant == "threshold 0"]
     assert opened and all(row.torch_count > 0 and row.matched >= 0.9 * row.torch_count for row in opened)
     assert [row.layers for row in parity.layers] == [46] * 3 and parity.worst_max_rel < 1e-4

@@ -163,9 +163,10 @@ def _limit(bound: float, noise: float) -> float:
 
 
 def layer_rows(model: nn.Module, path: Path, images: list[torch.Tensor], providers: tuple[str, ...],
-               native_library: Any = None) -> tuple[list[LayerRow], dict[str, str]]:
+               native_library: Any = None, tolerances: Any = None) -> tuple[list[LayerRow], dict[str, str]]:
     """Every backbone and FPN GroupNorm layer of the file against the model's, per picture and available
-    provider (each within the provider's tolerance or :data:`NOISE_FACTOR` times PyTorch's own float32
+    provider (each within the provider's tolerance, or the user's ``tolerances`` taken literally, or
+    :data:`NOISE_FACTOR` times PyTorch's own float32
     error there); and the providers skipped, with why."""
     from gn_convert.onnx.reading import read_model
     from gn_convert.parity.localise import localise
@@ -179,12 +180,14 @@ def layer_rows(model: nn.Module, path: Path, images: list[torch.Tensor], provide
             if not found.available:
                 skipped[name] = found.reason
                 continue
-            bound = tolerance_for(name, "float32", None).max_rel
+            bound = tolerance_for(name, "float32", tolerances).max_rel
+            literal = (name, "float32") in (tolerances or {})
             for k, image in enumerate(images):
                 compared = localise(model, onnx_model, image, found, "all", float("inf"), call=lambda m, x: m([x]),
                                     keep=_backbone).layers
-                noise = _own_noise(model, [layer.layer for layer in compared], image)
-                limits = {layer.layer: _limit(bound, noise.get(layer.layer, 0.0)) for layer in compared}
+                noise = {} if literal else _own_noise(model, [layer.layer for layer in compared], image)
+                limits = {layer.layer: bound if literal else _limit(bound, noise.get(layer.layer, 0.0))
+                          for layer in compared}
                 worst = max(compared, key=lambda layer: layer.max_rel / limits[layer.layer], default=None)
                 failing = next((layer.layer for layer in compared if not layer.max_rel <= limits[layer.layer]), None)
                 rows.append(LayerRow(name, k, len(compared), worst.max_rel if worst else float("nan"),

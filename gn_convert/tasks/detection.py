@@ -102,7 +102,9 @@ class Detection(Task):
     def check_parity(self, model: nn.Module, path: Path, *, input_size: tuple[int, ...] | None = None,
                      **options: Any) -> Any:
         """Every GroupNorm layer of the file, and the detections matched, on pictures of ``input_size``
-        (:mod:`gn_convert.parity.detections`); ``providers`` and ``native_library`` as for any model."""
+        (:mod:`gn_convert.parity.detections`); ``providers``, ``native_library`` and ``tolerances`` (the layers'
+        bound, taken literally) as for any model; the other options of :func:`gn_convert.check_parity` (levels,
+        batch, images) do not apply to a detector (one picture a call, level ``all``)."""
         from gn_convert.parity.detections import (
             DetectionParityReport,
             detection_rows,
@@ -114,7 +116,7 @@ class Detection(Task):
         size = tuple(input_size or IMAGE_SIZE)
         providers, library = tuple(options.get("providers", ("cpu",))), options.get("native_library")
         images, kind = pictures((int(size[0]), int(size[1])))
-        layers, skipped = layer_rows(model, path, images, providers, library)
+        layers, skipped = layer_rows(model, path, images, providers, library, options.get("tolerances"))
         rows = detection_rows(model, path, images, providers, "as written", library)
         opened, opened_path, scratch = with_open_threshold(model, lambda m, p: self.export(m, p, input_size=size))
         with scratch:
