@@ -45,7 +45,7 @@ def write_state_file(path: Path, state: dict[str, Any]) -> Path:
         CheckpointError: the folder cannot be created or written, or ``path`` is a file gn-convert did not
             write (a user's own ``state.pt`` is never replaced).
     """
-    if path.exists() and path.relative_to(path.parent).as_posix() not in owned(path.parent):
+    if path.exists() and path.name not in owned(path.parent):
         raise CheckpointError(f"{path} exists and gn-convert did not write it: it is not replaced; choose another "
                               "state folder (--state-dir) or move the file")
     try:
