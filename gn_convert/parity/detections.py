@@ -225,7 +225,7 @@ def match(want: dict[str, torch.Tensor], got: dict[str, Any]) -> dict[str, Any]:
 
 def pictures(size: tuple[int, int], count: int = PICTURES) -> tuple[list[torch.Tensor], str]:
     """Images in [0, 1] of ``size``: crops of real photos where scikit-learn is installed, else noise."""
-    from gn_convert.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from gn_convert.data.transforms import unnormalise
 
     try:
         from gn_convert.testing.photos import photo_crops
@@ -234,8 +234,7 @@ def pictures(size: tuple[int, int], count: int = PICTURES) -> tuple[list[torch.T
     except Exception:  # noqa: BLE001 - scikit-learn absent: noise images, said so in the report
         gen = torch.Generator().manual_seed(1)
         return [torch.rand(3, *size, generator=gen) for _ in range(count)], "noise"
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return [(c * std + mean).clamp(0, 1) for c in crops], "photos"
+    return list(unnormalise(crops).unbind()), "photos"
 
 
 def open_threshold(model: nn.Module) -> nn.Module:
@@ -256,11 +255,11 @@ def open_threshold(model: nn.Module) -> nn.Module:
 def detection_rows(model: nn.Module, path: Path, images: list[torch.Tensor], providers: tuple[str, ...],
                    variant: str, native_library: Any = None) -> list[DetectionRow]:
     """Each picture's detections by the file on each available provider, matched with the model's."""
+    from gn_convert.fidelity.boxes import detections
     from gn_convert.parity.providers import availability, session_kwargs
     from gn_convert.runtime import open_session, run_session
 
-    with torch.no_grad(), eval_mode(model):  # the caller's modes come back
-        wanted = [model([image])[0] for image in images]
+    wanted = detections(model, images)  # in eval mode; the caller's modes come back
     rows = []
     for name in providers:
         found = availability(name, native_library)

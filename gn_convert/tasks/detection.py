@@ -138,9 +138,7 @@ class Features(nn.Module):
 def heldout_pictures(views: torch.Tensor, groups: Sequence[str], count: int) -> list[torch.Tensor]:
     """The first view of each of the first ``count`` photos among normalised held-out ``views`` (a recovery's:
     ImageNet mean and deviation), as pictures in [0, 1] (what a detection model takes)."""
-    from gn_convert.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from gn_convert.data.transforms import unnormalise
 
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     first = {str(group): k for k, group in reversed(list(enumerate(groups)))}
-    chosen = sorted(first.values())[:count]
-    return [(views[k].float().cpu() * std + mean).clamp(0, 1) for k in chosen]
+    return [unnormalise(views[k]) for k in sorted(first.values())[:count]]

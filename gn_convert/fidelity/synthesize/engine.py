@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gn_convert.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from gn_convert.data.transforms import IMAGENET_MEAN, IMAGENET_STD, unnormalise
 from gn_convert.errors import OptionError
 from gn_convert.fidelity.pairs import forward_hooks
 from gn_convert.modes import eval_mode
@@ -228,9 +228,7 @@ def write_pngs(images: torch.Tensor, folder: str | Path, *, mean: Sequence[float
     """
     from PIL import Image
 
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    pixels = ((images.detach().cpu().float() * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = (unnormalise(images, mean, std) * 255).round().to(torch.uint8)
     names = []
     with staged_folder(folder, force) as tmp:
         for k, image in enumerate(pixels):
@@ -243,9 +241,7 @@ def write_pngs(images: torch.Tensor, folder: str | Path, *, mean: Sequence[float
 def grid(images: torch.Tensor, columns: int = 8, *, mean: Sequence[float] = IMAGENET_MEAN,
          std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
     """The images tiled into one ``(3, H, W)`` picture in [0, 1], for a README figure."""
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    pixels = (images.detach().cpu().float() * s + m).clamp(0, 1)
+    pixels = unnormalise(images, mean, std)
     rows = -(-len(pixels) // columns)
     pad = rows * columns - len(pixels)
     if pad:
